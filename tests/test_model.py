@@ -1,0 +1,126 @@
+"""Our Llama against transformers' reference implementation, and generation with the KV cache."""
+import pytest
+import torch
+import transformers
+
+from checkpoint import build
+from model import ModelConfig, generate
+
+BASE = dict(model_type="llama", vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, intermediate_size=112, max_position_embeddings=256, rms_norm_eps=1e-5,
+            rope_theta=10000.0, tie_word_embeddings=False)
+CASES = {
+    "multi-head": {},
+    "grouped-query": dict(num_key_value_heads=2),
+    "tied-embeddings": dict(tie_word_embeddings=True, num_key_value_heads=2),
+    # a short original context puts the rotary frequencies in all three bands of the rescaling
+    "llama3-rope": dict(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                                high_freq_factor=4.0, original_max_position_embeddings=32)),
+    "qwen2-bias": dict(model_type="qwen2", num_key_value_heads=2, tie_word_embeddings=True),
+    "mistral": dict(model_type="mistral", num_key_value_heads=1, sliding_window=None),
+}
+
+
+def reference_pair(overrides: dict, seed: int = 0):
+    """A transformers model with random weights (norms and biases included) and ours holding the same tensors."""
+    cfg = {**BASE, **overrides}
+    torch.manual_seed(seed)
+    ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg), attn_implementation="eager")
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.2)
+    ours = build(ModelConfig.from_hf(cfg), {k: v.clone() for k, v in ref.state_dict().items()}, torch.float32, "cpu")
+    return ref.eval(), ours
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers(case):
+    ref, ours = reference_pair(CASES[case])
+    idx = torch.randint(0, BASE["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = ref(idx).logits, ours(idx)
+    rel = ((got - expected).abs().max() / expected.abs().max()).item()
+    assert rel < 1e-5, f"{case}: relative error {rel:.2e}"
+
+
+def test_llama3_rope_scaling_changes_the_frequencies():
+    scaled = ModelConfig.from_hf({**BASE, **CASES["llama3-rope"]})
+    plain = ModelConfig.from_hf({**BASE, "rope_theta": 500000.0})
+    from model import rope_frequencies
+    a, b = rope_frequencies(scaled), rope_frequencies(plain)
+    assert a[0] == b[0] and a[-1] == pytest.approx(b[-1] / 8), "high frequencies kept, low ones divided by factor"
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        ModelConfig.from_hf({**BASE, "model_type": "gpt2"})
+    with pytest.raises(ValueError, match="rope_scaling"):
+        ModelConfig.from_hf({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding by running the whole sequence again at every step (no cache)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_kv_cache_greedy_equals_full_recomputation():
+    _, model = reference_pair(CASES["grouped-query"])
+    prompt = torch.randint(0, 96, (12,), generator=torch.Generator().manual_seed(2)).tolist()
+    assert generate(model, [prompt], 20, eos_ids=[-1]) == [recompute_greedy(model, prompt, 20)]
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time():
+    _, model = reference_pair(CASES["grouped-query"])
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (3, 17, 9, 1)]
+    batched = generate(model, prompts, 15, eos_ids=[-1])
+    assert batched == [generate(model, [p], 15, eos_ids=[-1])[0] for p in prompts]
+
+
+def test_each_row_stops_at_its_own_eos():
+    _, model = reference_pair(CASES["grouped-query"])
+    prompts = [[5, 6, 7], [40, 41, 42, 43]]
+    free = generate(model, prompts, 10, eos_ids=[-1])
+    eos = free[0][4]  # row 0 emits this at step 4 (and maybe earlier)
+    stopped = generate(model, prompts, 10, eos_ids=[eos])
+    assert stopped[0] == free[0][:free[0].index(eos)]
+    assert stopped[1] == free[1][:free[1].index(eos)] if eos in free[1] else stopped[1] == free[1]
+
+
+def test_top_p_near_zero_is_greedy_and_sampling_is_seeded():
+    _, model = reference_pair(CASES["grouped-query"])
+    prompt = [[1, 2, 3, 4]]
+    greedy = generate(model, prompt, 12, eos_ids=[-1])
+    nucleus = generate(model, prompt, 12, eos_ids=[-1], temperature=1.0, top_p=1e-6,
+                       generator=torch.Generator().manual_seed(0))
+    assert nucleus == greedy
+    a, b, c = (generate(model, prompt, 12, eos_ids=[-1], temperature=1.5, top_p=0.95,
+                        generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8))
+    assert a == b and a != c
+
+
+def test_generation_refuses_sequences_longer_than_the_context():
+    _, model = reference_pair({})
+    with pytest.raises(ValueError, match="exceed the model's context of 256"):
+        generate(model, [[1] * 250], 10, eos_ids=[2])
+
+
+@pytest.mark.parametrize("case", ["grouped-query", "tied-embeddings"])
+def test_extend_vocab_keeps_old_logits_bit_identical(case):
+    _, model = reference_pair(CASES[case])
+    idx = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = model(idx)
+        new = model.extend_vocab(2)
+        after = model(idx)
+        mixed = model(torch.cat([idx, torch.tensor([new, new])], dim=1))
+    assert new == [96, 97] and model.n_vocab == 98
+    assert after.shape == (2, 20, 98) and torch.equal(after[..., :96], before)
+    assert torch.equal(mixed[:, :20, :96], before), "a new token later in the sequence changes nothing before it"
+    mean = model.model.embed_tokens.weight.mean(0)
+    assert torch.allclose(model.extra_embed, mean.expand(2, -1))
+    assert (model.extra_head is model.extra_embed) == (case == "tied-embeddings")

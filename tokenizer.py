@@ -1,0 +1,146 @@
+"""One small tokenizer interface over two back-ends.
+
+- sentencepiece `tokenizer.model` (Llama-2, Mistral, TinyLlama, our `tiny` model);
+- Hugging Face `tokenizers` `tokenizer.json` (Llama-3, Qwen2.5, SmolLM2), an optional extra.
+
+Tokens added with `add_tokens` (SEE's `<<pos>>`/`<<neg>>`) get ids after the model's base vocabulary,
+are matched atomically in text, and decode back to their literal form.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+from errors import UserError
+
+
+class Tokenizer:
+    def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str], base_size: int,
+                 bos_id: int | None, eos_ids: list[int], add_bos: bool):
+        self._encode, self._decode = encode, decode
+        self.base_size = base_size  # ids below this belong to the back-end
+        self.bos_id, self.eos_ids, self.add_bos = bos_id, eos_ids, add_bos
+        self.added: dict[str, int] = {}
+        self._added_re: re.Pattern | None = None
+
+    def __len__(self) -> int:
+        return max([self.base_size - 1, *self.added.values()]) + 1
+
+    @property
+    def eos_id(self) -> int:
+        return self.eos_ids[0]
+
+    def add_tokens(self, tokens: list[str], start: int) -> list[int]:
+        """Give `tokens` the ids start, start+1, ... (start = the model's vocabulary size)."""
+        if start < self.base_size:
+            raise ValueError(f"added ids must start at or after the base vocabulary ({self.base_size}), not {start}")
+        ids = list(range(start, start + len(tokens)))
+        self.added.update(zip(tokens, ids))
+        # longest first, so a token that is a prefix of another never wins
+        alternatives = sorted(self.added, key=len, reverse=True)
+        self._added_re = re.compile("|".join(re.escape(t) for t in alternatives))
+        return ids
+
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
+        """Ids of text; BOS as the checkpoint says unless `bos` is given, EOS only if asked."""
+        ids = [self.bos_id] if (self.add_bos if bos is None else bos) and self.bos_id is not None else []
+        pos = 0
+        for m in self._added_re.finditer(text) if self._added_re else ():
+            if m.start() > pos:
+                ids += self._encode(text[pos:m.start()])
+            ids.append(self.added[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            ids += self._encode(text[pos:])
+        return ids + [self.eos_id] if eos else ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ids, with BOS dropped and added tokens written literally."""
+        literal = {i: t for t, i in self.added.items()}
+        parts, run = [], []
+        for i in ids:
+            if i == self.bos_id:
+                continue
+            if i in literal:
+                parts += [self._decode(run), literal[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(parts + [self._decode(run)])
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """The tokenizer of a Hugging Face style checkpoint directory, with its BOS/EOS settings."""
+        path = Path(path)
+        tcfg = _read_json(path / "tokenizer_config.json")
+        # generation_config.json lists every stop token (Llama-3.1 instruct has three), config.json one
+        eos = _read_json(path / "generation_config.json").get("eos_token_id", _read_json(path / "config.json").get("eos_token_id"))
+        if (path / "tokenizer.json").exists():
+            try:
+                from tokenizers import Tokenizer as HFTokenizer
+            except ImportError:
+                raise UserError(f"{path}/tokenizer.json needs the optional `tokenizers` package: pip install '.[gguf]'")
+            tok = cls.from_hf(HFTokenizer.from_file(str(path / "tokenizer.json")), eos, tcfg)
+        elif (path / "tokenizer.model").exists():
+            import sentencepiece as spm
+            sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            tok = cls(sp.encode, sp.decode, sp.get_piece_size(), sp.bos_id(), _ids(eos) or [sp.eos_id()],
+                      tcfg.get("add_bos_token", True))  # LlamaTokenizer adds BOS unless told otherwise
+        else:
+            raise UserError(f"no tokenizer.json or tokenizer.model in {path}")
+        return tok
+
+    @classmethod
+    def from_hf(cls, tk, eos: int | list[int] | None = None, tcfg: dict | None = None) -> "Tokenizer":
+        """Wrap a `tokenizers.Tokenizer`; BOS is added when its post-processor adds one."""
+        tcfg = tcfg or {}
+        plain, full = tk.encode("a", add_special_tokens=False).ids, tk.encode("a", add_special_tokens=True).ids
+        post_bos = full[0] if len(full) > len(plain) and full[0] != plain[0] else None
+        bos_tok = _content(tcfg.get("bos_token"))
+        bos_id = post_bos if post_bos is not None else (tk.token_to_id(bos_tok) if bos_tok else None)
+        add_bos = tcfg.get("add_bos_token", post_bos is not None)
+        eos_ids = _ids(eos)
+        if not eos_ids and _content(tcfg.get("eos_token")):
+            eos_ids = [tk.token_to_id(_content(tcfg["eos_token"]))]
+        if not eos_ids:
+            raise UserError("the checkpoint names no EOS token (generation_config.json, config.json or tokenizer_config.json)")
+        return cls(lambda s: tk.encode(s, add_special_tokens=False).ids,
+                   lambda ids: tk.decode(ids, skip_special_tokens=False),
+                   tk.get_vocab_size(with_added_tokens=True), bos_id, eos_ids, add_bos)
+
+    @classmethod
+    def from_gguf(cls, tokens: list[str], merges: list[str], token_types: list[int], pre: str,
+                  bos_id: int | None, eos_id: int, add_bos: bool) -> "Tokenizer":
+        """Rebuild a byte-level BPE tokenizer (GGUF `tokenizer.ggml.model` gpt2) from its tokens and merges."""
+        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+        split = {
+            "gpt2": [],
+            # llama.cpp's smollm pre-tokenizer: every digit on its own, then the GPT-2 split
+            "smollm": [pre_tokenizers.Digits(individual_digits=True)],
+        }
+        if pre not in split:
+            raise UserError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: {', '.join(split)})")
+        bpe = models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges])
+        tk = HFTokenizer(bpe)
+        tk.pre_tokenizer = pre_tokenizers.Sequence(split[pre] + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tk.decoder = decoders.ByteLevel()
+        control = 3  # GGUF token type CONTROL: special tokens such as <|im_end|>, matched whole in text
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                               for t, kind in zip(tokens, token_types) if kind == control])
+        return cls(lambda s: tk.encode(s, add_special_tokens=False).ids,
+                   lambda ids: tk.decode(ids, skip_special_tokens=False),
+                   len(tokens), bos_id, [eos_id], add_bos)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _content(token) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _ids(x: int | list[int] | None) -> list[int]:
+    return [] if x is None else [x] if isinstance(x, int) else list(x)
