@@ -113,30 +113,45 @@ GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_
               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer]:
-    """A llama-architecture GGUF file: dequantized weights and its byte-level BPE tokenizer."""
+def _read_gguf(path: str | Path):
     try:
         from gguf import GGUFReader
-        from gguf.quants import dequantize
     except ImportError:
         raise UserError("GGUF import needs the optional `gguf` package: pip install '.[gguf]'") from None
     if not Path(path).is_file():
         raise UserError(f"GGUF file {path} not found")
     r = GGUFReader(str(path))
-    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.") or k.endswith("_id")
-            or k in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token")}
-    if meta.get("general.architecture") != "llama" or meta.get("tokenizer.ggml.model") != "gpt2":
+    if _field(r, "general.architecture") != "llama" or _field(r, "tokenizer.ggml.model") != "gpt2":
         raise UserError(f"{path}: only llama GGUF files with a gpt2 (byte-level BPE) tokenizer are supported")
-    tokens = r.fields["tokenizer.ggml.tokens"].contents()
-    names = {t.name for t in r.tensors}
-    a = "llama."
-    n_heads, n_kv = meta[a + "attention.head_count"], meta.get(a + "attention.head_count_kv", meta[a + "attention.head_count"])
+    return r
+
+
+def _field(r, key: str, default=None):
+    return r.fields[key].contents() if key in r.fields else default
+
+
+def load_gguf_tokenizer(path: str | Path, reader=None) -> Tokenizer:
+    """The byte-level BPE tokenizer stored in a GGUF file (tokens, merges, special ids)."""
+    r = reader or _read_gguf(path)
+    return Tokenizer.from_gguf(_field(r, "tokenizer.ggml.tokens"), _field(r, "tokenizer.ggml.merges"),
+                               _field(r, "tokenizer.ggml.token_type"), _field(r, "tokenizer.ggml.pre", "gpt2"),
+                               _field(r, "tokenizer.ggml.bos_token_id"), _field(r, "tokenizer.ggml.eos_token_id"),
+                               bool(_field(r, "tokenizer.ggml.add_bos_token", False)))
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer]:
+    """A llama-architecture GGUF file: dequantized weights and its byte-level BPE tokenizer."""
+    from gguf.quants import dequantize
+    r = _read_gguf(path)
+    meta = lambda key, default=None: _field(r, "llama." + key, default)  # noqa: E731
+    n_heads = meta("attention.head_count")
+    n_kv = meta("attention.head_count_kv", n_heads)
     cfg = ModelConfig.from_hf(dict(
-        model_type="llama", vocab_size=len(tokens), hidden_size=meta[a + "embedding_length"],
-        num_hidden_layers=meta[a + "block_count"], num_attention_heads=n_heads, num_key_value_heads=n_kv,
-        intermediate_size=meta[a + "feed_forward_length"], rms_norm_eps=meta[a + "attention.layer_norm_rms_epsilon"],
-        rope_theta=meta.get(a + "rope.freq_base", 10000.0), max_position_embeddings=meta[a + "context_length"],
-        tie_word_embeddings="output.weight" not in names))
+        model_type="llama", vocab_size=len(r.fields["tokenizer.ggml.tokens"].data), hidden_size=meta("embedding_length"),
+        num_hidden_layers=meta("block_count"), num_attention_heads=n_heads, num_key_value_heads=n_kv,
+        intermediate_size=meta("feed_forward_length"), rms_norm_eps=meta("attention.layer_norm_rms_epsilon"),
+        rope_theta=meta("rope.freq_base", 10000.0), max_position_embeddings=meta("context_length"),
+        tie_word_embeddings=all(t.name != "output.weight" for t in r.tensors)))
     state = {}
     for t in r.tensors:
         w = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)]).copy())
@@ -148,11 +163,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
         else:
             state[{"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                    "output.weight": "lm_head.weight"}[t.name]] = w
-    tok = Tokenizer.from_gguf(tokens, r.fields["tokenizer.ggml.merges"].contents(),
-                              r.fields["tokenizer.ggml.token_type"].contents(), meta.get("tokenizer.ggml.pre", "gpt2"),
-                              meta.get("tokenizer.ggml.bos_token_id"), meta["tokenizer.ggml.eos_token_id"],
-                              bool(meta.get("tokenizer.ggml.add_bos_token", False)))
-    return build(cfg, state, dtype, device, str(path)), tok
+    return build(cfg, state, dtype, device, str(path)), load_gguf_tokenizer(path, r)
 
 
 def make_tiny(out_dir: str | Path | None = None, texts: list[str] | None = None, seed: int = 0) -> Path:

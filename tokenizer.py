@@ -57,12 +57,12 @@ class Tokenizer:
         return ids + [self.eos_id] if eos else ids
 
     def decode(self, ids: list[int]) -> str:
-        """Text of ids, with BOS dropped and added tokens written literally."""
+        """Text of ids (the inverse of encode: a leading BOS it added is dropped); added tokens written literally."""
+        if ids and self.add_bos and ids[0] == self.bos_id:
+            ids = ids[1:]
         literal = {i: t for t, i in self.added.items()}
         parts, run = [], []
         for i in ids:
-            if i == self.bos_id:
-                continue
             if i in literal:
                 parts += [self._decode(run), literal[i]]
                 run = []

