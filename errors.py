@@ -5,7 +5,7 @@ import contextlib
 import sys
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem with what the user asked for (a missing file, a malformed record), not a bug."""
 
 

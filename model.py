@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import UserError, user_errors
+
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -276,9 +278,9 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
     device = model.lm_head.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
-        raise ValueError("cannot generate from an empty prompt")
+        raise UserError("cannot generate from an empty prompt")
     if P + max_new_tokens > model.config.max_seq_len:
-        raise ValueError(f"prompt ({P} tokens) + {max_new_tokens} new tokens exceed the model's "
+        raise UserError(f"prompt ({P} tokens) + {max_new_tokens} new tokens exceed the model's "
                          f"context of {model.config.max_seq_len}")
     idx = torch.zeros(B, P, dtype=torch.long, device=device)
     pad_mask = torch.ones(B, P + max_new_tokens, dtype=torch.bool, device=device)
@@ -310,7 +312,6 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
 
 def main() -> None:
     from checkpoint import load  # the loader imports this module, so import it late
-    from errors import user_errors
 
     parser = argparse.ArgumentParser(description="Print the greedy continuation of a raw prompt (no chat template).")
     parser.add_argument("--model", default="smollm2-135m", help="local directory, hub repo id, 'smollm2-135m' or 'tiny'")

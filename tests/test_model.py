@@ -124,3 +124,20 @@ def test_extend_vocab_keeps_old_logits_bit_identical(case):
     mean = model.model.embed_tokens.weight.mean(0)
     assert torch.allclose(model.extra_embed, mean.expand(2, -1))
     assert (model.extra_head is model.extra_embed) == (case == "tied-embeddings")
+
+
+def test_mistral_context_is_capped_at_its_sliding_window():
+    """No sliding-window attention is implemented, so generation must stay inside the window."""
+    cfg = ModelConfig.from_hf({**BASE, "model_type": "mistral", "max_position_embeddings": 32768, "sliding_window": 4096})
+    assert cfg.max_seq_len == 4096
+
+
+def test_bfloat16_weights_give_close_logits(tiny_dir):
+    from checkpoint import load_dir
+    full, _ = load_dir(tiny_dir)
+    half, _ = load_dir(tiny_dir, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    idx = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        a, b = full(idx), half(idx).float()
+    assert ((a - b).abs().max() / a.abs().max()).item() < 0.05

@@ -71,3 +71,27 @@ def test_added_ids_cannot_overlap_the_base_vocabulary(tiny_dir):
     tok = Tokenizer.from_dir(tiny_dir)
     with pytest.raises(ValueError, match="after the base vocabulary"):
         tok.add_tokens(["<<pos>>"], tok.base_size - 1)
+
+
+def test_tokenizer_json_directory(tmp_path, smollm2_tokenizers):
+    """The tokenizer.json back-end, as transformers saves it, gives the GGUF tokenizer's ids and stop tokens."""
+    ours, ref = smollm2_tokenizers
+    ref.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [2, 0]}')
+    tok = Tokenizer.from_dir(tmp_path)
+    for line in superni_lines(50):
+        assert tok.encode(line) == ours.encode(line)
+    assert tok.eos_ids == [2, 0] and not tok.add_bos
+
+
+def test_bos_added_by_a_tokenizer_json_post_processor_is_detected(tmp_path, smollm2_tokenizers):
+    """Llama-3's tokenizer.json adds <|begin_of_text|> in its post-processor; we add it the same way."""
+    from tokenizers import Tokenizer as HFTokenizer, processors
+    smollm2_tokenizers[1].save_pretrained(tmp_path)
+    backend = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.add_bos and tok.bos_id == 1
+    assert tok.encode("Hello") == backend.encode("Hello").ids == [1] + tok.encode("Hello", bos=False)
+    assert tok.decode(tok.encode("Hello")) == "Hello"
