@@ -237,9 +237,7 @@ class Llama(nn.Module):
             pos = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:]
             slots = torch.arange(start_pos + T, device=idx.device)
             causal = slots[None, :] <= slots[start_pos:, None]
-            # a pad query may see itself, so that no attention row is empty (which would give NaN)
-            own = slots[None, :] == slots[start_pos:, None]
-            mask = (causal & (pad_mask[:, None, :] | own)).unsqueeze(1)
+            mask = (causal & pad_mask[:, None, :]).unsqueeze(1)  # a pad query's empty row gives zeros in SDPA
         angles = pos.unsqueeze(-1).float() * self.inv_freq
         angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)
         x = self.embed(idx)
