@@ -21,6 +21,8 @@ def test_greedy_continuation_matches_transformers_on_the_same_gguf(smollm2):
     model, tok = smollm2
     path = smollm2_path()
     ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    theirs = ref.state_dict()
+    assert all(torch.equal(w, theirs[k]) for k, w in model.state_dict().items()), "same dequantized weights"
     prompt = tok.encode("The capital of France is")
     expected = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=tok.eos_ids,
                             pad_token_id=tok.eos_id)[0, len(prompt):].tolist()
