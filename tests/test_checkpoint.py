@@ -52,7 +52,15 @@ def test_hub_repo_id_is_read_from_the_hub_cache(tmp_path, tiny_dir, monkeypatch)
     model, tok = load("org/tiny-llama")
     expected, _ = load_dir(tiny_dir)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
-    assert not any(p.endswith((".bin", ".pth", ".pt")) for p in checkpoint.HUB_FILES), "never pickled weights"
+
+
+def test_hub_download_takes_only_safetensors_config_and_tokenizer():
+    from huggingface_hub.utils import filter_repo_objects  # the filter snapshot_download applies
+    repo = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+            "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "pytorch_model.bin", "consolidated.00.pth",
+            "consolidated.safetensors", "README.md", "original/params.json"]
+    kept = set(filter_repo_objects(repo, allow_patterns=checkpoint.HUB_FILES))
+    assert kept == set(repo[:7])
 
 
 def test_missing_path_is_a_clear_error():
