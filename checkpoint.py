@@ -56,7 +56,8 @@ def download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except Exception as e:  # offline, gated, unknown repo: all end here
-        raise UserError(f"could not download {repo_id} from the hub: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        first_line = str(e).strip().split("\n")[0]
+        raise UserError(f"could not download {repo_id} from the hub: {type(e).__name__}: {first_line}") from None
 
 
 def load_dir(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer]:
@@ -75,9 +76,9 @@ def load_dir(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
     state = {}
     for name in files:
         if not (path / name).is_file():
-            raise UserError(f"{path} is missing {name}")
+            raise UserError(f"{path} has no {name} (weights are read from safetensors only, never from .bin pickles)")
         with safe_open(str(path / name), framework="pt", device=str(device)) as f:
-            state.update({k: f.get_tensor(k) for k in f.keys()})
+            state.update({k: f.get_tensor(k).to(dtype) for k in f.keys()})  # cast one tensor at a time
     return build(cfg, state, dtype, device, str(path)), Tokenizer.from_dir(path)
 
 
@@ -111,9 +112,19 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}
+GGUF_BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def _param_name(gguf_name: str) -> str | None:
+    """Our name for a GGUF tensor (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`), or None."""
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_BLOCK and parts[3] == "weight":
+        return f"model.layers.{parts[1]}.{GGUF_BLOCK[parts[2]]}.weight"
+    return GGUF_TOP.get(gguf_name)
 
 
 def _read_gguf(path: str | Path):
@@ -146,6 +157,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     """A llama-architecture GGUF file: dequantized weights and its byte-level BPE tokenizer."""
     from gguf.quants import dequantize
     r = _read_gguf(path)
+    tok = load_gguf_tokenizer(path, r)  # cheap, and fails first for tokenizers we cannot rebuild
+    unknown = [t.name for t in r.tensors if _param_name(t.name) is None]
+    if unknown:  # e.g. Llama-3's rope_freqs: a rope variant model.py reads from config.json instead
+        raise UserError(f"{path}: unsupported GGUF tensors {', '.join(unknown[:3])}")
     meta = lambda key, default=None: _field(r, "llama." + key, default)  # noqa: E731
     n_heads = meta("attention.head_count")
     n_kv = meta("attention.head_count_kv", n_heads)
@@ -158,15 +173,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     state = {}
     for t in r.tensors:
         w = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)]).copy())
-        if t.name.startswith("blk."):
-            _, i, kind, _ = t.name.split(".")
-            if kind in ("attn_q", "attn_k"):
-                w = _unpermute(w, n_heads if kind == "attn_q" else n_kv)
-            state[f"model.layers.{i}.{GGUF_NAMES[kind]}.weight"] = w
-        else:
-            state[{"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                   "output.weight": "lm_head.weight"}[t.name]] = w
-    return build(cfg, state, dtype, device, str(path)), load_gguf_tokenizer(path, r)
+        name = _param_name(t.name)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = _unpermute(w, n_heads if name.endswith("q_proj.weight") else n_kv)
+        state[name] = w.to(dtype)
+    return build(cfg, state, dtype, device, str(path)), tok
 
 
 def make_tiny(out_dir: str | Path | None = None, texts: list[str] | None = None, seed: int = 0) -> Path:

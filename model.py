@@ -48,6 +48,9 @@ class ModelConfig:
         kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
         if kind not in (None, "default", "llama3"):
             raise ValueError(f"unsupported rope_scaling {scaling}")
+        llama3_fields = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+        if kind == "llama3" and not llama3_fields <= scaling.keys():
+            raise ValueError(f"llama3 rope_scaling needs {', '.join(sorted(llama3_fields - scaling.keys()))}")
         max_len = cfg.get("max_position_embeddings", 4096)
         if model_type == "mistral" and cfg.get("sliding_window"):
             max_len = min(max_len, cfg["sliding_window"])  # no sliding-window attention here: stay inside it
@@ -82,8 +85,7 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, with Llama-3.1's long-context rescaling."""
-    # built on the CPU even when the model is being made on the meta device, then moved with it
-    steps = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device="cpu")
+    steps = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device="cpu")  # even under torch.device("meta")
     inv_freq = 1.0 / cfg.rope_theta ** (steps / cfg.head_dim)
     s = cfg.rope_scaling
     if s is None or s.get("rope_type", s.get("type")) != "llama3":
@@ -176,10 +178,11 @@ class Llama(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
-        # rows added by extend_vocab; kept apart so the base rows stay frozen and bit-identical
+        # rows added by extend_vocab, kept apart so that the base rows can stay frozen and bit-identical
         self.extra_embed: nn.Parameter | None = None
         self.extra_head: nn.Parameter | None = None
-        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        # fp32 always: a plain attribute, so model.to(bfloat16) cannot round the angles of far positions
+        self.inv_freq = rope_frequencies(cfg)
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:
@@ -191,10 +194,11 @@ class Llama(nn.Module):
         return self.config.vocab_size + (0 if self.extra_embed is None else self.extra_embed.shape[0])
 
     def extend_vocab(self, k: int) -> list[int]:
-        """Add k token rows (input and output), initialised to the mean of the existing rows.
+        """Add k token rows (input and output), initialised to the mean of the base vocabulary's rows.
 
         Existing rows are untouched and their logits are computed exactly as before (the new logits
         are concatenated after them), so every old logit stays bit-identical. Returns the new ids.
+        The extra rows become new Parameters: call this before building an optimizer.
         """
         old_n = self.n_vocab
         def grow(old: nn.Parameter | None, base: torch.Tensor) -> nn.Parameter:
@@ -206,12 +210,11 @@ class Llama(nn.Module):
         return list(range(old_n, old_n + k))
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        V = self.config.vocab_size
-        x = self.model.embed_tokens(idx.clamp(max=V - 1))
-        if self.extra_embed is not None:
-            extra = F.embedding((idx - V).clamp(min=0), self.extra_embed)
-            x = torch.where((idx >= V).unsqueeze(-1), extra, x)
-        return x
+        if self.extra_embed is None:
+            return self.model.embed_tokens(idx)
+        V = self.config.vocab_size  # ids past the extra rows still fail, in the second lookup
+        base, extra = self.model.embed_tokens(idx.clamp(max=V - 1)), F.embedding((idx - V).clamp(min=0), self.extra_embed)
+        return torch.where((idx >= V).unsqueeze(-1), extra, base)
 
     def setup_caches(self, batch: int, max_len: int) -> None:
         dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device
@@ -237,7 +240,12 @@ class Llama(nn.Module):
             pos = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:]
             slots = torch.arange(start_pos + T, device=idx.device)
             causal = slots[None, :] <= slots[start_pos:, None]
-            mask = (causal & pad_mask[:, None, :]).unsqueeze(1)  # a pad query's empty row gives zeros in SDPA
+            # a pad query sees itself: an empty attention row gives zeros in CPU SDPA, but not every
+            # CUDA kernel promises that, and one NaN there would reach real rows through the keys
+            own = slots[None, :] == slots[start_pos:, None]
+            mask = (causal & (pad_mask[:, None, :] | own)).unsqueeze(1)
+        if self.inv_freq.device != idx.device:
+            self.inv_freq = self.inv_freq.to(idx.device)
         angles = pos.unsqueeze(-1).float() * self.inv_freq
         angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)
         x = self.embed(idx)
@@ -259,10 +267,11 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # keep the smallest prefix whose mass reaches top_p
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    choice = torch.multinomial(sorted_p, 1, generator=generator)
+    choice = torch.multinomial(sorted_p.masked_fill(drop, 0.0), 1, generator=generator)
     return order.gather(-1, choice).squeeze(-1)
 
 
@@ -273,10 +282,13 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
 
     Each row stops at its first EOS (not included in the result) or after max_new_tokens.
     """
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise UserError("cannot generate from an empty prompt")
+    if max_new_tokens < 1 or not 0 < top_p <= 1 or temperature < 0:
+        raise UserError(f"need max_new_tokens >= 1, 0 < top_p <= 1, temperature >= 0 "
+                        f"(got {max_new_tokens}, {top_p}, {temperature})")
     device = model.lm_head.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) == 0:
-        raise UserError("cannot generate from an empty prompt")
     if P + max_new_tokens > model.config.max_seq_len:
         raise UserError(f"prompt ({P} tokens) + {max_new_tokens} new tokens exceed the model's "
                          f"context of {model.config.max_seq_len}")

@@ -90,3 +90,51 @@ def test_tiny_is_an_ordinary_directory_and_reproducible(tmp_path, tiny_dir):
     assert (again / "tokenizer.model").read_bytes() == (tiny_dir / "tokenizer.model").read_bytes()
     a, b = load_dir(again)[0], load_dir(tiny_dir)[0]
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_bin_only_checkpoint_is_refused_with_the_reason(tmp_path, tiny_dir):
+    shutil.copytree(tiny_dir, tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").rename(tmp_path / "m" / "pytorch_model.bin")
+    with pytest.raises(UserError, match="has no model.safetensors .*never from .bin pickles"):
+        load_dir(tmp_path / "m")
+
+
+def write_gguf(path, pre: str, extra_tensor: str | None = None):
+    """A 1-layer llama GGUF with a 4-token byte-level vocabulary, as llama.cpp's converter lays it out."""
+    import gguf
+    import numpy as np
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in dict(block_count=1, context_length=64, embedding_length=8, feed_forward_length=16,
+                           head_count=2, head_count_kv=2, layer_norm_rms_eps=1e-5).items():
+        getattr(w, f"add_{key}")(value)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(["a", "b", "ab", "<|end|>"])
+    w.add_token_merges(["a b"])
+    w.add_token_types([1, 1, 1, 3])
+    w.add_eos_token_id(3)
+    shapes = {"token_embd.weight": (4, 8), "output_norm.weight": (8,), "blk.0.attn_norm.weight": (8,),
+              "blk.0.ffn_norm.weight": (8,), "blk.0.ffn_gate.weight": (16, 8), "blk.0.ffn_up.weight": (16, 8),
+              "blk.0.ffn_down.weight": (8, 16), **{f"blk.0.attn_{k}.weight": (8, 8) for k in ("q", "k", "v", "output")}}
+    if extra_tensor:
+        shapes[extra_tensor] = (4,)
+    for name, shape in shapes.items():
+        w.add_tensor(name, np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_small_gguf_loads_with_its_tokenizer(tmp_path):
+    model, tok = checkpoint.load(str(write_gguf(tmp_path / "m.gguf", "gpt2")))
+    assert model.config.tie_embeddings and model.config.n_layers == 1
+    assert tok.encode("ab<|end|>") == [2, 3] and tok.eos_ids == [3] and tok.decode([2, 0]) == "aba"
+
+
+@pytest.mark.parametrize("pre, extra, message", [("llama-bpe", None, "pre-tokenizer 'llama-bpe' is not supported"),
+                                                 ("gpt2", "rope_freqs.weight", "unsupported GGUF tensors rope_freqs")])
+def test_gguf_we_cannot_read_is_a_clear_error(tmp_path, pre, extra, message):
+    with pytest.raises(UserError, match=message):
+        checkpoint.load(str(write_gguf(tmp_path / "m.gguf", pre, extra)))

@@ -4,6 +4,7 @@ import torch
 import transformers
 
 from checkpoint import build
+from errors import UserError
 from model import ModelConfig, generate
 
 BASE = dict(model_type="llama", vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -15,7 +16,7 @@ CASES = {
     "tied-embeddings": dict(tie_word_embeddings=True, num_key_value_heads=2),
     # a short original context puts the rotary frequencies in all three bands of the rescaling
     "llama3-rope": dict(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                                high_freq_factor=4.0, original_max_position_embeddings=32)),
+                                                                high_freq_factor=4.0, original_max_position_embeddings=100)),
     "qwen2-bias": dict(model_type="qwen2", num_key_value_heads=2, tie_word_embeddings=True),
     "mistral": dict(model_type="mistral", num_key_value_heads=1, sliding_window=None),
 }
@@ -47,8 +48,9 @@ def test_llama3_rope_scaling_changes_the_frequencies():
     scaled = ModelConfig.from_hf({**BASE, **CASES["llama3-rope"]})
     plain = ModelConfig.from_hf({**BASE, "rope_theta": 500000.0})
     from model import rope_frequencies
-    a, b = rope_frequencies(scaled), rope_frequencies(plain)
-    assert a[0] == b[0] and a[-1] == pytest.approx(b[-1] / 8), "high frequencies kept, low ones divided by factor"
+    ratio = rope_frequencies(plain) / rope_frequencies(scaled)
+    assert ratio[0] == 1 and ratio[-1] == pytest.approx(8), "high frequencies kept, low ones divided by factor"
+    assert ((ratio > 1.01) & (ratio < 7.99)).any(), "and the band between interpolated"
 
 
 def test_config_errors_name_the_problem():
@@ -56,6 +58,9 @@ def test_config_errors_name_the_problem():
         ModelConfig.from_hf({**BASE, "model_type": "gpt2"})
     with pytest.raises(ValueError, match="rope_scaling"):
         ModelConfig.from_hf({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="llama3 rope_scaling needs high_freq_factor, low_freq_factor"):
+        ModelConfig.from_hf({**BASE, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                                      "original_max_position_embeddings": 8192}})
 
 
 def recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
@@ -105,8 +110,27 @@ def test_top_p_near_zero_is_greedy_and_sampling_is_seeded():
 
 def test_generation_refuses_sequences_longer_than_the_context():
     _, model = reference_pair({})
-    with pytest.raises(ValueError, match="exceed the model's context of 256"):
+    with pytest.raises(UserError, match="exceed the model's context of 256"):
         generate(model, [[1] * 250], 10, eos_ids=[2])
+
+
+@pytest.mark.parametrize("bad", [dict(prompts=[]), dict(prompts=[[1], []]), dict(max_new_tokens=0),
+                                 dict(temperature=1.0, top_p=0.0), dict(temperature=-1.0)])
+def test_generation_rejects_bad_arguments(bad):
+    _, model = reference_pair({})
+    args = dict(prompts=[[1, 2]], max_new_tokens=4, temperature=0.0, top_p=1.0) | bad
+    with pytest.raises(UserError):
+        generate(model, args.pop("prompts"), eos_ids=[2], **args)
+
+
+def test_ids_past_the_vocabulary_are_an_error_not_a_silent_clamp():
+    _, model = reference_pair({})
+    with pytest.raises(IndexError):
+        model(torch.tensor([[96]]))
+    model.extend_vocab(1)
+    model(torch.tensor([[96]]))
+    with pytest.raises(IndexError):
+        model(torch.tensor([[97]]))
 
 
 @pytest.mark.parametrize("case", ["grouped-query", "tied-embeddings"])

@@ -2,6 +2,7 @@
 import itertools
 
 import pytest
+import torch
 import transformers
 from tokenizers import pre_tokenizers
 
@@ -67,10 +68,23 @@ def test_added_tokens_are_atomic_and_decode_literally(which, tiny_dir, smollm2_t
     assert tok.decode(ids) == text
 
 
-def test_added_ids_cannot_overlap_the_base_vocabulary(tiny_dir):
+def test_added_ids_cannot_overlap_earlier_ids(tiny_dir):
     tok = Tokenizer.from_dir(tiny_dir)
-    with pytest.raises(ValueError, match="after the base vocabulary"):
+    with pytest.raises(ValueError, match="start after the vocabulary so far \\(1024\\), not at 1023"):
         tok.add_tokens(["<<pos>>"], tok.base_size - 1)
+    tok.add_tokens(["<<pos>>"], 1024)
+    with pytest.raises(ValueError, match="not at 1024"):
+        tok.add_tokens(["<<neg>>"], 1024)
+    with pytest.raises(ValueError, match="already added: \\['<<pos>>'\\]"):
+        tok.add_tokens(["<<pos>>"], 1025)
+
+
+def test_new_tokens_reach_the_new_model_rows(tiny):
+    model, tok = tiny
+    ids = tok.add_tokens(["<<pos>>", "<<neg>>"], model.extend_vocab(2)[0])
+    assert ids == [1024, 1025] and len(tok) == model.n_vocab == 1026
+    x = model.embed(torch.tensor([tok.encode("<<neg>>", bos=False)]))
+    assert torch.equal(x[0, 0], model.extra_embed[1])
 
 
 def test_tokenizer_json_directory(tmp_path, smollm2_tokenizers):
