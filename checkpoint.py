@@ -165,7 +165,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     n_heads = meta("attention.head_count")
     n_kv = meta("attention.head_count_kv", n_heads)
     cfg = ModelConfig.from_hf(dict(
-        model_type="llama", vocab_size=len(r.fields["tokenizer.ggml.tokens"].data), hidden_size=meta("embedding_length"),
+        model_type="llama", vocab_size=tok.base_size, hidden_size=meta("embedding_length"),
         num_hidden_layers=meta("block_count"), num_attention_heads=n_heads, num_key_value_heads=n_kv,
         intermediate_size=meta("feed_forward_length"), rms_norm_eps=meta("attention.layer_norm_rms_epsilon"),
         rope_theta=meta("rope.freq_base", 10000.0), max_position_embeddings=meta("context_length"),

@@ -87,8 +87,8 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, with Llama-3.1's long-context rescaling."""
     steps = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device="cpu")  # even under torch.device("meta")
     inv_freq = 1.0 / cfg.rope_theta ** (steps / cfg.head_dim)
-    s = cfg.rope_scaling
-    if s is None or s.get("rope_type", s.get("type")) != "llama3":
+    s = cfg.rope_scaling  # from_hf keeps it only for rope_type llama3
+    if s is None:
         return inv_freq
     # long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated
     factor, low, high, orig = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]

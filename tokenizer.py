@@ -36,8 +36,9 @@ class Tokenizer:
         """Give `tokens` the ids start, start+1, ... (start = the model's vocabulary size)."""
         if start < len(self):
             raise ValueError(f"added ids must start after the vocabulary so far ({len(self)}), not at {start}")
-        if any(t in self.added for t in tokens) or len(set(tokens)) < len(tokens):
-            raise ValueError(f"tokens already added: {sorted(t for t in tokens if t in self.added or tokens.count(t) > 1)}")
+        repeated = sorted({t for t in tokens if t in self.added or tokens.count(t) > 1})
+        if repeated:
+            raise ValueError(f"tokens already added: {repeated}")
         ids = list(range(start, start + len(tokens)))
         self.added.update(zip(tokens, ids))
         # longest first, so a token that is a prefix of another never wins
