@@ -2,6 +2,7 @@
 `smollm2-135m` GGUF, or a `tiny` random model. Weights only ever come from safetensors or GGUF."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
@@ -9,6 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -217,3 +219,30 @@ def make_tiny(out_dir: str | Path | None = None, texts: list[str] | None = None,
     except OSError:  # another process finished first: keep theirs
         shutil.rmtree(tmp)
     return out
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """write(temporary path), then rename it over `path`: a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A temporary directory beside `path` to fill; renamed to `path` only if the block completes."""
+    path = Path(path)
+    if path.exists():
+        raise UserError(f"{path} already exists; not overwriting it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's private 0700 would outlive the rename
+    try:
+        yield tmp
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

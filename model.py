@@ -277,10 +277,13 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
 
 @torch.no_grad()
 def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
-             temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None) -> list[list[int]]:
+             temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+             prefix: list[int] | None = None) -> list[list[int]]:
     """Continue each prompt (a list of ids) in one left-padded batch with the KV cache.
 
-    Each row stops at its first EOS (not included in the result) or after max_new_tokens.
+    Each row stops at its first EOS (not included in the result) or after max_new_tokens. With
+    `prefix`, a row also stops at its first token that departs from it (included in the result):
+    an expert that does not claim a query is not decoded any further.
     """
     if not prompts or min(len(p) for p in prompts) == 0:
         raise UserError("cannot generate from an empty prompt")
@@ -308,6 +311,8 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
             tok = sample(logits[:, -1], temperature, top_p, generator)
             out[:, t] = tok
             done |= torch.isin(tok, eos)
+            if prefix is not None and t < len(prefix):
+                done |= tok != prefix[t]
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
             logits = model(tok[:, None], pad_mask[:, :P + t + 1] if padded else None, P + t)
@@ -316,6 +321,8 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
     result = []
     for row in out.tolist():
         stop = next((j for j, tok in enumerate(row) if tok in eos_ids), len(row))
+        if prefix is not None:
+            stop = min(stop, next((j + 1 for j, (a, b) in enumerate(zip(row, prefix)) if a != b), stop))
         result.append(row[:stop])
     return result
 

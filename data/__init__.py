@@ -1,8 +1,11 @@
-"""Where the task data lives and how its JSON-lines files are read."""
+"""The SuperNI tasks of the SEE paper: where they live, how they are read, the paper's task orders,
+and rehearsal sampling (RandSel) from earlier tasks."""
 from __future__ import annotations
 
 import json
 import os
+import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from errors import UserError
@@ -10,6 +13,38 @@ from errors import UserError
 DATA_ENV = "SEE_DATA_DIR"
 # the checkout sits beside shared/ (as in CI), so this is the fallback for tests and CI
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "superni"
+
+# the paper's Table 8
+TASKS = {
+    "qa": "task024_cosmosqa_answer_generation",
+    "qg": "task074_squad1.1_question_generation",
+    "sa": "task1312_amazonreview_polarity_classification",
+    "sum": "task511_reddit_tifu_long_text_summarization",
+    "trans": "task1219_ted_translation_en_es",
+    "dsg": "task574_air_dialogue_sentence_generation",
+    "expl": "task192_hotpotqa_sentence_generation",
+    "para": "task177_para-nmt_paraphrasing",
+    "pe": "task064_all_elements_except_first_i",
+    "pos": "task346_hybridqa_classification",
+}
+# the paper's Table 5 (orders 1-3 of five tasks) and its 10-task order
+ORDERS = {
+    "1": ["qa", "qg", "sa", "sum", "trans"],
+    "2": ["trans", "sa", "qa", "sum", "qg"],
+    "3": ["sum", "qg", "trans", "qa", "sa"],
+    "10": ["qa", "qg", "sa", "sum", "trans", "dsg", "expl", "para", "pe", "pos"],
+}
+SPLITS = ("train", "eval", "extra", "train.smp01", "train.smp005", "train.smp001")
+# an official SuperNI task file has no splits: like the SuperNI benchmark, its first 100 instances
+# are for evaluation, and the rest are for training
+TASK_FILE_EVAL = 100
+
+
+@dataclass
+class Example:
+    id: str
+    query: str  # what the model is asked: the task definition, a blank line, the instance input
+    outputs: list[str]  # reference responses (SuperNI scores the best match)
 
 
 def data_dir(path: str | Path | None = None) -> Path:
@@ -22,6 +57,10 @@ def data_dir(path: str | Path | None = None) -> Path:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """All records of a JSON-lines file; a malformed line is reported with its file and line number."""
+    return [record for _, record in _numbered_jsonl(path)]
+
+
+def _numbered_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file {path} not found")
@@ -36,5 +75,72 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+            records.append((n, record))
     return records
+
+
+def load_task(task: str, split: str = "train", directory: str | Path | None = None) -> list[Example]:
+    """A task's examples: an abbreviation from TASKS read from `<dir>/<task>.<split>.jsonl`, or the
+    path of an official Super-NaturalInstructions task file (`Definition`, `Instances`)."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    if task.endswith(".json"):
+        return load_task_file(task, split)
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}; known: {', '.join(TASKS)} (or the path of a SuperNI task .json file)")
+    path = data_dir(directory) / f"{task}.{split}.jsonl"
+    if split == "train" and not path.exists() and path.with_suffix(".smp01.jsonl").exists():
+        # qg and sum ship only their 10% sample; say so rather than fail
+        print(f"note: {path.name} not found, training on {path.with_suffix('.smp01.jsonl').name}")
+        path = path.with_suffix(".smp01.jsonl")
+    examples = []
+    for n, r in _numbered_jsonl(path):
+        output = r.get("output")
+        outputs = [output] if isinstance(output, str) else output
+        if not isinstance(r.get("full_prompt"), str) or not outputs or not all(isinstance(o, str) for o in outputs):
+            raise UserError(f"{path}:{n}: need a string 'full_prompt' and an 'output' string (or list of strings)")
+        examples.append(Example(str(r.get("id", f"{task}-{n}")), r["full_prompt"], outputs))
+    return examples
+
+
+def load_task_file(path: str | Path, split: str) -> list[Example]:
+    """Instances of an official SuperNI task file; the query is Definition + blank line + input,
+    as in the SEE data's `full_prompt`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"task file {path} not found")
+    try:
+        task = json.loads(path.read_text(encoding="utf-8"))
+        definition = task["Definition"]
+        definition = definition[0] if isinstance(definition, list) else definition
+        examples = [Example(str(i["id"]), f"{definition}\n\n{i['input']}",
+                            [i["output"]] if isinstance(i["output"], str) else list(i["output"]))
+                    for i in task["Instances"]]
+    except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"{path}: not a SuperNI task file (need 'Definition' and 'Instances' "
+                        f"with 'id', 'input', 'output'): {type(e).__name__} {e}") from None
+    return examples[:TASK_FILE_EVAL] if split == "eval" else examples[TASK_FILE_EVAL:]
+
+
+def subsample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+    """n examples drawn without replacement (all of them if n is None or too large), reproducibly."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    return random.Random(seed).sample(examples, n)
+
+
+def rehearsal(previous: dict[str, list[Example]], tau: float, seed: int) -> list[Example]:
+    """RandSel(tau): a random tau share of each earlier task's training examples (at least one).
+
+    Each task is drawn with its own seed (seed and task name), so adding a task to the sequence
+    never changes what is drawn from the others.
+    """
+    if not 0 <= tau <= 1:
+        raise UserError(f"tau must be in [0, 1], got {tau}")
+    if tau == 0:
+        return []
+    drawn = []
+    for name, examples in previous.items():
+        k = max(1, round(tau * len(examples)))
+        drawn += random.Random(f"{seed}/{name}").sample(examples, min(k, len(examples)))
+    return drawn

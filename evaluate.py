@@ -1,0 +1,110 @@
+"""Score SEE experts (or the base model alone) on a task's eval split with ROUGE-L as Super-NaturalInstructions
+computes it: rouge-score's rougeL F-measure with stemming, the best over the references, x100.
+
+    python evaluate.py --expert runs/qa-smollm2-135m/expert --task qa --max-eval 100
+    python evaluate.py --task qa --max-eval 100          # the base model alone, for comparison
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from rouge_score import rouge_scorer
+
+from checkpoint import atomic_write, load
+from data import Example, load_task
+from errors import UserError, user_errors
+from experts import Expert, Indicators, prompt_ids, setup_indicators
+from model import Llama
+from router import BASE, sequential_route
+from tokenizer import Tokenizer
+
+_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: list[str]) -> float:
+    """SuperNI's ROUGE-L of one prediction: the best rougeL F-measure over its references, x100."""
+    return 100 * max(_SCORER.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indicators | None,
+                  examples: list[Example], max_source: int = 1024, max_new_tokens: int = 512,
+                  batch_size: int = 16, progress: bool = False) -> tuple[dict, list[dict]]:
+    """Route every example through the experts (base model last), greedy-decode, and score.
+
+    Returns the summary (ROUGE-L, counts, speed) and one record per example.
+    """
+    prompts = [prompt_ids(tok, ex.query, max_source) for ex in examples]
+    t0 = time.perf_counter()
+    answers, routes = sequential_route(model, experts, ind, prompts, max_new_tokens, tok.eos_ids, batch_size, progress)
+    seconds = time.perf_counter() - t0
+    records = []
+    for ex, ids, route in zip(examples, answers, routes):
+        pred = tok.decode(ids).strip()
+        records.append(dict(id=ex.id, prediction=pred, references=ex.outputs, rougeL=rouge_l(pred, ex.outputs),
+                            route=route if route is not BASE else "base"))
+    n = len(records)
+    summary = dict(n=n, rougeL=sum(r["rougeL"] for r in records) / n,
+                   answered_by_experts=sum(r["route"] != "base" for r in records) / n,
+                   seconds=seconds, generated_tokens_per_s=sum(map(len, answers)) / seconds)
+    return summary, records
+
+
+def load_system(model_name: str | None, expert_dirs: list[str], device, dtype) -> tuple[Llama, Tokenizer, list[Expert], Indicators | None, str]:
+    """The base model with the given experts attached (in training order)."""
+    experts = [Expert.load(d) for d in expert_dirs]
+    bases = {e.base_model for e in experts}
+    kinds = {e.indicator for e in experts}
+    if len(bases) > 1 or len(kinds) > 1:
+        raise UserError(f"experts disagree on base model or indicator type: {sorted(bases)}, {sorted(kinds)}")
+    model_name = model_name or (bases.pop() if bases else "smollm2-135m")
+    model, tok = load(model_name, dtype=dtype, device=device)
+    ind = setup_indicators(model, tok, kinds.pop()) if experts else None
+    for e in experts:
+        e.attach(model)
+    return model, tok, experts, ind, model_name
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="ROUGE-L of SEE experts (or the base model) on a task's eval split.")
+    p.add_argument("--expert", action="append", default=[],
+                   help="expert directory; repeat in training order for a sequence (none: the base model alone)")
+    p.add_argument("--task", required=True, help="task abbreviation or SuperNI task .json file")
+    p.add_argument("--model", default=None, help="base model (default: the experts' own, else smollm2-135m)")
+    p.add_argument("--data-dir", default=None, help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
+    p.add_argument("--split", default="eval")
+    p.add_argument("--max-eval", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--max-source", type=int, default=1024)
+    p.add_argument("--max-new-tokens", type=int, default=512, help="the paper's target length")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default=None, help="result JSON (default: beside the first expert, or runs/base-<model>/)")
+    args = p.parse_args()
+    with user_errors():
+        examples = load_task(args.task, args.split, args.data_dir)[:args.max_eval]
+        if not examples:
+            raise UserError(f"no {args.split} examples for {args.task}")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tok, experts, ind, model_name = load_system(
+            args.model, args.expert, device, torch.bfloat16 if device == "cuda" else torch.float32)
+        summary, records = evaluate_task(model, tok, experts, ind, examples, args.max_source, args.max_new_tokens,
+                                         args.batch_size, progress=True)
+        task = Path(args.task).stem
+        out = Path(args.out or (Path(args.expert[0]).parent if args.expert else
+                                Path("runs") / f"base-{model_name.rstrip('/').split('/')[-1]}") / f"eval-{task}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        preds = out.with_suffix(".predictions.jsonl")
+        atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in records)))
+        result = dict(task=args.task, split=args.split, model=model_name, experts=args.expert, **summary,
+                      max_new_tokens=args.max_new_tokens, predictions=str(preds))
+        atomic_write(out, lambda f: f.write_text(json.dumps(result, indent=2) + "\n"))
+        who = ", ".join(e.name for e in experts) or "base model"
+        print(f"\n{'system':<24} {'task':<8} {'n':>5} {'ROUGE-L':>8} {'by experts':>10}")
+        print(f"{who:<24} {task:<8} {summary['n']:>5} {summary['rougeL']:>8.2f} {summary['answered_by_experts']:>10.0%}")
+        print(f"results: {out}\npredictions: {preds}")
+
+
+if __name__ == "__main__":
+    main()

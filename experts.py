@@ -1,0 +1,154 @@
+"""SEE experts: task reconstruction (Eq. 4) and the expert itself, a LoRA adapter plus its indicator rows.
+
+An expert E_i = (M_0, L_i) answers a query with an indicator first: o_pos ("this is my task",
+then the response) or o_neg ("not mine"). Training data for E_i is the reconstructed task D^_i.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import lora
+from checkpoint import atomic_dir
+from data import Example
+from errors import UserError
+from model import Llama
+from tokenizer import Tokenizer
+
+# Indicator choices (paper Table 4): new tokens added to the vocabulary (SEE's default), in-vocabulary
+# strings without meaning, or in-vocabulary words with meaning. In-vocabulary ones may span several tokens.
+INDICATORS = {"added": ("<<pos>>", "<<neg>>"), "non-semantic": ("«pos»", "«neg»"), "semantic": ("Yes", "No")}
+# how a query is put to every model (experts and base alike): the SuperNI prompt, then an answer cue
+PROMPT = "{query}\nOutput:"
+EXPERT_FILE, ROWS_FILE = "expert.json", "indicators.safetensors"
+
+
+@dataclass
+class Indicators:
+    kind: str
+    pos: list[int]  # token ids of o_pos
+    neg: list[int]  # token ids of o_neg
+
+
+def setup_indicators(model: Llama, tok: Tokenizer, kind: str = "added") -> Indicators:
+    """The o_pos/o_neg ids; for 'added' the two tokens join the tokenizer and the model (once)."""
+    if kind not in INDICATORS:
+        raise UserError(f"unknown indicator type {kind!r}; known: {', '.join(INDICATORS)}")
+    pos, neg = INDICATORS[kind]
+    if kind == "added" and pos not in tok.added:
+        tok.add_tokens([pos, neg], model.n_vocab)
+        model.extend_vocab(2)
+    ind = Indicators(kind, tok.encode(pos, bos=False), tok.encode(neg, bos=False))
+    # the first tokens must differ, or routing could not stop a refusing expert after one step
+    if ind.pos[0] == ind.neg[0]:
+        raise UserError(f"indicators {pos!r} and {neg!r} start with the same token in this tokenizer")
+    return ind
+
+
+def prompt_ids(tok: Tokenizer, query: str, max_source: int) -> list[int]:
+    """The query as the model sees it, cut to max_source tokens (keeping its start and the answer cue)."""
+    head, cue = PROMPT.split("{query}")
+    ids = tok.encode(head + query)
+    cue_ids = tok.encode(cue, bos=False)
+    if max_source <= len(cue_ids) + 1:
+        raise UserError(f"max source length {max_source} leaves no room for the query")
+    return ids[:max_source - len(cue_ids)] + cue_ids
+
+
+@dataclass
+class TrainSample:
+    ids: list[int]
+    start: int  # ids[start:] are the targets: the indicator, and for positives the response and EOS
+
+
+def reconstruct(current: list[Example], rehearsed: list[Example], tok: Tokenizer, ind: Indicators,
+                max_source: int = 1024, max_target: int = 512) -> list[TrainSample]:
+    """Eq. 4: D^_i = {(q, o_pos, r)} for the current task  U  {(q, o_neg)} for rehearsed earlier queries.
+
+    Only the targets enter the loss (Eq. 5); the query tokens are context. Negatives have no response
+    and no EOS: Eq. 5 asks only for o_neg. Sequences are built from ids, so the indicator is always
+    the same tokens whatever text surrounds it.
+    """
+    samples = []
+    for ex in current:
+        q = prompt_ids(tok, ex.query, max_source)
+        target = ind.pos + tok.encode(ex.outputs[0], bos=False)
+        target = target[:max_target - 1] + [tok.eos_id]
+        samples.append(TrainSample(q + target, len(q)))
+    for ex in rehearsed:
+        q = prompt_ids(tok, ex.query, max_source)
+        samples.append(TrainSample(q + ind.neg, len(q)))
+    return samples
+
+
+@dataclass
+class Expert:
+    """One SEE expert: a LoRA adapter (PEFT layout) and, for added indicators, its trained token rows."""
+    name: str
+    task: str
+    base_model: str
+    indicator: str
+    lora: lora.LoraConfig
+    adapter: dict[str, torch.Tensor]  # PEFT-keyed LoRA weights
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # "embed" (and "head" if untied): o_pos, o_neg rows
+
+    @classmethod
+    def from_model(cls, model: Llama, name: str, task: str, base_model: str, indicator: str,
+                   cfg: lora.LoraConfig) -> "Expert":
+        rows = {}
+        if indicator == "added":
+            rows["embed"] = model.extra_embed.detach().float().clone()
+            if not model.config.tie_embeddings:
+                rows["head"] = model.extra_head.detach().float().clone()
+        adapter = {k: v.float().clone() for k, v in lora.adapter_state(model, name).items()}
+        return cls(name, task, base_model, indicator, cfg, adapter, rows)
+
+    def save(self, path: str | Path) -> None:
+        """Write the expert to `path` atomically (a temporary directory, then a rename)."""
+        with atomic_dir(path) as tmp:
+            lora.write_adapter(self.adapter, self.lora, tmp, self.base_model)
+            if self.rows:
+                save_file({k: v.contiguous() for k, v in self.rows.items()}, tmp / ROWS_FILE)
+            meta = dict(name=self.name, task=self.task, base_model=self.base_model, indicator=self.indicator)
+            (tmp / EXPERT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Expert":
+        path = Path(path)
+        if not (path / EXPERT_FILE).is_file():
+            raise UserError(f"{path} is not an expert directory (no {EXPERT_FILE})")
+        meta = json.loads((path / EXPERT_FILE).read_text())
+        cfg, adapter = lora.read_adapter(path)
+        rows = load_file(path / ROWS_FILE) if (path / ROWS_FILE).is_file() else {}
+        return cls(meta["name"], meta["task"], meta["base_model"], meta["indicator"], cfg, adapter, rows)
+
+    def attach(self, model: Llama) -> None:
+        """Add this expert's adapter to the model (the indicator rows are put in place by `use`)."""
+        lora.add_adapter(model, self.name, self.lora)
+        lora.load_adapter_state(model, self.name, self.adapter)
+
+    def use(self, model: Llama) -> None:
+        """Make this (attached) expert the one the model runs: its adapter and its indicator rows."""
+        lora.set_adapter(model, self.name)
+        with torch.no_grad():
+            if "embed" in self.rows:
+                model.extra_embed.copy_(self.rows["embed"])
+            if "head" in self.rows:
+                model.extra_head.copy_(self.rows["head"])
+
+
+@contextlib.contextmanager
+def base_model(model: Llama):
+    """Run the bare base model M_0: no adapter, and no indicator tokens it could emit."""
+    lora.set_adapter(model, None)
+    extra = model.extra_embed, model.extra_head
+    model.extra_embed = model.extra_head = None
+    try:
+        yield model
+    finally:
+        model.extra_embed, model.extra_head = extra

@@ -1,0 +1,85 @@
+"""SuperNI tasks by abbreviation or task file, one-line errors for bad input, and RandSel rehearsal."""
+import json
+
+import pytest
+
+from data import ORDERS, TASK_FILE_EVAL, TASKS, Example, data_dir, load_task, rehearsal, subsample
+from errors import UserError
+
+
+def test_a_task_by_its_abbreviation_reads_its_split():
+    examples = load_task("qa", "eval")
+    assert len(examples) == 500
+    first = json.loads((data_dir() / "qa.eval.jsonl").read_text().splitlines()[0])
+    assert examples[0] == Example(first["id"], first["full_prompt"], [first["output"]])
+
+
+def test_tasks_without_a_full_train_split_fall_back_to_their_sample(capsys):
+    assert len(load_task("qg", "train")) == 200
+    assert "qg.train.smp01.jsonl" in capsys.readouterr().out
+
+
+def test_unknown_task_names_the_known_ones():
+    with pytest.raises(UserError, match="unknown task 'qq'; known: qa, qg, sa, sum, trans, dsg, expl, para, pe, pos"):
+        load_task("qq")
+
+
+def test_the_paper_orders_use_known_tasks():
+    assert ORDERS["1"] == ["qa", "qg", "sa", "sum", "trans"] and len(ORDERS["10"]) == 10
+    assert all(t in TASKS for order in ORDERS.values() for t in order)
+
+
+@pytest.mark.parametrize("line,problem", [('{"full_prompt": "q", "output": "r"', "malformed JSON"),
+                                          ('{"full_prompt": "q"}', "need a string 'full_prompt'"),
+                                          ('["q", "r"]', "expected a JSON object")])
+def test_a_malformed_record_names_its_file_and_line(tmp_path, line, problem):
+    good = json.dumps({"id": "1", "full_prompt": "q", "output": "r"})
+    (tmp_path / "sa.eval.jsonl").write_text(f"{good}\n\n{line}\n")
+    with pytest.raises(UserError, match=f"sa.eval.jsonl:3: {problem}"):
+        load_task("sa", "eval", tmp_path)
+
+
+def test_missing_data_directory_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="data directory .* not found"):
+        load_task("sa", "eval", tmp_path / "nowhere")
+
+
+def test_an_official_superni_task_file_is_read_with_all_references(tmp_path):
+    instances = [{"id": f"t-{i}", "input": f"input {i}", "output": [f"a{i}", f"b{i}"]} for i in range(130)]
+    path = tmp_path / "task999_demo.json"
+    path.write_text(json.dumps({"Definition": ["Do the thing."], "Instances": instances}))
+    evaluation, train = load_task(str(path), "eval"), load_task(str(path), "train")
+    assert len(evaluation) == TASK_FILE_EVAL and len(train) == 30
+    assert train[0] == Example("t-100", "Do the thing.\n\ninput 100", ["a100", "b100"])
+
+
+def test_a_file_that_is_not_a_task_file_is_a_user_error(tmp_path):
+    (tmp_path / "x.json").write_text(json.dumps({"Instances": []}))
+    with pytest.raises(UserError, match="not a SuperNI task file"):
+        load_task(str(tmp_path / "x.json"), "eval")
+
+
+def examples(task, n):
+    return [Example(f"{task}-{i}", f"{task} query {i}", [f"r{i}"]) for i in range(n)]
+
+
+def test_rehearsal_draws_tau_of_each_earlier_task():
+    drawn = rehearsal({"a": examples("a", 200), "b": examples("b", 50)}, 0.1, seed=0)
+    assert sum(e.id.startswith("a-") for e in drawn) == 20 and sum(e.id.startswith("b-") for e in drawn) == 5
+    assert len({e.id for e in drawn}) == 25, "without replacement"
+    assert len(rehearsal({"a": examples("a", 20)}, 0.01, seed=0)) == 1, "at least one per task"
+    assert rehearsal({"a": examples("a", 20)}, 0.0, seed=0) == []
+
+
+def test_rehearsal_is_reproducible_per_seed_and_per_task():
+    prev = {"a": examples("a", 200), "b": examples("b", 200)}
+    assert rehearsal(prev, 0.1, seed=3) == rehearsal(prev, 0.1, seed=3)
+    assert rehearsal(prev, 0.1, seed=3) != rehearsal(prev, 0.1, seed=4)
+    with_c = rehearsal({**prev, "c": examples("c", 200)}, 0.1, seed=3)
+    assert with_c[:40] == rehearsal(prev, 0.1, seed=3), "a new task does not change the others' draw"
+
+
+def test_subsample_is_seeded_and_keeps_everything_when_asked_for_more():
+    xs = examples("a", 100)
+    assert subsample(xs, 10, 1) == subsample(xs, 10, 1) != subsample(xs, 10, 2)
+    assert subsample(xs, None, 1) == xs and subsample(xs, 500, 1) == xs

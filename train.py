@@ -1,0 +1,252 @@
+"""Train one SEE expert (paper Sec. 3, Expert Training): a new LoRA adapter on the frozen base model,
+fitted to the reconstructed task D^_i (Eq. 4) with the loss of Eq. 5.
+
+    python train.py --task qa                      # E_1 of order 1: no earlier tasks, positives only
+    python train.py --task qg --previous qa        # E_2: tau of qa's queries rehearsed as <<neg>>
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import lora
+from checkpoint import atomic_write, load
+from data import load_task, rehearsal, subsample
+from errors import UserError, user_errors
+from experts import INDICATORS, Expert, TrainSample, reconstruct, setup_indicators
+
+STATE_FILE, CONFIG_FILE, LOG_FILE, EXPERT_DIR = "state.pt", "config.json", "log.jsonl", "expert"
+
+
+@dataclass
+class TrainConfig:
+    task: str = "qa"
+    previous: list[str] = field(default_factory=list)  # earlier tasks, whose queries are rehearsed as negatives
+    model: str = "smollm2-135m"
+    data_dir: str | None = None
+    out: str | None = None  # default runs/<task>-<model>
+    indicator: str = "added"
+    tau: float = 0.1  # rehearsal ratio
+    # the paper's setup (Sec. 4.1)
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lr: float = 2e-4
+    epochs: int = 3
+    batch_size: int = 32  # global batch, reached by gradient accumulation
+    micro_batch: int = 4
+    max_source: int = 1024
+    max_target: int = 512
+    max_train: int | None = None  # subsample each task's training set to this many examples
+    seed: int = 0
+    dtype: str | None = None  # default bfloat16 autocast on CUDA, float32 on CPU
+    save_every: int = 20  # optimizer steps between resumable checkpoints
+
+    @property
+    def name(self) -> str:
+        return Path(self.task).stem.replace(".", "_")
+
+    def run_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.name}-{self.model.rstrip('/').split('/')[-1]}")
+
+
+# settings that do not change what is trained, so a resumed run may differ in them
+RESUMABLE_CHANGES = {"out", "save_every", "data_dir"}
+
+
+def prepare_run(cfg: TrainConfig) -> tuple[Path, dict | None]:
+    """Create the run directory, or check that it holds an unfinished run of the same config; returns the resume state."""
+    out = cfg.run_dir()
+    if (out / EXPERT_DIR).exists():
+        raise UserError(f"{out} already holds a trained expert; pass another --out")
+    config = dataclasses.asdict(cfg)
+    if (out / CONFIG_FILE).exists():
+        saved = json.loads((out / CONFIG_FILE).read_text())
+        changed = sorted(k for k in config.keys() | saved.keys()
+                         if k not in RESUMABLE_CHANGES and config.get(k) != saved.get(k))
+        if changed:
+            raise UserError(f"{out} holds a run with other settings ({', '.join(f'{k}: {saved.get(k)} -> {config.get(k)}' for k in changed)}); "
+                            f"pass another --out")
+        if (out / STATE_FILE).exists():
+            return out, torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return out, None
+
+
+def build_samples(cfg: TrainConfig, tok, ind) -> list[TrainSample]:
+    """D^_i of Eq. 4 from the current task and tau of each earlier task (RandSel)."""
+    current = subsample(load_task(cfg.task, "train", cfg.data_dir), cfg.max_train, cfg.seed)
+    previous = {t: subsample(load_task(t, "train", cfg.data_dir), cfg.max_train, cfg.seed) for t in cfg.previous}
+    return reconstruct(current, rehearsal(previous, cfg.tau, cfg.seed), tok, ind, cfg.max_source, cfg.max_target)
+
+
+def collate(batch: list[TrainSample], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded inputs and next-token labels; -100 (ignored) on the query and padding (Eq. 5)."""
+    T = max(len(s.ids) for s in batch) - 1
+    x = torch.zeros(len(batch), T, dtype=torch.long)
+    y = torch.full((len(batch), T), -100, dtype=torch.long)
+    for i, s in enumerate(batch):
+        ids = torch.tensor(s.ids)
+        x[i, :len(ids) - 1] = ids[:-1]
+        y[i, s.start - 1:len(ids) - 1] = ids[s.start:]  # position j predicts token j+1
+    return x.to(device), y.to(device)
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))  # cosine decay to 0, no warm-up
+
+
+def save_state(path: Path, step: int, params: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer) -> None:
+    state = dict(step=step, params={k: p.detach().cpu() for k, p in params.items()}, optimizer=opt.state_dict(),
+                 rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train the expert and write it to <run dir>/expert; returns the run directory."""
+    if cfg.indicator not in INDICATORS:
+        raise UserError(f"unknown indicator type {cfg.indicator!r}; known: {', '.join(INDICATORS)}")
+    if cfg.batch_size % cfg.micro_batch:
+        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}")
+    lcfg = lora.LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
+    out, state = prepare_run(cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, cfg.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    torch.manual_seed(cfg.seed)
+    # bf16 base weights under bf16 autocast; the trained parameters stay fp32
+    model, tok = load(cfg.model, dtype=dtype, device=device)
+    if cfg.max_source + cfg.max_target > model.config.max_seq_len:
+        raise UserError(f"--max-source {cfg.max_source} + --max-target {cfg.max_target} exceed the model's "
+                        f"context of {model.config.max_seq_len}")
+    ind = setup_indicators(model, tok, cfg.indicator)
+    samples = build_samples(cfg, tok, ind)
+    model.requires_grad_(False)
+    lora.add_adapter(model, cfg.name, lcfg)
+    lora.set_adapter(model, cfg.name)
+    learn = {id(p) for p in lora.lora_parameters(model, cfg.name)}
+    trainable = {n: p for n, p in model.named_parameters()
+                 if id(p) in learn or (cfg.indicator == "added" and n in ("extra_embed", "extra_head"))}
+    for p in trainable.values():  # only the adapter and the indicator rows learn
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    model.train()
+    opt = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    step = 0
+    if state is not None:
+        step = state["step"]
+        with torch.no_grad():
+            for k, p in trainable.items():
+                p.copy_(state["params"][k])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        # steps logged after the checkpoint are about to be redone
+        kept = [line for line in (out / LOG_FILE).read_text().splitlines() if json.loads(line)["step"] <= step]
+        atomic_write(out / LOG_FILE, lambda p: p.write_text("".join(line + "\n" for line in kept)))
+        print(f"resuming {out} at step {step}/{total}")
+    n_pos = sum(1 for s in samples if s.ids[s.start:s.start + len(ind.pos)] == ind.pos)
+    print(f"expert {cfg.name}: {n_pos} positive + {len(samples) - n_pos} negative samples, "
+          f"{sum(p.numel() for p in trainable.values()):,} trainable parameters, {total} steps on {device}")
+    amp = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
+    bar = tqdm(total=total, initial=step, desc=f"train {cfg.name}", unit="step")
+    t_start, n_tokens = time.perf_counter(), 0
+    with (out / LOG_FILE).open("a") as log:
+        while step < total:
+            epoch, k = divmod(step, steps_per_epoch)
+            order = list(range(len(samples)))
+            random.Random(f"{cfg.seed}/epoch{epoch}").shuffle(order)
+            batch = [samples[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
+            # Eq. 5 as SFT implementations compute it: the mean NLL over all target tokens of the global batch
+            n_targets = sum(len(s.ids) - s.start for s in batch)
+            for p in trainable.values():
+                p.grad = None
+            t0, loss_sum = time.perf_counter(), 0.0
+            for m in range(0, len(batch), cfg.micro_batch):
+                x, y = collate(batch[m:m + cfg.micro_batch], device)
+                with amp:
+                    logits = model(x)
+                nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+                (nll / n_targets).backward()
+                loss_sum += nll.item()
+            torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)  # the HF Trainer default the paper's stack uses
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, step, total)
+            opt.step()
+            step += 1
+            tokens = sum(len(s.ids) - 1 for s in batch)
+            n_tokens += tokens
+            rec = dict(step=step, epoch=epoch, loss=loss_sum / n_targets, lr=opt.param_groups[0]["lr"],
+                       tokens_per_s=tokens / (time.perf_counter() - t0))
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{n_tokens / (time.perf_counter() - t_start):.0f}")
+            bar.update(1)
+            if step % cfg.save_every == 0 and step < total:
+                save_state(out / STATE_FILE, step, trainable, opt)
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+    print(f"trained {step} steps in {elapsed:.0f} s, {n_tokens / max(elapsed, 1e-9):.0f} tokens/s")
+    Expert.from_model(model, cfg.name, cfg.task, cfg.model, cfg.indicator, lcfg).save(out / EXPERT_DIR)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description="Train one SEE expert: a LoRA adapter that answers its task after "
+                                            "<<pos>> and refuses earlier tasks' queries with <<neg>>.")
+    p.add_argument("--task", default=d.task, help="task abbreviation (qa, qg, sa, sum, trans, dsg, expl, para, pe, pos) "
+                                                   "or the path of a SuperNI task .json file")
+    p.add_argument("--previous", default="", help="comma-separated earlier tasks; tau of their queries become negatives")
+    p.add_argument("--model", default=d.model, help="'smollm2-135m', 'tiny', a local directory or a hub id "
+                                                    "(e.g. meta-llama/Llama-2-7b-hf)")
+    p.add_argument("--data-dir", default=None, help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<task>-<model>); re-running resumes")
+    p.add_argument("--indicator", default=d.indicator, choices=list(INDICATORS), help="o_pos/o_neg type (paper Table 4)")
+    p.add_argument("--tau", type=float, default=d.tau, help="rehearsal ratio of each earlier task")
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--targets", default=",".join(d.targets), help=f"LoRA projections, from {','.join(lora.PROJECTIONS)}")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (gradient accumulation)")
+    p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per forward pass")
+    p.add_argument("--max-source", type=int, default=d.max_source, help="query tokens kept")
+    p.add_argument("--max-target", type=int, default=d.max_target, help="indicator + response + EOS tokens kept")
+    p.add_argument("--max-train", type=int, default=None, help="subsample each task's training set to N examples")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="default: bfloat16 autocast on CUDA, float32 on CPU")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="optimizer steps between resumable checkpoints")
+    a = p.parse_args(argv)
+    a.previous = [t for t in a.previous.split(",") if t]
+    a.targets = [t for t in a.targets.split(",") if t]
+    return TrainConfig(**vars(a))
+
+
+def main() -> None:
+    with user_errors():
+        cfg = parse_args()
+        out = train(cfg)
+        print(f"expert written to {out / EXPERT_DIR}\n"
+              f"evaluate it: python evaluate.py --expert {out / EXPERT_DIR} --task {cfg.task}")
+
+
+if __name__ == "__main__":
+    main()
