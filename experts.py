@@ -44,9 +44,9 @@ def setup_indicators(model: Llama, tok: Tokenizer, kind: str = "added") -> Indic
         tok.add_tokens([pos, neg], model.n_vocab)
         model.extend_vocab(2)
     ind = Indicators(kind, tok.encode(pos, bos=False), tok.encode(neg, bos=False))
-    # the first tokens must differ, or routing could not stop a refusing expert after one step
-    if ind.pos[0] == ind.neg[0]:
-        raise UserError(f"indicators {pos!r} and {neg!r} start with the same token in this tokenizer")
+    # routing reads the first len(pos) generated tokens, so o_neg must not begin with all of o_pos
+    if ind.neg[:len(ind.pos)] == ind.pos:
+        raise UserError(f"indicator {neg!r} starts with {pos!r} in this tokenizer; routing could not tell them apart")
     return ind
 
 

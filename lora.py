@@ -57,7 +57,7 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))  # PEFT's (and nn.Linear's) init for A
         nn.init.zeros_(B.weight)
         self.lora_A[name], self.lora_B[name] = A, B
-        self.lora_dropout[name] = nn.Dropout(cfg.dropout)
+        self.lora_dropout[name] = nn.Dropout(cfg.dropout).train(self.training)  # an eval-mode model stays in eval
         self.scaling[name] = cfg.alpha / cfg.r
 
     def delta(self, name: str) -> torch.Tensor:
@@ -87,7 +87,7 @@ def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> None:
         for attr in cfg.targets:
             child = getattr(parent, attr, None)
             if isinstance(child, nn.Linear):
-                setattr(parent, attr, LoraLinear(child))
+                setattr(parent, attr, LoraLinear(child).train(child.training))
                 child = getattr(parent, attr)
             if isinstance(child, LoraLinear):
                 child.add(name, cfg)

@@ -227,7 +227,12 @@ class Llama(nn.Module):
 
     def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None, start_pos: int = 0,
                 last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, n_vocab) for tokens idx (B, T) at cache slots start_pos.. start_pos+T-1.
+        """Logits (B, T, n_vocab) for tokens idx (B, T) at cache slots start_pos.. start_pos+T-1 (T = 1 if last_only)."""
+        x = self.hidden(idx, pad_mask, start_pos)
+        return self.head(x[:, -1:] if last_only else x)
+
+    def hidden(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None, start_pos: int = 0) -> torch.Tensor:
+        """Final hidden states (B, T, dim), normalised, before the output head.
 
         pad_mask (B, start_pos+T), True for real tokens, covers every slot so far (left padding);
         positions then count real tokens only, so a padded row computes what it would alone.
@@ -252,9 +257,10 @@ class Llama(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, start_pos)
-        x = self.model.norm(x)
-        if last_only:
-            x = x[:, -1:]
+        return self.model.norm(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits over the base vocabulary, then the added rows."""
         logits = self.lm_head(x)
         if self.extra_head is not None:
             logits = torch.cat([logits, F.linear(x, self.extra_head)], dim=-1)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from checkpoint import atomic_write, load
 from data import load_task, rehearsal, subsample
 from errors import UserError, user_errors
 from experts import INDICATORS, Expert, TrainSample, reconstruct, setup_indicators
+from model import Llama
 
 STATE_FILE, CONFIG_FILE, LOG_FILE, EXPERT_DIR = "state.pt", "config.json", "log.jsonl", "expert"
 
@@ -65,31 +67,31 @@ class TrainConfig:
 RESUMABLE_CHANGES = {"out", "save_every", "data_dir"}
 
 
-def prepare_run(cfg: TrainConfig) -> tuple[Path, dict | None]:
-    """Create the run directory, or check that it holds an unfinished run of the same config; returns the resume state."""
+def resume_state(cfg: TrainConfig) -> dict | None:
+    """The state of an unfinished run of the same config in the run directory; refuses a finished or different run."""
     out = cfg.run_dir()
     if (out / EXPERT_DIR).exists():
         raise UserError(f"{out} already holds a trained expert; pass another --out")
-    config = dataclasses.asdict(cfg)
-    if (out / CONFIG_FILE).exists():
-        saved = json.loads((out / CONFIG_FILE).read_text())
-        changed = sorted(k for k in config.keys() | saved.keys()
-                         if k not in RESUMABLE_CHANGES and config.get(k) != saved.get(k))
-        if changed:
-            raise UserError(f"{out} holds a run with other settings ({', '.join(f'{k}: {saved.get(k)} -> {config.get(k)}' for k in changed)}); "
-                            f"pass another --out")
-        if (out / STATE_FILE).exists():
-            return out, torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-    return out, None
+    if not (out / CONFIG_FILE).exists():
+        return None
+    config, saved = dataclasses.asdict(cfg), json.loads((out / CONFIG_FILE).read_text())
+    changed = sorted(k for k in config.keys() | saved.keys() if k not in RESUMABLE_CHANGES and config.get(k) != saved.get(k))
+    if changed:
+        raise UserError(f"{out} holds a run with other settings "
+                        f"({', '.join(f'{k}: {saved.get(k)} -> {config.get(k)}' for k in changed)}); pass another --out")
+    return torch.load(out / STATE_FILE, map_location="cpu", weights_only=False) if (out / STATE_FILE).exists() else None
 
 
-def build_samples(cfg: TrainConfig, tok, ind) -> list[TrainSample]:
-    """D^_i of Eq. 4 from the current task and tau of each earlier task (RandSel)."""
-    current = subsample(load_task(cfg.task, "train", cfg.data_dir), cfg.max_train, cfg.seed)
-    previous = {t: subsample(load_task(t, "train", cfg.data_dir), cfg.max_train, cfg.seed) for t in cfg.previous}
-    return reconstruct(current, rehearsal(previous, cfg.tau, cfg.seed), tok, ind, cfg.max_source, cfg.max_target)
+def trainable_parameters(model: Llama, adapter: str, indicator_rows: bool) -> dict[str, torch.nn.Parameter]:
+    """Freeze the base model; only the adapter (and the added indicator rows) learn, kept in fp32."""
+    model.requires_grad_(False)
+    learn = {id(p) for p in lora.lora_parameters(model, adapter)}
+    trainable = {n: p for n, p in model.named_parameters()
+                 if id(p) in learn or (indicator_rows and n in ("extra_embed", "extra_head"))}
+    for p in trainable.values():
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return trainable
 
 
 def collate(batch: list[TrainSample], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +123,11 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.batch_size % cfg.micro_batch:
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}")
     lcfg = lora.LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
-    out, state = prepare_run(cfg)
+    # the current task, and tau of each earlier task's examples (RandSel) as negatives
+    current = subsample(load_task(cfg.task, "train", cfg.data_dir), cfg.max_train, cfg.seed)
+    previous = {t: subsample(load_task(t, "train", cfg.data_dir), cfg.max_train, cfg.seed) for t in cfg.previous}
+    rehearsed = rehearsal(previous, cfg.tau, cfg.seed)
+    out, state = cfg.run_dir(), resume_state(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device == "cuda" else "float32"))
     torch.manual_seed(cfg.seed)
@@ -131,16 +137,10 @@ def train(cfg: TrainConfig) -> Path:
         raise UserError(f"--max-source {cfg.max_source} + --max-target {cfg.max_target} exceed the model's "
                         f"context of {model.config.max_seq_len}")
     ind = setup_indicators(model, tok, cfg.indicator)
-    samples = build_samples(cfg, tok, ind)
-    model.requires_grad_(False)
+    samples = reconstruct(current, rehearsed, tok, ind, cfg.max_source, cfg.max_target)  # Eq. 4
     lora.add_adapter(model, cfg.name, lcfg)
     lora.set_adapter(model, cfg.name)
-    learn = {id(p) for p in lora.lora_parameters(model, cfg.name)}
-    trainable = {n: p for n, p in model.named_parameters()
-                 if id(p) in learn or (cfg.indicator == "added" and n in ("extra_embed", "extra_head"))}
-    for p in trainable.values():  # only the adapter and the indicator rows learn
-        p.data = p.data.float()
-        p.requires_grad_(True)
+    trainable = trainable_parameters(model, cfg.name, cfg.indicator == "added")
     model.train()
     opt = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
@@ -162,6 +162,9 @@ def train(cfg: TrainConfig) -> Path:
     n_pos = sum(1 for s in samples if s.ids[s.start:s.start + len(ind.pos)] == ind.pos)
     print(f"expert {cfg.name}: {n_pos} positive + {len(samples) - n_pos} negative samples, "
           f"{sum(p.numel() for p in trainable.values()):,} trainable parameters, {total} steps on {device}")
+    if state is None:  # every check passed: the run directory starts here
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"))
     amp = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.name}", unit="step")
     t_start, n_tokens = time.perf_counter(), 0
@@ -179,8 +182,9 @@ def train(cfg: TrainConfig) -> Path:
             for m in range(0, len(batch), cfg.micro_batch):
                 x, y = collate(batch[m:m + cfg.micro_batch], device)
                 with amp:
-                    logits = model(x)
-                nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+                    # only target positions go through the output head: the loss ignores the rest
+                    logits = model.head(model.hidden(x)[y != -100])
+                nll = F.cross_entropy(logits.float(), y[y != -100], reduction="sum")
                 (nll / n_targets).backward()
                 loss_sum += nll.item()
             torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)  # the HF Trainer default the paper's stack uses
@@ -243,7 +247,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def main() -> None:
     with user_errors():
         cfg = parse_args()
-        out = train(cfg)
+        try:
+            out = train(cfg)
+        except KeyboardInterrupt:
+            sys.exit(f"\ninterrupted: run the same command again to resume from the last checkpoint in {cfg.run_dir()}")
         print(f"expert written to {out / EXPERT_DIR}\n"
               f"evaluate it: python evaluate.py --expert {out / EXPERT_DIR} --task {cfg.task}")
 

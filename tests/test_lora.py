@@ -114,3 +114,13 @@ def test_an_adapter_for_another_model_is_refused(pair, tmp_path):
     _, other = reference_pair({"num_hidden_layers": 1})
     with pytest.raises(UserError, match="do not match the model"):
         lora.load_adapter(other, "a", tmp_path)
+
+
+def test_an_adapter_added_to_an_eval_model_runs_without_dropout(pair):
+    _, model = pair
+    model.eval()
+    lora.add_adapter(model, "a", CFG)
+    randomize(model, "a")
+    lora.set_adapter(model, "a")
+    with torch.no_grad():
+        assert torch.equal(model(tokens()), model(tokens()))

@@ -165,3 +165,14 @@ def test_bfloat16_weights_give_close_logits(tiny_dir):
     with torch.no_grad():
         a, b = full(idx), half(idx).float()
     assert ((a - b).abs().max() / a.abs().max()).item() < 0.05
+
+
+def test_generate_with_a_prefix_stops_rows_that_depart_from_it(tiny):
+    model, tok = tiny
+    prompt = tok.encode("Definition: classify the review.")
+    [greedy] = generate(model, [prompt], 6, [])
+    other = (greedy[1] + 1) % model.n_vocab
+    follows = generate(model, [prompt, prompt], 6, [], prefix=greedy[:2])
+    departs = generate(model, [prompt], 6, [], prefix=[greedy[0], other])
+    assert follows == [greedy, greedy], "a row that follows the prefix decodes on"
+    assert departs == [greedy[:2]], "a row stops at its first departing token, which it keeps"

@@ -1,0 +1,103 @@
+"""Task reconstruction (Eq. 4), the loss mask (Eq. 5), indicator types, and an expert's directory."""
+import pytest
+import torch
+
+import lora
+from data import Example
+from errors import UserError
+from experts import PROMPT, Expert, base_model, prompt_ids, reconstruct, setup_indicators
+from train import collate
+
+
+def examples(task, n, response="the answer"):
+    return [Example(f"{task}-{i}", f"Definition of {task}.\n\nInput {i}", [response]) for i in range(n)]
+
+
+def test_added_indicators_are_two_new_tokens(tiny):
+    model, tok = tiny
+    V = model.n_vocab
+    ind = setup_indicators(model, tok, "added")
+    assert (ind.pos, ind.neg) == ([V], [V + 1]) and model.n_vocab == V + 2
+    assert tok.decode(ind.pos) == "<<pos>>"
+    assert setup_indicators(model, tok, "added") == ind and model.n_vocab == V + 2, "set up once"
+
+
+@pytest.mark.parametrize("kind,pos", [("semantic", "Yes"), ("non-semantic", "«pos»")])
+def test_in_vocabulary_indicators_add_nothing(tiny, kind, pos):
+    model, tok = tiny
+    V = model.n_vocab
+    ind = setup_indicators(model, tok, kind)
+    assert model.n_vocab == V and max(ind.pos + ind.neg) < V
+    assert tok.decode(ind.pos).strip() == pos
+
+
+def test_unknown_indicator_type_is_a_user_error(tiny):
+    with pytest.raises(UserError, match="unknown indicator type 'maybe'; known: added, non-semantic, semantic"):
+        setup_indicators(*tiny, "maybe")
+
+
+def test_reconstruction_makes_positives_and_query_only_negatives(tiny):
+    model, tok = tiny
+    ind = setup_indicators(model, tok)
+    current, rehearsed = examples("a", 7), examples("b", 3)
+    samples = reconstruct(current, rehearsed, tok, ind)
+    assert len(samples) == 10
+    response = tok.encode("the answer", bos=False)
+    for s, ex in zip(samples[:7], current):
+        assert s.ids[:s.start] == prompt_ids(tok, ex.query, 1024)
+        assert s.ids[s.start:] == ind.pos + response + [tok.eos_id], "(q, o_pos, r) + EOS"
+    for s, ex in zip(samples[7:], rehearsed):
+        assert s.ids[:s.start] == prompt_ids(tok, ex.query, 1024)
+        assert s.ids[s.start:] == ind.neg, "(q, o_neg): no response, no EOS"
+
+
+def test_the_loss_mask_covers_only_indicator_and_response(tiny):
+    model, tok = tiny
+    ind = setup_indicators(model, tok)
+    samples = reconstruct(examples("a", 1), examples("b", 1, response="unused"), tok, ind)
+    x, y = collate(samples, "cpu")
+    pos, neg = samples
+    assert (y[0] != -100).sum() == len(pos.ids) - pos.start and (y[1] != -100).sum() == len(ind.neg)
+    assert y[0, pos.start - 1:len(pos.ids) - 1].tolist() == pos.ids[pos.start:], "position j predicts token j+1"
+    assert (y[0, :pos.start - 1] == -100).all() and (y[1, len(neg.ids) - 1:] == -100).all(), "query and padding masked"
+    assert x[0, :len(pos.ids) - 1].tolist() == pos.ids[:-1]
+
+
+def test_long_queries_and_responses_are_cut_to_the_limits(tiny):
+    model, tok = tiny
+    ind = setup_indicators(model, tok)
+    long = Example("x", "word " * 2000, ["word " * 1000])
+    [s] = reconstruct([long], [], tok, ind, max_source=100, max_target=30)
+    assert s.start == 100 and len(s.ids) == 130
+    assert s.ids[:s.start][-3:] == tok.encode(PROMPT.split("{query}")[1], bos=False)[-3:], "the answer cue survives"
+    assert s.ids[s.start] == ind.pos[0] and s.ids[-1] == tok.eos_id
+
+
+def test_an_expert_saved_and_loaded_runs_the_same_function(tiny, tiny_dir, tmp_path):
+    model, tok = tiny
+    ind = setup_indicators(model, tok)
+    cfg = lora.LoraConfig(r=2, targets=("q_proj", "v_proj"))
+    lora.add_adapter(model, "qa", cfg)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model, "qa"):
+            p.normal_(0, 0.1)
+        model.extra_embed.normal_(0, 0.1)
+        model.extra_head.normal_(0, 0.1)
+    lora.set_adapter(model, "qa")
+    x = torch.tensor([prompt_ids(tok, "Definition.\n\nInput", 64)])
+    expected = model(x)
+    Expert.from_model(model, "qa", "qa", str(tiny_dir), "added", cfg).save(tmp_path / "e")
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "expert.json", "indicators.safetensors"]
+
+    from checkpoint import load_dir
+    fresh, fresh_tok = load_dir(tiny_dir)
+    setup_indicators(fresh, fresh_tok)
+    expert = Expert.load(tmp_path / "e")
+    expert.attach(fresh)
+    expert.use(fresh)
+    assert torch.equal(fresh(x), expected)
+    with base_model(fresh):
+        assert fresh(x).shape[-1] == fresh.config.vocab_size, "the base model has no indicator tokens"
+    with pytest.raises(UserError, match="already exists"):
+        expert.save(tmp_path / "e")

@@ -1,0 +1,125 @@
+"""train.py: an expert learns to claim its task, only adapter and indicator rows learn, runs resume or refuse."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora
+import train as train_mod
+from checkpoint import load_dir
+from data import load_task
+from errors import UserError
+from experts import Expert, prompt_ids, setup_indicators
+from router import generate_batched
+from train import TrainConfig, train, trainable_parameters
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def first_tokens(run_dir, tiny_dir, task, max_source):
+    model, tok = load_dir(tiny_dir)
+    ind = setup_indicators(model, tok)
+    expert = Expert.load(run_dir / "expert")
+    expert.attach(model)
+    expert.use(model)
+    queries = [prompt_ids(tok, ex.query, max_source) for ex in load_task(task, "eval")[:20]]
+    return [out[:1] for out in generate_batched(model, queries, 1, tok.eos_ids)], ind
+
+
+def test_an_expert_claims_its_own_task_and_refuses_the_other(separable_run, tiny_dir):
+    cfg, run_dir = separable_run
+    own, ind = first_tokens(run_dir, tiny_dir, "sa", cfg.max_source)
+    other, _ = first_tokens(run_dir, tiny_dir, "pe", cfg.max_source)
+    assert own.count(ind.pos) == 20, "<<pos>> on held-out queries of its own task"
+    assert other.count(ind.neg) == 20, "<<neg>> on held-out queries of the rehearsed task"
+
+
+def test_the_run_directory_holds_config_log_and_expert(separable_run):
+    cfg, run_dir = separable_run
+    assert json.loads((run_dir / "config.json").read_text())["tau"] == 1.0
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 17)), "64 samples / batch 16 x 4 epochs"
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert log[0]["lr"] == cfg.lr and log[-1]["lr"] < cfg.lr / 10, "cosine decay from lr, no warm-up"
+    assert not (run_dir / "state.pt").exists(), "the resume state goes once the expert is written"
+
+
+def test_only_the_adapter_and_indicator_rows_are_trainable(tiny):
+    model, tok = tiny
+    setup_indicators(model, tok)
+    lora.add_adapter(model, "a", lora.LoraConfig(r=2))
+    lora.set_adapter(model, "a")
+    trainable = trainable_parameters(model, "a", indicator_rows=True)
+    adapter = {id(p) for p in lora.lora_parameters(model, "a")}
+    assert {id(p) for p in trainable.values()} == adapter | {id(model.extra_embed), id(model.extra_head)}
+    assert all(p.requires_grad == (id(p) in {id(q) for q in trainable.values()}) for p in model.parameters())
+    model(torch.tensor([[1, 5, 7]])).sum().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+
+
+def small(tiny_dir, out, **kw):
+    return TrainConfig(task="sa", previous=["pe"], model=str(tiny_dir), out=str(out), tau=0.5, max_train=16, epochs=2,
+                       batch_size=8, micro_batch=4, lr=1e-3, max_source=64, max_target=8, save_every=2, **kw)
+
+
+def expert_tensors(run_dir):
+    return {**load_file(run_dir / "expert" / "adapter_model.safetensors"), **load_file(run_dir / "expert" / "indicators.safetensors")}
+
+
+def test_an_interrupted_run_resumes_to_the_same_expert(tiny_dir, tmp_path, monkeypatch):
+    whole = train(small(tiny_dir, tmp_path / "whole"))
+    real_save = train_mod.save_state
+
+    def save_then_crash(path, step, *args):
+        real_save(path, step, *args)
+        if step == 4:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train_mod, "save_state", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(small(tiny_dir, tmp_path / "cut"))
+    assert (tmp_path / "cut" / "state.pt").exists() and not (tmp_path / "cut" / "expert").exists()
+    monkeypatch.setattr(train_mod, "save_state", real_save)
+    resumed = train(small(tiny_dir, tmp_path / "cut"))
+    a, b = expert_tensors(whole), expert_tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logged = [json.loads(line)["step"] for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 7)), "steps redone after the checkpoint are logged once"
+
+
+def test_a_finished_run_or_other_settings_are_refused(tiny_dir, tmp_path):
+    train(small(tiny_dir, tmp_path / "r"))
+    with pytest.raises(UserError, match="already holds a trained expert"):
+        train(small(tiny_dir, tmp_path / "r"))
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "config.json").write_text(json.dumps({**json.loads((tmp_path / "r" / "config.json").read_text()), "tau": 0.2}))
+    with pytest.raises(UserError, match=r"other settings \(tau: 0.2 -> 0.5\)"):
+        train(small(tiny_dir, tmp_path / "s"))
+
+
+def test_bfloat16_autocast_keeps_the_trained_weights_in_float32(tiny_dir, tmp_path):
+    run = train(replace(small(tiny_dir, tmp_path / "bf16", dtype="bfloat16"), epochs=1))
+    assert all(t.dtype == torch.float32 for t in expert_tensors(run).values())
+    assert any(t.abs().sum() > 0 for k, t in expert_tensors(run).items() if "lora_B" in k), "B moved off zero"
+
+
+def run_cli(args, tiny_dir):
+    env = {**os.environ, "SEE_CACHE": str(tiny_dir.parent)}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "qq"], "error: unknown task 'qq'; known: qa, qg, sa"),
+    (["--task", "sa", "--batch-size", "30", "--micro-batch", "4"], "error: --batch-size 30 must be a multiple of --micro-batch 4"),
+    (["--task", "sa", "--max-source", "2000", "--max-target", "512"], "error: --max-source 2000 + --max-target 512 exceed"),
+])
+def test_bad_arguments_are_one_line_of_error(tiny_dir, tmp_path, args, message):
+    out = run_cli(["--model", "tiny", "--out", str(tmp_path / "r"), *args], tiny_dir)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith(message)
+    assert not (tmp_path / "r").exists(), "a run that never started leaves nothing behind"
