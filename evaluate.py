@@ -77,19 +77,22 @@ def main() -> None:
     p.add_argument("--data-dir", default=None, help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
     p.add_argument("--split", default="eval")
     p.add_argument("--max-eval", type=int, default=None, help="score only the first N examples")
-    p.add_argument("--max-source", type=int, default=1024)
+    p.add_argument("--max-source", type=int, default=None, help="query tokens kept (default: as the experts were trained, else 1024)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="the paper's target length")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="result JSON (default: beside the first expert, or runs/base-<model>/)")
     args = p.parse_args()
     with user_errors():
+        if args.batch_size < 1 or (args.max_eval is not None and args.max_eval < 1):
+            raise UserError("--batch-size and --max-eval must be positive")
         examples = load_task(args.task, args.split, args.data_dir)[:args.max_eval]
         if not examples:
             raise UserError(f"no {args.split} examples for {args.task}")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tok, experts, ind, model_name = load_system(
             args.model, args.expert, device, torch.bfloat16 if device == "cuda" else torch.float32)
-        summary, records = evaluate_task(model, tok, experts, ind, examples, args.max_source, args.max_new_tokens,
+        max_source = args.max_source or max((e.max_source for e in experts), default=1024)
+        summary, records = evaluate_task(model, tok, experts, ind, examples, max_source, args.max_new_tokens,
                                          args.batch_size, progress=True)
         task = Path(args.task).stem
         out = Path(args.out or (Path(args.expert[0]).parent if args.expert else

@@ -93,12 +93,13 @@ class Expert:
     task: str
     base_model: str
     indicator: str
+    max_source: int  # query tokens kept in training; evaluation cuts queries the same way
     lora: lora.LoraConfig
     adapter: dict[str, torch.Tensor]  # PEFT-keyed LoRA weights
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # "embed" (and "head" if untied): o_pos, o_neg rows
 
     @classmethod
-    def from_model(cls, model: Llama, name: str, task: str, base_model: str, indicator: str,
+    def from_model(cls, model: Llama, name: str, task: str, base_model: str, indicator: str, max_source: int,
                    cfg: lora.LoraConfig) -> "Expert":
         rows = {}
         if indicator == "added":
@@ -106,7 +107,7 @@ class Expert:
             if not model.config.tie_embeddings:
                 rows["head"] = model.extra_head.detach().float().clone()
         adapter = {k: v.float().clone() for k, v in lora.adapter_state(model, name).items()}
-        return cls(name, task, base_model, indicator, cfg, adapter, rows)
+        return cls(name, task, base_model, indicator, max_source, cfg, adapter, rows)
 
     def save(self, path: str | Path) -> None:
         """Write the expert to `path` atomically (a temporary directory, then a rename)."""
@@ -114,7 +115,8 @@ class Expert:
             lora.write_adapter(self.adapter, self.lora, tmp, self.base_model)
             if self.rows:
                 save_file({k: v.contiguous() for k, v in self.rows.items()}, tmp / ROWS_FILE)
-            meta = dict(name=self.name, task=self.task, base_model=self.base_model, indicator=self.indicator)
+            meta = dict(name=self.name, task=self.task, base_model=self.base_model, indicator=self.indicator,
+                        max_source=self.max_source)
             (tmp / EXPERT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -122,10 +124,14 @@ class Expert:
         path = Path(path)
         if not (path / EXPERT_FILE).is_file():
             raise UserError(f"{path} is not an expert directory (no {EXPERT_FILE})")
-        meta = json.loads((path / EXPERT_FILE).read_text())
+        try:
+            meta = json.loads((path / EXPERT_FILE).read_text())
+            fields = [meta[k] for k in ("name", "task", "base_model", "indicator", "max_source")]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{path / EXPERT_FILE}: malformed ({type(e).__name__}: {e})") from None
         cfg, adapter = lora.read_adapter(path)
         rows = load_file(path / ROWS_FILE) if (path / ROWS_FILE).is_file() else {}
-        return cls(meta["name"], meta["task"], meta["base_model"], meta["indicator"], cfg, adapter, rows)
+        return cls(*fields, cfg, adapter, rows)
 
     def attach(self, model: Llama) -> None:
         """Add this expert's adapter to the model (the indicator rows are put in place by `use`)."""

@@ -96,11 +96,15 @@ def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> None:
 def set_adapter(model: nn.Module, name: str | None) -> None:
     """Make `name` the active adapter everywhere (None: the bare base model)."""
     for m in lora_layers(model).values():
+        if m.merged is not None and m.merged != name:
+            raise UserError(f"adapter {m.merged!r} is merged into the base weights; unmerge it first")
         m.active = name if name in m.lora_A else None
 
 
 def merge(model: nn.Module, name: str) -> None:
-    """Fold adapter `name` into the base weights (faster inference); unmerge() takes it out again."""
+    """Fold adapter `name` into the base weights and make it the active one (faster inference);
+    unmerge() takes it out again (up to rounding)."""
+    set_adapter(model, name)
     with torch.no_grad():
         for m in lora_layers(model).values():
             if m.merged is not None:
@@ -166,11 +170,17 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]
     path = Path(path)
     if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
         raise UserError(f"{path} holds no adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} expected)")
-    c = json.loads((path / ADAPTER_CONFIG).read_text())
-    if (c.get("peft_type") != "LORA" or c.get("use_rslora") or c.get("bias", "none") != "none"
-            or not isinstance(c.get("target_modules"), list)):
-        raise UserError(f"{path}: only plain LoRA adapters (no rsLoRA, no bias, a list of target modules) can be read")
-    cfg = LoraConfig(r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0), targets=c["target_modules"])
+    try:
+        c = json.loads((path / ADAPTER_CONFIG).read_text())
+        plain = (c["peft_type"] == "LORA" and isinstance(c["target_modules"], list) and c.get("bias", "none") == "none"
+                 and not any(c.get(k) for k in ("use_rslora", "use_dora", "alpha_pattern", "rank_pattern",
+                                                  "layers_to_transform", "modules_to_save")))
+        cfg = LoraConfig(r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0), targets=c["target_modules"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path / ADAPTER_CONFIG}: not a LoRA adapter config ({type(e).__name__}: {e})") from None
+    if not plain:
+        raise UserError(f"{path}: only plain LoRA adapters can be read (a list of target modules; no bias, rsLoRA, "
+                        f"DoRA, per-layer patterns or modules_to_save)")
     return cfg, load_file(path / ADAPTER_WEIGHTS)
 
 

@@ -214,7 +214,7 @@ class Llama(nn.Module):
             return self.model.embed_tokens(idx)
         V = self.config.vocab_size  # ids past the extra rows still fail, in the second lookup
         base, extra = self.model.embed_tokens(idx.clamp(max=V - 1)), F.embedding((idx - V).clamp(min=0), self.extra_embed)
-        return torch.where((idx >= V).unsqueeze(-1), extra, base)
+        return torch.where((idx >= V).unsqueeze(-1), extra.to(base.dtype), base)  # trained rows may be fp32
 
     def setup_caches(self, batch: int, max_len: int) -> None:
         dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device

@@ -39,7 +39,8 @@ class TrainConfig:
     out: str | None = None  # default runs/<task>-<model>
     indicator: str = "added"
     tau: float = 0.1  # rehearsal ratio
-    # the paper's setup (Sec. 4.1)
+    # the paper's setup (Sec. 4.1): rank, dropout, lr, global batch, epochs, lengths; alpha, the
+    # targets, the cosine schedule and gradient clipping are our choices (see README)
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.1
@@ -79,7 +80,7 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     if changed:
         raise UserError(f"{out} holds a run with other settings "
                         f"({', '.join(f'{k}: {saved.get(k)} -> {config.get(k)}' for k in changed)}); pass another --out")
-    return torch.load(out / STATE_FILE, map_location="cpu", weights_only=False) if (out / STATE_FILE).exists() else None
+    return torch.load(out / STATE_FILE, map_location="cpu", weights_only=True) if (out / STATE_FILE).exists() else None
 
 
 def trainable_parameters(model: Llama, adapter: str, indicator_rows: bool) -> dict[str, torch.nn.Parameter]:
@@ -120,6 +121,13 @@ def train(cfg: TrainConfig) -> Path:
     """Train the expert and write it to <run dir>/expert; returns the run directory."""
     if cfg.indicator not in INDICATORS:
         raise UserError(f"unknown indicator type {cfg.indicator!r}; known: {', '.join(INDICATORS)}")
+    counts = {"--epochs": cfg.epochs, "--batch-size": cfg.batch_size, "--micro-batch": cfg.micro_batch,
+              "--save-every": cfg.save_every, "--max-train": cfg.max_train or 1}
+    bad = [f"{flag} {v}" for flag, v in counts.items() if v < 1]
+    if bad:
+        raise UserError(f"need positive counts, got {', '.join(bad)}")
+    if cfg.task in cfg.previous:
+        raise UserError(f"task {cfg.task!r} cannot also be an earlier task (--previous)")
     if cfg.batch_size % cfg.micro_batch:
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}")
     lcfg = lora.LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
@@ -137,6 +145,8 @@ def train(cfg: TrainConfig) -> Path:
         raise UserError(f"--max-source {cfg.max_source} + --max-target {cfg.max_target} exceed the model's "
                         f"context of {model.config.max_seq_len}")
     ind = setup_indicators(model, tok, cfg.indicator)
+    if cfg.max_target < len(ind.pos) + 2:
+        raise UserError(f"--max-target {cfg.max_target} leaves no room for a response after the indicator")
     samples = reconstruct(current, rehearsed, tok, ind, cfg.max_source, cfg.max_target)  # Eq. 4
     lora.add_adapter(model, cfg.name, lcfg)
     lora.set_adapter(model, cfg.name)
@@ -155,16 +165,16 @@ def train(cfg: TrainConfig) -> Path:
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        # steps logged after the checkpoint are about to be redone
-        kept = [line for line in (out / LOG_FILE).read_text().splitlines() if json.loads(line)["step"] <= step]
-        atomic_write(out / LOG_FILE, lambda p: p.write_text("".join(line + "\n" for line in kept)))
         print(f"resuming {out} at step {step}/{total}")
     n_pos = sum(1 for s in samples if s.ids[s.start:s.start + len(ind.pos)] == ind.pos)
     print(f"expert {cfg.name}: {n_pos} positive + {len(samples) - n_pos} negative samples, "
           f"{sum(p.numel() for p in trainable.values()):,} trainable parameters, {total} steps on {device}")
-    if state is None:  # every check passed: the run directory starts here
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"))
+    # every check passed: the run directory starts (or restarts) here; the log keeps the steps before
+    # the checkpoint, since later ones are about to be redone
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"))
+    logged = (out / LOG_FILE).read_text().splitlines() if state is not None and (out / LOG_FILE).exists() else []
+    atomic_write(out / LOG_FILE, lambda p: p.write_text("".join(line + "\n" for line in logged if json.loads(line)["step"] <= step)))
     amp = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.name}", unit="step")
     t_start, n_tokens = time.perf_counter(), 0
@@ -187,7 +197,7 @@ def train(cfg: TrainConfig) -> Path:
                 nll = F.cross_entropy(logits.float(), y[y != -100], reduction="sum")
                 (nll / n_targets).backward()
                 loss_sum += nll.item()
-            torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)  # the HF Trainer default the paper's stack uses
+            torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)  # max_grad_norm 1.0, the HF Trainer default
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step, total)
             opt.step()
@@ -205,7 +215,7 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
     elapsed = time.perf_counter() - t_start
     print(f"trained {step} steps in {elapsed:.0f} s, {n_tokens / max(elapsed, 1e-9):.0f} tokens/s")
-    Expert.from_model(model, cfg.name, cfg.task, cfg.model, cfg.indicator, lcfg).save(out / EXPERT_DIR)
+    Expert.from_model(model, cfg.name, cfg.task, cfg.model, cfg.indicator, cfg.max_source, lcfg).save(out / EXPERT_DIR)
     (out / STATE_FILE).unlink(missing_ok=True)
     return out
 

@@ -119,6 +119,9 @@ def load_task_file(path: str | Path, split: str) -> list[Example]:
     except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
         raise UserError(f"{path}: not a SuperNI task file (need 'Definition' and 'Instances' "
                         f"with 'id', 'input', 'output'): {type(e).__name__} {e}") from None
+    empty = next((ex.id for ex in examples if not ex.outputs or not all(isinstance(o, str) for o in ex.outputs)), None)
+    if empty is not None:
+        raise UserError(f"{path}: instance {empty} has no reference output strings")
     return examples[:TASK_FILE_EVAL] if split == "eval" else examples[TASK_FILE_EVAL:]
 
 

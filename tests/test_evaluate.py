@@ -26,8 +26,11 @@ def test_rouge_l_is_the_best_rougeL_f_measure_over_references_times_100(predicti
     assert rouge_l(prediction, references) == pytest.approx(expected, abs=1e-12)
 
 
-def test_stemming_is_on():
-    assert rouge_l("running dogs", ["runs dog"]) == 100.0
+def test_rouge_l_on_worked_examples():
+    assert rouge_l("running dogs", ["runs dog"]) == 100.0, "stemming is on"
+    # the cat were run home / a cat run home: LCS 3, P 3/5, R 3/4
+    assert rouge_l("the cats were running home", ["A cat runs home"]) == pytest.approx(100 * 2 * 0.6 * 0.75 / 1.35)
+    assert rouge_l("Positive", ["Negative", "positive"]) == 100.0, "best reference, case-insensitive"
 
 
 def run_cli(args, tiny_dir):
@@ -39,8 +42,9 @@ def run_cli(args, tiny_dir):
 def test_an_expert_answers_its_task_and_leaves_the_other_to_the_base_model(separable_run, tiny_dir, tmp_path, task, by_expert):
     cfg, run_dir = separable_run
     out = tmp_path / "eval.json"
+    # queries are cut to the expert's own training length (96 tokens) without being told
     res = run_cli(["--expert", str(run_dir / "expert"), "--task", task, "--max-eval", "12", "--max-new-tokens", "4",
-                   "--max-source", str(cfg.max_source), "--out", str(out)], tiny_dir)
+                   "--out", str(out)], tiny_dir)
     assert res.returncode == 0, res.stderr
     result = json.loads(out.read_text())
     records = [json.loads(line) for line in Path(result["predictions"]).read_text().splitlines()]

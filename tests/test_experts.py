@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import lora
-from data import Example
+from data import Example, rehearsal
 from errors import UserError
 from experts import PROMPT, Expert, base_model, prompt_ids, reconstruct, setup_indicators
 from train import collate
@@ -51,6 +51,16 @@ def test_reconstruction_makes_positives_and_query_only_negatives(tiny):
         assert s.ids[s.start:] == ind.neg, "(q, o_neg): no response, no EOS"
 
 
+@pytest.mark.parametrize("tau,negatives", [(0.01, 2), (0.1, 5), (0.2, 10)])
+def test_tau_sets_the_number_of_negatives(tiny, tau, negatives):
+    model, tok = tiny
+    ind = setup_indicators(model, tok)
+    previous = {"b": examples("b", 30), "c": examples("c", 20)}  # 1% rounds up to one query per task
+    samples = reconstruct(examples("a", 40), rehearsal(previous, tau, seed=0), tok, ind)
+    assert sum(s.ids[s.start:] == ind.neg for s in samples) == negatives
+    assert sum(s.ids[s.start] == ind.pos[0] for s in samples) == 40
+
+
 def test_the_loss_mask_covers_only_indicator_and_response(tiny):
     model, tok = tiny
     ind = setup_indicators(model, tok)
@@ -86,7 +96,7 @@ def test_an_expert_saved_and_loaded_runs_the_same_function(tiny, tiny_dir, tmp_p
     lora.set_adapter(model, "qa")
     x = torch.tensor([prompt_ids(tok, "Definition.\n\nInput", 64)])
     expected = model(x)
-    Expert.from_model(model, "qa", "qa", str(tiny_dir), "added", cfg).save(tmp_path / "e")
+    Expert.from_model(model, "qa", "qa", str(tiny_dir), "added", 64, cfg).save(tmp_path / "e")
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "expert.json", "indicators.safetensors"]
 
@@ -101,3 +111,21 @@ def test_an_expert_saved_and_loaded_runs_the_same_function(tiny, tiny_dir, tmp_p
         assert fresh(x).shape[-1] == fresh.config.vocab_size, "the base model has no indicator tokens"
     with pytest.raises(UserError, match="already exists"):
         expert.save(tmp_path / "e")
+
+
+def test_a_tied_model_trains_and_stores_one_set_of_indicator_rows(tmp_path):
+    from test_model import reference_pair
+    from train import trainable_parameters
+    _, model = reference_pair({"tie_word_embeddings": True})
+    model.extend_vocab(2)
+    cfg = lora.LoraConfig(r=2)
+    lora.add_adapter(model, "a", cfg)
+    trainable = trainable_parameters(model, "a", indicator_rows=True)
+    assert "extra_embed" in trainable and "extra_head" not in trainable and model.extra_head is model.extra_embed
+    expert = Expert.from_model(model, "a", "a", "random", "added", 64, cfg)
+    assert set(expert.rows) == {"embed"}
+    expert.rows["embed"] = torch.randn_like(expert.rows["embed"])
+    lora.add_adapter(model, "b", cfg)
+    expert.name = "b"
+    expert.use(model)
+    assert torch.equal(model.extra_head, expert.rows["embed"]) and torch.equal(model.extra_embed, expert.rows["embed"])

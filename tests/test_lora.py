@@ -1,4 +1,6 @@
 """Hand-written LoRA: a no-op at init, merge/unmerge, several adapters, and PEFT's file layout (peft is the oracle)."""
+import json
+
 import peft
 import pytest
 import torch
@@ -57,6 +59,10 @@ def test_merged_and_unmerged_outputs_agree(pair):
         merged = model(tokens())
         lora.unmerge(model)
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    lora.merge(model, "a")
+    with pytest.raises(UserError, match="merged into the base weights"):
+        lora.set_adapter(model, None)
+    lora.unmerge(model)
     torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.base.weight, base_q)
 
 
@@ -124,3 +130,13 @@ def test_an_adapter_added_to_an_eval_model_runs_without_dropout(pair):
     lora.set_adapter(model, "a")
     with torch.no_grad():
         assert torch.equal(model(tokens()), model(tokens()))
+
+
+def test_peft_features_we_do_not_implement_are_refused(pair, tmp_path):
+    _, model = pair
+    lora.add_adapter(model, "a", CFG)
+    lora.save_adapter(model, "a", CFG, tmp_path, base_model="random")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(UserError, match="only plain LoRA adapters"):
+        lora.read_adapter(tmp_path)

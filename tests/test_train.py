@@ -74,17 +74,17 @@ def expert_tensors(run_dir):
 
 def test_an_interrupted_run_resumes_to_the_same_expert(tiny_dir, tmp_path, monkeypatch):
     whole = train(small(tiny_dir, tmp_path / "whole"))
-    real_save = train_mod.save_state
 
-    def save_then_crash(path, step, *args):
-        real_save(path, step, *args)
-        if step == 4:
+    def crash_after_step_5(cfg, step, total):
+        if step == 5:  # one step past the checkpoint at step 4, already logged
             raise KeyboardInterrupt
-    monkeypatch.setattr(train_mod, "save_state", save_then_crash)
+        return real_lr(cfg, step, total)
+    real_lr = train_mod.lr_at
+    monkeypatch.setattr(train_mod, "lr_at", crash_after_step_5)
     with pytest.raises(KeyboardInterrupt):
         train(small(tiny_dir, tmp_path / "cut"))
     assert (tmp_path / "cut" / "state.pt").exists() and not (tmp_path / "cut" / "expert").exists()
-    monkeypatch.setattr(train_mod, "save_state", real_save)
+    monkeypatch.setattr(train_mod, "lr_at", real_lr)
     resumed = train(small(tiny_dir, tmp_path / "cut"))
     a, b = expert_tensors(whole), expert_tensors(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -117,6 +117,9 @@ def run_cli(args, tiny_dir):
     (["--task", "qq"], "error: unknown task 'qq'; known: qa, qg, sa"),
     (["--task", "sa", "--batch-size", "30", "--micro-batch", "4"], "error: --batch-size 30 must be a multiple of --micro-batch 4"),
     (["--task", "sa", "--max-source", "2000", "--max-target", "512"], "error: --max-source 2000 + --max-target 512 exceed"),
+    (["--task", "sa", "--micro-batch", "0"], "error: need positive counts, got --micro-batch 0"),
+    (["--task", "sa", "--previous", "pe,sa"], "error: task 'sa' cannot also be an earlier task"),
+    (["--task", "sa", "--max-target", "2"], "error: --max-target 2 leaves no room for a response"),
 ])
 def test_bad_arguments_are_one_line_of_error(tiny_dir, tmp_path, args, message):
     out = run_cli(["--model", "tiny", "--out", str(tmp_path / "r"), *args], tiny_dir)
