@@ -149,10 +149,12 @@ def _field(r, key: str, default=None):
 def load_gguf_tokenizer(path: str | Path, reader=None) -> Tokenizer:
     """The byte-level BPE tokenizer stored in a GGUF file (tokens, merges, special ids)."""
     r = reader or _read_gguf(path)
-    return Tokenizer.from_gguf(_field(r, "tokenizer.ggml.tokens"), _field(r, "tokenizer.ggml.merges"),
+    tok = Tokenizer.from_gguf(_field(r, "tokenizer.ggml.tokens"), _field(r, "tokenizer.ggml.merges"),
                                _field(r, "tokenizer.ggml.token_type"), _field(r, "tokenizer.ggml.pre", "gpt2"),
                                _field(r, "tokenizer.ggml.bos_token_id"), _field(r, "tokenizer.ggml.eos_token_id"),
                                bool(_field(r, "tokenizer.ggml.add_bos_token", False)))
+    tok.chat_template = _field(r, "tokenizer.chat_template")
+    return tok
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer]:

@@ -17,7 +17,7 @@ from rouge_score import rouge_scorer
 from checkpoint import atomic_write, load
 from data import Example, load_task
 from errors import UserError, user_errors
-from experts import Expert, Indicators, prompt_ids, setup_indicators
+from experts import TEMPLATES, Expert, Indicators, prompt_ids, resolve_template, setup_indicators
 from model import Llama
 from router import BASE, sequential_route
 from tokenizer import Tokenizer
@@ -32,12 +32,12 @@ def rouge_l(prediction: str, references: list[str]) -> float:
 
 def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indicators | None,
                   examples: list[Example], max_source: int = 1024, max_new_tokens: int = 512,
-                  batch_size: int = 16, progress: bool = False) -> tuple[dict, list[dict]]:
+                  batch_size: int = 16, template: str = "plain", progress: bool = False) -> tuple[dict, list[dict]]:
     """Route every example through the experts (base model last), greedy-decode, and score.
 
     Returns the summary (ROUGE-L, counts, speed) and one record per example.
     """
-    prompts = [prompt_ids(tok, ex.query, max_source) for ex in examples]
+    prompts = [prompt_ids(tok, ex.query, max_source, template) for ex in examples]
     t0 = time.perf_counter()
     answers, routes = sequential_route(model, experts, ind, prompts, max_new_tokens, tok.eos_ids, batch_size, progress)
     seconds = time.perf_counter() - t0
@@ -58,8 +58,8 @@ def load_system(model_name: str | None, expert_dirs: list[str], device, dtype) -
     experts = [Expert.load(d) for d in expert_dirs]
     bases = {e.base_model for e in experts}
     kinds = {e.indicator for e in experts}
-    if len(bases) > 1 or len(kinds) > 1:
-        raise UserError(f"experts disagree on base model or indicator type: {sorted(bases)}, {sorted(kinds)}")
+    if len(bases) > 1 or len(kinds) > 1 or len({(e.template, e.max_source) for e in experts}) > 1:
+        raise UserError(f"experts disagree on base model, indicator type or prompt: {sorted(bases)}, {sorted(kinds)}")
     model_name = model_name or (bases.pop() if bases else "smollm2-135m")
     model, tok = load(model_name, dtype=dtype, device=device)
     ind = setup_indicators(model, tok, kinds.pop()) if experts else None
@@ -77,6 +77,8 @@ def main() -> None:
     p.add_argument("--data-dir", default=None, help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
     p.add_argument("--split", default="eval")
     p.add_argument("--max-eval", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--template", default=None, choices=list(TEMPLATES),
+                   help="prompt (default: as the experts were trained, else auto: chat if the checkpoint has a template)")
     p.add_argument("--max-source", type=int, default=None, help="query tokens kept (default: as the experts were trained, else 1024)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="the paper's target length")
     p.add_argument("--batch-size", type=int, default=16)
@@ -91,16 +93,17 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tok, experts, ind, model_name = load_system(
             args.model, args.expert, device, torch.bfloat16 if device == "cuda" else torch.float32)
-        max_source = args.max_source or max((e.max_source for e in experts), default=1024)
+        max_source = args.max_source or (experts[0].max_source if experts else 1024)
+        template = resolve_template(tok, args.template or (experts[0].template if experts else "auto"))
         summary, records = evaluate_task(model, tok, experts, ind, examples, max_source, args.max_new_tokens,
-                                         args.batch_size, progress=True)
+                                         args.batch_size, template, progress=True)
         task = Path(args.task).stem
         out = Path(args.out or (Path(args.expert[0]).parent if args.expert else
                                 Path("runs") / f"base-{model_name.rstrip('/').split('/')[-1]}") / f"eval-{task}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         preds = out.with_suffix(".predictions.jsonl")
         atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in records)))
-        result = dict(task=args.task, split=args.split, model=model_name, experts=args.expert, **summary,
+        result = dict(task=args.task, split=args.split, model=model_name, experts=args.expert, template=template, **summary,
                       max_new_tokens=args.max_new_tokens, predictions=str(preds))
         atomic_write(out, lambda f: f.write_text(json.dumps(result, indent=2) + "\n"))
         who = ", ".join(e.name for e in experts) or "base model"

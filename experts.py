@@ -23,8 +23,11 @@ from tokenizer import Tokenizer
 # Indicator choices (paper Table 4): new tokens added to the vocabulary (SEE's default), in-vocabulary
 # strings without meaning, or in-vocabulary words with meaning. In-vocabulary ones may span several tokens.
 INDICATORS = {"added": ("<<pos>>", "<<neg>>"), "non-semantic": ("«pos»", "«neg»"), "semantic": ("Yes", "No")}
-# how a query is put to every model (experts and base alike): the SuperNI prompt, then an answer cue
+# How a query is put to every model (experts and base alike): "plain" is the SuperNI prompt and an
+# answer cue; "chat" is one user turn in the checkpoint's own chat template (instruct models answer
+# nothing useful without it); "auto" picks chat when the checkpoint has a template.
 PROMPT = "{query}\nOutput:"
+TEMPLATES = ("auto", "chat", "plain")
 EXPERT_FILE, ROWS_FILE = "expert.json", "indicators.safetensors"
 
 
@@ -50,14 +53,27 @@ def setup_indicators(model: Llama, tok: Tokenizer, kind: str = "added") -> Indic
     return ind
 
 
-def prompt_ids(tok: Tokenizer, query: str, max_source: int) -> list[int]:
-    """The query as the model sees it, cut to max_source tokens (keeping its start and the answer cue)."""
-    head, cue = PROMPT.split("{query}")
+def resolve_template(tok: Tokenizer, template: str) -> str:
+    if template not in TEMPLATES:
+        raise UserError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
+    if template == "auto":
+        return "chat" if tok.chat_template else "plain"
+    return template
+
+
+def prompt_ids(tok: Tokenizer, query: str, max_source: int, template: str = "plain") -> list[int]:
+    """The query as the model sees it, cut to max_source tokens (keeping its start and what follows it)."""
+    mark = "\x00QUERY\x00"
+    head, tail = (tok.chat(mark) if template == "chat" else PROMPT.format(query=mark)).split(mark)
+    ids = tok.encode(head + query + tail)
+    if len(ids) <= max_source:
+        return ids
+    # too long: cut the query, keep the tail (encoded alone, so sentencepiece may add a leading space)
     ids = tok.encode(head + query)
-    cue_ids = tok.encode(cue, bos=False)
-    if max_source <= len(cue_ids) + 1:
+    tail_ids = tok.encode(tail, bos=False)
+    if max_source <= len(tail_ids) + 1:
         raise UserError(f"max source length {max_source} leaves no room for the query")
-    return ids[:max_source - len(cue_ids)] + cue_ids
+    return ids[:max_source - len(tail_ids)] + tail_ids
 
 
 @dataclass
@@ -67,7 +83,7 @@ class TrainSample:
 
 
 def reconstruct(current: list[Example], rehearsed: list[Example], tok: Tokenizer, ind: Indicators,
-                max_source: int = 1024, max_target: int = 512) -> list[TrainSample]:
+                max_source: int = 1024, max_target: int = 512, template: str = "plain") -> list[TrainSample]:
     """Eq. 4: D^_i = {(q, o_pos, r)} for the current task  U  {(q, o_neg)} for rehearsed earlier queries.
 
     Only the targets enter the loss (Eq. 5); the query tokens are context. Negatives have no response
@@ -76,12 +92,12 @@ def reconstruct(current: list[Example], rehearsed: list[Example], tok: Tokenizer
     """
     samples = []
     for ex in current:
-        q = prompt_ids(tok, ex.query, max_source)
+        q = prompt_ids(tok, ex.query, max_source, template)
         target = ind.pos + tok.encode(ex.outputs[0], bos=False)
         target = target[:max_target - 1] + [tok.eos_id]
         samples.append(TrainSample(q + target, len(q)))
     for ex in rehearsed:
-        q = prompt_ids(tok, ex.query, max_source)
+        q = prompt_ids(tok, ex.query, max_source, template)
         samples.append(TrainSample(q + ind.neg, len(q)))
     return samples
 
@@ -94,20 +110,21 @@ class Expert:
     base_model: str
     indicator: str
     max_source: int  # query tokens kept in training; evaluation cuts queries the same way
+    template: str  # "plain" or "chat": how its queries were put
     lora: lora.LoraConfig
     adapter: dict[str, torch.Tensor]  # PEFT-keyed LoRA weights
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # "embed" (and "head" if untied): o_pos, o_neg rows
 
     @classmethod
     def from_model(cls, model: Llama, name: str, task: str, base_model: str, indicator: str, max_source: int,
-                   cfg: lora.LoraConfig) -> "Expert":
+                   template: str, cfg: lora.LoraConfig) -> "Expert":
         rows = {}
         if indicator == "added":
             rows["embed"] = model.extra_embed.detach().float().clone()
             if not model.config.tie_embeddings:
                 rows["head"] = model.extra_head.detach().float().clone()
         adapter = {k: v.float().clone() for k, v in lora.adapter_state(model, name).items()}
-        return cls(name, task, base_model, indicator, max_source, cfg, adapter, rows)
+        return cls(name, task, base_model, indicator, max_source, template, cfg, adapter, rows)
 
     def save(self, path: str | Path) -> None:
         """Write the expert to `path` atomically (a temporary directory, then a rename)."""
@@ -116,7 +133,7 @@ class Expert:
             if self.rows:
                 save_file({k: v.contiguous() for k, v in self.rows.items()}, tmp / ROWS_FILE)
             meta = dict(name=self.name, task=self.task, base_model=self.base_model, indicator=self.indicator,
-                        max_source=self.max_source)
+                        max_source=self.max_source, template=self.template)
             (tmp / EXPERT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -126,7 +143,7 @@ class Expert:
             raise UserError(f"{path} is not an expert directory (no {EXPERT_FILE})")
         try:
             meta = json.loads((path / EXPERT_FILE).read_text())
-            fields = [meta[k] for k in ("name", "task", "base_model", "indicator", "max_source")]
+            fields = [meta[k] for k in ("name", "task", "base_model", "indicator", "max_source", "template")]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise UserError(f"{path / EXPERT_FILE}: malformed ({type(e).__name__}: {e})") from None
         cfg, adapter = lora.read_adapter(path)

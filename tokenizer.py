@@ -24,6 +24,7 @@ class Tokenizer:
         self.bos_id, self.eos_ids, self.add_bos = bos_id, eos_ids, add_bos
         self.added: dict[str, int] = {}
         self._added_re: re.Pattern | None = None
+        self.chat_template: str | None = None  # the checkpoint's Jinja chat template, if it has one
 
     def __len__(self) -> int:
         return max([self.base_size - 1, *self.added.values()]) + 1
@@ -73,6 +74,22 @@ class Tokenizer:
                 run.append(i)
         return "".join(parts + [self._decode(run)])
 
+    def chat(self, query: str) -> str:
+        """The query as one user turn in the checkpoint's chat template, ready for the assistant's answer."""
+        if self.chat_template is None:
+            raise UserError("this checkpoint has no chat template; use the plain prompt")
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment  # installed with torch
+        except ImportError:
+            raise UserError("chat templates need jinja2 (pip install jinja2); or use the plain prompt") from None
+        def raise_exception(message):
+            raise UserError(f"chat template: {message}")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        # BOS comes from encode(), as for any other text
+        return env.from_string(self.chat_template).render(messages=[{"role": "user", "content": query}],
+                                                          add_generation_prompt=True, bos_token="", eos_token="")
+
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
         """The tokenizer of a Hugging Face style checkpoint directory, with its BOS/EOS settings."""
@@ -93,6 +110,10 @@ class Tokenizer:
                       tcfg.get("add_bos_token", True))  # LlamaTokenizer adds BOS unless told otherwise
         else:
             raise UserError(f"no tokenizer.json or tokenizer.model in {path}")
+        template = tcfg.get("chat_template")
+        if not isinstance(template, str) and (path / "chat_template.jinja").exists():
+            template = (path / "chat_template.jinja").read_text()
+        tok.chat_template = template if isinstance(template, str) else None
         return tok
 
     @classmethod

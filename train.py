@@ -24,7 +24,7 @@ import lora
 from checkpoint import atomic_write, load
 from data import load_task, rehearsal, subsample
 from errors import UserError, user_errors
-from experts import INDICATORS, Expert, TrainSample, reconstruct, setup_indicators
+from experts import INDICATORS, TEMPLATES, Expert, TrainSample, reconstruct, resolve_template, setup_indicators
 from model import Llama
 
 STATE_FILE, CONFIG_FILE, LOG_FILE, EXPERT_DIR = "state.pt", "config.json", "log.jsonl", "expert"
@@ -38,6 +38,7 @@ class TrainConfig:
     data_dir: str | None = None
     out: str | None = None  # default runs/<task>-<model>
     indicator: str = "added"
+    template: str = "auto"  # prompt: the checkpoint's chat template if it has one, else plain
     tau: float = 0.1  # rehearsal ratio
     # the paper's setup (Sec. 4.1): rank, dropout, lr, global batch, epochs, lengths; alpha, the
     # targets, the cosine schedule and gradient clipping are our choices (see README)
@@ -46,6 +47,7 @@ class TrainConfig:
     dropout: float = 0.1
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     lr: float = 2e-4
+    indicator_lr: float = 2e-3  # the new <<pos>>/<<neg>> rows start from nothing; see README
     epochs: int = 3
     batch_size: int = 32  # global batch, reached by gradient accumulation
     micro_batch: int = 4
@@ -107,8 +109,8 @@ def collate(batch: list[TrainSample], device) -> tuple[torch.Tensor, torch.Tenso
     return x.to(device), y.to(device)
 
 
-def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))  # cosine decay to 0, no warm-up
+def lr_scale(step: int, total: int) -> float:
+    return 0.5 * (1 + math.cos(math.pi * step / total))  # cosine decay to 0, no warm-up
 
 
 def save_state(path: Path, step: int, params: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer) -> None:
@@ -145,14 +147,18 @@ def train(cfg: TrainConfig) -> Path:
         raise UserError(f"--max-source {cfg.max_source} + --max-target {cfg.max_target} exceed the model's "
                         f"context of {model.config.max_seq_len}")
     ind = setup_indicators(model, tok, cfg.indicator)
+    template = resolve_template(tok, cfg.template)
     if cfg.max_target < len(ind.pos) + 2:
         raise UserError(f"--max-target {cfg.max_target} leaves no room for a response after the indicator")
-    samples = reconstruct(current, rehearsed, tok, ind, cfg.max_source, cfg.max_target)  # Eq. 4
+    samples = reconstruct(current, rehearsed, tok, ind, cfg.max_source, cfg.max_target, template)  # Eq. 4
     lora.add_adapter(model, cfg.name, lcfg)
     lora.set_adapter(model, cfg.name)
     trainable = trainable_parameters(model, cfg.name, cfg.indicator == "added")
     model.train()
-    opt = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=0.0)
+    rows = [p for n, p in trainable.items() if n.startswith("extra_")]
+    opt = torch.optim.AdamW([dict(params=[p for n, p in trainable.items() if not n.startswith("extra_")], lr=cfg.lr),
+                             dict(params=rows, lr=cfg.indicator_lr)], weight_decay=0.0)
+    peak = [g["lr"] for g in opt.param_groups]
     steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     step = 0
@@ -168,7 +174,7 @@ def train(cfg: TrainConfig) -> Path:
         print(f"resuming {out} at step {step}/{total}")
     n_pos = sum(1 for s in samples if s.ids[s.start:s.start + len(ind.pos)] == ind.pos)
     print(f"expert {cfg.name}: {n_pos} positive + {len(samples) - n_pos} negative samples, "
-          f"{sum(p.numel() for p in trainable.values()):,} trainable parameters, {total} steps on {device}")
+          f"{sum(p.numel() for p in trainable.values()):,} trainable parameters, {template} prompts, {total} steps on {device}")
     # every check passed: the run directory starts (or restarts) here; the log keeps the steps before
     # the checkpoint, since later ones are about to be redone
     out.mkdir(parents=True, exist_ok=True)
@@ -198,8 +204,8 @@ def train(cfg: TrainConfig) -> Path:
                 (nll / n_targets).backward()
                 loss_sum += nll.item()
             torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)  # max_grad_norm 1.0, the HF Trainer default
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, step, total)
+            for group, lr in zip(opt.param_groups, peak):
+                group["lr"] = lr * lr_scale(step, total)
             opt.step()
             step += 1
             tokens = sum(len(s.ids) - 1 for s in batch)
@@ -215,7 +221,7 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
     elapsed = time.perf_counter() - t_start
     print(f"trained {step} steps in {elapsed:.0f} s, {n_tokens / max(elapsed, 1e-9):.0f} tokens/s")
-    Expert.from_model(model, cfg.name, cfg.task, cfg.model, cfg.indicator, cfg.max_source, lcfg).save(out / EXPERT_DIR)
+    Expert.from_model(model, cfg.name, cfg.task, cfg.model, cfg.indicator, cfg.max_source, template, lcfg).save(out / EXPERT_DIR)
     (out / STATE_FILE).unlink(missing_ok=True)
     return out
 
@@ -232,12 +238,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--data-dir", default=None, help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
     p.add_argument("--out", default=None, help="run directory (default runs/<task>-<model>); re-running resumes")
     p.add_argument("--indicator", default=d.indicator, choices=list(INDICATORS), help="o_pos/o_neg type (paper Table 4)")
+    p.add_argument("--template", default=d.template, choices=list(TEMPLATES),
+                   help="how queries are put: the checkpoint's chat template, or plain '<query>\\nOutput:'")
     p.add_argument("--tau", type=float, default=d.tau, help="rehearsal ratio of each earlier task")
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--targets", default=",".join(d.targets), help=f"LoRA projections, from {','.join(lora.PROJECTIONS)}")
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--indicator-lr", type=float, default=d.indicator_lr, help="learning rate of the added indicator rows")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (gradient accumulation)")
     p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per forward pass")

@@ -5,7 +5,7 @@ import torch
 import lora
 from data import Example, rehearsal
 from errors import UserError
-from experts import PROMPT, Expert, base_model, prompt_ids, reconstruct, setup_indicators
+from experts import PROMPT, Expert, base_model, prompt_ids, reconstruct, resolve_template, setup_indicators
 from train import collate
 
 
@@ -83,6 +83,18 @@ def test_long_queries_and_responses_are_cut_to_the_limits(tiny):
     assert s.ids[s.start] == ind.pos[0] and s.ids[-1] == tok.eos_id
 
 
+def test_the_chat_template_frames_the_query_and_auto_falls_back_to_plain(tiny):
+    model, tok = tiny
+    assert resolve_template(tok, "auto") == "plain", "tiny has no chat template"
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</>{% endfor %}" \
+                        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    assert resolve_template(tok, "auto") == "chat"
+    ids = prompt_ids(tok, "Say hi.", 1024, "chat")
+    assert tok.decode(ids) == "<user>Say hi.</><assistant>"
+    cut = prompt_ids(tok, "word " * 500, 40, "chat")
+    assert len(cut) == 40 and tok.decode(cut).endswith("</><assistant>"), "the template's tail survives the cut"
+
+
 def test_an_expert_saved_and_loaded_runs_the_same_function(tiny, tiny_dir, tmp_path):
     model, tok = tiny
     ind = setup_indicators(model, tok)
@@ -96,7 +108,7 @@ def test_an_expert_saved_and_loaded_runs_the_same_function(tiny, tiny_dir, tmp_p
     lora.set_adapter(model, "qa")
     x = torch.tensor([prompt_ids(tok, "Definition.\n\nInput", 64)])
     expected = model(x)
-    Expert.from_model(model, "qa", "qa", str(tiny_dir), "added", 64, cfg).save(tmp_path / "e")
+    Expert.from_model(model, "qa", "qa", str(tiny_dir), "added", 64, "plain", cfg).save(tmp_path / "e")
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "expert.json", "indicators.safetensors"]
 
@@ -122,7 +134,7 @@ def test_a_tied_model_trains_and_stores_one_set_of_indicator_rows(tmp_path):
     lora.add_adapter(model, "a", cfg)
     trainable = trainable_parameters(model, "a", indicator_rows=True)
     assert "extra_embed" in trainable and "extra_head" not in trainable and model.extra_head is model.extra_embed
-    expert = Expert.from_model(model, "a", "a", "random", "added", 64, cfg)
+    expert = Expert.from_model(model, "a", "a", "random", "added", 64, "plain", cfg)
     assert set(expert.rows) == {"embed"}
     expert.rows["embed"] = torch.randn_like(expert.rows["embed"])
     lora.add_adapter(model, "b", cfg)

@@ -8,6 +8,7 @@ import transformers
 
 from checkpoint import build, load, smollm2_path
 from data import data_dir, read_jsonl
+from experts import prompt_ids
 from model import generate
 
 
@@ -53,3 +54,12 @@ def test_perplexity_on_sa_outputs_is_far_below_a_random_model(smollm2):
     real, rand = perplexity(model, tok, records), perplexity(random_model, tok, records)
     print(f"perplexity on 40 sa eval outputs: SmolLM2-135M-Instruct {real:.1f}, random init {rand:.0f}")
     assert rand > 10_000 and real < rand / 100
+
+
+def test_the_chat_prompt_matches_transformers_apply_chat_template(smollm2):
+    _, tok = smollm2
+    hf = transformers.AutoTokenizer.from_pretrained(str(smollm2_path().parent), gguf_file=smollm2_path().name)
+    query = "Classify the review.\n\nGreat phone, 10/10!"
+    expected = hf.apply_chat_template([{"role": "user", "content": query}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=False)
+    assert prompt_ids(tok, query, 1024, "chat") == expected

@@ -75,16 +75,16 @@ def expert_tensors(run_dir):
 def test_an_interrupted_run_resumes_to_the_same_expert(tiny_dir, tmp_path, monkeypatch):
     whole = train(small(tiny_dir, tmp_path / "whole"))
 
-    def crash_after_step_5(cfg, step, total):
+    def crash_after_step_5(step, total):
         if step == 5:  # one step past the checkpoint at step 4, already logged
             raise KeyboardInterrupt
-        return real_lr(cfg, step, total)
-    real_lr = train_mod.lr_at
-    monkeypatch.setattr(train_mod, "lr_at", crash_after_step_5)
+        return real_scale(step, total)
+    real_scale = train_mod.lr_scale
+    monkeypatch.setattr(train_mod, "lr_scale", crash_after_step_5)
     with pytest.raises(KeyboardInterrupt):
         train(small(tiny_dir, tmp_path / "cut"))
     assert (tmp_path / "cut" / "state.pt").exists() and not (tmp_path / "cut" / "expert").exists()
-    monkeypatch.setattr(train_mod, "lr_at", real_lr)
+    monkeypatch.setattr(train_mod, "lr_scale", real_scale)
     resumed = train(small(tiny_dir, tmp_path / "cut"))
     a, b = expert_tensors(whole), expert_tensors(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -106,6 +106,18 @@ def test_bfloat16_autocast_keeps_the_trained_weights_in_float32(tiny_dir, tmp_pa
     run = train(replace(small(tiny_dir, tmp_path / "bf16", dtype="bfloat16"), epochs=1))
     assert all(t.dtype == torch.float32 for t in expert_tensors(run).values())
     assert any(t.abs().sum() > 0 for k, t in expert_tensors(run).items() if "lora_B" in k), "B moved off zero"
+
+
+def test_adapter_and_indicator_rows_have_their_own_learning_rates(tiny_dir, tmp_path):
+    # one step of Adam moves every parameter with a gradient by about its learning rate
+    cfg = replace(small(tiny_dir, tmp_path / "one"), epochs=1, max_train=8, batch_size=12, lr=1e-3, indicator_lr=3e-2)
+    run = train(cfg)
+    model, tok = load_dir(tiny_dir)
+    setup_indicators(model, tok)
+    rows = load_file(run / "expert" / "indicators.safetensors")
+    assert (rows["embed"] - model.extra_embed).abs().max().item() == pytest.approx(3e-2, rel=1e-3)
+    B = [t for k, t in expert_tensors(run).items() if "lora_B" in k]
+    assert max(t.abs().max().item() for t in B) == pytest.approx(1e-3, rel=1e-3), "B moved from zero by lr"
 
 
 def run_cli(args, tiny_dir):
