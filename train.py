@@ -47,7 +47,7 @@ class TrainConfig:
     dropout: float = 0.1
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     lr: float = 2e-4
-    indicator_lr: float = 2e-3  # the new <<pos>>/<<neg>> rows start from nothing; see README
+    indicator_lr: float = 1e-2  # the new <<pos>>/<<neg>> rows start from nothing; see README
     epochs: int = 3
     batch_size: int = 32  # global batch, reached by gradient accumulation
     micro_batch: int = 4
