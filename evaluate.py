@@ -30,6 +30,39 @@ def rouge_l(prediction: str, references: list[str]) -> float:
     return 100 * max(_SCORER.score(ref, prediction)["rougeL"].fmeasure for ref in references)
 
 
+def average_rouge(scores: list[list[float]]) -> float:
+    """AR (Eq. 6): the mean ROUGE-L over all T tasks after the last stage; scores[j][i] = a_i after stage j."""
+    return sum(scores[-1]) / len(scores[-1])
+
+
+def backward_transfer(scores: list[list[float]]) -> float:
+    """BWT (Eq. 7): the mean change on tasks 1..T-1 from just after learning them to the end; < 0 is forgetting."""
+    T = len(scores)
+    return sum(scores[-1][i] - scores[i][i] for i in range(T - 1)) / (T - 1) if T > 1 else 0.0
+
+
+def routing_scores(routes: list[str | None], gold: list[str | None]) -> dict:
+    """Per-task routing precision, recall and F1 (a query's label: the expert that answered, None for the
+    base model), their macro average over tasks, and RB-Acc: the share of queries of no task (gold None)
+    that reached the base model."""
+    tasks = sorted({g for g in gold if g is not None})
+    per_task = {}
+    for t in tasks:
+        tp = sum(r == t and g == t for r, g in zip(routes, gold))
+        claimed, relevant = sum(r == t for r in routes), sum(g == t for g in gold)
+        p, r = tp / claimed if claimed else 0.0, tp / relevant
+        per_task[t] = dict(precision=p, recall=r, f1=2 * p * r / (p + r) if p + r else 0.0)
+    ood = [r for r, g in zip(routes, gold) if g is None]
+    return dict(per_task=per_task, f1=sum(v["f1"] for v in per_task.values()) / len(tasks) if tasks else None,
+                rb_acc=sum(r is None for r in ood) / len(ood) if ood else None)
+
+
+def routing_steps(routes: list[str | None], experts: list[str]) -> float:
+    """Mean number of experts a query visits: 1 for the newest, len(experts) for the oldest or the base model."""
+    steps = {name: len(experts) - i for i, name in enumerate(experts)}
+    return sum(steps.get(r, len(experts)) for r in routes) / len(routes)
+
+
 def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indicators | None,
                   examples: list[Example], max_source: int = 1024, max_new_tokens: int = 512,
                   batch_size: int = 16, template: str = "plain", progress: bool = False) -> tuple[dict, list[dict]]:
