@@ -3,6 +3,7 @@ fitted to the reconstructed task D^_i (Eq. 4) with the loss of Eq. 5.
 
     python train.py --task qa                      # E_1 of order 1: no earlier tasks, positives only
     python train.py --task qg --previous qa        # E_2: tau of qa's queries rehearsed as <<neg>>
+    python train.py --order 1 --tau 0.1            # a whole sequence, one expert per stage (resumable)
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,12 +23,12 @@ from tqdm import tqdm
 
 import lora
 from checkpoint import atomic_write, load
-from data import load_task, rehearsal, subsample
+from data import ORDERS, load_task, rehearsal, subsample
 from errors import UserError, user_errors
 from experts import INDICATORS, TEMPLATES, Expert, TrainSample, reconstruct, resolve_template, setup_indicators
 from model import Llama
 
-STATE_FILE, CONFIG_FILE, LOG_FILE, EXPERT_DIR = "state.pt", "config.json", "log.jsonl", "expert"
+STATE_FILE, CONFIG_FILE, LOG_FILE, EXPERT_DIR, SYSTEM_FILE = "state.pt", "config.json", "log.jsonl", "expert", "system.json"
 
 
 @dataclass
@@ -226,10 +227,40 @@ def train(cfg: TrainConfig) -> Path:
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
+    """Continual SEE: stage i trains expert E_i on T_i with tau of the queries of T_1..T_{i-1} as negatives.
+
+    The system directory holds system.json (base model and the experts, oldest first) and one run
+    directory per stage; re-running resumes at the first unfinished stage.
+    """
+    if len(set(tasks)) != len(tasks):
+        raise UserError(f"a task appears twice in the sequence {','.join(tasks)}")
+    names = [replace(cfg, task=t).name for t in tasks]
+    root = Path(cfg.out or f"runs/see-{'-'.join(names)}-{cfg.model.rstrip('/').split('/')[-1]}")
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("task", "previous", "out")}
+    system = dict(method="see", model=cfg.model, tasks=tasks, experts=[f"{i + 1}-{n}/{EXPERT_DIR}" for i, n in enumerate(names)],
+                  settings=settings)
+    def comparable(d: dict) -> dict:
+        return {**d, "settings": {k: v for k, v in d["settings"].items() if k not in RESUMABLE_CHANGES}}
+    if (root / SYSTEM_FILE).exists() and comparable(json.loads((root / SYSTEM_FILE).read_text())) != comparable(system):
+        raise UserError(f"{root} holds a sequence with other tasks or settings; pass another --out")
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write(root / SYSTEM_FILE, lambda p: p.write_text(json.dumps(system, indent=2) + "\n"))
+    for i, (task, expert) in enumerate(zip(tasks, system["experts"])):
+        stage = root / Path(expert).parent
+        if (stage / EXPERT_DIR).exists():
+            continue
+        print(f"stage {i + 1}/{len(tasks)}: {task}")
+        train(replace(cfg, task=task, previous=tasks[:i], out=str(stage)))
+    return root
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | None]:
     d = TrainConfig()
     p = argparse.ArgumentParser(description="Train one SEE expert: a LoRA adapter that answers its task after "
                                             "<<pos>> and refuses earlier tasks' queries with <<neg>>.")
+    p.add_argument("--sequence", default=None, help="comma-separated tasks to learn in turn, one expert each")
+    p.add_argument("--order", default=None, choices=list(ORDERS), help="the paper's task orders (Table 5; 10 = all ten)")
     p.add_argument("--task", default=d.task, help="task abbreviation (qa, qg, sa, sum, trans, dsg, expl, para, pe, pos) "
                                                    "or the path of a SuperNI task .json file")
     p.add_argument("--previous", default="", help="comma-separated earlier tasks; tau of their queries become negatives")
@@ -260,18 +291,25 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     a = p.parse_args(argv)
     a.previous = [t for t in a.previous.split(",") if t]
     a.targets = [t for t in a.targets.split(",") if t]
-    return TrainConfig(**vars(a))
+    if a.sequence and a.order:
+        p.error("give --sequence or --order, not both")
+    tasks = ORDERS[a.order] if a.order else [t for t in a.sequence.split(",") if t] if a.sequence else None
+    del a.sequence, a.order
+    return TrainConfig(**vars(a)), tasks
 
 
 def main() -> None:
     with user_errors():
-        cfg = parse_args()
+        cfg, tasks = parse_args()
         try:
-            out = train(cfg)
+            out = train_sequence(cfg, tasks) if tasks else train(cfg)
         except KeyboardInterrupt:
-            sys.exit(f"\ninterrupted: run the same command again to resume from the last checkpoint in {cfg.run_dir()}")
-        print(f"expert written to {out / EXPERT_DIR}\n"
-              f"evaluate it: python evaluate.py --expert {out / EXPERT_DIR} --task {cfg.task}")
+            sys.exit("\ninterrupted: run the same command again to resume from the last checkpoint")
+        if tasks:
+            print(f"SEE system written to {out}")
+        else:
+            print(f"expert written to {out / EXPERT_DIR}\n"
+                  f"evaluate it: python evaluate.py --expert {out / EXPERT_DIR} --task {cfg.task}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from data import load_task
 from errors import UserError
 from experts import Expert, prompt_ids, setup_indicators
 from router import generate_batched
-from train import TrainConfig, train, trainable_parameters
+from train import TrainConfig, train, train_sequence, trainable_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,6 +118,30 @@ def test_adapter_and_indicator_rows_have_their_own_learning_rates(tiny_dir, tmp_
     assert (rows["embed"] - model.extra_embed).abs().max().item() == pytest.approx(3e-2, rel=1e-3)
     B = [t for k, t in expert_tensors(run).items() if "lora_B" in k]
     assert max(t.abs().max().item() for t in B) == pytest.approx(1e-3, rel=1e-3), "B moved from zero by lr"
+
+
+def test_a_sequence_resumes_at_its_unfinished_stage_and_ends_as_an_uninterrupted_one(tiny_dir, tmp_path, monkeypatch):
+    cfg = replace(small(tiny_dir, tmp_path / "whole"), previous=[])
+    whole = train_sequence(cfg, ["sa", "pe"])  # stage 1: 4 steps; stage 2 (sa rehearsed): 6 steps
+    assert json.loads((whole / "system.json").read_text())["experts"] == ["1-sa/expert", "2-pe/expert"]
+    assert json.loads((whole / "2-pe" / "config.json").read_text())["previous"] == ["sa"]
+    calls, real_scale = [], train_mod.lr_scale
+
+    def crash_in_stage_2(step, total):
+        calls.append(step)
+        if len(calls) == 4 + 3:  # stage 2, one step past its checkpoint
+            raise KeyboardInterrupt
+        return real_scale(step, total)
+    monkeypatch.setattr(train_mod, "lr_scale", crash_in_stage_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_sequence(replace(cfg, out=str(tmp_path / "cut")), ["sa", "pe"])
+    monkeypatch.setattr(train_mod, "lr_scale", real_scale)
+    cut = train_sequence(replace(cfg, out=str(tmp_path / "cut")), ["sa", "pe"])
+    for stage in ("1-sa", "2-pe"):
+        a, b = expert_tensors(whole / stage), expert_tensors(cut / stage)
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+    with pytest.raises(UserError, match="other tasks or settings"):
+        train_sequence(replace(cfg, out=str(tmp_path / "cut"), tau=0.2), ["sa", "pe"])
 
 
 def run_cli(args, tiny_dir):
