@@ -15,7 +15,7 @@ import torch
 from rouge_score import rouge_scorer
 
 from checkpoint import atomic_write, load
-from data import Example, load_task
+from data import Example, load_ood, load_task
 from errors import UserError, user_errors
 from experts import TEMPLATES, Expert, Indicators, prompt_ids, resolve_template, setup_indicators
 from model import Llama
@@ -99,6 +99,40 @@ def load_system(model_name: str | None, expert_dirs: list[str], device, dtype) -
     for e in experts:
         e.attach(model)
     return model, tok, experts, ind, model_name
+
+
+def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_tokens: int = 512, batch_size: int = 16,
+                 max_ood: int = 200, data_dir: str | None = None, device="cpu", dtype=torch.float32) -> dict:
+    """A continual run: the score matrix a_i after each stage j, AR, BWT, routing F1 after the last stage,
+    RB-Acc on out-of-distribution queries (LIMA) and the mean number of experts a query visits."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "system.json").is_file():
+        raise UserError(f"{run_dir} holds no SEE system (no system.json); train one with train.py --sequence")
+    system = json.loads((run_dir / "system.json").read_text())
+    tasks = system["tasks"]
+    model, tok, experts, ind, _ = load_system(None, [str(run_dir / e) for e in system["experts"]], device, dtype)
+    template, max_source = experts[0].template, experts[0].max_source
+    evals = {t: load_task(t, "eval", data_dir)[:max_eval] for t in tasks}
+    scores, routes, gold = [], [], []
+    for j in range(len(tasks)):  # the system after stage j holds experts 1..j
+        row = []
+        for i in range(j + 1):
+            summary, records = evaluate_task(model, tok, experts[:j + 1], ind, evals[tasks[i]], max_source,
+                                             max_new_tokens, batch_size, template)
+            row.append(summary["rougeL"])
+            if j == len(tasks) - 1:
+                routes += [None if r["route"] == "base" else r["route"] for r in records]
+                gold += [experts[i].name] * len(records)
+        scores.append(row)
+    ood = [prompt_ids(tok, ex.query, max_source, template) for ex in load_ood(directory=data_dir)[:max_ood]]
+    # only the routing decision matters here, so one token of answer is enough
+    _, ood_routes = sequential_route(model, experts, ind, ood, 1, tok.eos_ids, batch_size)
+    # R-F1 over the sequence's own queries (as the paper scores it); RB-Acc over the others
+    routing = routing_scores(routes, gold)
+    rb_acc = routing_scores(ood_routes, [None] * len(ood))["rb_acc"]
+    return dict(tasks=tasks, scores=scores, ar=average_rouge(scores), bwt=backward_transfer(scores),
+                routing_f1=routing["f1"], rb_acc=rb_acc, per_task_routing=routing["per_task"],
+                routing_steps=routing_steps(routes + ood_routes, [e.name for e in experts]), n_ood=len(ood))
 
 
 def main() -> None:

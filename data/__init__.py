@@ -147,3 +147,16 @@ def rehearsal(previous: dict[str, list[Example]], tau: float, seed: int) -> list
         k = max(1, round(tau * len(examples)))
         drawn += random.Random(f"{seed}/{name}").sample(examples, min(k, len(examples)))
     return drawn
+
+
+def load_ood(path: str | Path | None = None, directory: str | Path | None = None) -> list[Example]:
+    """Queries of no task in the sequence, to see how often they fall back to the base model: LIMA's
+    instructions (`instruction`, optional `input`), by default the lima.jsonl beside the SuperNI directory."""
+    path = Path(path) if path else data_dir(directory).parent / "lima.jsonl"
+    examples = []
+    for n, r in _numbered_jsonl(path):
+        if not isinstance(r.get("instruction"), str):
+            raise UserError(f"{path}:{n}: need a string 'instruction'")
+        query = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+        examples.append(Example(f"ood-{n}", query, [r.get("output") or ""]))
+    return examples

@@ -83,3 +83,12 @@ def test_subsample_is_seeded_and_keeps_everything_when_asked_for_more():
     xs = examples("a", 100)
     assert subsample(xs, 10, 1) == subsample(xs, 10, 1) != subsample(xs, 10, 2)
     assert subsample(xs, None, 1) == xs and subsample(xs, 500, 1) == xs
+
+
+def test_out_of_distribution_queries_come_from_lima(tmp_path):
+    from data import load_ood
+    lima = load_ood()
+    assert len(lima) == 1029 and all(ex.query for ex in lima)
+    (tmp_path / "ood.jsonl").write_text('{"instruction": "Write a poem.", "input": "about rain"}\n{"input": "x"}\n')
+    with pytest.raises(UserError, match="ood.jsonl:2: need a string 'instruction'"):
+        load_ood(tmp_path / "ood.jsonl")

@@ -65,3 +65,19 @@ def test_without_experts_the_base_model_answers(tiny_dir, tmp_path):
 def test_a_missing_expert_is_one_line_of_error(tiny_dir, tmp_path):
     res = run_cli(["--expert", str(tmp_path / "nope"), "--task", "sa"], tiny_dir)
     assert res.returncode == 2 and res.stderr.strip() == f"error: {tmp_path / 'nope'} is not an expert directory (no expert.json)"
+
+
+def test_a_continual_run_gives_the_score_matrix_and_the_papers_metrics(tiny_dir, tmp_path):
+    from dataclasses import replace
+
+    from evaluate import average_rouge, backward_transfer, evaluate_run
+    from train import TrainConfig, train_sequence
+    cfg = TrainConfig(model=str(tiny_dir), out=str(tmp_path / "see"), tau=1.0, max_train=32, epochs=4, batch_size=16,
+                      micro_batch=16, lr=1e-2, max_source=96, max_target=8)
+    run = train_sequence(cfg, ["sa", "pe"])
+    result = evaluate_run(run, max_eval=6, max_new_tokens=3, max_ood=8)
+    assert [len(row) for row in result["scores"]] == [1, 2], "a_i after stage j, for i <= j"
+    assert result["ar"] == average_rouge(result["scores"]) and result["bwt"] == backward_transfer(result["scores"])
+    assert result["routing_f1"] == 1.0, "separable tasks: every query reaches its own expert"
+    assert result["n_ood"] == 8 and 0 <= result["rb_acc"] <= 1
+    assert 1 <= result["routing_steps"] <= 2
