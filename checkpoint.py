@@ -47,6 +47,11 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | to
     raise UserError(f"model {name_or_path!r} not found: not a directory, a .gguf file, a hub repo id, 'smollm2-135m' or 'tiny'")
 
 
+def model_tag(name: str) -> str:
+    """A model's short name for run directories: the last part of its path or hub id."""
+    return name.rstrip("/").split("/")[-1]
+
+
 def _is_repo_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(parts[0]).exists()

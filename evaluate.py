@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from rouge_score import rouge_scorer
 
-from checkpoint import atomic_write, load
+from checkpoint import atomic_write, load, model_tag
 from data import Example, load_ood, load_task
 from errors import UserError, user_errors
 from experts import TEMPLATES, Expert, Indicators, prompt_ids, resolve_template, setup_indicators
@@ -166,7 +166,7 @@ def main() -> None:
                                          args.batch_size, template, progress=True)
         task = Path(args.task).stem
         out = Path(args.out or (Path(args.expert[0]).parent if args.expert else
-                                Path("runs") / f"base-{model_name.rstrip('/').split('/')[-1]}") / f"eval-{task}.json")
+                                Path("runs") / f"base-{model_tag(model_name)}") / f"eval-{task}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         preds = out.with_suffix(".predictions.jsonl")
         atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in records)))

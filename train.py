@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import lora
-from checkpoint import atomic_write, load
+from checkpoint import atomic_write, load, model_tag
 from data import ORDERS, load_task, rehearsal, subsample
 from errors import UserError, user_errors
 from experts import INDICATORS, TEMPLATES, Expert, TrainSample, reconstruct, resolve_template, setup_indicators
@@ -64,7 +64,7 @@ class TrainConfig:
         return Path(self.task).stem.replace(".", "_")
 
     def run_dir(self) -> Path:
-        return Path(self.out or f"runs/{self.name}-{self.model.rstrip('/').split('/')[-1]}")
+        return Path(self.out or f"runs/{self.name}-{model_tag(self.model)}")
 
 
 # settings that do not change what is trained, so a resumed run may differ in them
@@ -236,7 +236,7 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
     if len(set(tasks)) != len(tasks):
         raise UserError(f"a task appears twice in the sequence {','.join(tasks)}")
     names = [replace(cfg, task=t).name for t in tasks]
-    root = Path(cfg.out or f"runs/see-{'-'.join(names)}-{cfg.model.rstrip('/').split('/')[-1]}")
+    root = Path(cfg.out or f"runs/see-{'-'.join(names)}-{model_tag(cfg.model)}")
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("task", "previous", "out")}
     system = dict(method="see", model=cfg.model, tasks=tasks, experts=[f"{i + 1}-{n}/{EXPERT_DIR}" for i, n in enumerate(names)],
                   settings=settings)
