@@ -21,6 +21,7 @@ from experts import TEMPLATES, Expert, Indicators, prompt_ids, resolve_template,
 from model import Llama
 from router import BASE, sequential_route
 from tokenizer import Tokenizer
+from train import SYSTEM_FILE
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
@@ -106,9 +107,9 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
     """A continual run: the score matrix a_i after each stage j, AR, BWT, routing F1 after the last stage,
     RB-Acc on out-of-distribution queries (LIMA) and the mean number of experts a query visits."""
     run_dir = Path(run_dir)
-    if not (run_dir / "system.json").is_file():
-        raise UserError(f"{run_dir} holds no SEE system (no system.json); train one with train.py --sequence")
-    system = json.loads((run_dir / "system.json").read_text())
+    if not (run_dir / SYSTEM_FILE).is_file():
+        raise UserError(f"{run_dir} holds no SEE system (no {SYSTEM_FILE}); train one with train.py --sequence")
+    system = json.loads((run_dir / SYSTEM_FILE).read_text())
     tasks = system["tasks"]
     model, tok, experts, ind, _ = load_system(None, [str(run_dir / e) for e in system["experts"]], device, dtype)
     template, max_source = experts[0].template, experts[0].max_source
