@@ -83,7 +83,7 @@ def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> None:
         raise UserError(f"adapter {name!r} already exists")
     if "." in name:
         raise UserError(f"adapter names cannot contain '.', got {name!r}")
-    for parent_name, parent in list(model.named_modules()):
+    for parent in list(model.modules()):
         for attr in cfg.targets:
             child = getattr(parent, attr, None)
             if isinstance(child, nn.Linear):

@@ -122,8 +122,6 @@ def save_state(path: Path, step: int, params: dict[str, torch.nn.Parameter], opt
 
 def train(cfg: TrainConfig) -> Path:
     """Train the expert and write it to <run dir>/expert; returns the run directory."""
-    if cfg.indicator not in INDICATORS:
-        raise UserError(f"unknown indicator type {cfg.indicator!r}; known: {', '.join(INDICATORS)}")
     counts = {"--epochs": cfg.epochs, "--batch-size": cfg.batch_size, "--micro-batch": cfg.micro_batch,
               "--save-every": cfg.save_every, "--max-train": cfg.max_train or 1}
     bad = [f"{flag} {v}" for flag, v in counts.items() if v < 1]
