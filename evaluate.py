@@ -1,8 +1,10 @@
 """Score SEE experts (or the base model alone) on a task's eval split with ROUGE-L as Super-NaturalInstructions
-computes it: rouge-score's rougeL F-measure with stemming, the best over the references, x100.
+computes it: rouge-score's rougeL F-measure with stemming, the best over the references, x100; and
+whole continual runs with the paper's metrics: AR (Eq. 6), BWT (Eq. 7), routing F1, RB-Acc.
 
     python evaluate.py --expert runs/qa-smollm2-135m/expert --task qa --max-eval 100
     python evaluate.py --task qa --max-eval 100          # the base model alone, for comparison
+    python evaluate.py --run runs/see-qa-qg-sa-sum-trans-smollm2-135m --run runs/non-rehearsal-...
 """
 from __future__ import annotations
 
@@ -13,15 +15,16 @@ from pathlib import Path
 
 import torch
 from rouge_score import rouge_scorer
+from tqdm import tqdm
 
 from checkpoint import atomic_write, load, model_tag
-from data import Example, load_ood, load_task
+from data import OOD_EVAL, TASKS, Example, load_ood, load_task
 from errors import UserError, user_errors
-from experts import TEMPLATES, Expert, Indicators, prompt_ids, resolve_template, setup_indicators
+from experts import TEMPLATES, UNROUTED, Expert, Indicators, prompt_ids, resolve_template, setup_indicators
 from model import Llama
-from router import BASE, sequential_route
+from router import BASE, generate_batched, sequential_route
 from tokenizer import Tokenizer
-from train import SYSTEM_FILE
+from train import CONTINUED, SYSTEM_FILE
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
@@ -73,7 +76,14 @@ def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indi
     """
     prompts = [prompt_ids(tok, ex.query, max_source, template) for ex in examples]
     t0 = time.perf_counter()
-    answers, routes = sequential_route(model, experts, ind, prompts, max_new_tokens, tok.eos_ids, batch_size, progress)
+    if experts and ind is None:  # a baseline's adapter answers every query itself (it has no indicator to route by)
+        if len(experts) > 1:
+            raise UserError("adapters without indicators cannot be routed; give one of them")
+        experts[0].use(model)
+        answers = generate_batched(model, prompts, max_new_tokens, tok.eos_ids, batch_size, desc=experts[0].name if progress else None)
+        routes = [experts[0].name] * len(prompts)
+    else:
+        answers, routes = sequential_route(model, experts, ind, prompts, max_new_tokens, tok.eos_ids, batch_size, progress)
     seconds = time.perf_counter() - t0
     records = []
     for ex, ids, route in zip(examples, answers, routes):
@@ -96,88 +106,173 @@ def load_system(model_name: str | None, expert_dirs: list[str], device, dtype) -
         raise UserError(f"experts disagree on base model, indicator type or prompt: {sorted(bases)}, {sorted(kinds)}")
     model_name = model_name or (bases.pop() if bases else "smollm2-135m")
     model, tok = load(model_name, dtype=dtype, device=device)
-    ind = setup_indicators(model, tok, kinds.pop()) if experts else None
+    kind = kinds.pop() if experts else UNROUTED
+    ind = setup_indicators(model, tok, kind) if kind != UNROUTED else None
     for e in experts:
         e.attach(model)
     return model, tok, experts, ind, model_name
 
 
+def method_label(system: dict) -> str:
+    """A run's name as the paper's tables print it, e.g. SEE(10%), RandSel(10%), MTL."""
+    method, settings = system["method"], system["settings"]
+    tau = f"{100 * settings['tau']:g}%"
+    label = {"see": f"SEE({tau})", "replay": f"RandSel({tau})", "non-rehearsal": "Non-rehearsal",
+             "mtl": "MTL", "stl": "AvgSTL"}[method]
+    if method == "see" and settings.get("negatives") == "lima":
+        label += " w/pseudo"
+    if method == "see" and settings.get("indicator", "added") != "added":
+        label += f" {settings['indicator']}"
+    return label
+
+
 def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_tokens: int = 512, batch_size: int = 16,
-                 max_ood: int = 200, data_dir: str | None = None, device="cpu", dtype=torch.float32) -> dict:
-    """A continual run: the score matrix a_i after each stage j, AR, BWT, routing F1 after the last stage,
-    RB-Acc on out-of-distribution queries (LIMA) and the mean number of experts a query visits."""
+                 max_ood: int = OOD_EVAL, data_dir: str | None = None, device="cpu", dtype=torch.float32,
+                 progress: bool = False) -> tuple[dict, list[dict]]:
+    """Score a system written by train.py --sequence, and return the results and the final stage's predictions.
+
+    Continual methods (SEE, non-rehearsal, replay) give the matrix scores[j][i] = a_i after stage j
+    (i <= j), hence AR and BWT; MTL and STL give one row (AvgSTL: each task by its own adapter).
+    For SEE also: routing P/R/F1 over the sequence's queries, RB-Acc (the share of queries of no task
+    in the sequence that reach the base model: LIMA and the held-out SuperNI tasks) and the mean
+    number of experts a query visits.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / SYSTEM_FILE).is_file():
-        raise UserError(f"{run_dir} holds no SEE system (no {SYSTEM_FILE}); train one with train.py --sequence")
+        raise UserError(f"{run_dir} holds no system (no {SYSTEM_FILE}); train one with train.py --sequence")
     system = json.loads((run_dir / SYSTEM_FILE).read_text())
-    tasks = system["tasks"]
+    method, tasks = system["method"], system["tasks"]
     model, tok, experts, ind, _ = load_system(None, [str(run_dir / e) for e in system["experts"]], device, dtype)
     template, max_source = experts[0].template, experts[0].max_source
     evals = {t: load_task(t, "eval", data_dir)[:max_eval] for t in tasks}
-    scores, routes, gold = [], [], []
-    for j in range(len(tasks)):  # the system after stage j holds experts 1..j
-        row = []
-        for i in range(j + 1):
-            summary, records = evaluate_task(model, tok, experts[:j + 1], ind, evals[tasks[i]], max_source,
-                                             max_new_tokens, batch_size, template)
-            row.append(summary["rougeL"])
-            if j == len(tasks) - 1:
-                routes += [None if r["route"] == "base" else r["route"] for r in records]
-                gold += [experts[i].name] * len(records)
-        scores.append(row)
-    ood = [prompt_ids(tok, ex.query, max_source, template) for ex in load_ood(directory=data_dir)[:max_ood]]
-    # only the routing decision matters here, so one token of answer is enough
-    _, ood_routes = sequential_route(model, experts, ind, ood, 1, tok.eos_ids, batch_size)
-    # R-F1 over the sequence's own queries (as the paper scores it); RB-Acc over the others
-    routing = routing_scores(routes, gold)
-    rb_acc = routing_scores(ood_routes, [None] * len(ood))["rb_acc"]
-    return dict(tasks=tasks, scores=scores, ar=average_rouge(scores), bwt=backward_transfer(scores),
-                routing_f1=routing["f1"], rb_acc=rb_acc, per_task_routing=routing["per_task"],
-                routing_steps=routing_steps(routes + ood_routes, [e.name for e in experts]), n_ood=len(ood))
+    T = len(tasks)
+    # which adapters answer task i after stage j: SEE routes over all experts so far; the others use one adapter
+    if method == "see":
+        cells = {(j, i): experts[:j + 1] for j in range(T) for i in range(j + 1)}
+    elif method in CONTINUED:
+        cells = {(j, i): [experts[j]] for j in range(T) for i in range(j + 1)}
+    else:
+        cells = {(0, i): [experts[0 if method == "mtl" else i]] for i in range(T)}
+    last = max(j for j, _ in cells)
+    scores = [[] for _ in range(last + 1)]
+    predictions = []
+    for (j, i), answering in tqdm(cells.items(), desc="a_i after stage j", disable=not progress):
+        summary, records = evaluate_task(model, tok, answering, ind, evals[tasks[i]], max_source,
+                                         max_new_tokens, batch_size, template)
+        scores[j].append(summary["rougeL"])
+        if j == last:
+            predictions += [dict(task=tasks[i], **r) for r in records]
+    result = dict(run=str(run_dir), method=method, label=method_label(system), tasks=tasks, scores=scores,
+                  ar=average_rouge(scores), bwt=backward_transfer(scores) if method in ("see", *CONTINUED) else None,
+                  routing_f1=None, per_task_routing=None, rb_acc=None, routing_steps=None)
+    if method == "see":
+        # R-F1 over the sequence's own queries (as the paper scores it); RB-Acc over queries of no task.
+        # Only the routing decision matters for the latter, so one token of answer is enough.
+        heldout = {"lima": load_ood(directory=data_dir)[:max_ood],
+                   "superni": [ex for t in TASKS if t not in tasks for ex in load_task(t, "eval", data_dir)[:max_eval]]}
+        routes = [None if p["route"] == "base" else p["route"] for p in predictions]
+        gold = [experts[tasks.index(p["task"])].name for p in predictions]
+        rb_acc, ood_routes = {}, []
+        for name, examples in heldout.items():
+            prompts = [prompt_ids(tok, ex.query, max_source, template) for ex in examples]
+            _, r = sequential_route(model, experts, ind, prompts, 1, tok.eos_ids, batch_size, progress)
+            rb_acc[name] = routing_scores(r, [None] * len(r))["rb_acc"]
+            ood_routes += r
+        routing = routing_scores(routes, gold)
+        result.update(routing_f1=routing["f1"], per_task_routing=routing["per_task"], rb_acc=rb_acc,
+                      n_ood={k: len(v) for k, v in heldout.items()},
+                      routing_steps=routing_steps(routes + ood_routes, [e.name for e in experts]))
+    return result, predictions
+
+
+def print_table(results: list[dict]) -> None:
+    """The paper's Table 1 layout (a row per method: AR, BWT), with the final ROUGE-L per task and,
+    for SEE, routing F1, RB-Acc on LIMA and on held-out SuperNI tasks, and mean routing steps."""
+    tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
+    def cell(v, fmt, scale=1):
+        return "-" if v is None else format(scale * v, fmt)
+    head = f"{'method':<22}" + "".join(f"{Path(t).stem[:7]:>8}" for t in tasks)
+    print(f"\n{head}{'AR':>8}{'BWT':>8}{'R-F1':>8}{'RB-LIMA':>8}{'RB-SNI':>8}{'steps':>7}")
+    for r in results:
+        final = dict(zip(r["tasks"], r["scores"][-1]))
+        rb = r["rb_acc"] or {}
+        print(f"{r['label']:<22}" + "".join(f"{cell(final.get(t), '.2f'):>8}" for t in tasks)
+              + f"{r['ar']:>8.2f}{cell(r['bwt'], '.2f'):>8}{cell(r['routing_f1'], '.2f', 100):>8}"
+              + f"{cell(rb.get('lima'), '.1f', 100):>8}{cell(rb.get('superni'), '.1f', 100):>8}"
+              + f"{cell(r['routing_steps'], '.2f'):>7}")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="ROUGE-L of SEE experts (or the base model) on a task's eval split.")
+    p = argparse.ArgumentParser(description="ROUGE-L of SEE experts (or the base model) on a task's eval split, "
+                                            "or the paper's metrics of whole runs (--run).")
+    p.add_argument("--run", action="append", default=[],
+                   help="a system written by train.py --sequence/--order; repeat to compare runs in one table")
     p.add_argument("--expert", action="append", default=[],
                    help="expert directory; repeat in training order for a sequence (none: the base model alone)")
-    p.add_argument("--task", required=True, help="task abbreviation or SuperNI task .json file")
+    p.add_argument("--task", default=None, help="task abbreviation or SuperNI task .json file (not with --run)")
     p.add_argument("--model", default=None, help="base model (default: the experts' own, else smollm2-135m)")
     p.add_argument("--data-dir", default=None, help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
     p.add_argument("--split", default="eval")
-    p.add_argument("--max-eval", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--max-eval", type=int, default=None, help="score only the first N examples of each task")
+    p.add_argument("--max-ood", type=int, default=OOD_EVAL, help="LIMA queries for RB-Acc (--run)")
     p.add_argument("--template", default=None, choices=list(TEMPLATES),
                    help="prompt (default: as the experts were trained, else auto: chat if the checkpoint has a template)")
     p.add_argument("--max-source", type=int, default=None, help="query tokens kept (default: as the experts were trained, else 1024)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="the paper's target length")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", default=None, help="result JSON (default: beside the first expert, or runs/base-<model>/)")
+    p.add_argument("--out", default=None, help="result JSON (default: beside the first expert, or runs/base-<model>/; "
+                                               "with --run: <run>/eval.json)")
     args = p.parse_args()
+    if bool(args.run) == bool(args.task) or (args.run and args.expert):
+        p.error("give --task (with --expert or alone, for the base model) or --run, not both")
     with user_errors():
-        if args.batch_size < 1 or (args.max_eval is not None and args.max_eval < 1):
-            raise UserError("--batch-size and --max-eval must be positive")
-        examples = load_task(args.task, args.split, args.data_dir)[:args.max_eval]
-        if not examples:
-            raise UserError(f"no {args.split} examples for {args.task}")
+        if args.batch_size < 1 or (args.max_eval is not None and args.max_eval < 1) or args.max_ood < 0:
+            raise UserError("--batch-size and --max-eval must be positive, --max-ood not negative")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, tok, experts, ind, model_name = load_system(
-            args.model, args.expert, device, torch.bfloat16 if device == "cuda" else torch.float32)
-        max_source = args.max_source or (experts[0].max_source if experts else 1024)
-        template = resolve_template(tok, args.template or (experts[0].template if experts else "auto"))
-        summary, records = evaluate_task(model, tok, experts, ind, examples, max_source, args.max_new_tokens,
-                                         args.batch_size, template, progress=True)
-        task = Path(args.task).stem
-        out = Path(args.out or (Path(args.expert[0]).parent if args.expert else
-                                Path("runs") / f"base-{model_tag(model_name)}") / f"eval-{task}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        if args.run:
+            evaluate_runs(args, device, dtype)
+        else:
+            evaluate_experts(args, device, dtype)
+
+
+def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
+    results = []
+    for run in args.run:
+        result, predictions = evaluate_run(run, args.max_eval, args.max_new_tokens, args.batch_size, args.max_ood,
+                                           args.data_dir, device, dtype, progress=True)
+        result.update(max_eval=args.max_eval, max_new_tokens=args.max_new_tokens)
+        out = Path(args.out if args.out and len(args.run) == 1 else Path(run) / "eval.json")
         preds = out.with_suffix(".predictions.jsonl")
-        atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in records)))
-        result = dict(task=args.task, split=args.split, model=model_name, experts=args.expert, template=template, **summary,
-                      max_new_tokens=args.max_new_tokens, predictions=str(preds))
-        atomic_write(out, lambda f: f.write_text(json.dumps(result, indent=2) + "\n"))
-        who = ", ".join(e.name for e in experts) or "base model"
-        print(f"\n{'system':<24} {'task':<8} {'n':>5} {'ROUGE-L':>8} {'by experts':>10}")
-        print(f"{who:<24} {task:<8} {summary['n']:>5} {summary['rougeL']:>8.2f} {summary['answered_by_experts']:>10.0%}")
-        print(f"results: {out}\npredictions: {preds}")
+        atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in predictions)))
+        atomic_write(out, lambda f: f.write_text(json.dumps(dict(result, predictions=str(preds)), indent=2) + "\n"))
+        results.append(result)
+        print(f"{result['label']}: results {out}, final-stage predictions {preds}")
+    print_table(results)
+
+
+def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
+    examples = load_task(args.task, args.split, args.data_dir)[:args.max_eval]
+    if not examples:
+        raise UserError(f"no {args.split} examples for {args.task}")
+    model, tok, experts, ind, model_name = load_system(args.model, args.expert, device, dtype)
+    max_source = args.max_source or (experts[0].max_source if experts else 1024)
+    template = resolve_template(tok, args.template or (experts[0].template if experts else "auto"))
+    summary, records = evaluate_task(model, tok, experts, ind, examples, max_source, args.max_new_tokens,
+                                     args.batch_size, template, progress=True)
+    task = Path(args.task).stem
+    out = Path(args.out or (Path(args.expert[0]).parent if args.expert else
+                            Path("runs") / f"base-{model_tag(model_name)}") / f"eval-{task}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    preds = out.with_suffix(".predictions.jsonl")
+    atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in records)))
+    result = dict(task=args.task, split=args.split, model=model_name, experts=args.expert, template=template, **summary,
+                  max_new_tokens=args.max_new_tokens, predictions=str(preds))
+    atomic_write(out, lambda f: f.write_text(json.dumps(result, indent=2) + "\n"))
+    who = ", ".join(e.name for e in experts) or "base model"
+    print(f"\n{'system':<24} {'task':<8} {'n':>5} {'ROUGE-L':>8} {'by experts':>10}")
+    print(f"{who:<24} {task:<8} {summary['n']:>5} {summary['rougeL']:>8.2f} {summary['answered_by_experts']:>10.0%}")
+    print(f"results: {out}\npredictions: {preds}")
 
 
 if __name__ == "__main__":

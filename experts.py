@@ -28,6 +28,8 @@ INDICATORS = {"added": ("<<pos>>", "<<neg>>"), "non-semantic": ("«pos»", "«ne
 # nothing useful without it); "auto" picks chat when the checkpoint has a template.
 PROMPT = "{query}\nOutput:"
 TEMPLATES = ("auto", "chat", "plain")
+# the indicator type of a baseline's adapter: it has none, answers every query and is not routed
+UNROUTED = "none"
 EXPERT_FILE, ROWS_FILE = "expert.json", "indicators.safetensors"
 
 
@@ -82,21 +84,22 @@ class TrainSample:
     start: int  # ids[start:] are the targets: the indicator, and for positives the response and EOS
 
 
-def reconstruct(current: list[Example], rehearsed: list[Example], tok: Tokenizer, ind: Indicators,
+def reconstruct(current: list[Example], rehearsed: list[Example], tok: Tokenizer, ind: Indicators | None,
                 max_source: int = 1024, max_target: int = 512, template: str = "plain") -> list[TrainSample]:
     """Eq. 4: D^_i = {(q, o_pos, r)} for the current task  U  {(q, o_neg)} for rehearsed earlier queries.
 
     Only the targets enter the loss (Eq. 5); the query tokens are context. Negatives have no response
     and no EOS: Eq. 5 asks only for o_neg. Sequences are built from ids, so the indicator is always
-    the same tokens whatever text surrounds it.
+    the same tokens whatever text surrounds it. Without indicators (ind None: the baselines, which do
+    not route) every sample is (q, r), and rehearsed examples are replayed in full.
     """
     samples = []
-    for ex in current:
+    for ex in current + (rehearsed if ind is None else []):
         q = prompt_ids(tok, ex.query, max_source, template)
-        target = ind.pos + tok.encode(ex.outputs[0], bos=False)
+        target = (ind.pos if ind else []) + tok.encode(ex.outputs[0], bos=False)
         target = target[:max_target - 1] + [tok.eos_id]
         samples.append(TrainSample(q + target, len(q)))
-    for ex in rehearsed:
+    for ex in rehearsed if ind else []:
         q = prompt_ids(tok, ex.query, max_source, template)
         samples.append(TrainSample(q + ind.neg, len(q)))
     return samples

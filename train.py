@@ -4,6 +4,7 @@ fitted to the reconstructed task D^_i (Eq. 4) with the loss of Eq. 5.
     python train.py --task qa                      # E_1 of order 1: no earlier tasks, positives only
     python train.py --task qg --previous qa        # E_2: tau of qa's queries rehearsed as <<neg>>
     python train.py --order 1 --tau 0.1            # a whole sequence, one expert per stage (resumable)
+    python train.py --order 1 --method non-rehearsal   # a baseline: one LoRA fine-tuned on each task in turn
 """
 from __future__ import annotations
 
@@ -23,18 +24,33 @@ from tqdm import tqdm
 
 import lora
 from checkpoint import atomic_write, load, model_tag
-from data import ORDERS, load_task, rehearsal, subsample
+from data import ORDERS, Example, load_ood, load_task, rehearsal, subsample
 from errors import UserError, user_errors
-from experts import INDICATORS, TEMPLATES, Expert, TrainSample, reconstruct, resolve_template, setup_indicators
+from experts import INDICATORS, TEMPLATES, UNROUTED, Expert, TrainSample, reconstruct, resolve_template, setup_indicators
 from model import Llama
 
 STATE_FILE, CONFIG_FILE, LOG_FILE, EXPERT_DIR, SYSTEM_FILE = "state.pt", "config.json", "log.jsonl", "expert", "system.json"
+# SEE and the paper's baselines (Sec. 4.1). Only SEE trains indicators and routes; the baselines train
+# plain (q, r) samples. What each stage learns from is arranged by train_sequence.
+METHODS = {
+    "see": "a new expert per task, tau of earlier tasks' queries as <<neg>>, sequential routing",
+    "non-rehearsal": "one LoRA fine-tuned on each task in turn",
+    "replay": "one LoRA fine-tuned on each task in turn plus tau of earlier tasks' full samples (RandSel)",
+    "mtl": "one LoRA on all tasks at once",
+    "stl": "one LoRA per task, each scored on its own task (AvgSTL)",
+}
+CONTINUED = ("non-rehearsal", "replay")  # stage i starts from stage i-1's LoRA
+# SEE's negatives: earlier tasks' queries, or as many LIMA queries (pseudo-negatives, paper Table 3)
+NEGATIVES = ("tasks", "lima")
 
 
 @dataclass
 class TrainConfig:
     task: str = "qa"
-    previous: list[str] = field(default_factory=list)  # earlier tasks, whose queries are rehearsed as negatives
+    previous: list[str] = field(default_factory=list)  # earlier tasks, rehearsed (as negatives for SEE)
+    method: str = "see"
+    negatives: str = "tasks"
+    init: str | None = None  # an expert whose LoRA this one starts from (else B = 0)
     model: str = "smollm2-135m"
     data_dir: str | None = None
     out: str | None = None  # default runs/<task>-<model>
@@ -86,6 +102,17 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     return torch.load(out / STATE_FILE, map_location="cpu", weights_only=True) if (out / STATE_FILE).exists() else None
 
 
+def training_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """The current task's examples, and tau of each earlier task's (RandSel) to rehearse; with
+    pseudo-negatives, as many LIMA queries instead of the earlier tasks' (paper Table 3)."""
+    current = subsample(load_task(cfg.task, "train", cfg.data_dir), cfg.max_train, cfg.seed)
+    previous = {t: subsample(load_task(t, "train", cfg.data_dir), cfg.max_train, cfg.seed) for t in cfg.previous}
+    rehearsed = rehearsal(previous, cfg.tau, cfg.seed)
+    if cfg.negatives == "lima":
+        rehearsed = subsample(load_ood(directory=cfg.data_dir, split="train"), len(rehearsed), cfg.seed)[:len(rehearsed)]
+    return current, rehearsed
+
+
 def trainable_parameters(model: Llama, adapter: str, indicator_rows: bool) -> dict[str, torch.nn.Parameter]:
     """Freeze the base model; only the adapter (and the added indicator rows) learn, kept in fp32."""
     model.requires_grad_(False)
@@ -129,13 +156,19 @@ def train(cfg: TrainConfig) -> Path:
         raise UserError(f"need positive counts, got {', '.join(bad)}")
     if cfg.task in cfg.previous:
         raise UserError(f"task {cfg.task!r} cannot also be an earlier task (--previous)")
+    if cfg.method not in METHODS or cfg.negatives not in NEGATIVES:
+        raise UserError(f"unknown method {cfg.method!r} or negatives {cfg.negatives!r}; "
+                        f"known: {', '.join(METHODS)}; {', '.join(NEGATIVES)}")
+    routed = cfg.method == "see"
+    if cfg.negatives == "lima" and not routed:
+        raise UserError("pseudo-negatives (--negatives lima) are for --method see only")
     if cfg.batch_size % cfg.micro_batch:
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}")
     lcfg = lora.LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
-    # the current task, and tau of each earlier task's examples (RandSel) as negatives
-    current = subsample(load_task(cfg.task, "train", cfg.data_dir), cfg.max_train, cfg.seed)
-    previous = {t: subsample(load_task(t, "train", cfg.data_dir), cfg.max_train, cfg.seed) for t in cfg.previous}
-    rehearsed = rehearsal(previous, cfg.tau, cfg.seed)
+    current, rehearsed = training_data(cfg)
+    init = Expert.load(cfg.init) if cfg.init else None
+    if init is not None and init.lora != lcfg:
+        raise UserError(f"{cfg.init} has LoRA settings {init.lora}, not {lcfg}")
     out, state = cfg.run_dir(), resume_state(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device == "cuda" else "float32"))
@@ -145,14 +178,16 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.max_source + cfg.max_target > model.config.max_seq_len:
         raise UserError(f"--max-source {cfg.max_source} + --max-target {cfg.max_target} exceed the model's "
                         f"context of {model.config.max_seq_len}")
-    ind = setup_indicators(model, tok, cfg.indicator)
+    ind = setup_indicators(model, tok, cfg.indicator) if routed else None
     template = resolve_template(tok, cfg.template)
-    if cfg.max_target < len(ind.pos) + 2:
+    if cfg.max_target < len(ind.pos if ind else []) + 2:
         raise UserError(f"--max-target {cfg.max_target} leaves no room for a response after the indicator")
     samples = reconstruct(current, rehearsed, tok, ind, cfg.max_source, cfg.max_target, template)  # Eq. 4
     lora.add_adapter(model, cfg.name, lcfg)
+    if init is not None:
+        lora.load_adapter_state(model, cfg.name, init.adapter)
     lora.set_adapter(model, cfg.name)
-    trainable = trainable_parameters(model, cfg.name, cfg.indicator == "added")
+    trainable = trainable_parameters(model, cfg.name, routed and cfg.indicator == "added")
     model.train()
     rows = [p for n, p in trainable.items() if n.startswith("extra_")]
     opt = torch.optim.AdamW([dict(params=[p for n, p in trainable.items() if not n.startswith("extra_")], lr=cfg.lr),
@@ -171,8 +206,8 @@ def train(cfg: TrainConfig) -> Path:
         if state["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         print(f"resuming {out} at step {step}/{total}")
-    n_pos = sum(1 for s in samples if s.ids[s.start:s.start + len(ind.pos)] == ind.pos)
-    print(f"expert {cfg.name}: {n_pos} positive + {len(samples) - n_pos} negative samples, "
+    n_neg = len(rehearsed) if routed else 0
+    print(f"{cfg.method} {cfg.name}: {len(samples) - n_neg} positive + {n_neg} negative samples, "
           f"{sum(p.numel() for p in trainable.values()):,} trainable parameters, {template} prompts, {total} steps on {device}")
     # every check passed: the run directory starts (or restarts) here; the log keeps the steps before
     # the checkpoint, since later ones are about to be redone
@@ -220,48 +255,67 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
     elapsed = time.perf_counter() - t_start
     print(f"trained {step} steps in {elapsed:.0f} s, {n_tokens / max(elapsed, 1e-9):.0f} tokens/s")
-    Expert.from_model(model, cfg.name, cfg.task, cfg.model, cfg.indicator, cfg.max_source, template, lcfg).save(out / EXPERT_DIR)
+    Expert.from_model(model, cfg.name, cfg.task, cfg.model, cfg.indicator if routed else UNROUTED, cfg.max_source,
+                      template, lcfg).save(out / EXPERT_DIR)
     (out / STATE_FILE).unlink(missing_ok=True)
     return out
 
 
 def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
-    """Continual SEE: stage i trains expert E_i on T_i with tau of the queries of T_1..T_{i-1} as negatives.
+    """Continual fine-tuning over `tasks`, one stage each, with cfg.method deciding what a stage learns from:
 
-    The system directory holds system.json (base model and the experts, oldest first) and one run
+    see            stage i: a new expert on T_i, tau of the queries of T_1..T_{i-1} as negatives
+    non-rehearsal  stage i: the LoRA of stage i-1, fine-tuned on T_i
+    replay         stage i: the LoRA of stage i-1, fine-tuned on T_i plus tau of T_1..T_{i-1} in full
+    mtl            one stage: T_N with T_1..T_{N-1} replayed in full (tau = 1), i.e. all tasks at once
+    stl            stage i: a new LoRA on T_i alone
+
+    The system directory holds system.json (method, base model, the adapters in order) and one run
     directory per stage; re-running resumes at the first unfinished stage.
     """
     if len(set(tasks)) != len(tasks):
         raise UserError(f"a task appears twice in the sequence {','.join(tasks)}")
     names = [replace(cfg, task=t).name for t in tasks]
-    root = Path(cfg.out or f"runs/see-{'-'.join(names)}-{model_tag(cfg.model)}")
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("task", "previous", "out")}
-    system = dict(method="see", model=cfg.model, tasks=tasks, experts=[f"{i + 1}-{n}/{EXPERT_DIR}" for i, n in enumerate(names)],
-                  settings=settings)
+    root = Path(cfg.out or f"runs/{cfg.method}-{'-'.join(names)}-{model_tag(cfg.model)}")
+    if cfg.method == "mtl":
+        stages = [replace(cfg, task=tasks[-1], previous=tasks[:-1], tau=1.0, out=str(root / "1-mtl"))]
+    else:
+        rehearse = cfg.method in ("see", "replay")
+        stages = [replace(cfg, task=t, previous=tasks[:i] if rehearse else [], out=str(root / f"{i + 1}-{n}"))
+                  for i, (t, n) in enumerate(zip(tasks, names))]
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("task", "previous", "out", "init")}
+    system = dict(method=cfg.method, model=cfg.model, tasks=tasks,
+                  experts=[f"{Path(s.out).name}/{EXPERT_DIR}" for s in stages], settings=settings)
     def comparable(d: dict) -> dict:
         return {**d, "settings": {k: v for k, v in d["settings"].items() if k not in RESUMABLE_CHANGES}}
     if (root / SYSTEM_FILE).exists() and comparable(json.loads((root / SYSTEM_FILE).read_text())) != comparable(system):
-        raise UserError(f"{root} holds a sequence with other tasks or settings; pass another --out")
+        raise UserError(f"{root} holds a sequence with other tasks, method or settings; pass another --out")
     root.mkdir(parents=True, exist_ok=True)
     atomic_write(root / SYSTEM_FILE, lambda p: p.write_text(json.dumps(system, indent=2) + "\n"))
-    for i, (task, expert) in enumerate(zip(tasks, system["experts"])):
-        stage = root / Path(expert).parent
-        if (stage / EXPERT_DIR).exists():
+    for i, stage in enumerate(stages):
+        if (Path(stage.out) / EXPERT_DIR).exists():
             continue
-        print(f"stage {i + 1}/{len(tasks)}: {task}")
-        train(replace(cfg, task=task, previous=tasks[:i], out=str(stage)))
+        print(f"stage {i + 1}/{len(stages)}: {stage.task}" + (f" (+ {','.join(stage.previous)})" if stage.previous else ""))
+        init = str(Path(stages[i - 1].out) / EXPERT_DIR) if cfg.method in CONTINUED and i else None
+        train(replace(stage, init=init))
     return root
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | None]:
     d = TrainConfig()
-    p = argparse.ArgumentParser(description="Train one SEE expert: a LoRA adapter that answers its task after "
-                                            "<<pos>> and refuses earlier tasks' queries with <<neg>>.")
+    p = argparse.ArgumentParser(description="Train one SEE expert (a LoRA adapter that answers its task after <<pos>> "
+                                            "and refuses earlier tasks' queries with <<neg>>), a whole sequence of them "
+                                            "(--sequence/--order), or one of the paper's baselines (--method).")
     p.add_argument("--sequence", default=None, help="comma-separated tasks to learn in turn, one expert each")
     p.add_argument("--order", default=None, choices=list(ORDERS), help="the paper's task orders (Table 5; 10 = all ten)")
     p.add_argument("--task", default=d.task, help="task abbreviation (qa, qg, sa, sum, trans, dsg, expl, para, pe, pos) "
                                                    "or the path of a SuperNI task .json file")
     p.add_argument("--previous", default="", help="comma-separated earlier tasks; tau of their queries become negatives")
+    p.add_argument("--method", default=d.method, choices=list(METHODS),
+                   help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+    p.add_argument("--negatives", default=d.negatives, choices=NEGATIVES,
+                   help="SEE's negatives: earlier tasks' queries, or as many LIMA queries (pseudo-negatives)")
+    p.add_argument("--init", default=None, help="expert directory whose LoRA this one starts from")
     p.add_argument("--model", default=d.model, help="'smollm2-135m', 'tiny', a local directory or a hub id "
                                                     "(e.g. meta-llama/Llama-2-7b-hf)")
     p.add_argument("--data-dir", default=None, help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
@@ -304,7 +358,7 @@ def main() -> None:
         except KeyboardInterrupt:
             sys.exit("\ninterrupted: run the same command again to resume from the last checkpoint")
         if tasks:
-            print(f"SEE system written to {out}")
+            print(f"{cfg.method} system written to {out}\nevaluate it: python evaluate.py --run {out}")
         else:
             print(f"expert written to {out / EXPERT_DIR}\n"
                   f"evaluate it: python evaluate.py --expert {out / EXPERT_DIR} --task {cfg.task}")

@@ -38,6 +38,8 @@ SPLITS = ("train", "eval", "extra", "train.smp01", "train.smp005", "train.smp001
 # an official SuperNI task file has no splits: like the SuperNI benchmark, its first 100 instances
 # are for evaluation, and the rest are for training
 TASK_FILE_EVAL = 100
+# LIMA's first 200 queries test out-of-distribution routing; pseudo-negatives come from the rest
+OOD_EVAL = 200
 
 
 @dataclass
@@ -149,9 +151,12 @@ def rehearsal(previous: dict[str, list[Example]], tau: float, seed: int) -> list
     return drawn
 
 
-def load_ood(path: str | Path | None = None, directory: str | Path | None = None) -> list[Example]:
-    """Queries of no task in the sequence, to see how often they fall back to the base model: LIMA's
-    instructions (`instruction`, optional `input`), by default the lima.jsonl beside the SuperNI directory."""
+def load_ood(path: str | Path | None = None, directory: str | Path | None = None, split: str = "eval") -> list[Example]:
+    """Queries of no task: LIMA's instructions (`instruction`, optional `input`), by default the lima.jsonl
+    beside the SuperNI directory. Its first OOD_EVAL ("eval") test how often such queries fall back to
+    the base model (RB-Acc); the rest ("train") may serve as pseudo-negatives (paper Table 3)."""
+    if split not in ("eval", "train"):
+        raise UserError(f"unknown split {split!r} of the out-of-distribution queries; known: eval, train")
     path = Path(path) if path else data_dir(directory).parent / "lima.jsonl"
     examples = []
     for n, r in _numbered_jsonl(path):
@@ -159,4 +164,4 @@ def load_ood(path: str | Path | None = None, directory: str | Path | None = None
             raise UserError(f"{path}:{n}: need a string 'instruction'")
         query = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
         examples.append(Example(f"ood-{n}", query, [r.get("output") or ""]))
-    return examples
+    return examples[:OOD_EVAL] if split == "eval" else examples[OOD_EVAL:]

@@ -86,9 +86,10 @@ def test_subsample_is_seeded_and_keeps_everything_when_asked_for_more():
 
 
 def test_out_of_distribution_queries_come_from_lima(tmp_path):
-    from data import load_ood
-    lima = load_ood()
-    assert len(lima) == 1029 and all(ex.query for ex in lima)
+    from data import OOD_EVAL, load_ood
+    test, rest = load_ood(), load_ood(split="train")
+    assert len(test) == OOD_EVAL and len(rest) == 1029 - OOD_EVAL and all(ex.query for ex in test + rest)
+    assert not {ex.query for ex in test} & {ex.query for ex in rest}, "pseudo-negatives never meet RB-Acc's queries"
     (tmp_path / "ood.jsonl").write_text('{"instruction": "Write a poem.", "input": "about rain"}\n{"input": "x"}\n')
     with pytest.raises(UserError, match="ood.jsonl:2: need a string 'instruction'"):
         load_ood(tmp_path / "ood.jsonl")

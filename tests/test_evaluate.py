@@ -1,8 +1,10 @@
-"""evaluate.py: SuperNI's ROUGE-L, and scores written as JSON with the predictions beside them."""
+"""evaluate.py: SuperNI's ROUGE-L, scores written as JSON, and whole continual runs: SEE against the baselines."""
 import json
 import os
+import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -67,17 +69,74 @@ def test_a_missing_expert_is_one_line_of_error(tiny_dir, tmp_path):
     assert res.returncode == 2 and res.stderr.strip() == f"error: {tmp_path / 'nope'} is not an expert directory (no expert.json)"
 
 
-def test_a_continual_run_gives_the_score_matrix_and_the_papers_metrics(tiny_dir, tmp_path):
-    from dataclasses import replace
+# three synthetic SuperNI task files, told apart by their definitions, each with one fixed answer
+SYNTHETIC = {"colour": ("Name the colour of the object in the sentence.", "red"),
+             "count": ("Count the number of people mentioned in the story.", "three"),
+             "mood": ("Decide whether the review below is positive or negative.", "positive")}
 
-    from evaluate import average_rouge, backward_transfer, evaluate_run
+
+@pytest.fixture(scope="module")
+def continual_runs(tiny_dir, tmp_path_factory):
+    """SEE(100%) and non-rehearsal over the same three synthetic tasks, each scored after every stage."""
+    from evaluate import evaluate_run
     from train import TrainConfig, train_sequence
-    cfg = TrainConfig(model=str(tiny_dir), out=str(tmp_path / "see"), tau=1.0, max_train=32, epochs=4, batch_size=16,
-                      micro_batch=16, lr=1e-2, max_source=96, max_target=8)
-    run = train_sequence(cfg, ["sa", "pe"])
-    result = evaluate_run(run, max_eval=6, max_new_tokens=3, max_ood=8)
-    assert [len(row) for row in result["scores"]] == [1, 2], "a_i after stage j, for i <= j"
-    assert result["ar"] == average_rouge(result["scores"]) and result["bwt"] == backward_transfer(result["scores"])
-    assert result["routing_f1"] == 1.0, "separable tasks: every query reaches its own expert"
-    assert result["n_ood"] == 8 and 0 <= result["rb_acc"] <= 1
-    assert 1 <= result["routing_steps"] <= 2
+    root = tmp_path_factory.mktemp("continual")
+    rng = random.Random(0)
+    words = "the a house river city dog small old new with under over near".split()
+    for name, (definition, answer) in SYNTHETIC.items():  # 100 eval + 40 train instances
+        instances = [dict(id=f"{name}-{i}", input=" ".join(rng.choices(words, k=8)), output=[answer]) for i in range(140)]
+        (root / f"{name}.json").write_text(json.dumps(dict(Definition=[definition], Instances=instances)))
+    cfg = TrainConfig(model=str(tiny_dir), tau=1.0, max_train=32, epochs=20, batch_size=16, micro_batch=16, lr=3e-2,
+                      indicator_lr=1e-2, max_source=96, max_target=8)
+    tasks = [str(root / f"{name}.json") for name in SYNTHETIC]
+    runs = {m: train_sequence(replace(cfg, method=m, out=str(root / m)), tasks) for m in ("see", "non-rehearsal")}
+    return runs, {m: evaluate_run(run, max_eval=8, max_new_tokens=6, max_ood=8)[0] for m, run in runs.items()}
+
+
+def test_see_routes_every_query_to_its_expert_and_does_not_forget(continual_runs):
+    from evaluate import average_rouge, backward_transfer
+    see = continual_runs[1]["see"]
+    assert [len(row) for row in see["scores"]] == [1, 2, 3], "a_i after stage j, for i <= j"
+    assert see["ar"] == average_rouge(see["scores"]) and see["bwt"] == backward_transfer(see["scores"])
+    assert see["routing_f1"] >= 0.95 and see["bwt"] == pytest.approx(0, abs=1.0)
+    assert see["n_ood"] == {"lima": 8, "superni": 8 * 10} and 0 <= see["rb_acc"]["lima"] <= 1
+    assert 1 <= see["routing_steps"] <= 3
+
+
+def test_non_rehearsal_forgets_earlier_tasks(continual_runs):
+    see, plain = continual_runs[1]["see"], continual_runs[1]["non-rehearsal"]
+    assert plain["bwt"] < -10 and plain["bwt"] < see["bwt"] - 10
+    assert plain["routing_f1"] is None and plain["rb_acc"] is None, "one adapter answers everything: nothing is routed"
+
+
+def test_the_run_cli_prints_the_papers_table_and_writes_json(continual_runs, tiny_dir, tmp_path):
+    runs, results = continual_runs
+    res = run_cli(["--run", str(runs["see"]), "--run", str(runs["non-rehearsal"]), "--max-eval", "8",
+                   "--max-new-tokens", "6", "--max-ood", "8"], tiny_dir)
+    assert res.returncode == 0, res.stderr
+    header, *rows = res.stdout.strip().splitlines()[-3:]
+    assert header.split() == ["method", *SYNTHETIC, "AR", "BWT", "R-F1", "RB-LIMA", "RB-SNI", "steps"]
+    assert rows[0].startswith("SEE(100%)") and rows[1].startswith("Non-rehearsal")
+    for run, row in zip(runs.values(), rows):
+        written = json.loads((run / "eval.json").read_text())
+        assert f"{written['ar']:.2f}" in row and f"{written['bwt']:.2f}" in row
+        assert written["scores"] == results[written["method"]]["scores"], "the CLI scores as evaluate_run does"
+
+
+@pytest.mark.parametrize("method", ["mtl", "stl"])
+def test_mtl_and_stl_give_one_row_and_no_bwt(tiny_dir, tmp_path, method):
+    from evaluate import evaluate_run
+    from train import TrainConfig, train_sequence
+    cfg = TrainConfig(model=str(tiny_dir), method=method, out=str(tmp_path / method), max_train=8, epochs=1,
+                      batch_size=8, micro_batch=8, max_source=64, max_target=6)
+    result, predictions = evaluate_run(train_sequence(cfg, ["sa", "pe"]), max_eval=3, max_new_tokens=2)
+    assert [len(row) for row in result["scores"]] == [2] and result["bwt"] is None
+    routes = {p["task"]: p["route"] for p in predictions}
+    assert routes == ({"sa": "pe", "pe": "pe"} if method == "mtl" else {"sa": "sa", "pe": "pe"}), "which adapter answered"
+
+
+def test_run_and_task_are_exclusive(tiny_dir, tmp_path):
+    res = run_cli(["--run", str(tmp_path), "--task", "sa"], tiny_dir)
+    assert res.returncode == 2 and "give --task" in res.stderr
+    res = run_cli(["--run", str(tmp_path)], tiny_dir)
+    assert res.returncode == 2 and res.stderr.strip() == f"error: {tmp_path} holds no system (no system.json); train one with train.py --sequence"

@@ -51,6 +51,16 @@ def test_reconstruction_makes_positives_and_query_only_negatives(tiny):
         assert s.ids[s.start:] == ind.neg, "(q, o_neg): no response, no EOS"
 
 
+def test_without_indicators_every_sample_is_query_and_response_and_rehearsal_is_replayed_in_full(tiny):
+    _, tok = tiny
+    current, rehearsed = examples("a", 3), examples("b", 2, "an old answer")
+    samples = reconstruct(current, rehearsed, tok, None)  # the baselines: non-rehearsal, replay, MTL, STL
+    assert len(samples) == 5
+    for s, ex in zip(samples, current + rehearsed):
+        assert s.ids[:s.start] == prompt_ids(tok, ex.query, 1024)
+        assert s.ids[s.start:] == tok.encode(ex.outputs[0], bos=False) + [tok.eos_id]
+
+
 @pytest.mark.parametrize("tau,negatives", [(0.01, 2), (0.1, 5), (0.2, 10)])
 def test_tau_sets_the_number_of_negatives(tiny, tau, negatives):
     model, tok = tiny

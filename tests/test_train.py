@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 import lora
 import train as train_mod
 from checkpoint import load_dir
-from data import load_task
+from data import load_ood, load_task
 from errors import UserError
 from experts import Expert, prompt_ids, setup_indicators
 from router import generate_batched
-from train import TrainConfig, train, train_sequence, trainable_parameters
+from train import TrainConfig, train, train_sequence, trainable_parameters, training_data
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,8 +140,50 @@ def test_a_sequence_resumes_at_its_unfinished_stage_and_ends_as_an_uninterrupted
     for stage in ("1-sa", "2-pe"):
         a, b = expert_tensors(whole / stage), expert_tensors(cut / stage)
         assert all(torch.equal(a[k], b[k]) for k in a), stage
-    with pytest.raises(UserError, match="other tasks or settings"):
+    with pytest.raises(UserError, match="other tasks, method or settings"):
         train_sequence(replace(cfg, out=str(tmp_path / "cut"), tau=0.2), ["sa", "pe"])
+
+
+@pytest.mark.parametrize("method,stages", [
+    # (stage directory, task, rehearsed tasks, the stage whose LoRA it starts from)
+    ("see", [("1-sa", "sa", [], None), ("2-pe", "pe", ["sa"], None), ("3-qa", "qa", ["sa", "pe"], None)]),
+    ("non-rehearsal", [("1-sa", "sa", [], None), ("2-pe", "pe", [], "1-sa"), ("3-qa", "qa", [], "2-pe")]),
+    ("replay", [("1-sa", "sa", [], None), ("2-pe", "pe", ["sa"], "1-sa"), ("3-qa", "qa", ["sa", "pe"], "2-pe")]),
+    ("mtl", [("1-mtl", "qa", ["sa", "pe"], None)]),
+    ("stl", [("1-sa", "sa", [], None), ("2-pe", "pe", [], None), ("3-qa", "qa", [], None)]),
+])
+def test_each_method_arranges_its_stages(tmp_path, monkeypatch, method, stages):
+    seen = []
+
+    def record(cfg):
+        seen.append(cfg)
+        (Path(cfg.out) / "expert").mkdir(parents=True)
+    monkeypatch.setattr(train_mod, "train", record)
+    root = train_sequence(TrainConfig(method=method, out=str(tmp_path / method)), ["sa", "pe", "qa"])
+    assert [(Path(c.out).name, c.task, c.previous, c.init and Path(c.init).parent.name) for c in seen] == stages
+    assert json.loads((root / "system.json").read_text())["experts"] == [f"{s[0]}/expert" for s in stages]
+    assert all(c.tau == (1.0 if method == "mtl" else 0.1) for c in seen), "MTL replays every earlier example"
+
+
+def test_a_continued_lora_starts_from_the_previous_stage_and_has_no_indicators(tiny_dir, tmp_path):
+    cfg = replace(small(tiny_dir, tmp_path / "sa"), method="non-rehearsal", previous=[])
+    first = Expert.load(train(cfg) / "expert")
+    # with lr 0 the second stage cannot move, so its LoRA is exactly where it started
+    second = Expert.load(train(replace(cfg, task="pe", lr=0.0, init=str(tmp_path / "sa" / "expert"),
+                                       out=str(tmp_path / "pe"))) / "expert")
+    assert first.adapter.keys() == second.adapter.keys() and any(v.abs().max() > 0 for v in first.adapter.values())
+    assert all(torch.equal(first.adapter[k], second.adapter[k]) for k in first.adapter)
+    assert second.indicator == "none" and second.rows == {}
+
+
+def test_pseudo_negatives_are_as_many_lima_queries_as_rehearsal_would_draw(tiny_dir):
+    cfg = TrainConfig(task="qa", previous=["sa", "pe"], tau=0.1, max_train=40)
+    current, negatives = training_data(cfg)
+    _, pseudo = training_data(replace(cfg, negatives="lima"))
+    lima = {ex.query for ex in load_ood(split="train")}
+    assert len(pseudo) == len(negatives) == 8 and all(ex.query in lima for ex in pseudo)
+    with pytest.raises(UserError, match="for --method see only"):
+        train(replace(cfg, negatives="lima", method="replay"))
 
 
 def run_cli(args, tiny_dir):
