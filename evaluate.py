@@ -4,7 +4,7 @@ whole continual runs with the paper's metrics: AR (Eq. 6), BWT (Eq. 7), routing 
 
     python evaluate.py --expert runs/qa-smollm2-135m/expert --task qa --max-eval 100
     python evaluate.py --task qa --max-eval 100          # the base model alone, for comparison
-    python evaluate.py --run runs/see-qa-qg-sa-sum-trans-smollm2-135m --run runs/non-rehearsal-...
+    python evaluate.py --run runs/see-tau0.1-qa-qg-sa-sum-trans-smollm2-135m --run runs/non-rehearsal-...
 """
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def routing_steps(routes: list[str | None], experts: list[str]) -> float:
 def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indicators | None,
                   examples: list[Example], max_source: int = 1024, max_new_tokens: int = 512,
                   batch_size: int = 16, template: str = "plain", progress: bool = False) -> tuple[dict, list[dict]]:
-    """Route every example through the experts (base model last), greedy-decode, and score.
+    """Answer every example (SEE: routed through the experts, base model last; a baseline: its one
+    adapter), greedy-decode, and score.
 
     Returns the summary (ROUGE-L, counts, speed) and one record per example.
     """
@@ -140,11 +141,20 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
     run_dir = Path(run_dir)
     if not (run_dir / SYSTEM_FILE).is_file():
         raise UserError(f"{run_dir} holds no system (no {SYSTEM_FILE}); train one with train.py --sequence")
-    system = json.loads((run_dir / SYSTEM_FILE).read_text())
-    method, tasks = system["method"], system["tasks"]
-    model, tok, experts, ind, _ = load_system(None, [str(run_dir / e) for e in system["experts"]], device, dtype)
+    try:
+        system = json.loads((run_dir / SYSTEM_FILE).read_text())
+        method, tasks, expert_dirs = system["method"], system["tasks"], system["experts"]
+        label = method_label(system)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{run_dir / SYSTEM_FILE}: malformed ({type(e).__name__}: {e})") from None
+    model, tok, experts, ind, _ = load_system(None, [str(run_dir / e) for e in expert_dirs], device, dtype)
     template, max_source = experts[0].template, experts[0].max_source
     evals = {t: load_task(t, "eval", data_dir)[:max_eval] for t in tasks}
+    if method == "see":  # queries of no task in the sequence, for RB-Acc (read now: a missing file fails early)
+        in_sequence = set(tasks) | {Path(t).stem for t in tasks}
+        heldout = {"lima": load_ood(directory=data_dir)[:max_ood],
+                   "superni": [ex for t, name in TASKS.items() if not {t, name} & in_sequence
+                               for ex in load_task(t, "eval", data_dir)[:max_eval]]}
     T = len(tasks)
     # which adapters answer task i after stage j: SEE routes over all experts so far; the others use one adapter
     if method == "see":
@@ -162,14 +172,12 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
         scores[j].append(summary["rougeL"])
         if j == last:
             predictions += [dict(task=tasks[i], **r) for r in records]
-    result = dict(run=str(run_dir), method=method, label=method_label(system), tasks=tasks, scores=scores,
+    result = dict(run=str(run_dir), method=method, label=label, tasks=tasks, scores=scores,
                   ar=average_rouge(scores), bwt=backward_transfer(scores) if method in ("see", *CONTINUED) else None,
-                  routing_f1=None, per_task_routing=None, rb_acc=None, routing_steps=None)
+                  routing_f1=None, per_task_routing=None, rb_acc=None, n_ood=None, routing_steps=None)
     if method == "see":
         # R-F1 over the sequence's own queries (as the paper scores it); RB-Acc over queries of no task.
         # Only the routing decision matters for the latter, so one token of answer is enough.
-        heldout = {"lima": load_ood(directory=data_dir)[:max_ood],
-                   "superni": [ex for t in TASKS if t not in tasks for ex in load_task(t, "eval", data_dir)[:max_eval]]}
         routes = [None if p["route"] == "base" else p["route"] for p in predictions]
         gold = [experts[tasks.index(p["task"])].name for p in predictions]
         rb_acc, ood_routes = {}, []
@@ -204,7 +212,7 @@ def print_table(results: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description="ROUGE-L of SEE experts (or the base model) on a task's eval split, "
-                                            "or the paper's metrics of whole runs (--run).")
+                                            "or the paper's metrics of whole runs (--run: the runs' own prompt, source length and model).")
     p.add_argument("--run", action="append", default=[],
                    help="a system written by train.py --sequence/--order; repeat to compare runs in one table")
     p.add_argument("--expert", action="append", default=[],
@@ -214,7 +222,8 @@ def main() -> None:
     p.add_argument("--data-dir", default=None, help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
     p.add_argument("--split", default="eval")
     p.add_argument("--max-eval", type=int, default=None, help="score only the first N examples of each task")
-    p.add_argument("--max-ood", type=int, default=OOD_EVAL, help="LIMA queries for RB-Acc (--run)")
+    p.add_argument("--max-ood", type=int, default=OOD_EVAL, help=f"LIMA queries for RB-Acc (--run; at most {OOD_EVAL}, "
+                                                                 f"the rest may have been pseudo-negatives)")
     p.add_argument("--template", default=None, choices=list(TEMPLATES),
                    help="prompt (default: as the experts were trained, else auto: chat if the checkpoint has a template)")
     p.add_argument("--max-source", type=int, default=None, help="query tokens kept (default: as the experts were trained, else 1024)")
@@ -243,6 +252,7 @@ def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
                                            args.data_dir, device, dtype, progress=True)
         result.update(max_eval=args.max_eval, max_new_tokens=args.max_new_tokens)
         out = Path(args.out if args.out and len(args.run) == 1 else Path(run) / "eval.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
         preds = out.with_suffix(".predictions.jsonl")
         atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in predictions)))
         atomic_write(out, lambda f: f.write_text(json.dumps(dict(result, predictions=str(preds)), indent=2) + "\n"))

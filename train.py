@@ -87,6 +87,15 @@ class TrainConfig:
 RESUMABLE_CHANGES = {"out", "save_every", "data_dir"}
 
 
+def comparable(settings: dict) -> dict:
+    """Settings as a resumed run must match them: a setting added since the run was written counts as
+    its default, paths as resolved, and what does not change the result is left out."""
+    settings = {**dataclasses.asdict(TrainConfig()), **settings}
+    if settings["init"]:
+        settings["init"] = str(Path(settings["init"]).resolve())
+    return {k: v for k, v in settings.items() if k not in RESUMABLE_CHANGES}
+
+
 def resume_state(cfg: TrainConfig) -> dict | None:
     """The state of an unfinished run of the same config in the run directory; refuses a finished or different run."""
     out = cfg.run_dir()
@@ -94,8 +103,8 @@ def resume_state(cfg: TrainConfig) -> dict | None:
         raise UserError(f"{out} already holds a trained expert; pass another --out")
     if not (out / CONFIG_FILE).exists():
         return None
-    config, saved = dataclasses.asdict(cfg), json.loads((out / CONFIG_FILE).read_text())
-    changed = sorted(k for k in config.keys() | saved.keys() if k not in RESUMABLE_CHANGES and config.get(k) != saved.get(k))
+    config, saved = comparable(dataclasses.asdict(cfg)), comparable(json.loads((out / CONFIG_FILE).read_text()))
+    changed = sorted(k for k in config.keys() | saved.keys() if config.get(k) != saved.get(k))
     if changed:
         raise UserError(f"{out} holds a run with other settings "
                         f"({', '.join(f'{k}: {saved.get(k)} -> {config.get(k)}' for k in changed)}); pass another --out")
@@ -109,7 +118,10 @@ def training_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     previous = {t: subsample(load_task(t, "train", cfg.data_dir), cfg.max_train, cfg.seed) for t in cfg.previous}
     rehearsed = rehearsal(previous, cfg.tau, cfg.seed)
     if cfg.negatives == "lima":
-        rehearsed = subsample(load_ood(directory=cfg.data_dir, split="train"), len(rehearsed), cfg.seed)[:len(rehearsed)]
+        pool = load_ood(directory=cfg.data_dir, split="train")
+        if len(rehearsed) > len(pool):
+            raise UserError(f"{len(rehearsed)} pseudo-negatives asked for, but LIMA has only {len(pool)} to spare; lower --tau")
+        rehearsed = subsample(pool, len(rehearsed), cfg.seed)
     return current, rehearsed
 
 
@@ -181,7 +193,7 @@ def train(cfg: TrainConfig) -> Path:
     ind = setup_indicators(model, tok, cfg.indicator) if routed else None
     template = resolve_template(tok, cfg.template)
     if cfg.max_target < len(ind.pos if ind else []) + 2:
-        raise UserError(f"--max-target {cfg.max_target} leaves no room for a response after the indicator")
+        raise UserError(f"--max-target {cfg.max_target} leaves no room for a response")
     samples = reconstruct(current, rehearsed, tok, ind, cfg.max_source, cfg.max_target, template)  # Eq. 4
     lora.add_adapter(model, cfg.name, lcfg)
     if init is not None:
@@ -275,8 +287,14 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
     """
     if len(set(tasks)) != len(tasks):
         raise UserError(f"a task appears twice in the sequence {','.join(tasks)}")
+    if cfg.init:
+        raise UserError("--init is for one stage; a sequence starts each stage as its method says")
     names = [replace(cfg, task=t).name for t in tasks]
-    root = Path(cfg.out or f"runs/{cfg.method}-{'-'.join(names)}-{model_tag(cfg.model)}")
+    # the default directory names what sets this run apart, e.g. runs/see-tau0.1-qa-qg-sa-sum-trans-smollm2-135m
+    variant = [f"tau{cfg.tau:g}"] if cfg.method in ("see", "replay") else []
+    if cfg.method == "see":
+        variant += ["pseudo"] * (cfg.negatives == "lima") + [cfg.indicator] * (cfg.indicator != "added")
+    root = Path(cfg.out or f"runs/{'-'.join([cfg.method, *variant, *names])}-{model_tag(cfg.model)}")
     if cfg.method == "mtl":
         stages = [replace(cfg, task=tasks[-1], previous=tasks[:-1], tau=1.0, out=str(root / "1-mtl"))]
     else:
@@ -286,9 +304,9 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("task", "previous", "out", "init")}
     system = dict(method=cfg.method, model=cfg.model, tasks=tasks,
                   experts=[f"{Path(s.out).name}/{EXPERT_DIR}" for s in stages], settings=settings)
-    def comparable(d: dict) -> dict:
-        return {**d, "settings": {k: v for k, v in d["settings"].items() if k not in RESUMABLE_CHANGES}}
-    if (root / SYSTEM_FILE).exists() and comparable(json.loads((root / SYSTEM_FILE).read_text())) != comparable(system):
+    def same(d: dict) -> dict:
+        return {**d, "settings": comparable(d["settings"])}
+    if (root / SYSTEM_FILE).exists() and same(json.loads((root / SYSTEM_FILE).read_text())) != same(system):
         raise UserError(f"{root} holds a sequence with other tasks, method or settings; pass another --out")
     root.mkdir(parents=True, exist_ok=True)
     atomic_write(root / SYSTEM_FILE, lambda p: p.write_text(json.dumps(system, indent=2) + "\n"))

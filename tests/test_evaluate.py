@@ -99,8 +99,8 @@ def test_see_routes_every_query_to_its_expert_and_does_not_forget(continual_runs
     assert [len(row) for row in see["scores"]] == [1, 2, 3], "a_i after stage j, for i <= j"
     assert see["ar"] == average_rouge(see["scores"]) and see["bwt"] == backward_transfer(see["scores"])
     assert see["routing_f1"] >= 0.95 and see["bwt"] == pytest.approx(0, abs=1.0)
-    assert see["n_ood"] == {"lima": 8, "superni": 8 * 10} and 0 <= see["rb_acc"]["lima"] <= 1
-    assert 1 <= see["routing_steps"] <= 3
+    assert all(r["f1"] >= 0.95 for r in see["per_task_routing"].values())
+    assert see["n_ood"] == {"lima": 8, "superni": 8 * 10}, "all ten SuperNI tasks are held out of a synthetic sequence"
 
 
 def test_non_rehearsal_forgets_earlier_tasks(continual_runs):

@@ -1,4 +1,5 @@
 """train.py: an expert learns to claim its task, only adapter and indicator rows learn, runs resume or refuse."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -176,14 +177,26 @@ def test_a_continued_lora_starts_from_the_previous_stage_and_has_no_indicators(t
     assert second.indicator == "none" and second.rows == {}
 
 
-def test_pseudo_negatives_are_as_many_lima_queries_as_rehearsal_would_draw(tiny_dir):
+def test_pseudo_negatives_are_as_many_lima_queries_as_rehearsal_would_draw():
     cfg = TrainConfig(task="qa", previous=["sa", "pe"], tau=0.1, max_train=40)
-    current, negatives = training_data(cfg)
+    _, negatives = training_data(cfg)
     _, pseudo = training_data(replace(cfg, negatives="lima"))
     lima = {ex.query for ex in load_ood(split="train")}
     assert len(pseudo) == len(negatives) == 8 and all(ex.query in lima for ex in pseudo)
     with pytest.raises(UserError, match="for --method see only"):
         train(replace(cfg, negatives="lima", method="replay"))
+    with pytest.raises(UserError, match="LIMA has only 829 to spare"):
+        training_data(replace(cfg, negatives="lima", tau=1.0, max_train=None))
+
+
+def test_a_run_written_before_a_setting_existed_resumes_with_its_default(tiny_dir, tmp_path):
+    cfg = small(tiny_dir, tmp_path / "old")
+    (tmp_path / "old").mkdir()
+    written = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("method", "negatives", "init")}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(written))
+    assert train_mod.resume_state(cfg) is None, "same settings, no checkpoint yet: a fresh start, not a refusal"
+    with pytest.raises(UserError, match="method: see -> replay"):
+        train_mod.resume_state(replace(cfg, method="replay"))
 
 
 def run_cli(args, tiny_dir):
