@@ -17,12 +17,13 @@ import torch
 from rouge_score import rouge_scorer
 from tqdm import tqdm
 
+import lora
 from checkpoint import atomic_write, load, model_tag
 from data import OOD_EVAL, TASKS, Example, load_ood, load_task
 from errors import UserError, user_errors
 from experts import TEMPLATES, UNROUTED, Expert, Indicators, prompt_ids, resolve_template, setup_indicators
 from model import Llama
-from router import BASE, generate_batched, sequential_route
+from router import BASE, generate_batched, key_route, sequential_route
 from tokenizer import Tokenizer
 from train import CONTINUED, SYSTEM_FILE
 
@@ -69,7 +70,8 @@ def routing_steps(routes: list[str | None], experts: list[str]) -> float:
 
 def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indicators | None,
                   examples: list[Example], max_source: int = 1024, max_new_tokens: int = 512,
-                  batch_size: int = 16, template: str = "plain", progress: bool = False) -> tuple[dict, list[dict]]:
+                  batch_size: int = 16, template: str = "plain", progress: bool = False,
+                  task: str | None = None) -> tuple[dict, list[dict]]:
     """Answer every example (SEE: routed through the experts, base model last; a baseline: its one
     adapter), greedy-decode, and score.
 
@@ -77,7 +79,10 @@ def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indi
     """
     prompts = [prompt_ids(tok, ex.query, max_source, template) for ex in examples]
     t0 = time.perf_counter()
-    if experts and ind is None:  # a baseline's adapter answers every query itself (it has no indicator to route by)
+    if experts and experts[-1].sub is not None:  # MoSEs: the newest stage holds every task; keys pick one (TaIL)
+        experts[-1].use(model)                    # unless `task` is given (TIL)
+        answers, routes = key_route(model, experts[-1].keys, prompts, max_new_tokens, tok.eos_ids, batch_size, task, progress)
+    elif experts and ind is None:  # a baseline's adapter answers every query itself (it has no indicator to route by)
         if len(experts) > 1:
             raise UserError("adapters without indicators cannot be routed; give one of them")
         experts[0].use(model)
@@ -119,7 +124,7 @@ def method_label(system: dict) -> str:
     method, settings = system["method"], system["settings"]
     tau = f"{100 * settings['tau']:g}%"
     label = {"see": f"SEE({tau})", "replay": f"RandSel({tau})", "non-rehearsal": "Non-rehearsal",
-             "mtl": "MTL", "stl": "AvgSTL"}[method]
+             "mtl": "MTL", "stl": "AvgSTL", "moses": f"MoSEs(c={settings.get('sparsity')})"}[method]
     if method == "see" and settings.get("negatives") == "lima":
         label += " w/pseudo"
     if method == "see" and settings.get("indicator", "added") != "added":
@@ -164,17 +169,28 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
     else:
         cells = {(0, i): [experts[0 if method == "mtl" else i]] for i in range(T)}
     last = max(j for j, _ in cells)
-    scores = [[] for _ in range(last + 1)]
-    predictions = []
-    for (j, i), answering in tqdm(cells.items(), desc="a_i after stage j", disable=not progress):
-        summary, records = evaluate_task(model, tok, answering, ind, evals[tasks[i]], max_source,
-                                         max_new_tokens, batch_size, template)
-        scores[j].append(summary["rougeL"])
-        if j == last:
-            predictions += [dict(task=tasks[i], **r) for r in records]
+
+    def score_matrix(til: bool) -> tuple[list[list[float]], list[dict]]:
+        scores, predictions = [[] for _ in range(last + 1)], []
+        for (j, i), answering in tqdm(cells.items(), desc="a_i after stage j" + " (TIL)" * til, disable=not progress):
+            summary, records = evaluate_task(model, tok, answering, ind, evals[tasks[i]], max_source, max_new_tokens,
+                                             batch_size, template, task=experts[i].name if til else None)
+            scores[j].append(summary["rougeL"])
+            if j == last:
+                predictions += [dict(task=tasks[i], **r) for r in records]
+        return scores, predictions
+    scores, predictions = score_matrix(til=False)
     result = dict(run=str(run_dir), method=method, label=label, tasks=tasks, scores=scores,
                   ar=average_rouge(scores), bwt=backward_transfer(scores) if method in ("see", *CONTINUED) else None,
-                  routing_f1=None, per_task_routing=None, rb_acc=None, n_ood=None, routing_steps=None)
+                  routing_f1=None, per_task_routing=None, rb_acc=None, n_ood=None, routing_steps=None,
+                  parameters=stage_parameters(model, experts))
+    if method == "moses":
+        # task-agnostic (TaIL: keys pick the task) above; task-incremental (TIL: the task given) here
+        til, _ = score_matrix(til=True)
+        routing = routing_scores([p["route"] for p in predictions], [experts[tasks.index(p["task"])].name for p in predictions])
+        result.update(til_scores=til, til_ar=average_rouge(til), til_bwt=backward_transfer(til),
+                      routing_f1=routing["f1"], per_task_routing=routing["per_task"],
+                      task_id_accuracy=sum(p["route"] == experts[tasks.index(p["task"])].name for p in predictions) / len(predictions))
     if method == "see":
         # R-F1 over the sequence's own queries (as the paper scores it); RB-Acc over queries of no task.
         # Only the routing decision matters for the latter, so one token of answer is enough.
@@ -193,9 +209,27 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
     return result, predictions
 
 
+def stage_parameters(model: Llama, experts: list[Expert]) -> list[dict]:
+    """Trainable parameters of each stage; MoSEs also: the weights its task's mask keeps, those no
+    earlier task held (new), and those held by some task so far (stored: what inference needs)."""
+    out, held = [], 0
+    for e in experts:
+        if e.sub is None:
+            out.append(dict(trainable=sum(v.numel() for v in (*e.adapter.values(), *e.rows.values()))))
+            continue
+        e.use(model)
+        counts = lora.subexpert_counts(model)
+        # weights and their scores, less what earlier tasks froze, and the task's key
+        out.append(dict(trainable=2 * counts["weights"] - held + model.config.dim, mask=counts[f"mask_{e.name}"],
+                        new=counts["used"] - held, stored=counts["used"]))
+        held = counts["used"]
+    return out
+
+
 def print_table(results: list[dict]) -> None:
     """The paper's Table 1 layout (a row per method: AR, BWT), with the final ROUGE-L per task and,
-    for SEE, routing F1, RB-Acc on LIMA and on held-out SuperNI tasks, and mean routing steps."""
+    for SEE, routing F1, RB-Acc on LIMA and on held-out SuperNI tasks, and mean routing steps (for
+    MoSEs, R-F1 is task identification by key); then trainable parameters per stage, and MoSEs' TIL scores."""
     tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
     def cell(v, fmt, scale=1):
         return "-" if v is None else format(scale * v, fmt)
@@ -208,6 +242,13 @@ def print_table(results: list[dict]) -> None:
               + f"{r['ar']:>8.2f}{cell(r['bwt'], '.2f'):>8}{cell(r['routing_f1'], '.2f', 100):>8}"
               + f"{cell(rb.get('lima'), '.1f', 100):>8}{cell(rb.get('superni'), '.1f', 100):>8}"
               + f"{cell(r['routing_steps'], '.2f'):>7}")
+    for r in results:
+        print(f"{r['label']}: trainable parameters per stage " + ", ".join(f"{p['trainable']:,}" for p in r["parameters"])
+              + ("; weights held after each stage " + ", ".join(f"{p['stored']:,}" for p in r["parameters"])
+                 if "stored" in r["parameters"][0] else ""))
+        if "til_ar" in r:
+            print(f"{r['label']}: TIL AR {r['til_ar']:.2f} BWT {r['til_bwt']:.2f}; TaIL AR {r['ar']:.2f} BWT {r['bwt']:.2f}; "
+                  f"TIL-TaIL gap {r['til_ar'] - r['ar']:.2f}; task identification {100 * r['task_id_accuracy']:.1f}%")
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ then the response) or o_neg ("not mine"). Training data for E_i is the reconstru
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ PROMPT = "{query}\nOutput:"
 TEMPLATES = ("auto", "chat", "plain")
 # the indicator type of a baseline's adapter: it has none, answers every query and is not routed
 UNROUTED = "none"
-EXPERT_FILE, ROWS_FILE = "expert.json", "indicators.safetensors"
+EXPERT_FILE, ROWS_FILE, SUBEXPERTS_FILE = "expert.json", "indicators.safetensors", "subexperts.safetensors"
 
 
 @dataclass
@@ -107,7 +108,11 @@ def reconstruct(current: list[Example], rehearsed: list[Example], tok: Tokenizer
 
 @dataclass
 class Expert:
-    """One SEE expert: a LoRA adapter (PEFT layout) and, for added indicators, its trained token rows."""
+    """One SEE expert: a LoRA adapter (PEFT layout) and, for added indicators, its trained token rows.
+
+    MoSEs' branch (`sub` set): the adapter is every task's sub-experts and masks so far (one file,
+    subexperts.safetensors), and `keys` holds each task's prompt key.
+    """
     name: str
     task: str
     base_model: str
@@ -117,10 +122,16 @@ class Expert:
     lora: lora.LoraConfig
     adapter: dict[str, torch.Tensor]  # PEFT-keyed LoRA weights
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # "embed" (and "head" if untied): o_pos, o_neg rows
+    sub: lora.SubExpertConfig | None = None
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)  # MoSEs: task -> prompt key
 
     @classmethod
     def from_model(cls, model: Llama, name: str, task: str, base_model: str, indicator: str, max_source: int,
-                   template: str, cfg: lora.LoraConfig) -> "Expert":
+                   template: str, cfg: lora.LoraConfig, sub: lora.SubExpertConfig | None = None,
+                   keys: dict[str, torch.Tensor] | None = None) -> "Expert":
+        if sub is not None:
+            state = {k: v.clone() for k, v in lora.subexpert_state(model).items()}
+            return cls(name, task, base_model, indicator, max_source, template, cfg, state, {}, sub, dict(keys or {}))
         rows = {}
         if indicator == "added":
             rows["embed"] = model.extra_embed.detach().float().clone()
@@ -132,11 +143,16 @@ class Expert:
     def save(self, path: str | Path) -> None:
         """Write the expert to `path` atomically (a temporary directory, then a rename)."""
         with atomic_dir(path) as tmp:
-            lora.write_adapter(self.adapter, self.lora, tmp, self.base_model)
-            if self.rows:
-                save_file({k: v.contiguous() for k, v in self.rows.items()}, tmp / ROWS_FILE)
             meta = dict(name=self.name, task=self.task, base_model=self.base_model, indicator=self.indicator,
                         max_source=self.max_source, template=self.template)
+            if self.sub is not None:
+                keys = {f"keys.{t}": v for t, v in self.keys.items()}
+                save_file({k: v.contiguous() for k, v in {**self.adapter, **keys}.items()}, tmp / SUBEXPERTS_FILE)
+                meta.update(lora=dataclasses.asdict(self.lora), sub=dataclasses.asdict(self.sub))
+            else:
+                lora.write_adapter(self.adapter, self.lora, tmp, self.base_model)
+            if self.rows:
+                save_file({k: v.contiguous() for k, v in self.rows.items()}, tmp / ROWS_FILE)
             (tmp / EXPERT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -147,19 +163,36 @@ class Expert:
         try:
             meta = json.loads((path / EXPERT_FILE).read_text())
             fields = [meta[k] for k in ("name", "task", "base_model", "indicator", "max_source", "template")]
+            if "sub" in meta:
+                cfg, sub = lora.LoraConfig(**meta["lora"]), lora.SubExpertConfig(**meta["sub"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise UserError(f"{path / EXPERT_FILE}: malformed ({type(e).__name__}: {e})") from None
+        if "sub" in meta:
+            if not (path / SUBEXPERTS_FILE).is_file():
+                raise UserError(f"{path} has no {SUBEXPERTS_FILE}")
+            state = load_file(path / SUBEXPERTS_FILE)
+            keys = {k.removeprefix("keys."): v for k, v in state.items() if k.startswith("keys.")}
+            return cls(*fields, cfg, {k: v for k, v in state.items() if not k.startswith("keys.")}, {}, sub, keys)
         cfg, adapter = lora.read_adapter(path)
         rows = load_file(path / ROWS_FILE) if (path / ROWS_FILE).is_file() else {}
         return cls(*fields, cfg, adapter, rows)
 
     def attach(self, model: Llama) -> None:
-        """Add this expert's adapter to the model (the indicator rows are put in place by `use`)."""
+        """Add this expert's adapter to the model (the indicator rows are put in place by `use`); MoSEs:
+        the sub-expert layers, once for all stages (each stage's weights are put in place by `use`)."""
+        if self.sub is not None:
+            if not lora.subexpert_layers(model):
+                lora.add_subexperts(model, self.lora, self.sub)
+            return
         lora.add_adapter(model, self.name, self.lora)
         lora.load_adapter_state(model, self.name, self.adapter)
 
     def use(self, model: Llama) -> None:
-        """Make this (attached) expert the one the model runs: its adapter and its indicator rows."""
+        """Make this (attached) expert the one the model runs: its adapter and its indicator rows; MoSEs:
+        its sub-experts and masks (choose the task with lora.set_task or router.key_route)."""
+        if self.sub is not None:
+            lora.load_subexpert_state(model, self.adapter)
+            return
         lora.set_adapter(model, self.name)
         with torch.no_grad():
             if "embed" in self.rows:

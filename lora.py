@@ -195,3 +195,162 @@ def load_adapter(model: nn.Module, name: str, path: str | Path) -> LoraConfig:
 def lora_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     return [p for m in lora_layers(model).values() if name in m.lora_A
             for p in (m.lora_A[name].weight, m.lora_B[name].weight)]
+
+
+# --- MoSEs (Mixtures of SubExperts): a pool of low-rank sub-experts behind a sparse router, seen by each
+# task through its own binary mask over their weights. Masks follow "winning subnetworks": a task keeps
+# the top-c% of each weight tensor by a learned score, and weights an earlier task kept are frozen, so
+# earlier tasks compute exactly what they did, while a new task may reuse (but not change) them.
+
+@dataclass
+class SubExpertConfig:
+    experts: int = 2  # sub-experts per layer (the summary's best: E2T2)
+    top_k: int = 2  # sub-experts the router mixes per token
+    sparsity: float = 0.3  # c: the share of each weight tensor a task's mask keeps
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= self.experts or not 0 < self.sparsity <= 1:
+            raise UserError(f"need 1 <= top-k <= experts and 0 < sparsity <= 1, got experts={self.experts}, "
+                            f"top-k={self.top_k}, sparsity={self.sparsity}")
+
+
+MASKED = ("A", "B", "gate")  # the sub-expert weights a task sees through its mask
+
+
+def top_share(scores: torch.Tensor, share: float) -> torch.Tensor:
+    """A boolean mask of the largest `share` of |scores| (at least one entry)."""
+    s = scores.detach().abs().reshape(-1)
+    keep = torch.zeros(s.numel(), dtype=torch.bool, device=s.device)
+    keep[s.topk(max(1, round(share * s.numel()))).indices] = True
+    return keep.view(scores.shape)
+
+
+class SubExpertLinear(nn.Module):
+    """A frozen nn.Linear plus a MoSE layer: E low-rank sub-experts B_e A_e mixed per token by a top-k
+    softmax router, every weight seen through the active task's binary mask."""
+
+    def __init__(self, base: nn.Linear, cfg: LoraConfig, sub: SubExpertConfig):
+        super().__init__()
+        self.base, self.sub, self.scaling = base, sub, cfg.alpha / cfg.r
+        E, r, w = sub.experts, cfg.r, base.weight
+        A = torch.empty(E, r, base.in_features, device=w.device)
+        for a in A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as LoRA's A
+        self.A = nn.Parameter(A)
+        # near zero, so the layer starts close to the base model; not at zero, where a weight's mask score
+        # would get no gradient (it scales the weight) and the weight could never join a later task's mask
+        self.B = nn.Parameter(torch.randn(E, base.out_features, r, device=w.device) * 1e-3)
+        self.gate = nn.Parameter(torch.randn(E, base.in_features, device=w.device) * 0.02)
+        self.scores = nn.ParameterDict({k: nn.Parameter(torch.empty_like(getattr(self, k))) for k in MASKED})
+        for s in self.scores.values():
+            nn.init.kaiming_uniform_(s.view(s.shape[0], -1), a=math.sqrt(5))
+        self.dropout = nn.Dropout(cfg.dropout)
+        # weights held by a finished task's mask: their gradient is zeroed, so no later task moves them
+        for k in MASKED:
+            self.register_buffer(f"used_{k}", torch.zeros_like(getattr(self, k), dtype=torch.bool))
+            getattr(self, k).register_hook(lambda g, k=k: g.masked_fill(getattr(self, f"used_{k}"), 0))
+        self.masks: dict[str, dict[str, torch.Tensor]] = {}  # finished task -> its binary masks
+        self.task: str | None = None  # whose mask the forward pass uses; None: the bare base layer
+        self.learning = False  # True: the mask is the live top-c% of the scores (the task being trained)
+
+    def mask(self, k: str) -> torch.Tensor:
+        if not self.learning:
+            return self.masks[self.task][k]
+        s = self.scores[k].abs()  # the live top-c%, its gradient passed straight through to the scores
+        return top_share(s, self.sub.sparsity) + s - s.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.task is None and not self.learning:
+            return y
+        A, B, G = (getattr(self, k) * self.mask(k) for k in MASKED)
+        x = x.to(A.dtype)
+        logits = x @ G.T  # (..., E): the router's score of each sub-expert
+        top = logits.topk(self.sub.top_k, dim=-1)
+        weights = torch.zeros_like(logits).scatter(-1, top.indices, top.values.softmax(-1))
+        h = torch.einsum("...i,eri->...er", self.dropout(x), A)
+        out = torch.einsum("...er,eor->...o", h * weights.unsqueeze(-1), B)
+        return y + (out * self.scaling).to(y.dtype)
+
+    def finish_task(self, name: str) -> None:
+        """Keep the task's mask (top-c% of the scores now) and freeze the weights it holds."""
+        with torch.no_grad():
+            self.masks[name] = {k: top_share(self.scores[k], self.sub.sparsity) for k in MASKED}
+            for k in MASKED:
+                getattr(self, f"used_{k}").logical_or_(self.masks[name][k])
+
+
+def subexpert_layers(model: nn.Module) -> dict[str, SubExpertLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SubExpertLinear)}
+
+
+def add_subexperts(model: nn.Module, cfg: LoraConfig, sub: SubExpertConfig) -> None:
+    """Wrap cfg.targets in MoSE layers (the model must have no LoRA adapters there)."""
+    for parent in list(model.modules()):
+        for attr in cfg.targets:
+            child = getattr(parent, attr, None)
+            if isinstance(child, (LoraLinear, SubExpertLinear)):
+                raise UserError(f"{attr} already carries adapters")
+            if isinstance(child, nn.Linear):
+                setattr(parent, attr, SubExpertLinear(child, cfg, sub).train(child.training))
+
+
+def set_task(model: nn.Module, name: str | None, learning: bool = False) -> None:
+    """Run the MoSE layers with task `name`'s mask (None: the bare base model), or, learning, with the live
+    mask of the task being trained."""
+    for m in subexpert_layers(model).values():
+        if name is not None and not learning and name not in m.masks:
+            raise UserError(f"no task {name!r} among the sub-experts' tasks ({', '.join(m.masks)})")
+        m.task, m.learning = name, learning
+
+
+def finish_task(model: nn.Module, name: str) -> None:
+    for m in subexpert_layers(model).values():
+        m.finish_task(name)
+
+
+def subexpert_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights, scores, frozen-weight sets and every finished task's masks, keyed by module path."""
+    state = {}
+    for path, m in subexpert_layers(model).items():
+        for k in MASKED:
+            state[f"{path}.{k}"] = getattr(m, k).detach()
+            state[f"{path}.scores.{k}"] = m.scores[k].detach()
+            state[f"{path}.used_{k}"] = getattr(m, f"used_{k}")
+            for task, masks in m.masks.items():
+                state[f"{path}.masks.{task}.{k}"] = masks[k]
+    return state
+
+
+def load_subexpert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """The inverse of subexpert_state, into a model with the same MoSE layers."""
+    layers = subexpert_layers(model)
+    tasks = sorted({key.split(".masks.")[1].split(".")[0] for key in state if ".masks." in key})
+    expected = {f"{path}.{name}" for path in layers for k in MASKED
+                for name in (k, f"scores.{k}", f"used_{k}", *(f"masks.{t}.{k}" for t in tasks))}
+    if set(state) != expected:
+        raise UserError(f"sub-expert weights do not match the model: {len(set(state) - expected)} unexpected, "
+                        f"{len(expected - set(state))} missing")
+    with torch.no_grad():
+        for path, m in layers.items():
+            for k in MASKED:
+                getattr(m, k).copy_(state[f"{path}.{k}"])
+                m.scores[k].copy_(state[f"{path}.scores.{k}"])
+                getattr(m, f"used_{k}").copy_(state[f"{path}.used_{k}"])
+            m.masks = {t: {k: state[f"{path}.masks.{t}.{k}"].to(m.A.device).bool() for k in MASKED} for t in tasks}
+
+
+def subexpert_counts(model: nn.Module) -> dict[str, int]:
+    """Sub-expert weights in all, those some finished task holds (what must be stored), and the size of each task's mask."""
+    layers = subexpert_layers(model).values()
+    counts = dict(weights=sum(getattr(m, k).numel() for m in layers for k in MASKED),
+                  used=sum(int(getattr(m, f"used_{k}").sum()) for m in layers for k in MASKED))
+    for m in layers:
+        for t, masks in m.masks.items():
+            counts[f"mask_{t}"] = counts.get(f"mask_{t}", 0) + sum(int(v.sum()) for v in masks.values())
+    return counts
+
+
+def subexpert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What a MoSE stage trains: sub-expert weights (minus those earlier tasks hold), routers, mask scores."""
+    return [p for m in subexpert_layers(model).values() for p in (m.A, m.B, m.gate, *m.scores.values())]

@@ -1,10 +1,13 @@
 """Sequential routing (paper Sec. 3, Inference): a query visits the experts newest to oldest; the first
-expert whose greedy output starts with o_pos answers it; a query no expert claims goes to the base model."""
+expert whose greedy output starts with o_pos answers it; a query no expert claims goes to the base model.
+Beside it, MoSEs' prompt-key routing: the query's feature picks a task, whose sub-expert masks answer."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
+import lora
 from experts import Expert, Indicators, base_model
 from model import Llama, generate
 
@@ -56,5 +59,54 @@ def sequential_route(model: Llama, experts: list[Expert], ind: Indicators | None
             outs = generate_batched(model, [prompts[i] for i in pending], max_new_tokens, eos_ids, batch_size,
                                     desc="base model" if progress else None)
         for i, out in zip(pending, outs):
+            answers[i] = out
+    return answers, routes
+
+
+# --- MoSEs' prompt-key routing (task-agnostic): the query's feature picks the task whose key it is
+# closest to (cosine), and that task's sub-expert masks answer.
+
+@torch.no_grad()
+def query_features(model: Llama, prompts: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+    """f(x): the frozen base model's final hidden states averaged over the query's tokens, (n, dim).
+
+    From the base model, with no sub-expert active, so that a query's feature, and hence its task,
+    never depends on what was learned after its key (as L2P uses the frozen pretrained encoder);
+    averaged, because a decoder has no [CLS] token that sees the whole query.
+    """
+    lora.set_task(model, None)
+    device = model.lm_head.weight.device
+    feats = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s:s + batch_size]
+        x = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
+        real = torch.zeros(x.shape, dtype=torch.bool)
+        for i, p in enumerate(chunk):
+            x[i, :len(p)], real[i, :len(p)] = torch.tensor(p), True
+        h = model.hidden(x.to(device)).float()  # right padding: causal attention keeps pads out of real positions
+        real = real.to(device).unsqueeze(-1)
+        feats.append((h * real).sum(1) / real.sum(1))
+    return torch.cat(feats)
+
+
+def match_keys(features: torch.Tensor, keys: dict[str, torch.Tensor]) -> list[str]:
+    """The task whose key is most cosine-similar to each feature."""
+    names = list(keys)
+    sims = F.cosine_similarity(features[:, None, :], torch.stack([keys[n] for n in names]).to(features)[None], dim=-1)
+    return [names[i] for i in sims.argmax(-1).tolist()]
+
+
+@torch.no_grad()
+def key_route(model: Llama, keys: dict[str, torch.Tensor], prompts: list[list[int]], max_new_tokens: int,
+              eos_ids: list[int], batch_size: int = 16, task: str | None = None,
+              progress: bool = False) -> tuple[list[list[int]], list[str]]:
+    """Answers and, per query, the task whose masks answered: matched by key (TaIL), or `task` for all (TIL)."""
+    routes = [task] * len(prompts) if task else match_keys(query_features(model, prompts, batch_size), keys)
+    answers: list[list[int]] = [[] for _ in prompts]
+    for t in dict.fromkeys(routes):
+        idx = [i for i, r in enumerate(routes) if r == t]
+        lora.set_task(model, t)
+        for i, out in zip(idx, generate_batched(model, [prompts[i] for i in idx], max_new_tokens, eos_ids, batch_size,
+                                                desc=f"task {t}" if progress else None)):
             answers[i] = out
     return answers, routes

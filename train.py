@@ -28,6 +28,7 @@ from data import ORDERS, Example, load_ood, load_task, rehearsal, subsample
 from errors import UserError, user_errors
 from experts import INDICATORS, TEMPLATES, UNROUTED, Expert, TrainSample, reconstruct, resolve_template, setup_indicators
 from model import Llama
+from router import query_features
 
 STATE_FILE, CONFIG_FILE, LOG_FILE, EXPERT_DIR, SYSTEM_FILE = "state.pt", "config.json", "log.jsonl", "expert", "system.json"
 # SEE and the paper's baselines (Sec. 4.1). Only SEE trains indicators and routes; the baselines train
@@ -38,8 +39,9 @@ METHODS = {
     "replay": "one LoRA fine-tuned on each task in turn plus tau of earlier tasks' full samples (RandSel)",
     "mtl": "one LoRA on all tasks at once",
     "stl": "one LoRA per task, each scored on its own task (AvgSTL)",
+    "moses": "sparse sub-experts, a binary mask per task over their weights, the task picked by prompt keys (MoSEs)",
 }
-CONTINUED = ("non-rehearsal", "replay")  # stage i starts from stage i-1's LoRA
+CONTINUED = ("non-rehearsal", "replay", "moses")  # stage i starts from stage i-1's adapter
 # SEE's negatives: earlier tasks' queries, or as many LIMA queries (pseudo-negatives, paper Table 3)
 NEGATIVES = ("tasks", "lima")
 
@@ -51,6 +53,12 @@ class TrainConfig:
     method: str = "see"
     negatives: str = "tasks"
     init: str | None = None  # an expert whose LoRA this one starts from (else B = 0)
+    # MoSEs: sub-experts per layer, how many the router mixes, the share c of each weight tensor a
+    # task's mask keeps, and the weight of the pull constraint that aligns its key with its queries
+    experts: int = 2
+    top_k: int = 2
+    sparsity: float = 0.3
+    pull_weight: float = 0.1
     model: str = "smollm2-135m"
     data_dir: str | None = None
     out: str | None = None  # default runs/<task>-<model>
@@ -125,10 +133,10 @@ def training_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     return current, rehearsed
 
 
-def trainable_parameters(model: Llama, adapter: str, indicator_rows: bool) -> dict[str, torch.nn.Parameter]:
-    """Freeze the base model; only the adapter (and the added indicator rows) learn, kept in fp32."""
+def trainable_parameters(model: Llama, adapter: str | None, indicator_rows: bool) -> dict[str, torch.nn.Parameter]:
+    """Freeze the base model; only the adapter (None: the MoSE layers) and the added indicator rows learn, in fp32."""
     model.requires_grad_(False)
-    learn = {id(p) for p in lora.lora_parameters(model, adapter)}
+    learn = {id(p) for p in (lora.lora_parameters(model, adapter) if adapter else lora.subexpert_parameters(model))}
     trainable = {n: p for n, p in model.named_parameters()
                  if id(p) in learn or (indicator_rows and n in ("extra_embed", "extra_head"))}
     for p in trainable.values():
@@ -177,10 +185,14 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.batch_size % cfg.micro_batch:
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}")
     lcfg = lora.LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
+    moses = cfg.method == "moses"
+    sub = lora.SubExpertConfig(cfg.experts, cfg.top_k, cfg.sparsity) if moses else None
     current, rehearsed = training_data(cfg)
     init = Expert.load(cfg.init) if cfg.init else None
-    if init is not None and init.lora != lcfg:
-        raise UserError(f"{cfg.init} has LoRA settings {init.lora}, not {lcfg}")
+    if init is not None and (init.lora, init.sub) != (lcfg, sub):
+        raise UserError(f"{cfg.init} has adapter settings {init.lora}, {init.sub}, not {lcfg}, {sub}")
+    if moses and init is not None and cfg.name in init.keys:
+        raise UserError(f"{cfg.init} has learned task {cfg.name!r} already")
     out, state = cfg.run_dir(), resume_state(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device == "cuda" else "float32"))
@@ -195,15 +207,27 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.max_target < len(ind.pos if ind else []) + 2:
         raise UserError(f"--max-target {cfg.max_target} leaves no room for a response")
     samples = reconstruct(current, rehearsed, tok, ind, cfg.max_source, cfg.max_target, template)  # Eq. 4
-    lora.add_adapter(model, cfg.name, lcfg)
-    if init is not None:
-        lora.load_adapter_state(model, cfg.name, init.adapter)
-    lora.set_adapter(model, cfg.name)
-    trainable = trainable_parameters(model, cfg.name, routed and cfg.indicator == "added")
+    if moses:  # one set of MoSE layers carries every task: the previous stage's, with their masks
+        lora.add_subexperts(model, lcfg, sub)
+        if init is not None:
+            init.use(model)
+        # the pull constraint's targets, f(x) of each sample's query, come from the frozen base model
+        features = query_features(model, [s.ids[:s.start] for s in samples], cfg.micro_batch)
+        lora.set_task(model, cfg.name, learning=True)
+    else:
+        lora.add_adapter(model, cfg.name, lcfg)
+        if init is not None:
+            lora.load_adapter_state(model, cfg.name, init.adapter)
+        lora.set_adapter(model, cfg.name)
+    trainable = trainable_parameters(model, None if moses else cfg.name, routed and cfg.indicator == "added")
+    if moses:  # this task's prompt key, drawn apart from the earlier tasks' keys
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + len(init.keys if init else {}))
+        trainable["key"] = torch.nn.Parameter((torch.randn(model.config.dim, generator=g) * 0.02).to(device))
     model.train()
-    rows = [p for n, p in trainable.items() if n.startswith("extra_")]
-    opt = torch.optim.AdamW([dict(params=[p for n, p in trainable.items() if not n.startswith("extra_")], lr=cfg.lr),
-                             dict(params=rows, lr=cfg.indicator_lr)], weight_decay=0.0)
+    # vectors that start from nothing (indicator rows, a prompt key) learn at their own rate
+    fresh = [p for n, p in trainable.items() if n.startswith("extra_") or n == "key"]
+    opt = torch.optim.AdamW([dict(params=[p for p in trainable.values() if all(p is not q for q in fresh)], lr=cfg.lr),
+                             dict(params=fresh, lr=cfg.indicator_lr)], weight_decay=0.0)
     peak = [g["lr"] for g in opt.param_groups]
     steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -219,8 +243,10 @@ def train(cfg: TrainConfig) -> Path:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         print(f"resuming {out} at step {step}/{total}")
     n_neg = len(rehearsed) if routed else 0
+    frozen = lora.subexpert_counts(model)["used"] if moses else 0  # held by earlier tasks' masks
     print(f"{cfg.method} {cfg.name}: {len(samples) - n_neg} positive + {n_neg} negative samples, "
-          f"{sum(p.numel() for p in trainable.values()):,} trainable parameters, {template} prompts, {total} steps on {device}")
+          f"{sum(p.numel() for p in trainable.values()) - frozen:,} trainable parameters, {template} prompts, "
+          f"{total} steps on {device}")
     # every check passed: the run directory starts (or restarts) here; the log keeps the steps before
     # the checkpoint, since later ones are about to be redone
     out.mkdir(parents=True, exist_ok=True)
@@ -235,19 +261,26 @@ def train(cfg: TrainConfig) -> Path:
             epoch, k = divmod(step, steps_per_epoch)
             order = list(range(len(samples)))
             random.Random(f"{cfg.seed}/epoch{epoch}").shuffle(order)
-            batch = [samples[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
+            chosen = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+            batch = [samples[i] for i in chosen]
             # Eq. 5 as SFT implementations compute it: the mean NLL over all target tokens of the global batch
             n_targets = sum(len(s.ids) - s.start for s in batch)
             for p in trainable.values():
                 p.grad = None
-            t0, loss_sum = time.perf_counter(), 0.0
+            t0, loss_sum, pull_sum = time.perf_counter(), 0.0, 0.0
             for m in range(0, len(batch), cfg.micro_batch):
                 x, y = collate(batch[m:m + cfg.micro_batch], device)
                 with amp:
                     # only target positions go through the output head: the loss ignores the rest
                     logits = model.head(model.hidden(x)[y != -100])
                 nll = F.cross_entropy(logits.float(), y[y != -100], reduction="sum")
-                (nll / n_targets).backward()
+                loss = nll / n_targets
+                if moses:  # MoSEs' pull constraint: this task's key toward its queries' features
+                    f = features[chosen[m:m + cfg.micro_batch]]
+                    pull = (1 - F.cosine_similarity(trainable["key"][None], f, dim=-1)).sum()
+                    loss = loss + cfg.pull_weight * pull / len(batch)
+                    pull_sum += pull.item()
+                loss.backward()
                 loss_sum += nll.item()
             torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)  # max_grad_norm 1.0, the HF Trainer default
             for group, lr in zip(opt.param_groups, peak):
@@ -257,7 +290,7 @@ def train(cfg: TrainConfig) -> Path:
             tokens = sum(len(s.ids) - 1 for s in batch)
             n_tokens += tokens
             rec = dict(step=step, epoch=epoch, loss=loss_sum / n_targets, lr=opt.param_groups[0]["lr"],
-                       tokens_per_s=tokens / (time.perf_counter() - t0))
+                       tokens_per_s=tokens / (time.perf_counter() - t0), **({"pull": pull_sum / len(batch)} if moses else {}))
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{n_tokens / (time.perf_counter() - t_start):.0f}")
@@ -267,8 +300,12 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
     elapsed = time.perf_counter() - t_start
     print(f"trained {step} steps in {elapsed:.0f} s, {n_tokens / max(elapsed, 1e-9):.0f} tokens/s")
+    keys = None
+    if moses:
+        lora.finish_task(model, cfg.name)
+        keys = {**(init.keys if init else {}), cfg.name: trainable["key"].detach().cpu().clone()}
     Expert.from_model(model, cfg.name, cfg.task, cfg.model, cfg.indicator if routed else UNROUTED, cfg.max_source,
-                      template, lcfg).save(out / EXPERT_DIR)
+                      template, lcfg, sub, keys).save(out / EXPERT_DIR)
     (out / STATE_FILE).unlink(missing_ok=True)
     return out
 
@@ -334,6 +371,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | 
     p.add_argument("--negatives", default=d.negatives, choices=NEGATIVES,
                    help="SEE's negatives: earlier tasks' queries, or as many LIMA queries (pseudo-negatives)")
     p.add_argument("--init", default=None, help="expert directory whose LoRA this one starts from")
+    p.add_argument("--experts", type=int, default=d.experts, help="MoSEs: sub-experts per layer")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="MoSEs: sub-experts the router mixes per token")
+    p.add_argument("--sparsity", type=float, default=d.sparsity, help="MoSEs: c, the share of sub-expert weights a task's mask keeps")
+    p.add_argument("--pull-weight", type=float, default=d.pull_weight, help="MoSEs: lambda of the pull constraint on the task key")
     p.add_argument("--model", default=d.model, help="'smollm2-135m', 'tiny', a local directory or a hub id "
                                                     "(e.g. meta-llama/Llama-2-7b-hf)")
     p.add_argument("--data-dir", default=None, help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")

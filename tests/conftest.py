@@ -1,3 +1,6 @@
+import json
+import random
+
 import pytest
 import torch
 
@@ -23,3 +26,21 @@ def separable_run(tiny_dir, tmp_path_factory):
     cfg = TrainConfig(task="sa", previous=["pe"], model=str(tiny_dir), out=str(tmp_path_factory.mktemp("runs") / "sa"),
                       tau=1.0, max_train=32, epochs=4, batch_size=16, micro_batch=16, lr=1e-2, max_source=96, max_target=8)
     return cfg, train(cfg)
+
+
+# three synthetic SuperNI task files, told apart by their definitions, each with one fixed answer
+SYNTHETIC = {"colour": ("Name the colour of the object in the sentence.", "red"),
+             "count": ("Count the number of people mentioned in the story.", "three"),
+             "mood": ("Decide whether the review below is positive or negative.", "positive")}
+
+
+@pytest.fixture(scope="session")
+def synthetic_tasks(tmp_path_factory):
+    """Paths of the three task files (100 eval + 40 train instances each), in sequence order."""
+    root = tmp_path_factory.mktemp("synthetic")
+    rng = random.Random(0)
+    words = "the a house river city dog small old new with under over near".split()
+    for name, (definition, answer) in SYNTHETIC.items():
+        instances = [dict(id=f"{name}-{i}", input=" ".join(rng.choices(words, k=8)), output=[answer]) for i in range(140)]
+        (root / f"{name}.json").write_text(json.dumps(dict(Definition=[definition], Instances=instances)))
+    return [str(root / f"{name}.json") for name in SYNTHETIC]

@@ -1,7 +1,6 @@
 """evaluate.py: SuperNI's ROUGE-L, scores written as JSON, and whole continual runs: SEE against the baselines."""
 import json
 import os
-import random
 import subprocess
 import sys
 from dataclasses import replace
@@ -69,27 +68,15 @@ def test_a_missing_expert_is_one_line_of_error(tiny_dir, tmp_path):
     assert res.returncode == 2 and res.stderr.strip() == f"error: {tmp_path / 'nope'} is not an expert directory (no expert.json)"
 
 
-# three synthetic SuperNI task files, told apart by their definitions, each with one fixed answer
-SYNTHETIC = {"colour": ("Name the colour of the object in the sentence.", "red"),
-             "count": ("Count the number of people mentioned in the story.", "three"),
-             "mood": ("Decide whether the review below is positive or negative.", "positive")}
-
-
 @pytest.fixture(scope="module")
-def continual_runs(tiny_dir, tmp_path_factory):
+def continual_runs(tiny_dir, synthetic_tasks, tmp_path_factory):
     """SEE(100%) and non-rehearsal over the same three synthetic tasks, each scored after every stage."""
     from evaluate import evaluate_run
     from train import TrainConfig, train_sequence
     root = tmp_path_factory.mktemp("continual")
-    rng = random.Random(0)
-    words = "the a house river city dog small old new with under over near".split()
-    for name, (definition, answer) in SYNTHETIC.items():  # 100 eval + 40 train instances
-        instances = [dict(id=f"{name}-{i}", input=" ".join(rng.choices(words, k=8)), output=[answer]) for i in range(140)]
-        (root / f"{name}.json").write_text(json.dumps(dict(Definition=[definition], Instances=instances)))
     cfg = TrainConfig(model=str(tiny_dir), tau=1.0, max_train=32, epochs=20, batch_size=16, micro_batch=16, lr=3e-2,
                       indicator_lr=1e-2, max_source=96, max_target=8)
-    tasks = [str(root / f"{name}.json") for name in SYNTHETIC]
-    runs = {m: train_sequence(replace(cfg, method=m, out=str(root / m)), tasks) for m in ("see", "non-rehearsal")}
+    runs = {m: train_sequence(replace(cfg, method=m, out=str(root / m)), synthetic_tasks) for m in ("see", "non-rehearsal")}
     return runs, {m: evaluate_run(run, max_eval=8, max_new_tokens=6, max_ood=8)[0] for m, run in runs.items()}
 
 
@@ -114,8 +101,8 @@ def test_the_run_cli_prints_the_papers_table_and_writes_json(continual_runs, tin
     res = run_cli(["--run", str(runs["see"]), "--run", str(runs["non-rehearsal"]), "--max-eval", "8",
                    "--max-new-tokens", "6", "--max-ood", "8"], tiny_dir)
     assert res.returncode == 0, res.stderr
-    header, *rows = res.stdout.strip().splitlines()[-3:]
-    assert header.split() == ["method", *SYNTHETIC, "AR", "BWT", "R-F1", "RB-LIMA", "RB-SNI", "steps"]
+    header, *rows = res.stdout.strip().splitlines()[-5:-2]
+    assert header.split() == ["method", "colour", "count", "mood", "AR", "BWT", "R-F1", "RB-LIMA", "RB-SNI", "steps"]
     assert rows[0].startswith("SEE(100%)") and rows[1].startswith("Non-rehearsal")
     for run, row in zip(runs.values(), rows):
         written = json.loads((run / "eval.json").read_text())
