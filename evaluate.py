@@ -108,7 +108,7 @@ def load_system(model_name: str | None, expert_dirs: list[str], device, dtype) -
     experts = [Expert.load(d) for d in expert_dirs]
     bases = {e.base_model for e in experts}
     kinds = {e.indicator for e in experts}
-    if len(bases) > 1 or len(kinds) > 1 or len({(e.template, e.max_source) for e in experts}) > 1:
+    if len(bases) > 1 or len(kinds) > 1 or len({(e.template, e.max_source, e.sub) for e in experts}) > 1:
         raise UserError(f"experts disagree on base model, indicator type or prompt: {sorted(bases)}, {sorted(kinds)}")
     model_name = model_name or (bases.pop() if bases else "smollm2-135m")
     model, tok = load(model_name, dtype=dtype, device=device)
@@ -187,10 +187,11 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
     if method == "moses":
         # task-agnostic (TaIL: keys pick the task) above; task-incremental (TIL: the task given) here
         til, _ = score_matrix(til=True)
-        routing = routing_scores([p["route"] for p in predictions], [experts[tasks.index(p["task"])].name for p in predictions])
+        gold = [experts[tasks.index(p["task"])].name for p in predictions]
+        routing = routing_scores([p["route"] for p in predictions], gold)
         result.update(til_scores=til, til_ar=average_rouge(til), til_bwt=backward_transfer(til),
                       routing_f1=routing["f1"], per_task_routing=routing["per_task"],
-                      task_id_accuracy=sum(p["route"] == experts[tasks.index(p["task"])].name for p in predictions) / len(predictions))
+                      task_id_accuracy=sum(p["route"] == g for p, g in zip(predictions, gold)) / len(predictions))
     if method == "see":
         # R-F1 over the sequence's own queries (as the paper scores it); RB-Acc over queries of no task.
         # Only the routing decision matters for the latter, so one token of answer is enough.
@@ -210,8 +211,9 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
 
 
 def stage_parameters(model: Llama, experts: list[Expert]) -> list[dict]:
-    """Trainable parameters of each stage; MoSEs also: the weights its task's mask keeps, those no
-    earlier task held (new), and those held by some task so far (stored: what inference needs)."""
+    """Trainable parameters of each stage; MoSEs: everything its optimizer may change (free sub-expert
+    weights, as many mask scores, the key), the mask scores alone, the weights its task's mask keeps,
+    those no earlier task held (new), and those held by some task so far (stored)."""
     out, held = [], 0
     for e in experts:
         if e.sub is None:
@@ -220,8 +222,8 @@ def stage_parameters(model: Llama, experts: list[Expert]) -> list[dict]:
         e.use(model)
         counts = lora.subexpert_counts(model)
         # weights and their scores, less what earlier tasks froze, and the task's key
-        out.append(dict(trainable=2 * counts["weights"] - held + model.config.dim, mask=counts[f"mask_{e.name}"],
-                        new=counts["used"] - held, stored=counts["used"]))
+        out.append(dict(trainable=2 * counts["weights"] - held + model.config.dim, scores=counts["weights"],
+                        mask=counts[f"mask_{e.name}"], new=counts["used"] - held, stored=counts["used"]))
         held = counts["used"]
     return out
 

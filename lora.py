@@ -202,7 +202,7 @@ def lora_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
 # the top-c% of each weight tensor by a learned score, and weights an earlier task kept are frozen, so
 # earlier tasks compute exactly what they did, while a new task may reuse (but not change) them.
 
-@dataclass
+@dataclass(frozen=True)
 class SubExpertConfig:
     experts: int = 2  # sub-experts per layer (the summary's best: E2T2)
     top_k: int = 2  # sub-experts the router mixes per token
@@ -257,7 +257,7 @@ class SubExpertLinear(nn.Module):
         if not self.learning:
             return self.masks[self.task][k]
         s = self.scores[k].abs()  # the live top-c%, its gradient passed straight through to the scores
-        return top_share(s, self.sub.sparsity) + s - s.detach()
+        return top_share(s, self.sub.sparsity) + (s - s.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -265,7 +265,7 @@ class SubExpertLinear(nn.Module):
             return y
         A, B, G = (getattr(self, k) * self.mask(k) for k in MASKED)
         x = x.to(A.dtype)
-        logits = x @ G.T  # (..., E): the router's score of each sub-expert
+        logits = (x @ G.T).float()  # (..., E): the router's score of each sub-expert (fp32 under autocast too)
         top = logits.topk(self.sub.top_k, dim=-1)
         weights = torch.zeros_like(logits).scatter(-1, top.indices, top.values.softmax(-1))
         h = torch.einsum("...i,eri->...er", self.dropout(x), A)
@@ -285,12 +285,12 @@ def subexpert_layers(model: nn.Module) -> dict[str, SubExpertLinear]:
 
 
 def add_subexperts(model: nn.Module, cfg: LoraConfig, sub: SubExpertConfig) -> None:
-    """Wrap cfg.targets in MoSE layers (the model must have no LoRA adapters there)."""
+    """Wrap cfg.targets in MoSE layers (the model must have no adapters there yet)."""
+    if lora_layers(model) or subexpert_layers(model):
+        raise UserError("the model already carries adapters")
     for parent in list(model.modules()):
         for attr in cfg.targets:
             child = getattr(parent, attr, None)
-            if isinstance(child, (LoraLinear, SubExpertLinear)):
-                raise UserError(f"{attr} already carries adapters")
             if isinstance(child, nn.Linear):
                 setattr(parent, attr, SubExpertLinear(child, cfg, sub).train(child.training))
 
@@ -298,7 +298,10 @@ def add_subexperts(model: nn.Module, cfg: LoraConfig, sub: SubExpertConfig) -> N
 def set_task(model: nn.Module, name: str | None, learning: bool = False) -> None:
     """Run the MoSE layers with task `name`'s mask (None: the bare base model), or, learning, with the live
     mask of the task being trained."""
-    for m in subexpert_layers(model).values():
+    layers = subexpert_layers(model).values()
+    if name is not None and not layers:
+        raise UserError("the model has no sub-experts")
+    for m in layers:
         if name is not None and not learning and name not in m.masks:
             raise UserError(f"no task {name!r} among the sub-experts' tasks ({', '.join(m.masks)})")
         m.task, m.learning = name, learning
@@ -326,13 +329,17 @@ def load_subexpert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     """The inverse of subexpert_state, into a model with the same MoSE layers."""
     layers = subexpert_layers(model)
     tasks = sorted({key.split(".masks.")[1].split(".")[0] for key in state if ".masks." in key})
-    expected = {f"{path}.{name}" for path in layers for k in MASKED
-                for name in (k, f"scores.{k}", f"used_{k}", *(f"masks.{t}.{k}" for t in tasks))}
-    if set(state) != expected:
-        raise UserError(f"sub-expert weights do not match the model: {len(set(state) - expected)} unexpected, "
-                        f"{len(expected - set(state))} missing")
+    shapes = {f"{path}.{name}": getattr(m, k).shape for path, m in layers.items() for k in MASKED
+              for name in (k, f"scores.{k}", f"used_{k}", *(f"masks.{t}.{k}" for t in tasks))}
+    if set(state) != set(shapes):
+        raise UserError(f"sub-expert weights do not match the model: {len(set(state) - set(shapes))} unexpected, "
+                        f"{len(set(shapes) - set(state))} missing")
+    bad = next((key for key, shape in shapes.items() if state[key].shape != shape), None)
+    if bad:
+        raise UserError(f"sub-expert weight {bad} has shape {tuple(state[bad].shape)}, expected {tuple(shapes[bad])}")
     with torch.no_grad():
         for path, m in layers.items():
+            m.task, m.learning = None, False
             for k in MASKED:
                 getattr(m, k).copy_(state[f"{path}.{k}"])
                 m.scores[k].copy_(state[f"{path}.scores.{k}"])
@@ -352,5 +359,6 @@ def subexpert_counts(model: nn.Module) -> dict[str, int]:
 
 
 def subexpert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """What a MoSE stage trains: sub-expert weights (minus those earlier tasks hold), routers, mask scores."""
+    """What a MoSE stage trains: sub-expert weights and routers (those earlier tasks hold get zero
+    gradients, see SubExpertLinear), and the mask scores."""
     return [p for m in subexpert_layers(model).values() for p in (m.A, m.B, m.gate, *m.scores.values())]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import lora
+from errors import UserError
 from experts import Expert, Indicators, base_model
 from model import Llama, generate
 
@@ -74,7 +75,7 @@ def query_features(model: Llama, prompts: list[list[int]], batch_size: int = 16)
     never depends on what was learned after its key (as L2P uses the frozen pretrained encoder);
     averaged, because a decoder has no [CLS] token that sees the whole query.
     """
-    lora.set_task(model, None)
+    lora.set_task(model, None)  # callers set the task they want afterwards
     device = model.lm_head.weight.device
     feats = []
     for s in range(0, len(prompts), batch_size):
@@ -91,6 +92,8 @@ def query_features(model: Llama, prompts: list[list[int]], batch_size: int = 16)
 
 def match_keys(features: torch.Tensor, keys: dict[str, torch.Tensor]) -> list[str]:
     """The task whose key is most cosine-similar to each feature."""
+    if not keys:
+        raise UserError("no task keys to match")
     names = list(keys)
     sims = F.cosine_similarity(features[:, None, :], torch.stack([keys[n] for n in names]).to(features)[None], dim=-1)
     return [names[i] for i in sims.argmax(-1).tolist()]

@@ -191,6 +191,8 @@ def train(cfg: TrainConfig) -> Path:
     init = Expert.load(cfg.init) if cfg.init else None
     if init is not None and (init.lora, init.sub) != (lcfg, sub):
         raise UserError(f"{cfg.init} has adapter settings {init.lora}, {init.sub}, not {lcfg}, {sub}")
+    if moses and (cfg.previous or cfg.pull_weight < 0):
+        raise UserError("MoSEs rehearses nothing (no --previous) and needs --pull-weight >= 0")
     if moses and init is not None and cfg.name in init.keys:
         raise UserError(f"{cfg.init} has learned task {cfg.name!r} already")
     out, state = cfg.run_dir(), resume_state(cfg)
@@ -224,7 +226,8 @@ def train(cfg: TrainConfig) -> Path:
         g = torch.Generator().manual_seed(cfg.seed * 1000 + len(init.keys if init else {}))
         trainable["key"] = torch.nn.Parameter((torch.randn(model.config.dim, generator=g) * 0.02).to(device))
     model.train()
-    # vectors that start from nothing (indicator rows, a prompt key) learn at their own rate
+    # vectors that start from nothing (indicator rows, a prompt key) learn at their own rate. A fresh
+    # optimizer per stage and no weight decay: MoSEs' held weights get zero gradients, so stay exactly
     fresh = [p for n, p in trainable.items() if n.startswith("extra_") or n == "key"]
     opt = torch.optim.AdamW([dict(params=[p for p in trainable.values() if all(p is not q for q in fresh)], lr=cfg.lr),
                              dict(params=fresh, lr=cfg.indicator_lr)], weight_decay=0.0)
@@ -329,6 +332,8 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
     names = [replace(cfg, task=t).name for t in tasks]
     # the default directory names what sets this run apart, e.g. runs/see-tau0.1-qa-qg-sa-sum-trans-smollm2-135m
     variant = [f"tau{cfg.tau:g}"] if cfg.method in ("see", "replay") else []
+    if cfg.method == "moses":
+        variant = [f"c{cfg.sparsity:g}", f"e{cfg.experts}k{cfg.top_k}", f"pull{cfg.pull_weight:g}"]
     if cfg.method == "see":
         variant += ["pseudo"] * (cfg.negatives == "lima") + [cfg.indicator] * (cfg.indicator != "added")
     root = Path(cfg.out or f"runs/{'-'.join([cfg.method, *variant, *names])}-{model_tag(cfg.model)}")
@@ -388,7 +393,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | 
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--targets", default=",".join(d.targets), help=f"LoRA projections, from {','.join(lora.PROJECTIONS)}")
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--indicator-lr", type=float, default=d.indicator_lr, help="learning rate of the added indicator rows")
+    p.add_argument("--indicator-lr", type=float, default=d.indicator_lr,
+                   help="learning rate of the added indicator rows (MoSEs: of the task keys)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (gradient accumulation)")
     p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per forward pass")

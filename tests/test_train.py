@@ -213,6 +213,7 @@ def run_cli(args, tiny_dir):
     (["--task", "sa", "--max-target", "2"], "error: --max-target 2 leaves no room for a response"),
     (["--task", "sa", "--method", "moses", "--sparsity", "1.5"], "error: need 1 <= top-k <= experts and 0 < sparsity <= 1"),
     (["--order", "1", "--init", "x"], "error: --init is for one stage"),
+    (["--task", "sa", "--method", "moses", "--previous", "pe"], "error: MoSEs rehearses nothing"),
 ])
 def test_bad_arguments_are_one_line_of_error(tiny_dir, tmp_path, args, message):
     out = run_cli(["--model", "tiny", "--out", str(tmp_path / "r"), *args], tiny_dir)
