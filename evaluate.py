@@ -23,7 +23,9 @@ from data import OOD_EVAL, TASKS, Example, load_ood, load_task
 from errors import UserError, user_errors
 from experts import TEMPLATES, UNROUTED, Expert, Indicators, prompt_ids, resolve_template, setup_indicators
 from model import Llama
-from router import BASE, generate_batched, key_route, sequential_route
+from router import BASE, generate_batched, key_route, parallel_route, sequential_route
+
+ROUTERS = {"sequential": sequential_route, "parallel": parallel_route}  # same decisions and answers
 from tokenizer import Tokenizer
 from train import CONTINUED, SYSTEM_FILE
 
@@ -71,7 +73,7 @@ def routing_steps(routes: list[str | None], experts: list[str]) -> float:
 def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indicators | None,
                   examples: list[Example], max_source: int = 1024, max_new_tokens: int = 512,
                   batch_size: int = 16, template: str = "plain", progress: bool = False,
-                  task: str | None = None) -> tuple[dict, list[dict]]:
+                  task: str | None = None, routing: str = "sequential") -> tuple[dict, list[dict]]:
     """Answer every example (SEE: routed through the experts, base model last; a baseline: its one
     adapter), greedy-decode, and score.
 
@@ -89,7 +91,8 @@ def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indi
         answers = generate_batched(model, prompts, max_new_tokens, tok.eos_ids, batch_size, desc=experts[0].name if progress else None)
         routes = [experts[0].name] * len(prompts)
     else:
-        answers, routes = sequential_route(model, experts, ind, prompts, max_new_tokens, tok.eos_ids, batch_size, progress)
+        answers, routes = ROUTERS[routing if experts else "sequential"](model, experts, ind, prompts, max_new_tokens,
+                                                                        tok.eos_ids, batch_size, progress)
     seconds = time.perf_counter() - t0
     records = []
     for ex, ids, route in zip(examples, answers, routes):
@@ -134,7 +137,7 @@ def method_label(system: dict) -> str:
 
 def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_tokens: int = 512, batch_size: int = 16,
                  max_ood: int = OOD_EVAL, data_dir: str | None = None, device="cpu", dtype=torch.float32,
-                 progress: bool = False) -> tuple[dict, list[dict]]:
+                 progress: bool = False, routing: str = "sequential") -> tuple[dict, list[dict]]:
     """Score a system written by train.py --sequence, and return the results and the final stage's predictions.
 
     Continual methods (SEE, non-rehearsal, replay) give the matrix scores[j][i] = a_i after stage j
@@ -174,7 +177,7 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
         scores, predictions = [[] for _ in range(last + 1)], []
         for (j, i), answering in tqdm(cells.items(), desc="a_i after stage j" + " (TIL)" * til, disable=not progress):
             summary, records = evaluate_task(model, tok, answering, ind, evals[tasks[i]], max_source, max_new_tokens,
-                                             batch_size, template, task=experts[i].name if til else None)
+                                             batch_size, template, task=experts[i].name if til else None, routing=routing)
             scores[j].append(summary["rougeL"])
             if j == last:
                 predictions += [dict(task=tasks[i], **r) for r in records]
@@ -200,7 +203,7 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
         rb_acc, ood_routes = {}, []
         for name, examples in heldout.items():
             prompts = [prompt_ids(tok, ex.query, max_source, template) for ex in examples]
-            _, r = sequential_route(model, experts, ind, prompts, 1, tok.eos_ids, batch_size, progress)
+            _, r = ROUTERS[routing](model, experts, ind, prompts, 1, tok.eos_ids, batch_size, progress)
             rb_acc[name] = routing_scores(r, [None] * len(r))["rb_acc"]
             ood_routes += r
         routing = routing_scores(routes, gold)
@@ -272,6 +275,8 @@ def main() -> None:
     p.add_argument("--max-source", type=int, default=None, help="query tokens kept (default: as the experts were trained, else 1024)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="the paper's target length")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--routing", default="sequential", choices=list(ROUTERS),
+                   help="SEE: experts one after another (the readable reference), or all in one batched pass")
     p.add_argument("--out", default=None, help="result JSON (default: beside the first expert, or runs/base-<model>/; "
                                                "with --run: <run>/eval.json)")
     args = p.parse_args()
@@ -292,7 +297,7 @@ def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
     results = []
     for run in args.run:
         result, predictions = evaluate_run(run, args.max_eval, args.max_new_tokens, args.batch_size, args.max_ood,
-                                           args.data_dir, device, dtype, progress=True)
+                                           args.data_dir, device, dtype, progress=True, routing=args.routing)
         result.update(max_eval=args.max_eval, max_new_tokens=args.max_new_tokens)
         out = Path(args.out if args.out and len(args.run) == 1 else Path(run) / "eval.json")
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -312,7 +317,7 @@ def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
     max_source = args.max_source or (experts[0].max_source if experts else 1024)
     template = resolve_template(tok, args.template or (experts[0].template if experts else "auto"))
     summary, records = evaluate_task(model, tok, experts, ind, examples, max_source, args.max_new_tokens,
-                                     args.batch_size, template, progress=True)
+                                     args.batch_size, template, progress=True, routing=args.routing)
     task = Path(args.task).stem
     out = Path(args.out or (Path(args.expert[0]).parent if args.expert else
                             Path("runs") / f"base-{model_tag(model_name)}") / f"eval-{task}.json")

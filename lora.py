@@ -49,6 +49,10 @@ class LoraLinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active: str | None = None
         self.merged: str | None = None  # the adapter folded into base.weight, if any
+        # per-row adapters (parallel routing): A (M, r, in), B (M, out, r) and scaling (M,) stacked from
+        # M adapters, and each batch row's index into them
+        self.bank: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.rows: torch.Tensor | None = None
 
     def add(self, name: str, cfg: LoraConfig) -> None:
         w = self.base.weight
@@ -66,6 +70,10 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.bank is not None:  # batched matmuls over each row's gathered adapter, no loop over adapters
+            A, B, scaling = self.bank
+            h = torch.einsum("bti,bri->btr", x.to(A.dtype), A[self.rows])
+            return y + (torch.einsum("btr,bor->bto", h, B[self.rows]) * scaling[self.rows, None, None]).to(y.dtype)
         name = self.active
         if name is None or name == self.merged:
             return y
@@ -99,6 +107,34 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
         if m.merged is not None and m.merged != name:
             raise UserError(f"adapter {m.merged!r} is merged into the base weights; unmerge it first")
         m.active = name if name in m.lora_A else None
+
+
+def stack_adapters(model: nn.Module, names: list[str]) -> None:
+    """Give every LoRA layer a bank of these adapters (smaller ranks zero-padded), so that each batch
+    row can run its own one (set_rows); unstack_adapters goes back to one active adapter."""
+    for m in lora_layers(model).values():
+        if m.merged is not None:
+            raise UserError(f"adapter {m.merged!r} is merged into the base weights; unmerge it first")
+        present = [n for n in names if n in m.lora_A]  # an adapter without this layer adds nothing here
+        r, w = max((m.lora_A[n].weight.shape[0] for n in present), default=1), m.base.weight
+        A = torch.zeros(len(names), r, m.base.in_features, dtype=w.dtype, device=w.device)
+        B = torch.zeros(len(names), m.base.out_features, r, dtype=w.dtype, device=w.device)
+        for j, n in enumerate(names):
+            if n in present:
+                a, b = m.lora_A[n].weight.detach(), m.lora_B[n].weight.detach()
+                A[j, :a.shape[0]], B[j, :, :a.shape[0]] = a, b
+        m.bank = A, B, torch.tensor([m.scaling.get(n, 0.0) for n in names], dtype=w.dtype, device=w.device)
+
+
+def set_rows(model: nn.Module, rows: torch.Tensor) -> None:
+    """Batch row i runs the bank's adapter rows[i]."""
+    for m in lora_layers(model).values():
+        m.rows = rows.to(m.bank[0].device)
+
+
+def unstack_adapters(model: nn.Module) -> None:
+    for m in lora_layers(model).values():
+        m.bank = m.rows = None
 
 
 def merge(model: nn.Module, name: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,9 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    def select(self, rows: torch.Tensor) -> None:
+        self.k, self.v = self.k[rows], self.v[rows]
+
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
@@ -178,7 +182,8 @@ class Llama(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
-        # rows added by extend_vocab, kept apart so that the base rows can stay frozen and bit-identical
+        # rows added by extend_vocab, kept apart so that the base rows can stay frozen and bit-identical;
+        # (k, dim), or (batch, k, dim) to give every batch row its own rows (parallel routing)
         self.extra_embed: nn.Parameter | None = None
         self.extra_head: nn.Parameter | None = None
         # fp32 always: a plain attribute, so model.to(bfloat16) cannot round the angles of far positions
@@ -191,7 +196,7 @@ class Llama(nn.Module):
     @property
     def n_vocab(self) -> int:
         """Base vocabulary plus the rows added by extend_vocab."""
-        return self.config.vocab_size + (0 if self.extra_embed is None else self.extra_embed.shape[0])
+        return self.config.vocab_size + (0 if self.extra_embed is None else self.extra_embed.shape[-2])
 
     def extend_vocab(self, k: int) -> list[int]:
         """Add k token rows (input and output), initialised to the mean of the base vocabulary's rows.
@@ -213,13 +218,22 @@ class Llama(nn.Module):
         if self.extra_embed is None:
             return self.model.embed_tokens(idx)
         V = self.config.vocab_size  # ids past the extra rows still fail, in the second lookup
-        base, extra = self.model.embed_tokens(idx.clamp(max=V - 1)), F.embedding((idx - V).clamp(min=0), self.extra_embed)
+        base, i = self.model.embed_tokens(idx.clamp(max=V - 1)), (idx - V).clamp(min=0)
+        if self.extra_embed.dim() == 3:
+            extra = self.extra_embed[torch.arange(idx.shape[0], device=idx.device)[:, None], i]
+        else:
+            extra = F.embedding(i, self.extra_embed)
         return torch.where((idx >= V).unsqueeze(-1), extra.to(base.dtype), base)  # trained rows may be fp32
 
     def setup_caches(self, batch: int, max_len: int) -> None:
         dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(batch, max_len, self.config.n_kv_heads, self.config.head_dim, dtype, device)
+
+    def select_cache_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows of every layer's cache, in this order."""
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache.select(rows)
 
     def clear_caches(self) -> None:
         for layer in self.model.layers:
@@ -263,7 +277,9 @@ class Llama(nn.Module):
         """Logits over the base vocabulary, then the added rows."""
         logits = self.lm_head(x)
         if self.extra_head is not None:
-            logits = torch.cat([logits, F.linear(x, self.extra_head)], dim=-1)
+            extra = (torch.einsum("btd,bkd->btk", x, self.extra_head.to(x.dtype)) if self.extra_head.dim() == 3
+                     else F.linear(x, self.extra_head))
+            logits = torch.cat([logits, extra], dim=-1)
         return logits
 
 
@@ -284,12 +300,15 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
 @torch.no_grad()
 def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
              temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-             prefix: list[int] | None = None) -> list[list[int]]:
+             prefix: list[int] | None = None,
+             choose: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[list[int]]:
     """Continue each prompt (a list of ids) in one left-padded batch with the KV cache.
 
     Each row stops at its first EOS (not included in the result) or after max_new_tokens. With
     `prefix`, a row also stops at its first token that departs from it (included in the result):
-    an expert that does not claim a query is not decoded any further.
+    an expert that does not claim a query is not decoded any further. With `choose` too, once
+    len(prefix) tokens are out, choose(those tokens, (B, len(prefix))) names the rows to go on
+    with: the batch and its caches shrink to them, and only their results are returned, in that order.
     """
     if not prompts or min(len(p) for p in prompts) == 0:
         raise UserError("cannot generate from an empty prompt")
@@ -319,6 +338,10 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
             done |= torch.isin(tok, eos)
             if prefix is not None and t < len(prefix):
                 done |= tok != prefix[t]
+            if choose is not None and t == len(prefix) - 1:
+                rows = choose(out[:, :t + 1]).to(device)
+                out, done, tok, pad_mask = out[rows], done[rows], tok[rows], pad_mask[rows]
+                model.select_cache_rows(rows)
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
             logits = model(tok[:, None], pad_mask[:, :P + t + 1] if padded else None, P + t)

@@ -55,14 +55,74 @@ def sequential_route(model: Llama, experts: list[Expert], ind: Indicators | None
             else:
                 unclaimed.append(i)
         pending = unclaimed
+    base_answers(model, prompts, pending, answers, max_new_tokens, eos_ids, batch_size, progress)
+    return answers, routes
+
+
+def base_answers(model: Llama, prompts: list[list[int]], pending: list[int], answers: list[list[int]],
+                 max_new_tokens: int, eos_ids: list[int], batch_size: int, progress: bool) -> None:
+    """The base model answers the queries no expert claimed (answers[i] for i in pending)."""
     if pending:
         with base_model(model):
             outs = generate_batched(model, [prompts[i] for i in pending], max_new_tokens, eos_ids, batch_size,
                                     desc="base model" if progress else None)
         for i, out in zip(pending, outs):
             answers[i] = out
-    return answers, routes
 
+
+@torch.no_grad()
+def parallel_route(model: Llama, experts: list[Expert], ind: Indicators, prompts: list[list[int]],
+                   max_new_tokens: int, eos_ids: list[int], batch_size: int = 16,
+                   progress: bool = False) -> tuple[list[list[int]], list[str | None]]:
+    """The decisions and answers of sequential_route, with one prefill per query instead of up to M.
+
+    Each query is put to all M experts at once, one batch row per expert, each row with its own
+    adapter (a stacked bank, lora.stack_adapters) and its own indicator rows. After len(o_pos)
+    tokens the newest expert that emitted o_pos keeps decoding from its own cache; the other rows
+    are dropped. Queries no expert claims go to the base model, as in sequential routing.
+    """
+    M, k = len(experts), len(ind.pos)
+    answers: list[list[int]] = [[] for _ in prompts]
+    routes: list[str | None] = [BASE] * len(prompts)
+    rows = {key: torch.stack([e.rows[key] for e in experts]) for key in experts[0].rows}
+    extra = model.extra_embed, model.extra_head
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    per_pass = max(1, batch_size // M)  # queries per batch: M rows each
+
+    def use_rows(adapters: torch.Tensor) -> None:  # batch row i runs expert adapters[i]
+        lora.set_rows(model, adapters)
+        if "embed" in rows:  # added indicators: each row its expert's trained rows
+            model.extra_embed = torch.nn.Parameter(rows["embed"][adapters].to(extra[0]), requires_grad=False)
+            model.extra_head = (torch.nn.Parameter(rows["head"][adapters].to(extra[1]), requires_grad=False)
+                                if "head" in rows else model.extra_embed)
+
+    lora.stack_adapters(model, [e.name for e in experts])
+    try:
+        for s in tqdm(range(0, len(order), per_pass), desc="parallel routing", disable=not progress, leave=False):
+            chunk = order[s:s + per_pass]
+            adapters = torch.arange(M).repeat(len(chunk))  # row q * M + e: query q, expert e
+            claimed: list[tuple[int, int]] = []  # (query, expert), in the order of the kept rows
+
+            def choose(first: torch.Tensor) -> torch.Tensor:
+                claimed.clear()
+                for q in range(len(chunk)):
+                    newest = next((e for e in reversed(range(M)) if first[q * M + e].tolist() == ind.pos), None)
+                    if newest is not None:
+                        claimed.append((q, newest))
+                keep = torch.tensor([q * M + e for q, e in claimed], dtype=torch.long)
+                use_rows(adapters[keep])
+                return keep
+            use_rows(adapters)
+            outs = generate(model, [prompts[i] for i in chunk for _ in range(M)], k + max_new_tokens, eos_ids,
+                            prefix=ind.pos, choose=choose)
+            for (q, e), out in zip(claimed, outs):
+                answers[chunk[q]], routes[chunk[q]] = out[k:], experts[e].name
+    finally:
+        lora.unstack_adapters(model)
+        model.extra_embed, model.extra_head = extra
+    base_answers(model, prompts, [i for i in range(len(prompts)) if routes[i] is BASE], answers, max_new_tokens,
+                 eos_ids, batch_size, progress)
+    return answers, routes
 
 # --- MoSEs' prompt-key routing (task-agnostic): the query's feature picks the task whose key it is
 # closest to (cosine), and that task's sub-expert masks answer.

@@ -127,3 +127,15 @@ def test_run_and_task_are_exclusive(tiny_dir, tmp_path):
     assert res.returncode == 2 and "give --task" in res.stderr
     res = run_cli(["--run", str(tmp_path)], tiny_dir)
     assert res.returncode == 2 and res.stderr.strip() == f"error: {tmp_path} holds no system (no system.json); train one with train.py --sequence"
+
+
+def test_parallel_routing_scores_as_sequential_routing(separable_run, tiny_dir, tmp_path):
+    _, run_dir = separable_run
+    predictions = {}
+    for routing in ("sequential", "parallel"):
+        out = tmp_path / f"{routing}.json"
+        res = run_cli(["--expert", str(run_dir / "expert"), "--task", "sa", "--max-eval", "6", "--max-new-tokens", "4",
+                       "--routing", routing, "--out", str(out)], tiny_dir)
+        assert res.returncode == 0, res.stderr
+        predictions[routing] = Path(json.loads(out.read_text())["predictions"]).read_text()
+    assert predictions["parallel"] == predictions["sequential"]

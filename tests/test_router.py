@@ -2,12 +2,13 @@
 from dataclasses import replace
 
 import pytest
+import torch
 
 from checkpoint import load_dir
 from data import load_task
 from experts import Expert, base_model, prompt_ids, setup_indicators
 from model import generate
-from router import BASE, sequential_route
+from router import BASE, parallel_route, sequential_route
 from train import TrainConfig, train
 
 
@@ -66,3 +67,31 @@ def test_batched_routing_equals_routing_one_query_at_a_time(system):
     batched = route(system, experts, mixed, batch_size=4)
     alone = [route(system, experts, [q]) for q in mixed]
     assert batched == ([a[0][0] for a in alone], [a[1][0] for a in alone])
+
+
+def mixed_queries(queries):
+    return [q for pair in zip(queries["sa"], queries["pe"], queries["qa"]) for q in pair]
+
+
+@pytest.mark.parametrize("batch_size", [16, 5])
+def test_parallel_routing_makes_the_same_decisions_and_answers_as_sequential(system, batch_size):
+    model, tok, ind, experts, queries = system
+    mixed = mixed_queries(queries)
+    parallel = parallel_route(model, experts, ind, mixed, 4, tok.eos_ids, batch_size)
+    assert parallel == sequential_route(model, experts, ind, mixed, 4, tok.eos_ids, batch_size)
+    assert set(parallel[1]) == {"sa", "pe", BASE}
+
+
+def test_parallel_routing_equals_sequential_on_random_adapters(system):
+    model, tok, ind, experts, queries = system
+    gen = torch.Generator().manual_seed(0)
+    noisy = []
+    for j, e in enumerate(experts * 2):  # four experts: the trained ones, perturbed at random
+        adapter = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=gen) for k, v in e.adapter.items()}
+        rows = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=gen) for k, v in e.rows.items()}
+        noisy.append(replace(e, name=f"noisy{j}", adapter=adapter, rows=rows))
+        noisy[-1].attach(model)
+    mixed = mixed_queries(queries)
+    parallel = parallel_route(model, noisy, ind, mixed, 6, tok.eos_ids, 8)
+    assert parallel == sequential_route(model, noisy, ind, mixed, 6, tok.eos_ids, 8)
+    assert len(set(parallel[1])) >= 2, "queries the newest expert refuses fall through to older ones"
