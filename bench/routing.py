@@ -1,0 +1,113 @@
+"""Latency of answering a query through M SEE experts, against plain generation with one adapter.
+
+    python bench/routing.py --shape smollm2-135m --experts 1,2,5,10 --input 512 --output 64
+
+For each M: plain generation (one adapter, no routing); sequential routing (experts newest first)
+and parallel routing (all experts' first step in one batch), both averaged over the M + 1 outcomes
+of the paper's Appendix E (expert i claims the query, or none does and the base model answers),
+beside the paper's Eq. 8 prediction from the measured TTFT and TPOT. Weights are random; each
+outcome is forced by setting the experts' indicator rows from their own hidden state at the end
+of the prompt. Batch of one query, greedy, no EOS. A benchmark, not a test.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lora  # noqa: E402
+from experts import Expert, Indicators  # noqa: E402
+from forward_backward import SHAPES  # noqa: E402
+from model import Llama, ModelConfig, generate  # noqa: E402
+from router import parallel_route, sequential_route  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of fn() over `repeats` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def make_experts(model: Llama, m: int, device) -> list[Expert]:
+    cfg = lora.LoraConfig(r=8, alpha=16, dropout=0.0)
+    experts = []
+    for e in range(m):
+        lora.add_adapter(model, f"e{e}", cfg)
+        with torch.no_grad():
+            for layer in lora.lora_layers(model).values():
+                layer.lora_B[f"e{e}"].weight.normal_(0, 0.01)
+        experts.append(Expert.from_model(model, f"e{e}", f"task{e}", "random", "added", 10**6, "plain", cfg))
+    for e in experts:  # move to the device: the router copies rows into the model's rows
+        e.rows = {k: v.to(device) for k, v in e.rows.items()}
+    return experts
+
+
+def force(experts: list[Expert], hidden: list[torch.Tensor], claimer: int | None) -> None:
+    """Expert `claimer` (an index, or None for no one) emits o_pos first, every other one o_neg."""
+    for e, (expert, h) in enumerate(zip(experts, hidden)):
+        row = 1e4 * h / h.square().sum()  # logit 1e4 for whichever indicator gets it: far above any other
+        zero = torch.zeros_like(row)
+        expert.rows["embed"] = torch.stack([row, zero] if e == claimer else [zero, row])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=SHAPES, default="smollm2-135m")
+    p.add_argument("--experts", default="1,2,5,10", help="comma-separated numbers of experts M")
+    p.add_argument("--input", type=int, default=512, help="prompt tokens")
+    p.add_argument("--output", type=int, default=64, help="generated tokens")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bfloat16 on CUDA, else float32")
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    hf = {**SHAPES[args.shape], "tie_word_embeddings": True}  # one matrix of indicator rows, as in SmolLM2
+    prompt = torch.randint(0, hf["vocab_size"], (args.input,), generator=torch.Generator().manual_seed(0)).tolist()
+    N = args.output
+    print(f"shape {args.shape}, {device} {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"input {args.input}, output {N} tokens, batch 1, median of {args.repeats}")
+    print(f"{'M':>3}{'plain ms':>10}{'TTFT ms':>9}{'TPOT ms':>9}{'seq ms':>9}{'seq +%':>8}{'Eq.8 +%':>9}"
+          f"{'par ms':>9}{'par +%':>8}")
+    for m in map(int, args.experts.split(",")):
+        torch.manual_seed(0)  # the same base model for every M, with M fresh experts
+        model = Llama(ModelConfig.from_hf(hf)).to(device=device, dtype=dtype).eval()
+        ind = Indicators("added", *([i] for i in model.extend_vocab(2)))
+        experts = make_experts(model, m, device)
+        hidden = []
+        with torch.no_grad():
+            for e in experts:
+                e.use(model)
+                hidden.append(model.hidden(torch.tensor([prompt], device=device))[0, -1].float())
+        experts[-1].use(model)
+        plain = timed(lambda: generate(model, [prompt], N, []), args.repeats)
+        ttft = timed(lambda: generate(model, [prompt], 1, []), args.repeats)
+        tpot = (plain - ttft) / max(N - 1, 1)
+        seq, par = [], []
+        for claimer in [*range(m), None]:  # Appendix E: each expert, or none, equally likely
+            force(experts, hidden, claimer)
+            expected = [experts[claimer].name if claimer is not None else None]
+            for route in (sequential_route, parallel_route):  # the outcome is the forced one
+                assert route(model, experts, ind, [prompt], 1, [], m)[1] == expected, (route.__name__, claimer)
+            seq.append(timed(lambda: sequential_route(model, experts, ind, [prompt], N, [], 1), args.repeats))
+            par.append(timed(lambda: parallel_route(model, experts, ind, [prompt], N, [], m), args.repeats))
+        seq_ms, par_ms = statistics.mean(seq), statistics.mean(par)
+        eq8 = 0.5 / (1 + N / (m - 1) * tpot / ttft) if m > 1 else 0.0
+        print(f"{m:>3}{1e3 * plain:>10.1f}{1e3 * ttft:>9.1f}{1e3 * tpot:>9.2f}{1e3 * seq_ms:>9.1f}"
+              f"{100 * (seq_ms / plain - 1):>8.1f}{100 * eq8:>9.1f}{1e3 * par_ms:>9.1f}{100 * (par_ms / plain - 1):>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
