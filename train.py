@@ -5,13 +5,16 @@ fitted to the reconstructed task D^_i (Eq. 4) with the loss of Eq. 5.
     python train.py --task qg --previous qa        # E_2: tau of qa's queries rehearsed as <<neg>>
     python train.py --order 1 --tau 0.1            # a whole sequence, one expert per stage (resumable)
     python train.py --order 1 --method non-rehearsal   # a baseline: one LoRA fine-tuned on each task in turn
+    torchrun --nproc_per_node 2 train.py --task qa     # data parallel: the same result at the same global batch
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -82,6 +86,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str | None = None  # default bfloat16 autocast on CUDA, float32 on CPU
     save_every: int = 20  # optimizer steps between resumable checkpoints
+    compile: bool = False  # torch.compile the transformer body
 
     @property
     def name(self) -> str:
@@ -92,7 +97,7 @@ class TrainConfig:
 
 
 # settings that do not change what is trained, so a resumed run may differ in them
-RESUMABLE_CHANGES = {"out", "save_every", "data_dir"}
+RESUMABLE_CHANGES = {"out", "save_every", "data_dir", "compile"}
 
 
 def comparable(settings: dict) -> dict:
@@ -167,8 +172,21 @@ def save_state(path: Path, step: int, params: dict[str, torch.nn.Parameter], opt
     atomic_write(path, lambda p: torch.save(state, p))
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) the process group is started once; else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world
+
+
 def train(cfg: TrainConfig) -> Path:
-    """Train the expert and write it to <run dir>/expert; returns the run directory."""
+    """Train the expert and write it to <run dir>/expert; returns the run directory.
+
+    Under torchrun every process takes every world-th micro-batch of each global batch and the
+    gradients are summed across processes before the step: data parallel, with the optimizer step
+    of one process at the same global batch. Only rank 0 writes files.
+    """
     counts = {"--epochs": cfg.epochs, "--batch-size": cfg.batch_size, "--micro-batch": cfg.micro_batch,
               "--save-every": cfg.save_every, "--max-train": cfg.max_train or 1}
     bad = [f"{flag} {v}" for flag, v in counts.items() if v < 1]
@@ -196,7 +214,9 @@ def train(cfg: TrainConfig) -> Path:
     if moses and init is not None and cfg.name in init.keys:
         raise UserError(f"{cfg.init} has learned task {cfg.name!r} already")
     out, state = cfg.run_dir(), resume_state(cfg)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, world = distributed()
+    main = rank == 0
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device == "cuda" else "float32"))
     torch.manual_seed(cfg.seed)
     # bf16 base weights under bf16 autocast; the trained parameters stay fp32
@@ -230,7 +250,7 @@ def train(cfg: TrainConfig) -> Path:
     # optimizer per stage and no weight decay: MoSEs' held weights get zero gradients, so stay exactly
     fresh = [p for n, p in trainable.items() if n.startswith("extra_") or n == "key"]
     opt = torch.optim.AdamW([dict(params=[p for p in trainable.values() if all(p is not q for q in fresh)], lr=cfg.lr),
-                             dict(params=fresh, lr=cfg.indicator_lr)], weight_decay=0.0)
+                             dict(params=fresh, lr=cfg.indicator_lr)], weight_decay=0.0, fused=device != "cpu")
     peak = [g["lr"] for g in opt.param_groups]
     steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -244,38 +264,43 @@ def train(cfg: TrainConfig) -> Path:
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        print(f"resuming {out} at step {step}/{total}")
+        if main:
+            print(f"resuming {out} at step {step}/{total}")
     n_neg = len(rehearsed) if routed else 0
     frozen = lora.subexpert_counts(model)["used"] if moses else 0  # held by earlier tasks' masks
-    print(f"{cfg.method} {cfg.name}: {len(samples) - n_neg} positive + {n_neg} negative samples, "
-          f"{sum(p.numel() for p in trainable.values()) - frozen:,} trainable parameters, {template} prompts, "
-          f"{total} steps on {device}")
-    # every check passed: the run directory starts (or restarts) here; the log keeps the steps before
-    # the checkpoint, since later ones are about to be redone
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"))
-    logged = (out / LOG_FILE).read_text().splitlines() if state is not None and (out / LOG_FILE).exists() else []
-    atomic_write(out / LOG_FILE, lambda p: p.write_text("".join(line + "\n" for line in logged if json.loads(line)["step"] <= step)))
+    if main:
+        print(f"{cfg.method} {cfg.name}: {len(samples) - n_neg} positive + {n_neg} negative samples, "
+              f"{sum(p.numel() for p in trainable.values()) - frozen:,} trainable parameters, {template} prompts, "
+              f"{total} steps on {device}" + (f" and {world - 1} more processes" if world > 1 else ""))
+        # every check passed: the run directory starts (or restarts) here; the log keeps the steps
+        # before the checkpoint, since later ones are about to be redone
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"))
+        logged = (out / LOG_FILE).read_text().splitlines() if state is not None and (out / LOG_FILE).exists() else []
+        atomic_write(out / LOG_FILE, lambda p: p.write_text("".join(line + "\n" for line in logged if json.loads(line)["step"] <= step)))
     amp = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
-    bar = tqdm(total=total, initial=step, desc=f"train {cfg.name}", unit="step")
+    hidden = torch.compile(model.hidden) if cfg.compile else model.hidden
+    bar = tqdm(total=total, initial=step, desc=f"train {cfg.name}", unit="step", disable=not main)
     t_start, n_tokens = time.perf_counter(), 0
-    with (out / LOG_FILE).open("a") as log:
+    with (out / LOG_FILE).open("a") if main else contextlib.nullcontext() as log:
         while step < total:
             epoch, k = divmod(step, steps_per_epoch)
             order = list(range(len(samples)))
             random.Random(f"{cfg.seed}/epoch{epoch}").shuffle(order)
-            chosen = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+            # the global batch in order of length, so that micro-batches hold similar lengths and
+            # little padding; the loss is a sum over its tokens, so the order does not change it
+            chosen = sorted(order[k * cfg.batch_size:(k + 1) * cfg.batch_size], key=lambda i: len(samples[i].ids))
             batch = [samples[i] for i in chosen]
             # Eq. 5 as SFT implementations compute it: the mean NLL over all target tokens of the global batch
             n_targets = sum(len(s.ids) - s.start for s in batch)
             for p in trainable.values():
                 p.grad = None
             t0, loss_sum, pull_sum = time.perf_counter(), 0.0, 0.0
-            for m in range(0, len(batch), cfg.micro_batch):
+            for m in range(rank * cfg.micro_batch, len(batch), world * cfg.micro_batch):  # this process's share
                 x, y = collate(batch[m:m + cfg.micro_batch], device)
                 with amp:
                     # only target positions go through the output head: the loss ignores the rest
-                    logits = model.head(model.hidden(x)[y != -100])
+                    logits = model.head(hidden(x)[y != -100])
                 nll = F.cross_entropy(logits.float(), y[y != -100], reduction="sum")
                 loss = nll / n_targets
                 if moses:  # MoSEs' pull constraint: this task's key toward its queries' features
@@ -285,6 +310,14 @@ def train(cfg: TrainConfig) -> Path:
                     pull_sum += pull.item()
                 loss.backward()
                 loss_sum += nll.item()
+            if world > 1:  # the sum of every process's share: the gradient of the whole global batch
+                sums = torch.tensor([loss_sum, pull_sum], device=device)
+                dist.all_reduce(sums)
+                loss_sum, pull_sum = sums.tolist()
+                for p in trainable.values():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
             torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)  # max_grad_norm 1.0, the HF Trainer default
             for group, lr in zip(opt.param_groups, peak):
                 group["lr"] = lr * lr_scale(step, total)
@@ -294,22 +327,26 @@ def train(cfg: TrainConfig) -> Path:
             n_tokens += tokens
             rec = dict(step=step, epoch=epoch, loss=loss_sum / n_targets, lr=opt.param_groups[0]["lr"],
                        tokens_per_s=tokens / (time.perf_counter() - t0), **({"pull": pull_sum / len(batch)} if moses else {}))
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
+            if main:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{n_tokens / (time.perf_counter() - t_start):.0f}")
             bar.update(1)
-            if step % cfg.save_every == 0 and step < total:
+            if main and step % cfg.save_every == 0 and step < total:
                 save_state(out / STATE_FILE, step, trainable, opt)
     bar.close()
     elapsed = time.perf_counter() - t_start
-    print(f"trained {step} steps in {elapsed:.0f} s, {n_tokens / max(elapsed, 1e-9):.0f} tokens/s")
     keys = None
     if moses:
         lora.finish_task(model, cfg.name)
         keys = {**(init.keys if init else {}), cfg.name: trainable["key"].detach().cpu().clone()}
-    Expert.from_model(model, cfg.name, cfg.task, cfg.model, cfg.indicator if routed else UNROUTED, cfg.max_source,
-                      template, lcfg, sub, keys).save(out / EXPERT_DIR)
-    (out / STATE_FILE).unlink(missing_ok=True)
+    if main:
+        print(f"trained {step} steps in {elapsed:.0f} s, {n_tokens / max(elapsed, 1e-9):.0f} tokens/s")
+        Expert.from_model(model, cfg.name, cfg.task, cfg.model, cfg.indicator if routed else UNROUTED, cfg.max_source,
+                          template, lcfg, sub, keys).save(out / EXPERT_DIR)
+        (out / STATE_FILE).unlink(missing_ok=True)
+    if world > 1:
+        dist.barrier()  # the next stage (on any process) may read this expert
     return out
 
 
@@ -350,12 +387,14 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
         return {**d, "settings": comparable(d["settings"])}
     if (root / SYSTEM_FILE).exists() and same(json.loads((root / SYSTEM_FILE).read_text())) != same(system):
         raise UserError(f"{root} holds a sequence with other tasks, method or settings; pass another --out")
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write(root / SYSTEM_FILE, lambda p: p.write_text(json.dumps(system, indent=2) + "\n"))
+    if distributed()[0] == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write(root / SYSTEM_FILE, lambda p: p.write_text(json.dumps(system, indent=2) + "\n"))
     for i, stage in enumerate(stages):
         if (Path(stage.out) / EXPERT_DIR).exists():
             continue
-        print(f"stage {i + 1}/{len(stages)}: {stage.task}" + (f" (+ {','.join(stage.previous)})" if stage.previous else ""))
+        if distributed()[0] == 0:
+            print(f"stage {i + 1}/{len(stages)}: {stage.task}" + (f" (+ {','.join(stage.previous)})" if stage.previous else ""))
         init = str(Path(stages[i - 1].out) / EXPERT_DIR) if cfg.method in CONTINUED and i else None
         train(replace(stage, init=init))
     return root
@@ -405,6 +444,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | 
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: bfloat16 autocast on CUDA, float32 on CPU")
     p.add_argument("--save-every", type=int, default=d.save_every, help="optimizer steps between resumable checkpoints")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer body (faster steps after a slow first one)")
     a = p.parse_args(argv)
     a.previous = [t for t in a.previous.split(",") if t]
     a.targets = [t for t in a.targets.split(",") if t]
@@ -422,6 +462,11 @@ def main() -> None:
             out = train_sequence(cfg, tasks) if tasks else train(cfg)
         except KeyboardInterrupt:
             sys.exit("\ninterrupted: run the same command again to resume from the last checkpoint")
+        rank = distributed()[0]
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if rank != 0:
+            return
         if tasks:
             print(f"{cfg.method} system written to {out}\nevaluate it: python evaluate.py --run {out}")
         else:

@@ -220,3 +220,45 @@ def test_bad_arguments_are_one_line_of_error(tiny_dir, tmp_path, args, message):
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert out.stderr.startswith(message)
     assert not (tmp_path / "r").exists(), "a run that never started leaves nothing behind"
+
+
+def per_token_nll(model, batch):
+    from train import collate
+    x, y = collate(batch, "cpu")
+    nll = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+    return [nll[i][y[i] != -100] for i in range(len(batch))]
+
+
+def test_length_grouped_micro_batches_leave_every_tokens_loss_as_alone(tiny):
+    from experts import reconstruct
+    model, tok = tiny
+    ind = setup_indicators(model, tok)
+    examples = load_task("sa", "train")[:6] + load_task("pe", "train")[:6]
+    samples = sorted(reconstruct(examples[:8], examples[8:], tok, ind, 96, 8), key=lambda s: len(s.ids))
+    assert len({len(s.ids) for s in samples}) > 3, "lengths differ, so the batch is padded"
+    with torch.no_grad():
+        together, alone = per_token_nll(model, samples), [per_token_nll(model, [s])[0] for s in samples]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(together, alone))
+
+
+def test_compiled_training_learns_the_same_expert(tiny_dir, tmp_path):
+    # without dropout: compiled code draws its dropout masks from another generator
+    plain = expert_tensors(train(small(tiny_dir, tmp_path / "plain", dropout=0.0)))
+    compiled = expert_tensors(train(small(tiny_dir, tmp_path / "compiled", dropout=0.0, compile=True)))
+    assert all(torch.allclose(plain[k], compiled[k], atol=1e-5) for k in plain)
+
+
+def test_two_processes_under_torchrun_train_the_expert_one_process_does(tiny_dir, tmp_path):
+    args = ["--model", "tiny", "--task", "sa", "--previous", "pe", "--tau", "0.5", "--max-train", "16", "--epochs", "2",
+            "--batch-size", "8", "--micro-batch", "2", "--max-source", "64", "--max-target", "8", "--lr", "1e-2",
+            "--dropout", "0"]  # no dropout: each process draws its own masks
+    env = {**os.environ, "SEE_CACHE": str(tiny_dir.parent), "OMP_NUM_THREADS": "1"}
+    one = run_cli([*args, "--out", str(tmp_path / "one")], tiny_dir)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *args,
+                          "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    a, b = expert_tensors(tmp_path / "one"), expert_tensors(tmp_path / "two")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k), "it did train"
+    logs = [(tmp_path / r / "log.jsonl").read_text().splitlines() for r in ("one", "two")]
+    assert [json.loads(x)["loss"] for x in logs[0]] == pytest.approx([json.loads(x)["loss"] for x in logs[1]], rel=1e-5)
