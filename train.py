@@ -216,8 +216,11 @@ def train(cfg: TrainConfig) -> Path:
     out, state = cfg.run_dir(), resume_state(cfg)
     rank, world = distributed()
     main = rank == 0
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, cfg.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    cuda = torch.cuda.is_available()
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"  # one GPU per process
+    if cuda:
+        torch.cuda.set_device(device)
+    dtype = getattr(torch, cfg.dtype or ("bfloat16" if cuda else "float32"))
     torch.manual_seed(cfg.seed)
     # bf16 base weights under bf16 autocast; the trained parameters stay fp32
     model, tok = load(cfg.model, dtype=dtype, device=device)
@@ -250,7 +253,7 @@ def train(cfg: TrainConfig) -> Path:
     # optimizer per stage and no weight decay: MoSEs' held weights get zero gradients, so stay exactly
     fresh = [p for n, p in trainable.items() if n.startswith("extra_") or n == "key"]
     opt = torch.optim.AdamW([dict(params=[p for p in trainable.values() if all(p is not q for q in fresh)], lr=cfg.lr),
-                             dict(params=fresh, lr=cfg.indicator_lr)], weight_decay=0.0, fused=device != "cpu")
+                             dict(params=fresh, lr=cfg.indicator_lr)], weight_decay=0.0, fused=cuda)
     peak = [g["lr"] for g in opt.param_groups]
     steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -278,7 +281,7 @@ def train(cfg: TrainConfig) -> Path:
         atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"))
         logged = (out / LOG_FILE).read_text().splitlines() if state is not None and (out / LOG_FILE).exists() else []
         atomic_write(out / LOG_FILE, lambda p: p.write_text("".join(line + "\n" for line in logged if json.loads(line)["step"] <= step)))
-    amp = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
+    amp = torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype, enabled=dtype != torch.float32)
     hidden = torch.compile(model.hidden) if cfg.compile else model.hidden
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.name}", unit="step", disable=not main)
     t_start, n_tokens = time.perf_counter(), 0
