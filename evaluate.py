@@ -24,12 +24,11 @@ from errors import UserError, user_errors
 from experts import TEMPLATES, UNROUTED, Expert, Indicators, prompt_ids, resolve_template, setup_indicators
 from model import Llama
 from router import BASE, generate_batched, key_route, parallel_route, sequential_route
-
-ROUTERS = {"sequential": sequential_route, "parallel": parallel_route}  # same decisions and answers
 from tokenizer import Tokenizer
 from train import CONTINUED, SYSTEM_FILE
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+ROUTERS = {"sequential": sequential_route, "parallel": parallel_route}  # same decisions and answers
 
 
 def rouge_l(prediction: str, references: list[str]) -> float:
@@ -191,9 +190,9 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
         # task-agnostic (TaIL: keys pick the task) above; task-incremental (TIL: the task given) here
         til, _ = score_matrix(til=True)
         gold = [experts[tasks.index(p["task"])].name for p in predictions]
-        routing = routing_scores([p["route"] for p in predictions], gold)
+        scored = routing_scores([p["route"] for p in predictions], gold)
         result.update(til_scores=til, til_ar=average_rouge(til), til_bwt=backward_transfer(til),
-                      routing_f1=routing["f1"], per_task_routing=routing["per_task"],
+                      routing_f1=scored["f1"], per_task_routing=scored["per_task"],
                       task_id_accuracy=sum(p["route"] == g for p, g in zip(predictions, gold)) / len(predictions))
     if method == "see":
         # R-F1 over the sequence's own queries (as the paper scores it); RB-Acc over queries of no task.
@@ -206,8 +205,8 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
             _, r = ROUTERS[routing](model, experts, ind, prompts, 1, tok.eos_ids, batch_size, progress)
             rb_acc[name] = routing_scores(r, [None] * len(r))["rb_acc"]
             ood_routes += r
-        routing = routing_scores(routes, gold)
-        result.update(routing_f1=routing["f1"], per_task_routing=routing["per_task"], rb_acc=rb_acc,
+        scored = routing_scores(routes, gold)
+        result.update(routing_f1=scored["f1"], per_task_routing=scored["per_task"], rb_acc=rb_acc,
                       n_ood={k: len(v) for k, v in heldout.items()},
                       routing_steps=routing_steps(routes + ood_routes, [e.name for e in experts]))
     return result, predictions

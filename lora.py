@@ -73,7 +73,8 @@ class LoraLinear(nn.Module):
         if self.bank is not None:  # batched matmuls over each row's gathered adapter, no loop over adapters
             A, B, scaling = self.bank
             h = torch.einsum("bti,bri->btr", x.to(A.dtype), A[self.rows])
-            return y + (torch.einsum("btr,bor->bto", h, B[self.rows]) * scaling[self.rows, None, None]).to(y.dtype)
+            delta = torch.einsum("btr,bor->bto", h, B[self.rows]) * scaling[self.rows, None, None]
+            return y + delta.to(y.dtype)
         name = self.active
         if name is None or name == self.merged:
             return y
@@ -123,7 +124,8 @@ def stack_adapters(model: nn.Module, names: list[str]) -> None:
             if n in present:
                 a, b = m.lora_A[n].weight.detach(), m.lora_B[n].weight.detach()
                 A[j, :a.shape[0]], B[j, :, :a.shape[0]] = a, b
-        m.bank = A, B, torch.tensor([m.scaling.get(n, 0.0) for n in names], dtype=w.dtype, device=w.device)
+        # fp32 scaling, as the one-adapter path multiplies by a Python float (bf16 would round 16/12)
+        m.bank = A, B, torch.tensor([m.scaling.get(n, 0.0) for n in names], dtype=torch.float32, device=w.device)
 
 
 def set_rows(model: nn.Module, rows: torch.Tensor) -> None:

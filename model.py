@@ -114,8 +114,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def select(self, rows: torch.Tensor) -> None:
-        self.k, self.v = self.k[rows], self.v[rows]
+    def select(self, rows: torch.Tensor, max_len: int) -> None:
+        """Keep these rows, in this order, with room for max_len slots."""
+        def grown(x: torch.Tensor) -> torch.Tensor:
+            new = x.new_zeros(len(rows), x.shape[1], max_len, x.shape[3])
+            new[:, :, :x.shape[2]] = x[rows]
+            return new
+        self.k, self.v = grown(self.k), grown(self.v)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
@@ -230,10 +235,10 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(batch, max_len, self.config.n_kv_heads, self.config.head_dim, dtype, device)
 
-    def select_cache_rows(self, rows: torch.Tensor) -> None:
-        """Keep only these batch rows of every layer's cache, in this order."""
+    def select_cache_rows(self, rows: torch.Tensor, max_len: int) -> None:
+        """Keep only these batch rows of every layer's cache, in this order, with room for max_len slots."""
         for layer in self.model.layers:
-            layer.self_attn.kv_cache.select(rows)
+            layer.self_attn.kv_cache.select(rows, max_len)
 
     def clear_caches(self) -> None:
         for layer in self.model.layers:
@@ -307,9 +312,12 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
     Each row stops at its first EOS (not included in the result) or after max_new_tokens. With
     `prefix`, a row also stops at its first token that departs from it (included in the result):
     an expert that does not claim a query is not decoded any further. With `choose` too, once
-    len(prefix) tokens are out, choose(those tokens, (B, len(prefix))) names the rows to go on
-    with: the batch and its caches shrink to them, and only their results are returned, in that order.
+    len(prefix) tokens are out (or every row has stopped), choose(those tokens, (B, len(prefix)))
+    names the rows to go on with: the batch shrinks to them, their caches grow from len(prefix) new
+    slots to all of them, and only their results are returned, in that order.
     """
+    if choose is not None and not prefix:
+        raise UserError("choose needs a prefix")
     if not prompts or min(len(p) for p in prompts) == 0:
         raise UserError("cannot generate from an empty prompt")
     if max_new_tokens < 1 or not 0 < top_p <= 1 or temperature < 0:
@@ -329,7 +337,8 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
     eos = torch.tensor(eos_ids, device=device)
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    model.setup_caches(B, P + max_new_tokens)
+    # with choose, only the rows kept after the prefix get caches for the whole length
+    model.setup_caches(B, P + (min(len(prefix), max_new_tokens) if choose is not None else max_new_tokens))
     try:
         logits = model(idx, pad_mask[:, :P] if padded else None, 0, last_only=True)
         for t in range(max_new_tokens):
@@ -338,10 +347,11 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
             done |= torch.isin(tok, eos)
             if prefix is not None and t < len(prefix):
                 done |= tok != prefix[t]
-            if choose is not None and t == len(prefix) - 1:
+            if choose is not None and (t == len(prefix) - 1 or bool(done.all())):
                 rows = choose(out[:, :t + 1]).to(device)
                 out, done, tok, pad_mask = out[rows], done[rows], tok[rows], pad_mask[rows]
-                model.select_cache_rows(rows)
+                model.select_cache_rows(rows, P + max_new_tokens)
+                choose = None
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
             logits = model(tok[:, None], pad_mask[:, :P + t + 1] if padded else None, P + t)

@@ -87,7 +87,7 @@ def parallel_route(model: Llama, experts: list[Expert], ind: Indicators, prompts
     rows = {key: torch.stack([e.rows[key] for e in experts]) for key in experts[0].rows}
     extra = model.extra_embed, model.extra_head
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    per_pass = max(1, batch_size // M)  # queries per batch: M rows each
+    # batch_size queries per pass: M rows each for the first len(o_pos) tokens, then one each
 
     def use_rows(adapters: torch.Tensor) -> None:  # batch row i runs expert adapters[i]
         lora.set_rows(model, adapters)
@@ -98,8 +98,8 @@ def parallel_route(model: Llama, experts: list[Expert], ind: Indicators, prompts
 
     lora.stack_adapters(model, [e.name for e in experts])
     try:
-        for s in tqdm(range(0, len(order), per_pass), desc="parallel routing", disable=not progress, leave=False):
-            chunk = order[s:s + per_pass]
+        for s in tqdm(range(0, len(order), batch_size), desc="parallel routing", disable=not progress, leave=False):
+            chunk = order[s:s + batch_size]
             adapters = torch.arange(M).repeat(len(chunk))  # row q * M + e: query q, expert e
             claimed: list[tuple[int, int]] = []  # (query, expert), in the order of the kept rows
 

@@ -269,6 +269,9 @@ def train(cfg: TrainConfig) -> Path:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         if main:
             print(f"resuming {out} at step {step}/{total}")
+    if world > 1:  # every process starts from rank 0's weights, as DDP does
+        for p in trainable.values():
+            dist.broadcast(p.data, 0)
     n_neg = len(rehearsed) if routed else 0
     frozen = lora.subexpert_counts(model)["used"] if moses else 0  # held by earlier tasks' masks
     if main:
@@ -314,13 +317,12 @@ def train(cfg: TrainConfig) -> Path:
                 loss.backward()
                 loss_sum += nll.item()
             if world > 1:  # the sum of every process's share: the gradient of the whole global batch
-                sums = torch.tensor([loss_sum, pull_sum], device=device)
-                dist.all_reduce(sums)
-                loss_sum, pull_sum = sums.tolist()
-                for p in trainable.values():
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable.values()]
+                flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([loss_sum, pull_sum], device=device)])
+                dist.all_reduce(flat)  # one collective for all of it
+                for p, g in zip(trainable.values(), flat[:-2].split([g.numel() for g in grads])):
+                    p.grad = g.view_as(p)
+                loss_sum, pull_sum = flat[-2:].tolist()
             torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)  # max_grad_norm 1.0, the HF Trainer default
             for group, lr in zip(opt.param_groups, peak):
                 group["lr"] = lr * lr_scale(step, total)

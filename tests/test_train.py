@@ -262,3 +262,10 @@ def test_two_processes_under_torchrun_train_the_expert_one_process_does(tiny_dir
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k), "it did train"
     logs = [(tmp_path / r / "log.jsonl").read_text().splitlines() for r in ("one", "two")]
     assert [json.loads(x)["loss"] for x in logs[0]] == pytest.approx([json.loads(x)["loss"] for x in logs[1]], rel=1e-5)
+
+
+def test_the_micro_batch_size_does_not_change_what_is_learned(tiny_dir, tmp_path):
+    # one sequence per forward pass against length-ordered, padded micro-batches of the whole batch
+    one = expert_tensors(train(replace(small(tiny_dir, tmp_path / "one", dropout=0.0), micro_batch=1)))
+    eight = expert_tensors(train(replace(small(tiny_dir, tmp_path / "eight", dropout=0.0), micro_batch=8)))
+    assert all(torch.allclose(one[k], eight[k], atol=1e-5) for k in one)
