@@ -186,10 +186,11 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
                   ar=average_rouge(scores), bwt=backward_transfer(scores) if method in ("see", *CONTINUED) else None,
                   routing_f1=None, per_task_routing=None, rb_acc=None, n_ood=None, routing_steps=None,
                   parameters=stage_parameters(model, experts))
+    if method in ("see", "moses"):  # one expert (or task) per task: each query's own
+        gold = [experts[tasks.index(p["task"])].name for p in predictions]
     if method == "moses":
         # task-agnostic (TaIL: keys pick the task) above; task-incremental (TIL: the task given) here
         til, _ = score_matrix(til=True)
-        gold = [experts[tasks.index(p["task"])].name for p in predictions]
         scored = routing_scores([p["route"] for p in predictions], gold)
         result.update(til_scores=til, til_ar=average_rouge(til), til_bwt=backward_transfer(til),
                       routing_f1=scored["f1"], per_task_routing=scored["per_task"],
@@ -198,7 +199,6 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
         # R-F1 over the sequence's own queries (as the paper scores it); RB-Acc over queries of no task.
         # Only the routing decision matters for the latter, so one token of answer is enough.
         routes = [None if p["route"] == "base" else p["route"] for p in predictions]
-        gold = [experts[tasks.index(p["task"])].name for p in predictions]
         rb_acc, ood_routes = {}, []
         for name, examples in heldout.items():
             prompts = [prompt_ids(tok, ex.query, max_source, template) for ex in examples]

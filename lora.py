@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from errors import UserError
@@ -92,14 +91,19 @@ def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> None:
         raise UserError(f"adapter {name!r} already exists")
     if "." in name:
         raise UserError(f"adapter names cannot contain '.', got {name!r}")
+    wrap_targets(model, cfg.targets, LoraLinear)
+    for path, m in lora_layers(model).items():
+        if path.rsplit(".", 1)[-1] in cfg.targets:
+            m.add(name, cfg)
+
+
+def wrap_targets(model: nn.Module, targets: tuple[str, ...], wrap) -> None:
+    """Replace every plain nn.Linear named in `targets` by wrap(linear), in the linear's train/eval mode."""
     for parent in list(model.modules()):
-        for attr in cfg.targets:
+        for attr in targets:
             child = getattr(parent, attr, None)
             if isinstance(child, nn.Linear):
-                setattr(parent, attr, LoraLinear(child).train(child.training))
-                child = getattr(parent, attr)
-            if isinstance(child, LoraLinear):
-                child.add(name, cfg)
+                setattr(parent, attr, wrap(child).train(child.training))
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
@@ -326,11 +330,7 @@ def add_subexperts(model: nn.Module, cfg: LoraConfig, sub: SubExpertConfig) -> N
     """Wrap cfg.targets in MoSE layers (the model must have no adapters there yet)."""
     if lora_layers(model) or subexpert_layers(model):
         raise UserError("the model already carries adapters")
-    for parent in list(model.modules()):
-        for attr in cfg.targets:
-            child = getattr(parent, attr, None)
-            if isinstance(child, nn.Linear):
-                setattr(parent, attr, SubExpertLinear(child, cfg, sub).train(child.training))
+    wrap_targets(model, cfg.targets, lambda linear: SubExpertLinear(linear, cfg, sub))
 
 
 def set_task(model: nn.Module, name: str | None, learning: bool = False) -> None:

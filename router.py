@@ -124,6 +124,7 @@ def parallel_route(model: Llama, experts: list[Expert], ind: Indicators, prompts
                  eos_ids, batch_size, progress)
     return answers, routes
 
+
 # --- MoSEs' prompt-key routing (task-agnostic): the query's feature picks the task whose key it is
 # closest to (cosine), and that task's sub-expert masks answer.
 

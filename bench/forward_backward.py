@@ -4,6 +4,7 @@
 Prints tokens/s for both and the ratio (ours / reference). A benchmark, not a test.
 """
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,21 @@ SHAPES = {  # Hugging Face config.json fields; weights are random
                   num_key_value_heads=2, intermediate_size=688, max_position_embeddings=2048, rms_norm_eps=1e-5,
                   rope_theta=10000.0, tie_word_embeddings=False),
 }
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of fn() over `repeats` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def step(run, idx):

@@ -7,9 +7,7 @@ Prompts have lengths from input/2 to input (left-padded in one batch); no EOS, s
 `output` tokens. Prints generated tokens/s per batch size and the ratio. A benchmark, not a test.
 """
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -17,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoint import build  # noqa: E402
-from forward_backward import SHAPES  # noqa: E402
+from forward_backward import SHAPES, timed  # noqa: E402
 from model import ModelConfig, generate  # noqa: E402
 
 
@@ -47,27 +45,14 @@ def main():
             ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.output, min_new_tokens=args.output,
                          do_sample=False, pad_token_id=0, eos_token_id=None)
 
-    def timed(fn):
-        fn()
-        times = []
-        for _ in range(args.repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
     print(f"shape {args.shape}, {device} {dtype}, prompts {args.input // 2}-{args.input} tokens, {args.output} new, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
     print(f"{'batch':>5}{'ours tok/s':>12}{'hf tok/s':>10}{'ratio':>7}")
     for b in map(int, args.batch.split(",")):
         prompts = [torch.randint(1, cfg["vocab_size"], (int(torch.randint(args.input // 2, args.input + 1, (1,), generator=g)),),
                                  generator=g).tolist() for _ in range(b)]
-        t_ours = timed(lambda: generate(ours, prompts, args.output, []))
-        t_hf = timed(lambda: hf_generate(prompts))
+        t_ours = timed(lambda: generate(ours, prompts, args.output, []), args.repeats)
+        t_hf = timed(lambda: hf_generate(prompts), args.repeats)
         n = b * args.output
         print(f"{b:>5}{n / t_ours:>12.1f}{n / t_hf:>10.1f}{t_hf / t_ours:>7.2f}")
 

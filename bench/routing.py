@@ -15,7 +15,6 @@ of the prompt. Batch of one query, greedy, no EOS. A benchmark, not a test.
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,24 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lora  # noqa: E402
 from experts import Expert, Indicators  # noqa: E402
-from forward_backward import SHAPES  # noqa: E402
+from forward_backward import SHAPES, timed  # noqa: E402
 from model import Llama, ModelConfig, generate  # noqa: E402
 from router import parallel_route, sequential_route  # noqa: E402
-
-
-def timed(fn, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def make_experts(model: Llama, m: int, device) -> list[Expert]:

@@ -107,7 +107,7 @@ def test_the_chat_template_frames_the_query_and_auto_falls_back_to_plain(tiny):
 
 def test_an_expert_saved_and_loaded_runs_the_same_function(tiny, tiny_dir, tmp_path):
     model, tok = tiny
-    ind = setup_indicators(model, tok)
+    setup_indicators(model, tok)  # the expert carries the added rows
     cfg = lora.LoraConfig(r=2, targets=("q_proj", "v_proj"))
     lora.add_adapter(model, "qa", cfg)
     with torch.no_grad():

@@ -9,7 +9,7 @@ from data import load_task
 from experts import Expert, base_model, prompt_ids, setup_indicators
 from model import generate
 from router import BASE, parallel_route, sequential_route
-from train import TrainConfig, train
+from train import train
 
 
 @pytest.fixture(scope="module")
