@@ -80,9 +80,10 @@ def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indi
     """
     prompts = [prompt_ids(tok, ex.query, max_source, template) for ex in examples]
     t0 = time.perf_counter()
-    if experts and experts[-1].sub is not None:  # MoSEs: the newest stage holds every task; keys pick one (TaIL)
-        experts[-1].use(model)                    # unless `task` is given (TIL)
-        answers, routes = key_route(model, experts[-1].keys, prompts, max_new_tokens, tok.eos_ids, batch_size, task, progress)
+    if experts and experts[-1].sub is not None:  # MoSEs/SETA: the newest stage holds every task; keys (SETA: the
+        experts[-1].use(model)                    # gate) pick one (TaIL), unless `task` is given (TIL)
+        answers, routes = key_route(model, experts[-1].keys, prompts, max_new_tokens, tok.eos_ids, batch_size, task,
+                                    progress, gate=experts[-1].sub.shared > 0)
     elif experts and ind is None:  # a baseline's adapter answers every query itself (it has no indicator to route by)
         if len(experts) > 1:
             raise UserError("adapters without indicators cannot be routed; give one of them")
@@ -126,7 +127,8 @@ def method_label(system: dict) -> str:
     method, settings = system["method"], system["settings"]
     tau = f"{100 * settings['tau']:g}%"
     label = {"see": f"SEE({tau})", "replay": f"RandSel({tau})", "non-rehearsal": "Non-rehearsal",
-             "mtl": "MTL", "stl": "AvgSTL", "moses": f"MoSEs(c={settings.get('sparsity')})"}[method]
+             "mtl": "MTL", "stl": "AvgSTL", "moses": f"MoSEs(c={settings.get('sparsity')})",
+             "seta": f"SETA(c={settings.get('sparsity')})"}[method]
     if method == "see" and settings.get("negatives") == "lima":
         label += " w/pseudo"
     if method == "see" and settings.get("indicator", "added") != "added":
@@ -186,10 +188,10 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
                   ar=average_rouge(scores), bwt=backward_transfer(scores) if method in ("see", *CONTINUED) else None,
                   routing_f1=None, per_task_routing=None, rb_acc=None, n_ood=None, routing_steps=None,
                   parameters=stage_parameters(model, experts))
-    if method in ("see", "moses"):  # one expert (or task) per task: each query's own
+    if method in ("see", "moses", "seta"):  # one expert (or task) per task: each query's own
         gold = [experts[tasks.index(p["task"])].name for p in predictions]
-    if method == "moses":
-        # task-agnostic (TaIL: keys pick the task) above; task-incremental (TIL: the task given) here
+    if method in ("moses", "seta"):
+        # task-agnostic (TaIL: keys or the gate pick the task) above; task-incremental (TIL: the task given) here
         til, _ = score_matrix(til=True)
         scored = routing_scores([p["route"] for p in predictions], gold)
         result.update(til_scores=til, til_ar=average_rouge(til), til_bwt=backward_transfer(til),
@@ -215,7 +217,8 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
 def stage_parameters(model: Llama, experts: list[Expert]) -> list[dict]:
     """Trainable parameters of each stage; MoSEs: everything its optimizer may change (free sub-expert
     weights, as many mask scores, the key), the mask scores alone, the weights its task's mask keeps,
-    those no earlier task held (new), and those held by some task so far (stored)."""
+    those no earlier task held (new), and those held by some task so far (stored). SETA also trains its
+    shared experts and every row of its gate."""
     out, held = [], 0
     for e in experts:
         if e.sub is None:
@@ -223,9 +226,11 @@ def stage_parameters(model: Llama, experts: list[Expert]) -> list[dict]:
             continue
         e.use(model)
         counts = lora.subexpert_counts(model)
-        # weights and their scores, less what earlier tasks froze, and the task's key
-        out.append(dict(trainable=2 * counts["weights"] - held + model.config.dim, scores=counts["weights"],
-                        mask=counts[f"mask_{e.name}"], new=counts["used"] - held, stored=counts["used"]))
+        # weights and their scores, less what earlier tasks froze, the shared experts, and the key (the gate's rows)
+        rows = len(e.keys) if e.sub.shared else 1
+        out.append(dict(trainable=2 * counts["weights"] - held + counts["shared"] + rows * model.config.dim,
+                        scores=counts["weights"], mask=counts[f"mask_{e.name}"], new=counts["used"] - held,
+                        stored=counts["used"], shared=counts["shared"]))
         held = counts["used"]
     return out
 
@@ -252,7 +257,8 @@ def print_table(results: list[dict]) -> None:
                  if "stored" in r["parameters"][0] else ""))
         if "til_ar" in r:
             print(f"{r['label']}: TIL AR {r['til_ar']:.2f} BWT {r['til_bwt']:.2f}; TaIL AR {r['ar']:.2f} BWT {r['bwt']:.2f}; "
-                  f"TIL-TaIL gap {r['til_ar'] - r['ar']:.2f}; task identification {100 * r['task_id_accuracy']:.1f}%")
+                  f"TIL-TaIL gap {r['til_ar'] - r['ar']:.2f}; task identification "
+                  f"({'gate' if r['method'] == 'seta' else 'keys'}) {100 * r['task_id_accuracy']:.1f}%")
 
 
 def main() -> None:

@@ -249,14 +249,16 @@ class SubExpertConfig:
     experts: int = 2  # sub-experts per layer (the summary's best: E2T2)
     top_k: int = 2  # sub-experts the router mixes per token
     sparsity: float = 0.3  # c: the share of each weight tensor a task's mask keeps
+    shared: int = 0  # SETA: dense low-rank experts every task uses and trains (0: MoSEs)
 
     def __post_init__(self):
-        if not 1 <= self.top_k <= self.experts or not 0 < self.sparsity <= 1:
-            raise UserError(f"need 1 <= top-k <= experts and 0 < sparsity <= 1, got experts={self.experts}, "
-                            f"top-k={self.top_k}, sparsity={self.sparsity}")
+        if not 1 <= self.top_k <= self.experts or not 0 < self.sparsity <= 1 or self.shared < 0:
+            raise UserError(f"need 1 <= top-k <= experts, 0 < sparsity <= 1 and shared >= 0, got experts={self.experts}, "
+                            f"top-k={self.top_k}, sparsity={self.sparsity}, shared={self.shared}")
 
 
 MASKED = ("A", "B", "gate")  # the sub-expert weights a task sees through its mask
+SHARED = ("shared_A", "shared_B")  # SETA's shared experts: unmasked, anchored by importance instead
 
 
 def top_share(scores: torch.Tensor, share: float) -> torch.Tensor:
@@ -267,18 +269,25 @@ def top_share(scores: torch.Tensor, share: float) -> torch.Tensor:
     return keep.view(scores.shape)
 
 
+def kaiming_stack(n: int, r: int, d_in: int, device) -> torch.Tensor:
+    """n LoRA A matrices (r x d_in), each Kaiming-uniform as nn.Linear initialises them."""
+    A = torch.empty(n, r, d_in, device=device)
+    for a in A:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    return A
+
+
 class SubExpertLinear(nn.Module):
     """A frozen nn.Linear plus a MoSE layer: E low-rank sub-experts B_e A_e mixed per token by a top-k
-    softmax router, every weight seen through the active task's binary mask."""
+    softmax router, every weight seen through the active task's binary mask. SETA adds S shared experts,
+    always on (as DeepSeekMoE's shared experts), that every task trains: its task-specific experts are
+    the masked sub-experts, and the task is picked per query by the unified gate (router.key_route)."""
 
     def __init__(self, base: nn.Linear, cfg: LoraConfig, sub: SubExpertConfig):
         super().__init__()
         self.base, self.sub, self.scaling = base, sub, cfg.alpha / cfg.r
         E, r, w = sub.experts, cfg.r, base.weight
-        A = torch.empty(E, r, base.in_features, device=w.device)
-        for a in A:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as LoRA's A
-        self.A = nn.Parameter(A)
+        self.A = nn.Parameter(kaiming_stack(E, r, base.in_features, w.device))  # as LoRA's A
         # near zero, so the layer starts close to the base model; not at zero, where a weight's mask score
         # would get no gradient (it scales the weight) and the weight could never join a later task's mask
         self.B = nn.Parameter(torch.randn(E, base.out_features, r, device=w.device) * 1e-3)
@@ -291,6 +300,12 @@ class SubExpertLinear(nn.Module):
         for k in MASKED:
             self.register_buffer(f"used_{k}", torch.zeros_like(getattr(self, k), dtype=torch.bool))
             getattr(self, k).register_hook(lambda g, k=k: g.masked_fill(getattr(self, f"used_{k}"), 0))
+        # SETA: shared experts initialised as LoRA (B = 0), and each of their weights' importance so far
+        S = sub.shared
+        self.register_parameter("shared_A", nn.Parameter(kaiming_stack(S, r, base.in_features, w.device)) if S else None)
+        self.register_parameter("shared_B", nn.Parameter(torch.zeros(S, base.out_features, r, device=w.device)) if S else None)
+        for k in SHARED if S else ():
+            self.register_buffer(f"importance_{k}", torch.zeros_like(getattr(self, k)))
         self.masks: dict[str, dict[str, torch.Tensor]] = {}  # finished task -> its binary masks
         self.task: str | None = None  # whose mask the forward pass uses; None: the bare base layer
         self.learning = False  # True: the mask is the live top-c% of the scores (the task being trained)
@@ -312,6 +327,8 @@ class SubExpertLinear(nn.Module):
         weights = torch.zeros_like(logits).scatter(-1, top.indices, top.values.softmax(-1))
         h = torch.einsum("...i,eri->...er", self.dropout(x), A)
         out = torch.einsum("...er,eor->...o", h * weights.unsqueeze(-1), B)
+        if self.shared_A is not None:  # SETA's shared experts, summed
+            out = out + torch.einsum("...sr,sor->...o", torch.einsum("...i,sri->...sr", self.dropout(x), self.shared_A), self.shared_B)
         return y + (out * self.scaling).to(y.dtype)
 
     def finish_task(self, name: str) -> None:
@@ -360,6 +377,9 @@ def subexpert_state(model: nn.Module) -> dict[str, torch.Tensor]:
             state[f"{path}.used_{k}"] = getattr(m, f"used_{k}")
             for task, masks in m.masks.items():
                 state[f"{path}.masks.{task}.{k}"] = masks[k]
+        for k in SHARED if m.sub.shared else ():
+            state[f"{path}.{k}"] = getattr(m, k).detach()
+            state[f"{path}.importance_{k}"] = getattr(m, f"importance_{k}")
     return state
 
 
@@ -369,6 +389,8 @@ def load_subexpert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     tasks = sorted({key.split(".masks.")[1].split(".")[0] for key in state if ".masks." in key})
     shapes = {f"{path}.{name}": getattr(m, k).shape for path, m in layers.items() for k in MASKED
               for name in (k, f"scores.{k}", f"used_{k}", *(f"masks.{t}.{k}" for t in tasks))}
+    shapes.update({f"{path}.{name}": getattr(m, k).shape for path, m in layers.items() if m.sub.shared
+                   for k in SHARED for name in (k, f"importance_{k}")})
     if set(state) != set(shapes):
         raise UserError(f"sub-expert weights do not match the model: {len(set(state) - set(shapes))} unexpected, "
                         f"{len(set(shapes) - set(state))} missing")
@@ -382,14 +404,19 @@ def load_subexpert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
                 getattr(m, k).copy_(state[f"{path}.{k}"])
                 m.scores[k].copy_(state[f"{path}.scores.{k}"])
                 getattr(m, f"used_{k}").copy_(state[f"{path}.used_{k}"])
+            for k in SHARED if m.sub.shared else ():
+                getattr(m, k).copy_(state[f"{path}.{k}"])
+                getattr(m, f"importance_{k}").copy_(state[f"{path}.importance_{k}"])
             m.masks = {t: {k: state[f"{path}.masks.{t}.{k}"].to(m.A.device).bool() for k in MASKED} for t in tasks}
 
 
 def subexpert_counts(model: nn.Module) -> dict[str, int]:
-    """Sub-expert weights in all, those some finished task holds (what must be stored), and the size of each task's mask."""
+    """Sub-expert weights in all, those some finished task holds (what must be stored), the size of each
+    task's mask, and SETA's shared-expert weights."""
     layers = subexpert_layers(model).values()
     counts = dict(weights=sum(getattr(m, k).numel() for m in layers for k in MASKED),
-                  used=sum(int(getattr(m, f"used_{k}").sum()) for m in layers for k in MASKED))
+                  used=sum(int(getattr(m, f"used_{k}").sum()) for m in layers for k in MASKED),
+                  shared=sum(p.numel() for p, _ in shared_weights(model)))
     for m in layers:
         for t, masks in m.masks.items():
             counts[f"mask_{t}"] = counts.get(f"mask_{t}", 0) + sum(int(v.sum()) for v in masks.values())
@@ -398,5 +425,12 @@ def subexpert_counts(model: nn.Module) -> dict[str, int]:
 
 def subexpert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """What a MoSE stage trains: sub-expert weights and routers (those earlier tasks hold get zero
-    gradients, see SubExpertLinear), and the mask scores."""
-    return [p for m in subexpert_layers(model).values() for p in (m.A, m.B, m.gate, *m.scores.values())]
+    gradients, see SubExpertLinear), the mask scores, and SETA's shared experts."""
+    return [p for m in subexpert_layers(model).values() for p in (m.A, m.B, m.gate, *m.scores.values())] + \
+        [p for p, _ in shared_weights(model)]
+
+
+def shared_weights(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """SETA's shared-expert weights, each with its importance to the tasks learned so far (same shape)."""
+    return [(getattr(m, k), getattr(m, f"importance_{k}")) for m in subexpert_layers(model).values()
+            if m.sub.shared for k in SHARED]

@@ -151,21 +151,29 @@ def query_features(model: Llama, prompts: list[list[int]], batch_size: int = 16)
     return torch.cat(feats)
 
 
-def match_keys(features: torch.Tensor, keys: dict[str, torch.Tensor]) -> list[str]:
-    """The task whose key is most cosine-similar to each feature."""
+def gate_logits(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """SETA's unified gate: a linear layer over the normalised query feature, one output row per task."""
+    return F.normalize(features, dim=-1) @ rows.T
+
+
+def match_keys(features: torch.Tensor, keys: dict[str, torch.Tensor], gate: bool = False) -> list[str]:
+    """The task whose key is most cosine-similar to each feature (MoSEs), or, with `gate`, the task whose
+    row of SETA's unified gate scores it highest."""
     if not keys:
         raise UserError("no task keys to match")
     names = list(keys)
-    sims = F.cosine_similarity(features[:, None, :], torch.stack([keys[n] for n in names]).to(features)[None], dim=-1)
-    return [names[i] for i in sims.argmax(-1).tolist()]
+    rows = torch.stack([keys[n] for n in names]).to(features)
+    scores = gate_logits(features, rows if gate else F.normalize(rows, dim=-1))  # both normalised: cosine
+    return [names[i] for i in scores.argmax(-1).tolist()]
 
 
 @torch.no_grad()
 def key_route(model: Llama, keys: dict[str, torch.Tensor], prompts: list[list[int]], max_new_tokens: int,
-              eos_ids: list[int], batch_size: int = 16, task: str | None = None,
-              progress: bool = False) -> tuple[list[list[int]], list[str]]:
-    """Answers and, per query, the task whose masks answered: matched by key (TaIL), or `task` for all (TIL)."""
-    routes = [task] * len(prompts) if task else match_keys(query_features(model, prompts, batch_size), keys)
+              eos_ids: list[int], batch_size: int = 16, task: str | None = None, progress: bool = False,
+              gate: bool = False) -> tuple[list[list[int]], list[str]]:
+    """Answers and, per query, the task whose masks answered: matched by key (TaIL; SETA: the unified gate's
+    choice, answered by that task's experts and the shared ones), or `task` for all (TIL)."""
+    routes = [task] * len(prompts) if task else match_keys(query_features(model, prompts, batch_size), keys, gate)
     answers: list[list[int]] = [[] for _ in prompts]
     for t in dict.fromkeys(routes):
         idx = [i for i, r in enumerate(routes) if r == t]

@@ -30,9 +30,10 @@ import lora
 from checkpoint import atomic_write, load, model_tag
 from data import ORDERS, Example, load_ood, load_task, rehearsal, subsample
 from errors import UserError, user_errors
-from experts import INDICATORS, TEMPLATES, UNROUTED, Expert, TrainSample, reconstruct, resolve_template, setup_indicators
+from experts import (INDICATORS, TEMPLATES, UNROUTED, Expert, TrainSample, prompt_ids, reconstruct, resolve_template,
+                     setup_indicators)
 from model import Llama
-from router import query_features
+from router import gate_logits, query_features
 
 STATE_FILE, CONFIG_FILE, LOG_FILE, EXPERT_DIR, SYSTEM_FILE = "state.pt", "config.json", "log.jsonl", "expert", "system.json"
 # SEE and the paper's baselines (Sec. 4.1). Only SEE trains indicators and routes; the baselines train
@@ -44,8 +45,9 @@ METHODS = {
     "mtl": "one LoRA on all tasks at once",
     "stl": "one LoRA per task, each scored on its own task (AvgSTL)",
     "moses": "sparse sub-experts, a binary mask per task over their weights, the task picked by prompt keys (MoSEs)",
+    "seta": "MoSEs' masked sub-experts as task experts plus anchored shared experts, the task picked by a unified gate (SETA)",
 }
-CONTINUED = ("non-rehearsal", "replay", "moses")  # stage i starts from stage i-1's adapter
+CONTINUED = ("non-rehearsal", "replay", "moses", "seta")  # stage i starts from stage i-1's adapter
 # SEE's negatives: earlier tasks' queries, or as many LIMA queries (pseudo-negatives, paper Table 3)
 NEGATIVES = ("tasks", "lima")
 
@@ -63,6 +65,12 @@ class TrainConfig:
     top_k: int = 2
     sparsity: float = 0.3
     pull_weight: float = 0.1
+    # SETA (with the MoSEs settings above): shared experts per layer, the weight of elastic anchoring
+    # (their importance-weighted pull back to the earlier tasks' values) and of routing regularisation
+    # (the gate's outputs on tau of earlier tasks' queries kept as they were)
+    shared: int = 1
+    anchor_weight: float = 1.0
+    route_reg_weight: float = 1.0
     model: str = "smollm2-135m"
     data_dir: str | None = None
     out: str | None = None  # default runs/<task>-<model>
@@ -162,6 +170,46 @@ def collate(batch: list[TrainSample], device) -> tuple[torch.Tensor, torch.Tenso
     return x.to(device), y.to(device)
 
 
+def target_nll(model: Llama, hidden, batch: list[TrainSample], device, amp) -> torch.Tensor:
+    """The summed NLL of a micro-batch's target tokens (Eq. 5 before its mean)."""
+    x, y = collate(batch, device)
+    with amp:
+        logits = model.head(hidden(x)[y != -100])  # only target positions go through the output head
+    return F.cross_entropy(logits.float(), y[y != -100], reduction="sum")
+
+
+def elastic_anchor(pairs: list[tuple[torch.Tensor, torch.Tensor]], anchors: list[torch.Tensor]) -> torch.Tensor:
+    """SETA's elastic anchoring (EWC's penalty): 1/2 sum_i F_i (theta_i - theta*_i)^2 over the shared-expert
+    weights theta, with theta* their values after the earlier tasks and F their importance to those tasks."""
+    return sum((imp * (p - a) ** 2).sum() for (p, imp), a in zip(pairs, anchors)) / 2
+
+
+def routing_regulariser(rows: torch.Tensor, memory: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """SETA's routing-aware regulariser: KL(old || new) of the gate's outputs on earlier tasks' queries, the
+    mean over queries. The new task's output is not in `old`, so mass it takes from them is penalised."""
+    new = F.log_softmax(gate_logits(memory, rows), dim=-1)[:, :old.shape[1]]
+    return (old * (old.clamp_min(1e-12).log() - new)).sum(-1).mean()
+
+
+def importance(model: Llama, hidden, samples: list[TrainSample], cfg: "TrainConfig", device, amp) -> list[torch.Tensor]:
+    """Each shared-expert weight's importance to the task just learned: the diagonal empirical Fisher, the
+    squared gradient of the task's loss summed over the micro-batches of one global batch of its own
+    samples, at the final weights; scaled to mean 1, so that --anchor-weight does not depend on the loss scale."""
+    model.eval()  # no dropout: the gradient of the model as it will be used
+    pairs = lora.shared_weights(model)
+    fisher = [torch.zeros_like(p) for p, _ in pairs]
+    batch = random.Random(f"{cfg.seed}/importance").sample(samples, min(cfg.batch_size, len(samples)))
+    for m in range(0, len(batch), cfg.micro_batch):
+        chunk = batch[m:m + cfg.micro_batch]
+        for p, _ in pairs:
+            p.grad = None
+        (target_nll(model, hidden, chunk, device, amp) / sum(len(s.ids) - s.start for s in chunk)).backward()
+        for f, (p, _) in zip(fisher, pairs):
+            f += p.grad ** 2
+    mean = sum(f.sum() for f in fisher) / sum(f.numel() for f in fisher)
+    return [f / mean.clamp_min(1e-30) for f in fisher]
+
+
 def lr_scale(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / total))  # cosine decay to 0, no warm-up
 
@@ -203,15 +251,20 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.batch_size % cfg.micro_batch:
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}")
     lcfg = lora.LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
-    moses = cfg.method == "moses"
-    sub = lora.SubExpertConfig(cfg.experts, cfg.top_k, cfg.sparsity) if moses else None
+    moses, seta = cfg.method == "moses", cfg.method == "seta"
+    sparse = moses or seta  # MoSE layers: sub-experts behind per-task masks
+    sub = lora.SubExpertConfig(cfg.experts, cfg.top_k, cfg.sparsity, cfg.shared if seta else 0) if sparse else None
     current, rehearsed = training_data(cfg)
     init = Expert.load(cfg.init) if cfg.init else None
     if init is not None and (init.lora, init.sub) != (lcfg, sub):
         raise UserError(f"{cfg.init} has adapter settings {init.lora}, {init.sub}, not {lcfg}, {sub}")
     if moses and (cfg.previous or cfg.pull_weight < 0):
         raise UserError("MoSEs rehearses nothing (no --previous) and needs --pull-weight >= 0")
-    if moses and init is not None and cfg.name in init.keys:
+    if seta and (cfg.shared < 1 or cfg.anchor_weight < 0 or cfg.route_reg_weight < 0):
+        raise UserError("SETA needs --shared-experts >= 1, --anchor-weight >= 0 and --route-reg-weight >= 0")
+    if seta and cfg.previous and init is None:
+        raise UserError("SETA with --previous needs --init: the earlier stage's expert, whose gate is to be kept")
+    if sparse and init is not None and cfg.name in init.keys:
         raise UserError(f"{cfg.init} has learned task {cfg.name!r} already")
     out, state = cfg.run_dir(), resume_state(cfg)
     rank, world = distributed()
@@ -231,27 +284,41 @@ def train(cfg: TrainConfig) -> Path:
     template = resolve_template(tok, cfg.template)
     if cfg.max_target < len(ind.pos if ind else []) + 2:
         raise UserError(f"--max-target {cfg.max_target} leaves no room for a response")
-    samples = reconstruct(current, rehearsed, tok, ind, cfg.max_source, cfg.max_target, template)  # Eq. 4
-    if moses:  # one set of MoSE layers carries every task: the previous stage's, with their masks
+    # Eq. 4; SETA's experts see only the task's own samples (its rehearsed queries go to the gate alone)
+    samples = reconstruct(current, [] if seta else rehearsed, tok, ind, cfg.max_source, cfg.max_target, template)
+    if sparse:  # one set of MoSE layers carries every task: the previous stage's, with their masks
         lora.add_subexperts(model, lcfg, sub)
         if init is not None:
             init.use(model)
-        # the pull constraint's targets, f(x) of each sample's query, come from the frozen base model
+        # what the pull constraint (MoSEs) or the gate (SETA) sees of each sample's query: f(x), from the frozen base model
         features = query_features(model, [s.ids[:s.start] for s in samples], cfg.micro_batch)
+        if seta:  # the gate's outputs on tau of earlier tasks' queries, to be kept (routing regulariser)
+            prompts = [prompt_ids(tok, ex.query, cfg.max_source, template) for ex in rehearsed]
+            memory = query_features(model, prompts, cfg.micro_batch) if prompts else None
+            old_rows = torch.stack(list(init.keys.values())).to(device) if init is not None else None
+            old = F.softmax(gate_logits(memory, old_rows), dim=-1) if prompts else None
         lora.set_task(model, cfg.name, learning=True)
     else:
         lora.add_adapter(model, cfg.name, lcfg)
         if init is not None:
             lora.load_adapter_state(model, cfg.name, init.adapter)
         lora.set_adapter(model, cfg.name)
-    trainable = trainable_parameters(model, None if moses else cfg.name, routed and cfg.indicator == "added")
-    if moses:  # this task's prompt key, drawn apart from the earlier tasks' keys
+    trainable = trainable_parameters(model, None if sparse else cfg.name, routed and cfg.indicator == "added")
+    if sparse:  # this task's prompt key (SETA: row of the gate), drawn apart from the earlier tasks' ones
         g = torch.Generator().manual_seed(cfg.seed * 1000 + len(init.keys if init else {}))
-        trainable["key"] = torch.nn.Parameter((torch.randn(model.config.dim, generator=g) * 0.02).to(device))
+        key = torch.randn(model.config.dim, generator=g) * 0.02
+        if moses:
+            trainable["key"] = torch.nn.Parameter(key.to(device))
+        else:  # SETA's unified gate: one row per task so far, every row trained
+            rows = [*(init.keys.values() if init else []), key]
+            trainable["gate"] = torch.nn.Parameter(torch.stack(rows).float().to(device))
+    if seta:  # elastic anchoring pulls the shared experts back toward their values after the earlier tasks
+        pairs = lora.shared_weights(model)
+        anchors = [p.detach().clone() for p, _ in pairs]
     model.train()
-    # vectors that start from nothing (indicator rows, a prompt key) learn at their own rate. A fresh
+    # what starts from nothing (indicator rows, a prompt key, SETA's gate) learns at its own rate. A fresh
     # optimizer per stage and no weight decay: MoSEs' held weights get zero gradients, so stay exactly
-    fresh = [p for n, p in trainable.items() if n.startswith("extra_") or n == "key"]
+    fresh = [p for n, p in trainable.items() if n.startswith("extra_") or n in ("key", "gate")]
     opt = torch.optim.AdamW([dict(params=[p for p in trainable.values() if all(p is not q for q in fresh)], lr=cfg.lr),
                              dict(params=fresh, lr=cfg.indicator_lr)], weight_decay=0.0, fused=cuda)
     peak = [g["lr"] for g in opt.param_groups]
@@ -273,9 +340,10 @@ def train(cfg: TrainConfig) -> Path:
         for p in trainable.values():
             dist.broadcast(p.data, 0)
     n_neg = len(rehearsed) if routed else 0
-    frozen = lora.subexpert_counts(model)["used"] if moses else 0  # held by earlier tasks' masks
+    frozen = lora.subexpert_counts(model)["used"] if sparse else 0  # held by earlier tasks' masks
     if main:
         print(f"{cfg.method} {cfg.name}: {len(samples) - n_neg} positive + {n_neg} negative samples, "
+              + (f"{len(rehearsed)} earlier queries for the gate, " if seta else "") +
               f"{sum(p.numel() for p in trainable.values()) - frozen:,} trainable parameters, {template} prompts, "
               f"{total} steps on {device}" + (f" and {world - 1} more processes" if world > 1 else ""))
         # every check passed: the run directory starts (or restarts) here; the log keeps the steps
@@ -301,28 +369,35 @@ def train(cfg: TrainConfig) -> Path:
             n_targets = sum(len(s.ids) - s.start for s in batch)
             for p in trainable.values():
                 p.grad = None
-            t0, loss_sum, pull_sum = time.perf_counter(), 0.0, 0.0
+            t0, loss_sum, aux_sum = time.perf_counter(), 0.0, 0.0
             for m in range(rank * cfg.micro_batch, len(batch), world * cfg.micro_batch):  # this process's share
-                x, y = collate(batch[m:m + cfg.micro_batch], device)
-                with amp:
-                    # only target positions go through the output head: the loss ignores the rest
-                    logits = model.head(hidden(x)[y != -100])
-                nll = F.cross_entropy(logits.float(), y[y != -100], reduction="sum")
+                nll = target_nll(model, hidden, batch[m:m + cfg.micro_batch], device, amp)
                 loss = nll / n_targets
-                if moses:  # MoSEs' pull constraint: this task's key toward its queries' features
+                if sparse:
                     f = features[chosen[m:m + cfg.micro_batch]]
-                    pull = (1 - F.cosine_similarity(trainable["key"][None], f, dim=-1)).sum()
-                    loss = loss + cfg.pull_weight * pull / len(batch)
-                    pull_sum += pull.item()
+                if moses:  # MoSEs' pull constraint: this task's key toward its queries' features
+                    aux = (1 - F.cosine_similarity(trainable["key"][None], f, dim=-1)).sum()
+                    loss = loss + cfg.pull_weight * aux / len(batch)
+                if seta:  # SETA's gate learns to send this task's queries to its experts (the newest row)
+                    target = torch.full((len(f),), len(trainable["gate"]) - 1, device=device)
+                    aux = F.cross_entropy(gate_logits(f, trainable["gate"]), target, reduction="sum")
+                    loss = loss + aux / len(batch)
                 loss.backward()
                 loss_sum += nll.item()
+                aux_sum += aux.item() if sparse else 0.0
             if world > 1:  # the sum of every process's share: the gradient of the whole global batch
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable.values()]
-                flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([loss_sum, pull_sum], device=device)])
+                flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([loss_sum, aux_sum], device=device)])
                 dist.all_reduce(flat)  # one collective for all of it
                 for p, g in zip(trainable.values(), flat[:-2].split([g.numel() for g in grads])):
                     p.grad = g.view_as(p)
-                loss_sum, pull_sum = flat[-2:].tolist()
+                loss_sum, aux_sum = flat[-2:].tolist()
+            extra = {"pull": aux_sum / len(batch)} if moses else {}
+            if seta:  # penalties on weights every process holds alike, so each adds their gradient itself
+                anchor = elastic_anchor(pairs, anchors)
+                reg = routing_regulariser(trainable["gate"], memory, old) if memory is not None else torch.zeros(())
+                (cfg.anchor_weight * anchor + cfg.route_reg_weight * reg).backward()
+                extra = dict(gate=aux_sum / len(batch), anchor=anchor.item(), route_reg=reg.item())
             torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)  # max_grad_norm 1.0, the HF Trainer default
             for group, lr in zip(opt.param_groups, peak):
                 group["lr"] = lr * lr_scale(step, total)
@@ -331,7 +406,7 @@ def train(cfg: TrainConfig) -> Path:
             tokens = sum(len(s.ids) - 1 for s in batch)
             n_tokens += tokens
             rec = dict(step=step, epoch=epoch, loss=loss_sum / n_targets, lr=opt.param_groups[0]["lr"],
-                       tokens_per_s=tokens / (time.perf_counter() - t0), **({"pull": pull_sum / len(batch)} if moses else {}))
+                       tokens_per_s=tokens / (time.perf_counter() - t0), **extra)
             if main:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
@@ -342,9 +417,14 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
     elapsed = time.perf_counter() - t_start
     keys = None
+    if seta:  # online EWC: this task's importance joins the earlier tasks'
+        for (_, imp), f in zip(pairs, importance(model, hidden, samples, cfg, device, amp)):
+            imp += f
+        keys = dict(zip([*(init.keys if init else {}), cfg.name], trainable["gate"].detach().cpu().clone()))
     if moses:
-        lora.finish_task(model, cfg.name)
         keys = {**(init.keys if init else {}), cfg.name: trainable["key"].detach().cpu().clone()}
+    if sparse:
+        lora.finish_task(model, cfg.name)
     if main:
         print(f"trained {step} steps in {elapsed:.0f} s, {n_tokens / max(elapsed, 1e-9):.0f} tokens/s")
         Expert.from_model(model, cfg.name, cfg.task, cfg.model, cfg.indicator if routed else UNROUTED, cfg.max_source,
@@ -361,6 +441,8 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
     see            stage i: a new expert on T_i, tau of the queries of T_1..T_{i-1} as negatives
     non-rehearsal  stage i: the LoRA of stage i-1, fine-tuned on T_i
     replay         stage i: the LoRA of stage i-1, fine-tuned on T_i plus tau of T_1..T_{i-1} in full
+    moses          stage i: the sub-experts of stage i-1, a new mask and key for T_i
+    seta           as moses, plus the shared experts and a gate kept on tau of T_1..T_{i-1}'s queries
     mtl            one stage: T_N with T_1..T_{N-1} replayed in full (tau = 1), i.e. all tasks at once
     stl            stage i: a new LoRA on T_i alone
 
@@ -376,13 +458,16 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
     variant = [f"tau{cfg.tau:g}"] if cfg.method in ("see", "replay") else []
     if cfg.method == "moses":
         variant = [f"c{cfg.sparsity:g}", f"e{cfg.experts}k{cfg.top_k}", f"pull{cfg.pull_weight:g}"]
+    if cfg.method == "seta":
+        variant = [f"c{cfg.sparsity:g}", f"e{cfg.experts}k{cfg.top_k}s{cfg.shared}", f"tau{cfg.tau:g}",
+                   f"anchor{cfg.anchor_weight:g}", f"rr{cfg.route_reg_weight:g}"]
     if cfg.method == "see":
         variant += ["pseudo"] * (cfg.negatives == "lima") + [cfg.indicator] * (cfg.indicator != "added")
     root = Path(cfg.out or f"runs/{'-'.join([cfg.method, *variant, *names])}-{model_tag(cfg.model)}")
     if cfg.method == "mtl":
         stages = [replace(cfg, task=tasks[-1], previous=tasks[:-1], tau=1.0, out=str(root / "1-mtl"))]
     else:
-        rehearse = cfg.method in ("see", "replay")
+        rehearse = cfg.method in ("see", "replay", "seta")
         stages = [replace(cfg, task=t, previous=tasks[:i] if rehearse else [], out=str(root / f"{i + 1}-{n}"))
                   for i, (t, n) in enumerate(zip(tasks, names))]
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("task", "previous", "out", "init")}
@@ -424,6 +509,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | 
     p.add_argument("--top-k", type=int, default=d.top_k, help="MoSEs: sub-experts the router mixes per token")
     p.add_argument("--sparsity", type=float, default=d.sparsity, help="MoSEs: c, the share of sub-expert weights a task's mask keeps")
     p.add_argument("--pull-weight", type=float, default=d.pull_weight, help="MoSEs: lambda of the pull constraint on the task key")
+    p.add_argument("--shared-experts", dest="shared", type=int, default=d.shared, help="SETA: shared experts per layer")
+    p.add_argument("--anchor-weight", type=float, default=d.anchor_weight,
+                   help="SETA: weight of elastic anchoring (importance-weighted pull of shared experts to their earlier values)")
+    p.add_argument("--route-reg-weight", type=float, default=d.route_reg_weight,
+                   help="SETA: weight of routing regularisation (the gate's outputs on earlier tasks' queries kept)")
     p.add_argument("--model", default=d.model, help="'smollm2-135m', 'tiny', a local directory or a hub id "
                                                     "(e.g. meta-llama/Llama-2-7b-hf)")
     p.add_argument("--data-dir", default=None, help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")

@@ -211,9 +211,11 @@ def run_cli(args, tiny_dir):
     (["--task", "sa", "--micro-batch", "0"], "error: need positive counts, got --micro-batch 0"),
     (["--task", "sa", "--previous", "pe,sa"], "error: task 'sa' cannot also be an earlier task"),
     (["--task", "sa", "--max-target", "2"], "error: --max-target 2 leaves no room for a response"),
-    (["--task", "sa", "--method", "moses", "--sparsity", "1.5"], "error: need 1 <= top-k <= experts and 0 < sparsity <= 1"),
+    (["--task", "sa", "--method", "moses", "--sparsity", "1.5"], "error: need 1 <= top-k <= experts, 0 < sparsity <= 1"),
     (["--order", "1", "--init", "x"], "error: --init is for one stage"),
     (["--task", "sa", "--method", "moses", "--previous", "pe"], "error: MoSEs rehearses nothing"),
+    (["--task", "sa", "--method", "seta", "--anchor-weight", "-1"], "error: SETA needs --shared-experts >= 1"),
+    (["--task", "sa", "--method", "seta", "--previous", "pe"], "error: SETA with --previous needs --init"),
 ])
 def test_bad_arguments_are_one_line_of_error(tiny_dir, tmp_path, args, message):
     out = run_cli(["--model", "tiny", "--out", str(tmp_path / "r"), *args], tiny_dir)
