@@ -5,6 +5,7 @@ fitted to the reconstructed task D^_i (Eq. 4) with the loss of Eq. 5.
     python train.py --task qg --previous qa        # E_2: tau of qa's queries rehearsed as <<neg>>
     python train.py --order 1 --tau 0.1            # a whole sequence, one expert per stage (resumable)
     python train.py --order 1 --method non-rehearsal   # a baseline: one LoRA fine-tuned on each task in turn
+    python train.py --order 1 --method seta        # SETA: masked task experts, anchored shared experts, a gate
     torchrun --nproc_per_node 2 train.py --task qa     # data parallel: the same result at the same global batch
 """
 from __future__ import annotations
