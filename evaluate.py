@@ -5,15 +5,19 @@ whole continual runs with the paper's metrics: AR (Eq. 6), BWT (Eq. 7), routing 
     python evaluate.py --expert runs/qa-smollm2-135m/expert --task qa --max-eval 100
     python evaluate.py --task qa --max-eval 100          # the base model alone, for comparison
     python evaluate.py --run runs/see-tau0.1-qa-qg-sa-sum-trans-smollm2-135m --run runs/non-rehearsal-...
+    python evaluate.py --report runs/see-tau0.1-... runs/non-rehearsal-... --out docs/report.md
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from tqdm import tqdm
 
@@ -21,8 +25,9 @@ import lora
 from checkpoint import atomic_write, load, model_tag
 from data import OOD_EVAL, TASKS, Example, load_ood, load_task
 from errors import UserError, user_errors
-from experts import TEMPLATES, UNROUTED, Expert, Indicators, prompt_ids, resolve_template, setup_indicators
+from experts import TEMPLATES, UNROUTED, Expert, Indicators, base_model, prompt_ids, resolve_template, setup_indicators
 from model import Llama
+from report import write_report
 from router import BASE, generate_batched, key_route, parallel_route, sequential_route
 from tokenizer import Tokenizer
 from train import CONTINUED, SYSTEM_FILE
@@ -45,6 +50,16 @@ def backward_transfer(scores: list[list[float]]) -> float:
     """BWT (Eq. 7): the mean change on tasks 1..T-1 from just after learning them to the end; < 0 is forgetting."""
     T = len(scores)
     return sum(scores[-1][i] - scores[i][i] for i in range(T - 1)) / (T - 1) if T > 1 else 0.0
+
+
+@torch.no_grad()
+def response_perplexity(model: Llama, tok: Tokenizer, prompt: list[int], prefix: list[int], response: str,
+                        max_target: int = 512) -> float:
+    """exp of the mean NLL of a response and EOS given the prompt and a prefix (SEE: o_pos, paper Fig. 5)."""
+    target = tok.encode(response, bos=False)[:max_target - 1] + [tok.eos_id]
+    ids = torch.tensor([prompt + prefix + target], device=model.lm_head.weight.device)
+    logits = model(ids[:, :-1])[0, -len(target):]
+    return math.exp(F.cross_entropy(logits.float(), ids[0, -len(target):]).item())
 
 
 def routing_scores(routes: list[str | None], gold: list[str | None]) -> dict:
@@ -141,8 +156,9 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
                  progress: bool = False, routing: str = "sequential") -> tuple[dict, list[dict]]:
     """Score a system written by train.py --sequence, and return the results and the final stage's predictions.
 
-    Continual methods (SEE, non-rehearsal, replay) give the matrix scores[j][i] = a_i after stage j
-    (i <= j), hence AR and BWT; MTL and STL give one row (AvgSTL: each task by its own adapter).
+    Continual methods (SEE, non-rehearsal, replay, MoSEs, SETA) give the matrix scores[j][i] = a_i after
+    stage j (i <= j), hence AR and BWT; MTL and STL give one row (AvgSTL: each task by its own adapter).
+    The predictions carry each reference's perplexity (not for MoSEs and SETA).
     For SEE also: routing P/R/F1 over the sequence's queries, RB-Acc (the share of queries of no task
     in the sequence that reach the base model: LIMA and the held-out SuperNI tasks) and the mean
     number of experts a query visits.
@@ -184,6 +200,17 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
                 predictions += [dict(task=tasks[i], **r) for r in records]
         return scores, predictions
     scores, predictions = score_matrix(til=False)
+    # Fig. 5: the reference's perplexity under what answered its query after the last stage: SEE's
+    # routed expert on (q, o_pos, r), or the base model on (q, r) if none claimed it; a baseline's adapter on (q, r)
+    if method not in ("moses", "seta"):
+        queries = {(t, ex.id): ex.query for t in tasks for ex in evals[t]}
+        for p in predictions:
+            expert = next((e for e in cells[(last, tasks.index(p["task"]))] if e.name == p["route"]), None)
+            with contextlib.nullcontext() if expert else base_model(model):
+                if expert:
+                    expert.use(model)
+                prompt = prompt_ids(tok, queries[p["task"], p["id"]], max_source, template)
+                p["perplexity"] = response_perplexity(model, tok, prompt, ind.pos if expert and ind else [], p["references"][0])
     result = dict(run=str(run_dir), method=method, label=label, tasks=tasks, scores=scores,
                   ar=average_rouge(scores), bwt=backward_transfer(scores) if method in ("see", *CONTINUED) else None,
                   routing_f1=None, per_task_routing=None, rb_acc=None, n_ood=None, routing_steps=None,
@@ -254,7 +281,9 @@ def print_table(results: list[dict]) -> None:
     for r in results:
         print(f"{r['label']}: trainable parameters per stage " + ", ".join(f"{p['trainable']:,}" for p in r["parameters"])
               + ("; weights held after each stage " + ", ".join(f"{p['stored']:,}" for p in r["parameters"])
-                 if "stored" in r["parameters"][0] else ""))
+                 if "stored" in r["parameters"][0] else "")
+              + (f"; shared-expert weights {r['parameters'][0]['shared']:,} (stored with as many importances)"
+                 if r["parameters"][0].get("shared") else ""))
         if "til_ar" in r:
             print(f"{r['label']}: TIL AR {r['til_ar']:.2f} BWT {r['til_bwt']:.2f}; TaIL AR {r['ar']:.2f} BWT {r['bwt']:.2f}; "
                   f"TIL-TaIL gap {r['til_ar'] - r['ar']:.2f}; task identification "
@@ -266,6 +295,9 @@ def main() -> None:
                                             "or the paper's metrics of whole runs (--run: the runs' own prompt, source length and model).")
     p.add_argument("--run", action="append", default=[],
                    help="a system written by train.py --sequence/--order; repeat to compare runs in one table")
+    p.add_argument("--report", nargs="+", default=None, metavar="RUN",
+                   help="render the paper's tables and plots (markdown, to --out, default runs/report.md) "
+                        "from runs already evaluated with --run")
     p.add_argument("--expert", action="append", default=[],
                    help="expert directory; repeat in training order for a sequence (none: the base model alone)")
     p.add_argument("--task", default=None, help="task abbreviation or SuperNI task .json file (not with --run)")
@@ -285,6 +317,12 @@ def main() -> None:
     p.add_argument("--out", default=None, help="result JSON (default: beside the first expert, or runs/base-<model>/; "
                                                "with --run: <run>/eval.json)")
     args = p.parse_args()
+    if args.report:
+        if args.run or args.task or args.expert:
+            p.error("--report reads evaluated runs; give it alone")
+        with user_errors():
+            print(write_report(args.report, args.out or "runs/report.md"))
+        return
     if bool(args.run) == bool(args.task) or (args.run and args.expert):
         p.error("give --task (with --expert or alone, for the base model) or --run, not both")
     with user_errors():

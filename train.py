@@ -194,17 +194,15 @@ def routing_regulariser(rows: torch.Tensor, memory: torch.Tensor, old: torch.Ten
 
 def importance(model: Llama, hidden, samples: list[TrainSample], cfg: "TrainConfig", device, amp) -> list[torch.Tensor]:
     """Each shared-expert weight's importance to the task just learned: the diagonal empirical Fisher, the
-    squared gradient of the task's loss summed over the micro-batches of one global batch of its own
-    samples, at the final weights; scaled to mean 1, so that --anchor-weight does not depend on the loss scale."""
+    mean over one global batch of the task's own samples of each sample's squared loss gradient, at the
+    final weights; scaled to mean 1, so that --anchor-weight keeps one meaning across models and tasks."""
     model.eval()  # no dropout: the gradient of the model as it will be used
     pairs = lora.shared_weights(model)
     fisher = [torch.zeros_like(p) for p, _ in pairs]
-    batch = random.Random(f"{cfg.seed}/importance").sample(samples, min(cfg.batch_size, len(samples)))
-    for m in range(0, len(batch), cfg.micro_batch):
-        chunk = batch[m:m + cfg.micro_batch]
+    for s in random.Random(f"{cfg.seed}/importance").sample(samples, min(cfg.batch_size, len(samples))):
         for p, _ in pairs:
             p.grad = None
-        (target_nll(model, hidden, chunk, device, amp) / sum(len(s.ids) - s.start for s in chunk)).backward()
+        (target_nll(model, hidden, [s], device, amp) / (len(s.ids) - s.start)).backward()
         for f, (p, _) in zip(fisher, pairs):
             f += p.grad ** 2
     mean = sum(f.sum() for f in fisher) / sum(f.numel() for f in fisher)
@@ -263,6 +261,9 @@ def train(cfg: TrainConfig) -> Path:
         raise UserError("MoSEs rehearses nothing (no --previous) and needs --pull-weight >= 0")
     if seta and (cfg.shared < 1 or cfg.anchor_weight < 0 or cfg.route_reg_weight < 0):
         raise UserError("SETA needs --shared-experts >= 1, --anchor-weight >= 0 and --route-reg-weight >= 0")
+    if seta and init is not None and {replace(cfg, task=t).name for t in cfg.previous} != set(init.keys):
+        raise UserError(f"SETA's --previous must be the tasks {cfg.init} has learned ({', '.join(init.keys)}): "
+                        f"the gate is kept on their queries")
     if seta and cfg.previous and init is None:
         raise UserError("SETA with --previous needs --init: the earlier stage's expert, whose gate is to be kept")
     if sparse and init is not None and cfg.name in init.keys:

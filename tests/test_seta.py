@@ -32,16 +32,17 @@ def stage(run, i):
     return Expert.load(next(run.glob(f"{i}-*")) / "expert")
 
 
-def shared(expert, suffix=""):
-    return {k: v for k, v in expert.adapter.items() if k.endswith(tuple(f"{suffix}{s}" for s in lora.SHARED))}
+def shared(expert, kind=""):
+    """The shared experts' weights (kind "") or their importance (kind "importance_"), by state key."""
+    return {k: v for k, v in expert.adapter.items() if k.endswith(tuple(f".{kind}{s}" for s in lora.SHARED))}
 
 
 def weighted_drift(run) -> float:
     """sum F (theta - theta*)^2 of the shared experts from stage 1 to stage 2, F their importance to task 1."""
     first, second = stage(run, 1), stage(run, 2)
     weights, importance = shared(first), shared(first, "importance_")
-    return sum(float((importance[k.replace("shared_", "importance_shared_")] * (second.adapter[k] - w) ** 2).sum())
-               for k, w in weights.items() if "importance" not in k)
+    return sum(float((importance[k.replace(".shared_", ".importance_shared_")] * (second.adapter[k] - w) ** 2).sum())
+               for k, w in weights.items())
 
 
 def test_elastic_anchoring_keeps_the_important_shared_weights_near_their_earlier_values(seta_runs):

@@ -214,7 +214,7 @@ def run_cli(args, tiny_dir):
     (["--task", "sa", "--method", "moses", "--sparsity", "1.5"], "error: need 1 <= top-k <= experts, 0 < sparsity <= 1"),
     (["--order", "1", "--init", "x"], "error: --init is for one stage"),
     (["--task", "sa", "--method", "moses", "--previous", "pe"], "error: MoSEs rehearses nothing"),
-    (["--task", "sa", "--method", "seta", "--anchor-weight", "-1"], "error: SETA needs --shared-experts >= 1"),
+    (["--task", "sa", "--method", "seta", "--anchor-weight", "-1"], "error: SETA needs --shared-experts >= 1, --anchor-weight >= 0"),
     (["--task", "sa", "--method", "seta", "--previous", "pe"], "error: SETA with --previous needs --init"),
 ])
 def test_bad_arguments_are_one_line_of_error(tiny_dir, tmp_path, args, message):
