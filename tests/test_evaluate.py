@@ -139,3 +139,16 @@ def test_parallel_routing_scores_as_sequential_routing(separable_run, tiny_dir, 
         assert res.returncode == 0, res.stderr
         predictions[routing] = Path(json.loads(out.read_text())["predictions"]).read_text()
     assert predictions["parallel"] == predictions["sequential"]
+
+
+def test_perplexity_is_the_answering_experts_after_its_indicator(continual_runs):
+    from evaluate import evaluate_run
+    runs, _ = continual_runs
+    ppl = {m: {} for m in runs}
+    for m, run in runs.items():
+        for p in evaluate_run(run, max_eval=4, max_new_tokens=2, max_ood=1)[1]:
+            ppl[m].setdefault(Path(p["task"]).stem, []).append(p["perplexity"])
+    # the tiny model is barely trained (its answers are argmaxes of flat distributions), so compare:
+    # SEE's own expert for an early task, against the one adapter of non-rehearsal, which forgot it
+    for task in ("colour", "count"):
+        assert max(ppl["see"][task]) < 0.7 * min(ppl["non-rehearsal"][task])
