@@ -55,11 +55,13 @@ def backward_transfer(scores: list[list[float]]) -> float:
 @torch.no_grad()
 def response_perplexity(model: Llama, tok: Tokenizer, prompt: list[int], prefix: list[int], response: str,
                         max_target: int = 512) -> float:
-    """exp of the mean NLL of a response and EOS given the prompt and a prefix (SEE: o_pos, paper Fig. 5)."""
-    target = tok.encode(response, bos=False)[:max_target - 1] + [tok.eos_id]
-    ids = torch.tensor([prompt + prefix + target], device=model.lm_head.weight.device)
-    logits = model(ids[:, :-1])[0, -len(target):]
-    return math.exp(F.cross_entropy(logits.float(), ids[0, -len(target):]).item())
+    """exp of the mean NLL of a response and EOS given the prompt and a prefix (SEE: o_pos, paper Fig. 5),
+    the target cut as training cuts it: prefix and response to max_target - 1 tokens, then EOS."""
+    target = (prefix + tok.encode(response, bos=False))[:max_target - 1] + [tok.eos_id]
+    scored = len(target) - len(prefix)
+    ids = torch.tensor([prompt + target], device=model.lm_head.weight.device)
+    logits = model(ids[:, :-1])[0, -scored:]  # position j predicts token j + 1
+    return math.exp(F.cross_entropy(logits.float(), ids[0, -scored:]).item())
 
 
 def routing_scores(routes: list[str | None], gold: list[str | None]) -> dict:
@@ -210,7 +212,8 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
                 if expert:
                     expert.use(model)
                 prompt = prompt_ids(tok, queries[p["task"], p["id"]], max_source, template)
-                p["perplexity"] = response_perplexity(model, tok, prompt, ind.pos if expert and ind else [], p["references"][0])
+                p["perplexity"] = response_perplexity(model, tok, prompt, ind.pos if expert and ind else [], p["references"][0],
+                                                      system["settings"].get("max_target", 512))
     result = dict(run=str(run_dir), method=method, label=label, tasks=tasks, scores=scores,
                   ar=average_rouge(scores), bwt=backward_transfer(scores) if method in ("see", *CONTINUED) else None,
                   routing_f1=None, per_task_routing=None, rb_acc=None, n_ood=None, routing_steps=None,

@@ -1,10 +1,11 @@
 """The paper's tables and figures from evaluated runs, as markdown: `python evaluate.py --report RUN [RUN ...]`.
 
-Reads each run's eval.json and predictions (written by `evaluate.py --run`) and renders Table 1
-(AR, BWT per method), the routing metrics, Table 3 (pseudo-negatives), Table 4 (indicator types),
-the tau sweep (Fig. 6), per-task ROUGE-L of SEE, MTL and AvgSTL (Fig. 3), the perplexity of SEE and
-MTL (Fig. 5) and MoSEs/SETA's task identification. A table compares only runs of the same setting
-(tasks, training subsample, seed, schedule, evaluation size). Plots need matplotlib, an optional extra.
+Reads each run's eval.json and predictions (written by `evaluate.py --run` into the run directory)
+and renders Table 1 (AR, BWT per method and task order), then per task sequence: final ROUGE-L per
+task, the routing metrics, Table 3 (pseudo-negatives), Table 4 (indicator types), the tau sweep
+(Fig. 6), per-task ROUGE-L of SEE, MTL and AvgSTL (Fig. 3), the perplexity of SEE and MTL (Fig. 5)
+and MoSEs/SETA's task identification. A table compares only runs of one setting (model, prompt,
+adapter, training subsample and schedule, evaluation size). Plots need matplotlib, an optional extra.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import statistics
 from pathlib import Path
 
 from checkpoint import atomic_write
-from data import CLASSIFICATION
+from data import CLASSIFICATION, ORDERS, TASKS
 from errors import UserError
 
-SETTING = ("max_train", "seed", "epochs", "batch_size", "lr", "max_source", "max_target")
+TRAINING = ("model", "template", "rank", "alpha", "dropout", "targets", "max_train", "seed", "epochs", "batch_size",
+            "lr", "max_source", "max_target")
 
 
 def load_results(runs: list[str]) -> list[dict]:
@@ -26,7 +28,7 @@ def load_results(runs: list[str]) -> list[dict]:
     for run in runs:
         run = Path(run)
         if not (run / "eval.json").is_file():
-            raise UserError(f"{run} has no eval.json; evaluate it first: python evaluate.py --run {run}")
+            raise UserError(f"{run} has no eval.json; evaluate it first (without --out): python evaluate.py --run {run}")
         try:
             r = json.loads((run / "eval.json").read_text())
             r["settings"] = json.loads((run / "system.json").read_text())["settings"]
@@ -37,9 +39,29 @@ def load_results(runs: list[str]) -> list[dict]:
     return results
 
 
-def setting(r: dict) -> tuple:
-    """What runs must share to sit in one table: tasks, training settings, evaluation size."""
-    return (tuple(r["tasks"]), *(r["settings"].get(k) for k in SETTING), r.get("max_eval"), r.get("max_new_tokens"))
+def setting(r: dict) -> str:
+    """What runs must share to sit in one table (but the task order): model, prompt, adapter, training, evaluation size."""
+    return json.dumps([[r["settings"].get(k) for k in TRAINING], r.get("max_eval"), r.get("max_new_tokens"), r.get("n_ood")])
+
+
+def grouped(results: list[dict], key) -> list[list[dict]]:
+    groups: dict = {}
+    for r in results:
+        groups.setdefault(key(r), []).append(r)
+    return list(groups.values())
+
+
+def order_name(tasks: tuple[str, ...]) -> str:
+    names = [task_name(t) for t in tasks]
+    return next((f"order {k}" for k, order in ORDERS.items() if order == names), ",".join(names))
+
+
+def is_classification(task: str) -> bool:
+    return any(task_name(task) in (a, TASKS[a]) for a in CLASSIFICATION)
+
+
+def mean(values: list) -> float | None:
+    return None if not values or None in values else sum(values) / len(values)
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -76,65 +98,96 @@ def exact_match(r: dict, tasks: list[str]) -> float | None:
 
 def render(results: list[dict], figures: Path | None) -> str:
     """The report's markdown; figures are written into `figures` (None: no plots)."""
-    out = ["# Results\n"]
-    out.append("## Runs\n")
-    out.append(table(["method", "run", "tasks", "train/task", "seed", "epochs", "batch", "lr", "eval/task", "new tokens"],
-                     [[r["label"], r["run"], ",".join(map(task_name, r["tasks"])), r["settings"].get("max_train") or "all",
-                       r["settings"].get("seed"), r["settings"].get("epochs"), r["settings"].get("batch_size"),
-                       f"{r['settings'].get('lr'):g}", r.get("max_eval") or "all", r.get("max_new_tokens")] for r in results]))
-    groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        groups.setdefault(setting(r), []).append(r)
-    for n, rs in enumerate(groups.values()):
-        tasks = [task_name(t) for t in rs[0]["tasks"]]
-        title = f"setting {n + 1}: {','.join(tasks)}, {rs[0]['settings'].get('max_train') or 'all'} train/task"
-        out.append(f"## Table 1 ({title}): final ROUGE-L per task, AR (Eq. 6), BWT (Eq. 7)\n")
-        out.append(table(["method", *tasks, "AR", "BWT"],
-                         [[r["label"], *r["scores"][-1], r["ar"], r["bwt"]] for r in rs]))
-        routed = [r for r in rs if r["routing_f1"] is not None]
-        if routed:
-            out.append(f"\n## Routing ({title}): R-F1 (SEE: the answering expert; MoSEs/SETA: the task picked), "
-                       "RB-Acc (queries of no task that reach the base model), mean experts visited\n")
-            out.append(table(["method", "R-F1", "RB-LIMA", "RB-SNI", "steps", "task id. acc."],
-                             [[r["label"], pct(r["routing_f1"]), pct((r["rb_acc"] or {}).get("lima")),
-                               pct((r["rb_acc"] or {}).get("superni")), r["routing_steps"], pct(r.get("task_id_accuracy"))]
-                              for r in routed]))
-        out += pseudo_negatives(rs, title) + indicator_types(rs, title, tasks)
-        out += tau_sweep(rs, title, figures, n) + per_task(rs, title, tasks, figures, n)
-        out += perplexity(rs, title, tasks, figures, n) + sparse(rs, title)
+    out = ["# Results\n", "## Runs\n"]
+    out.append(table(["method", "run", "model", "tasks", "train/task", "seed", "epochs", "batch", "lr", "eval/task", "new tokens"],
+                     [[r["label"], r["run"], r["settings"].get("model"), ",".join(map(task_name, r["tasks"])),
+                       r["settings"].get("max_train") or "all", r["settings"].get("seed"), r["settings"].get("epochs"),
+                       r["settings"].get("batch_size"), f"{r['settings'].get('lr'):g}", r.get("max_eval") or "all",
+                       r.get("max_new_tokens")] for r in results]))
+    for n, same in enumerate(grouped(results, setting)):
+        model = same[0]["settings"].get("model")
+        out += table_1(same, f"setting {n + 1}: {model}, {same[0]['settings'].get('max_train') or 'all'} train/task")
+        for m, rs in enumerate(grouped(same, lambda r: tuple(r["tasks"]))):
+            tasks = [task_name(t) for t in rs[0]["tasks"]]
+            title, tag = f"setting {n + 1}, {order_name(tuple(rs[0]['tasks']))}", f"{n + 1}_{m + 1}"
+            out.append(f"\n## Final ROUGE-L per task ({title})\n")
+            out.append(table(["method", *tasks, "AR", "BWT"], [[r["label"], *r["scores"][-1], r["ar"], r["bwt"]] for r in rs]))
+            out += routing(rs, title) + pseudo_negatives(rs, title) + indicator_types(rs, title, rs[0]["tasks"])
+            out += tau_sweep(rs, title, figures, tag) + per_task(rs, title, tasks, figures, tag)
+            out += perplexity(rs, title, tasks, figures, tag) + sparse(rs, title)
     if figures is None:
         out.append("\n_Plots skipped: matplotlib is not installed (`pip install matplotlib`)._\n")
     return "\n".join(out)
 
 
+def table_1(rs: list[dict], title: str) -> list[str]:
+    """The paper's Table 1: a row per method, AR and BWT per task order, and their average over the orders.
+    MTL and AvgSTL do not depend on the order (the paper repeats them): any run of the same tasks fills in."""
+    orders = list(dict.fromkeys(tuple(r["tasks"]) for r in rs))
+    def find(label: str, order: tuple) -> dict | None:
+        exact = [r for r in rs if r["label"] == label and tuple(r["tasks"]) == order]
+        alike = [r for r in rs if r["label"] == label and r["method"] in ("mtl", "stl") and set(r["tasks"]) == set(order)]
+        return (exact or alike or [None])[0]
+    rows = []
+    for label in dict.fromkeys(r["label"] for r in rs):
+        cells = [find(label, o) for o in orders]
+        ar, bwt = ([c and c[k] for c in cells] for k in ("ar", "bwt"))
+        rows.append([label, *(v for pair in zip(ar, bwt) for v in pair), mean(ar), mean(bwt)])
+    header = ["method", *(f"{order_name(o)} {m}" for o in orders for m in ("AR", "BWT")), "avg AR", "avg BWT"]
+    return [f"\n## Table 1 ({title}): AR (Eq. 6) and BWT (Eq. 7) per task order\n", table(header, rows)]
+
+
+def routing(rs: list[dict], title: str) -> list[str]:
+    routed = [r for r in rs if r.get("routing_f1") is not None]
+    if not routed:
+        return []
+    return [f"\n## Routing ({title})\n\nR-F1: macro F1 of the answering expert (MoSEs/SETA: of the task picked); "
+            "RB-Acc: the share of queries of no task in the sequence that reach the base model (LIMA, held-out "
+            "SuperNI tasks); steps: experts a query visits; task id.: the share routed to their own task.\n",
+            table(["method", "R-F1", "RB-LIMA", "RB-SNI", "steps", "task id. acc."],
+                  [[r["label"], pct(r["routing_f1"]), pct((r.get("rb_acc") or {}).get("lima")),
+                    pct((r.get("rb_acc") or {}).get("superni")), r.get("routing_steps"), pct(r.get("task_id_accuracy"))]
+                   for r in routed])]
+
+
 def pseudo_negatives(rs: list[dict], title: str) -> list[str]:
     """Table 3: SEE with pseudo-negatives (LIMA queries) beside SEE with the same tau and indicator."""
-    rows = []
-    for p in (r for r in rs if r["method"] == "see" and r["settings"].get("negatives") == "lima"):
+    pseudo = [r for r in rs if r["method"] == "see" and r["settings"].get("negatives") == "lima"]
+    chosen = []
+    for p in pseudo:
         indicator, tau = p["settings"].get("indicator", "added"), p["settings"]["tau"]
-        same = [r for r in rs if is_see(r, indicator=indicator) and r["settings"]["tau"] == tau]
-        rows += [[r["label"], pct(r["rb_acc"]["lima"]), pct(r["rb_acc"]["superni"]), r["ar"], pct(r["routing_f1"])]
-                 for r in [*same, p]]
-    return [f"\n## Table 3 ({title}): pseudo-negatives\n", table(["method", "RB-LIMA", "RB-SNI", "AR", "R-F1"], rows)] if rows else []
+        chosen += [r for r in rs if is_see(r, indicator=indicator) and r["settings"]["tau"] == tau and r not in chosen] + [p]
+    if not chosen:
+        return []
+    rows = [[r["label"], pct(r["rb_acc"].get("lima")), pct(r["rb_acc"].get("superni")), r["ar"], pct(r["routing_f1"])]
+            for r in chosen]
+    return [f"\n## Table 3 ({title}): pseudo-negatives\n\nPseudo-negatives and RB-LIMA's queries are different "
+            "LIMA queries of one distribution (the paper: Alpaca negatives, MMLU for RB-Acc), so RB-LIMA flatters "
+            "the pseudo-negative rows; RB-SNI (held-out SuperNI tasks) is the fair out-of-distribution column.\n",
+            table(["method", "RB-LIMA", "RB-SNI", "AR", "R-F1"], rows)]
 
 
 def indicator_types(rs: list[dict], title: str, tasks: list[str]) -> list[str]:
-    """Table 4: SEE by indicator type (same tau and negatives): AR over generation tasks, exact-match
-    accuracy over classification tasks."""
+    """Table 4: SEE by indicator type, at each tau run with two types or more: AR over the generation
+    tasks, exact-match accuracy over the classification tasks."""
     see = [r for r in rs if r["method"] == "see" and r["settings"].get("negatives", "tasks") == "tasks"]
-    if len({r["settings"].get("indicator", "added") for r in see}) < 2:
+    kinds = {}
+    for r in see:
+        kinds.setdefault(r["settings"]["tau"], set()).add(r["settings"].get("indicator", "added"))
+    see = [r for r in see if len(kinds[r["settings"]["tau"]]) > 1]
+    if not see:
         return []
-    gen = [i for i, t in enumerate(tasks) if t not in CLASSIFICATION]
-    cls = [t for t in tasks if t in CLASSIFICATION]
+    gen = [i for i, t in enumerate(tasks) if not is_classification(t)]
+    cls = [task_name(t) for t in tasks if is_classification(t)]
     rows = [[r["settings"].get("indicator", "added"), f"{100 * r['settings']['tau']:g}%",
-             sum(r["scores"][-1][i] for i in gen) / len(gen) if gen else None, exact_match(r, cls), pct(r["routing_f1"])]
+             mean([r["scores"][-1][i] for i in gen]), exact_match(r, cls), pct(r["routing_f1"])]
             for r in sorted(see, key=lambda r: (r["settings"]["tau"], r["settings"].get("indicator", "added")))]
-    return [f"\n## Table 4 ({title}): indicator types (generation: {','.join(tasks[i] for i in gen)}; "
+    return [f"\n## Table 4 ({title}): indicator types (generation: {','.join(task_name(tasks[i]) for i in gen)}; "
             f"classification: {','.join(cls) or 'none'})\n",
             table(["indicator", "tau", "generation AR", "classification acc. (%)", "R-F1"], rows)]
 
 
-def tau_sweep(rs: list[dict], title: str, figures: Path | None, n: int) -> list[str]:
+def tau_sweep(rs: list[dict], title: str, figures: Path | None, tag: str) -> list[str]:
     """Fig. 6: SEE's AR and routing F1 against tau."""
     see = sorted((r for r in rs if is_see(r)), key=lambda r: r["settings"]["tau"])
     if len({r["settings"]["tau"] for r in see}) < 2:
@@ -147,47 +200,50 @@ def tau_sweep(rs: list[dict], title: str, figures: Path | None, n: int) -> list[
         axes = fig.subplots(1, 2)
         for ax, (name, ys) in zip(axes, [("AR", [r["ar"] for r in see]), ("routing F1 (%)", [pct(r["routing_f1"]) for r in see])]):
             ax.plot(taus, ys, marker="o")
-            ax.set(xlabel="tau (%)", ylabel=name, xscale="log")
-        out.append(save(fig, figures / f"fig6_tau_{n + 1}.png", "Fig. 6"))
+            ax.set(xlabel="tau (%)", ylabel=name, xscale="log" if min(taus) > 0 else "symlog")
+        out.append(save(fig, figures / f"fig6_tau_{tag}.png", "Fig. 6"))
     return out
 
 
-def per_task(rs: list[dict], title: str, tasks: list[str], figures: Path | None, n: int) -> list[str]:
+def per_task(rs: list[dict], title: str, tasks: list[str], figures: Path | None, tag: str) -> list[str]:
     """Fig. 3: per-task ROUGE-L of SEE, MTL and AvgSTL."""
     chosen = [r for r in rs if is_see(r) or r["method"] in ("mtl", "stl")]
-    if not chosen:
+    if not chosen or figures is None:  # the numbers are in the table of final scores
         return []
-    out = [f"\n## Fig. 3 ({title}): ROUGE-L per task\n",
-           table(["method", *tasks], [[r["label"], *r["scores"][-1]] for r in chosen])]
-    if figures is not None:
-        fig = figure(1.2 * len(tasks) + 2, 3)
-        ax = fig.subplots()
-        width = 0.8 / len(chosen)
-        for k, r in enumerate(chosen):
-            ax.bar([i + k * width for i in range(len(tasks))], r["scores"][-1], width, label=r["label"])
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
-        ax.set(ylabel="ROUGE-L")
-        ax.legend(fontsize=7)
-        out.append(save(fig, figures / f"fig3_per_task_{n + 1}.png", "Fig. 3"))
-    return out
+    fig = figure(1.2 * len(tasks) + 2, 3)
+    ax = fig.subplots()
+    width = 0.8 / len(chosen)
+    for k, r in enumerate(chosen):
+        ax.bar([i + k * width for i in range(len(tasks))], r["scores"][-1], width, label=r["label"])
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
+    ax.set(ylabel="ROUGE-L")
+    ax.legend(fontsize=7)
+    return [f"\n## Fig. 3 ({title}): ROUGE-L per task\n", save(fig, figures / f"fig3_per_task_{tag}.png", "Fig. 3")]
 
 
-def perplexity(rs: list[dict], title: str, tasks: list[str], figures: Path | None, n: int) -> list[str]:
+def perplexity(rs: list[dict], title: str, tasks: list[str], figures: Path | None, tag: str) -> list[str]:
     """Fig. 5: the distribution of the references' perplexity, SEE (routed expert, after o_pos) vs MTL."""
-    chosen = [r for r in rs if (is_see(r) or r["method"] == "mtl") and all("perplexity" in p for p in r["predictions"])]
-    if not chosen:
+    candidates = [r for r in rs if is_see(r) or r["method"] == "mtl"]
+    chosen = [r for r in candidates if r["predictions"] and all("perplexity" in p for p in r["predictions"])]
+    missing = [r["label"] for r in candidates if r not in chosen]
+    if not candidates:
         return []
     def ppl(r, t=None):
         return [p["perplexity"] for p in r["predictions"] if t is None or task_name(p["task"]) == t]
+    def median(values):
+        return statistics.median(values) if values else None
     out = [f"\n## Fig. 5 ({title}): perplexity of the references (median per task, and over all)\n",
-           table(["method", *tasks, "all"], [[r["label"], *(statistics.median(ppl(r, t)) for t in tasks),
-                                              statistics.median(ppl(r))] for r in chosen])]
-    if figures is not None:
+           table(["method", *tasks, "all"], [[r["label"], *(median(ppl(r, t)) for t in tasks), median(ppl(r))]
+                                             for r in chosen])]
+    if missing:
+        out.append(f"\nNo perplexities for {', '.join(missing)}: evaluated before evaluate.py computed them; "
+                   "evaluate again with --run.\n")
+    if figures is not None and chosen:
         fig = figure(1.2 * len(tasks) + 2, 3)
         ax = fig.subplots()
         width = 0.8 / len(chosen)
         for k, r in enumerate(chosen):
-            box = ax.boxplot([ppl(r, t) for t in tasks], positions=[i + k * width for i in range(len(tasks))],
+            box = ax.boxplot([ppl(r, t) or [float("nan")] for t in tasks], positions=[i + k * width for i in range(len(tasks))],
                              widths=width * 0.9, patch_artist=True, showfliers=False)
             for patch in box["boxes"]:
                 patch.set_facecolor(f"C{k}")
@@ -195,7 +251,7 @@ def perplexity(rs: list[dict], title: str, tasks: list[str], figures: Path | Non
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
         ax.set(ylabel="perplexity", yscale="log")
         ax.legend(fontsize=7)
-        out.append(save(fig, figures / f"fig5_perplexity_{n + 1}.png", "Fig. 5"))
+        out.append(save(fig, figures / f"fig5_perplexity_{tag}.png", "Fig. 5"))
     return out
 
 
@@ -228,7 +284,11 @@ def write_report(runs: list[str], out: str | Path) -> str:
     """Render the report of these runs to `out` (markdown), its plots beside it in <out stem>-figures/."""
     out = Path(out)
     figures = out.parent / f"{out.stem}-figures" if importlib.util.find_spec("matplotlib") else None
-    text = render(load_results(runs), figures)
+    results = load_results(runs)
+    try:
+        text = render(results, figures)
+    except (KeyError, TypeError, IndexError) as e:
+        raise UserError(f"malformed results ({type(e).__name__}: {e}); evaluate the runs again with --run") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda p: p.write_text(text))
     return text

@@ -152,3 +152,25 @@ def test_perplexity_is_the_answering_experts_after_its_indicator(continual_runs)
     # SEE's own expert for an early task, against the one adapter of non-rehearsal, which forgot it
     for task in ("colour", "count"):
         assert max(ppl["see"][task]) < 0.7 * min(ppl["non-rehearsal"][task])
+
+
+def test_response_perplexity_scores_the_response_and_eos_after_the_prefix_as_training_cuts_them(tiny):
+    import math
+
+    import torch
+
+    from evaluate import response_perplexity
+    model, tok = tiny
+    prompt, prefix, response = tok.encode("Name the colour.\nOutput:"), tok.encode("yes", bos=False), "a red house by the river"
+    words = tok.encode(response, bos=False)
+
+    def by_hand(target):  # one forward per scored token, each from the sequence before it
+        ids, nll = prompt + prefix + target, []
+        with torch.no_grad():
+            for j in range(len(prompt) + len(prefix), len(ids)):
+                nll.append(-model(torch.tensor([ids[:j]]))[0, -1].log_softmax(-1)[ids[j]].item())
+        return math.exp(sum(nll) / len(nll))
+    assert response_perplexity(model, tok, prompt, prefix, response) == pytest.approx(by_hand(words + [tok.eos_id]), rel=1e-4)
+    cut = len(prefix) + 3  # max_target holds the prefix, two response tokens and EOS
+    assert response_perplexity(model, tok, prompt, prefix, response, max_target=cut) == pytest.approx(
+        by_hand(words[:2] + [tok.eos_id]), rel=1e-4)

@@ -14,14 +14,14 @@ TASKS = ["qa", "sa"]
 
 
 def fake_run(root: Path, name: str, method: str, scores, tau=0.1, negatives="tasks", indicator="added",
-             predictions=(), **extra) -> str:
+             predictions=(), tasks=TASKS, **extra) -> str:
     """A run directory as train.py and evaluate.py --run leave it, with made-up results."""
     run = root / name
     run.mkdir()
     settings = dict(tau=tau, negatives=negatives, indicator=indicator, max_train=64, seed=0, epochs=3, batch_size=16,
                     lr=1e-3, max_source=512, max_target=128, sparsity=0.3)
-    (run / "system.json").write_text(json.dumps(dict(method=method, tasks=TASKS, settings=settings)))
-    result = dict(run=str(run), method=method, label=name, tasks=TASKS, scores=scores, ar=sum(scores[-1]) / len(scores[-1]),
+    (run / "system.json").write_text(json.dumps(dict(method=method, tasks=tasks, settings=settings)))
+    result = dict(run=str(run), method=method, label=name, tasks=tasks, scores=scores, ar=sum(scores[-1]) / len(scores[-1]),
                   bwt=None, routing_f1=None, rb_acc=None, routing_steps=None, parameters=[], max_eval=20, max_new_tokens=64)
     result.update(extra)
     (run / "eval.json").write_text(json.dumps(result))
@@ -42,7 +42,7 @@ def see(root, name, tau=0.1, negatives="tasks", indicator="added", ar_scores=(10
 
 @pytest.fixture()
 def runs(tmp_path):
-    return [see(tmp_path, "SEE(1%)", tau=0.01, f1=0.7), see(tmp_path, "SEE(10%)"),
+    return [see(tmp_path, "SEE(10%)"), see(tmp_path, "SEE(1%)", tau=0.01, f1=0.7),
             see(tmp_path, "pseudo", negatives="lima", f1=0.5),
             see(tmp_path, "semantic", indicator="semantic", sa_hits=0),
             fake_run(tmp_path, "MTL", "mtl", [[20.0, 60.0]], predictions=[pred("qa", "a", "b", 9.0), pred("sa", "a", "b", 7.0)]),
@@ -56,12 +56,21 @@ def section(text: str, title: str) -> list[str]:
             and not line.startswith("| tau") and not line.startswith("| indicator")]
 
 
-def test_table_1_has_a_row_per_run_with_final_scores_ar_and_bwt(runs, tmp_path):
+def test_final_scores_have_a_row_per_run_with_ar_and_bwt(runs, tmp_path):
     text = report.write_report(runs, tmp_path / "report.md")
-    rows = section(text, "Table 1")
-    assert len(rows) == 6 and rows[1] == "| SEE(10%) | 10.00 | 50.00 | 30.00 | -2.00 |"
+    rows = section(text, "Final ROUGE-L per task")
+    assert len(rows) == 6 and rows[0] == "| SEE(10%) | 10.00 | 50.00 | 30.00 | -2.00 |"
     assert rows[4] == "| MTL | 20.00 | 60.00 | 40.00 | – |", "one-row methods have no BWT"
     assert (tmp_path / "report.md").read_text() == text
+
+
+def test_table_1_gives_ar_and_bwt_per_task_order_and_their_average(tmp_path):
+    runs = [see(tmp_path, "SEE(10%)"), fake_run(tmp_path, "MTL", "mtl", [[20.0, 60.0]]),
+            fake_run(tmp_path, "SEE(10%) again", "see", [[0.0], [10.0, 30.0]], bwt=-4.0, tasks=["sa", "qa"])]
+    (Path(runs[2]) / "eval.json").write_text((Path(runs[2]) / "eval.json").read_text().replace("SEE(10%) again", "SEE(10%)"))
+    rows = section(report.write_report(runs, tmp_path / "r.md"), "Table 1")
+    assert rows == ["| SEE(10%) | 30.00 | -2.00 | 20.00 | -4.00 | 25.00 | -3.00 |",
+                    "| MTL | 40.00 | – | 40.00 | – | 40.00 | – |"], "MTL does not depend on the order: repeated"
 
 
 def test_table_3_sets_pseudo_negatives_beside_the_same_tau_with_task_negatives(runs, tmp_path):
@@ -72,12 +81,13 @@ def test_table_3_sets_pseudo_negatives_beside_the_same_tau_with_task_negatives(r
 def test_table_4_scores_generation_by_rouge_and_classification_by_exact_match(runs, tmp_path):
     rows = section(report.write_report(runs, tmp_path / "r.md"), "Table 4")
     # generation: qa's final ROUGE-L; classification: sa, where "Positive " matches "positive"
-    assert "| added | 10% | 10.00 | 50.00 | 90.00 |" in rows and "| semantic | 10% | 10.00 | 0.00 | 90.00 |" in rows
+    assert rows == ["| added | 10% | 10.00 | 50.00 | 90.00 |", "| semantic | 10% | 10.00 | 0.00 | 90.00 |"], \
+        "only tau values run with two indicator types"
 
 
 def test_the_tau_sweep_lists_see_runs_in_order_of_tau(runs, tmp_path):
     rows = section(report.write_report(runs, tmp_path / "r.md"), "Fig. 6")
-    assert [r.split(" | ")[0] for r in rows] == ["| 1", "| 10"], "pseudo-negative and semantic runs stay out"
+    assert [r.split(" | ")[0] for r in rows] == ["| 1", "| 10"], "in order of tau; pseudo-negative and semantic runs stay out"
 
 
 def test_the_perplexity_table_gives_medians_per_task_and_overall(runs, tmp_path):
@@ -85,9 +95,17 @@ def test_the_perplexity_table_gives_medians_per_task_and_overall(runs, tmp_path)
     assert "| SEE(10%) | 3.00 | 2.00 | 2.00 |" in rows and "| MTL | 9.00 | 7.00 | 8.00 |" in rows
 
 
-def test_plots_are_written_beside_the_report_and_linked(runs, tmp_path):
+def test_runs_without_perplexities_are_named(runs, tmp_path):
+    lines = (Path(runs[0]) / "eval.predictions.jsonl").read_text().replace(', "perplexity": 2.0', "")
+    (Path(runs[0]) / "eval.predictions.jsonl").write_text(lines.replace(', "perplexity": 4.0', ""))
     text = report.write_report(runs, tmp_path / "r.md")
-    for name in ("fig3_per_task_1.png", "fig5_perplexity_1.png", "fig6_tau_1.png"):
+    assert "No perplexities for SEE(10%): evaluated before" in text and "| SEE(10%) | 3.00" not in text
+
+
+def test_plots_are_written_beside_the_report_and_linked(runs, tmp_path):
+    pytest.importorskip("matplotlib")  # an optional extra, which CI installs
+    text = report.write_report(runs, tmp_path / "r.md")
+    for name in ("fig3_per_task_1_1.png", "fig5_perplexity_1_1.png", "fig6_tau_1_1.png"):
         assert (tmp_path / "r-figures" / name).stat().st_size > 1000
         assert f"(r-figures/{name})" in text
 
@@ -102,7 +120,7 @@ def test_runs_of_different_settings_get_their_own_tables(runs, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     text = report.write_report([runs[1], see(other, "SEE(10%)", ar_scores=(1.0, 2.0))], tmp_path / "r.md")
-    assert text.count("## Table 1") == 1, "same setting, one table"
+    assert text.count("## Table 1") == text.count("## Final ROUGE-L") == 1, "same setting, one table"
     system = json.loads((other / "SEE(10%)" / "system.json").read_text())
     system["settings"]["max_train"] = 32
     (other / "SEE(10%)" / "system.json").write_text(json.dumps(system))
@@ -114,4 +132,5 @@ def test_an_unevaluated_run_is_one_line_of_error(tmp_path):
     res = subprocess.run([sys.executable, "evaluate.py", "--report", str(tmp_path / "run")], cwd=ROOT,
                          env=dict(os.environ), capture_output=True, text=True)
     assert res.returncode == 2
-    assert res.stderr.strip() == f"error: {tmp_path / 'run'} has no eval.json; evaluate it first: python evaluate.py --run {tmp_path / 'run'}"
+    assert res.stderr.strip() == (f"error: {tmp_path / 'run'} has no eval.json; evaluate it first (without --out): "
+                                  f"python evaluate.py --run {tmp_path / 'run'}")
