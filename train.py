@@ -306,14 +306,14 @@ def train(cfg: TrainConfig) -> Path:
             lora.load_adapter_state(model, cfg.name, init.adapter)
         lora.set_adapter(model, cfg.name)
     trainable = trainable_parameters(model, None if sparse else cfg.name, routed and cfg.indicator == "added")
-    if sparse:  # this task's prompt key (SETA: row of the gate), drawn apart from the earlier tasks' ones
+    if moses:  # this task's prompt key, drawn apart from the earlier tasks' keys
         g = torch.Generator().manual_seed(cfg.seed * 1000 + len(init.keys if init else {}))
-        key = torch.randn(model.config.dim, generator=g) * 0.02
-        if moses:
-            trainable["key"] = torch.nn.Parameter(key.to(device))
-        else:  # SETA's unified gate: one row per task so far, every row trained
-            rows = [*(init.keys.values() if init else []), key]
-            trainable["gate"] = torch.nn.Parameter(torch.stack(rows).float().to(device))
+        trainable["key"] = torch.nn.Parameter((torch.randn(model.config.dim, generator=g) * 0.02).to(device))
+    if seta:  # SETA's unified gate: one row per task so far, every row trained. The new row is imprinted: it
+        # starts at the mean of its task's normalised query features, so the gate begins as a nearest-mean
+        # router; random rows learn too slowly, as the queries of all tasks have very similar features
+        rows = [*(init.keys.values() if init else []), F.normalize(features, dim=-1).mean(0).cpu()]
+        trainable["gate"] = torch.nn.Parameter(torch.stack(rows).float().to(device))
     if seta:  # elastic anchoring pulls the shared experts back toward their values after the earlier tasks
         pairs = lora.shared_weights(model)
         anchors = [p.detach().clone() for p, _ in pairs]
