@@ -41,7 +41,7 @@ def load_results(runs: list[str]) -> list[dict]:
 
 def setting(r: dict) -> str:
     """What runs must share to sit in one table (but the task order): model, prompt, adapter, training, evaluation size."""
-    return json.dumps([[r["settings"].get(k) for k in TRAINING], r.get("max_eval"), r.get("max_new_tokens"), r.get("n_ood")])
+    return json.dumps([[r["settings"].get(k) for k in TRAINING], r.get("max_eval"), r.get("max_new_tokens")])
 
 
 def grouped(results: list[dict], key) -> list[list[dict]]:
@@ -99,11 +99,13 @@ def exact_match(r: dict, tasks: list[str]) -> float | None:
 def render(results: list[dict], figures: Path | None) -> str:
     """The report's markdown; figures are written into `figures` (None: no plots)."""
     out = ["# Results\n", "## Runs\n"]
-    out.append(table(["method", "run", "model", "tasks", "train/task", "seed", "epochs", "batch", "lr", "eval/task", "new tokens"],
+    out.append(table(["method", "run", "model", "tasks", "train/task", "seed", "epochs", "batch", "lr", "eval/task", "new tokens",
+                      "out-of-distribution queries"],
                      [[r["label"], r["run"], r["settings"].get("model"), ",".join(map(task_name, r["tasks"])),
                        r["settings"].get("max_train") or "all", r["settings"].get("seed"), r["settings"].get("epochs"),
                        r["settings"].get("batch_size"), f"{r['settings'].get('lr'):g}", r.get("max_eval") or "all",
-                       r.get("max_new_tokens")] for r in results]))
+                       r.get("max_new_tokens"), " + ".join(f"{n} {k}" for k, n in (r.get("n_ood") or {}).items()) or None]
+                      for r in results]))
     for n, same in enumerate(grouped(results, setting)):
         model = same[0]["settings"].get("model")
         out += table_1(same, f"setting {n + 1}: {model}, {same[0]['settings'].get('max_train') or 'all'} train/task")
@@ -232,9 +234,10 @@ def perplexity(rs: list[dict], title: str, tasks: list[str], figures: Path | Non
         return [p["perplexity"] for p in r["predictions"] if t is None or task_name(p["task"]) == t]
     def median(values):
         return statistics.median(values) if values else None
-    out = [f"\n## Fig. 5 ({title}): perplexity of the references (median per task, and over all)\n",
-           table(["method", *tasks, "all"], [[r["label"], *(median(ppl(r, t)) for t in tasks), median(ppl(r))]
-                                             for r in chosen])]
+    out = [f"\n## Fig. 5 ({title}): perplexity of the references (median per task, and over all)\n"]
+    if chosen:
+        out.append(table(["method", *tasks, "all"], [[r["label"], *(median(ppl(r, t)) for t in tasks), median(ppl(r))]
+                                                     for r in chosen]))
     if missing:
         out.append(f"\nNo perplexities for {', '.join(missing)}: evaluated before evaluate.py computed them; "
                    "evaluate again with --run.\n")

@@ -37,7 +37,8 @@ def see(root, name, tau=0.1, negatives="tasks", indicator="added", ar_scores=(10
     preds = [pred("qa", "an answer", "the answer", ppl), pred("qa", "x", "y", 2 * ppl)]
     preds += [pred("sa", "Positive " if i < sa_hits else "negative", "positive", ppl) for i in range(2)]
     return fake_run(root, name, "see", [[12.0], list(ar_scores)], tau, negatives, indicator, preds, bwt=-2.0,
-                    routing_f1=f1, rb_acc=dict(lima=0.6, superni=0.3), routing_steps=1.5)
+                    routing_f1=f1, rb_acc=dict(lima=0.6, superni=0.3), routing_steps=1.5,
+                    n_ood=dict(lima=50, superni=100))
 
 
 @pytest.fixture()
