@@ -40,6 +40,12 @@ class Indicators:
     pos: list[int]  # token ids of o_pos
     neg: list[int]  # token ids of o_neg
 
+    @property
+    def added(self) -> list[int]:
+        """Added indicator tokens (none for in-vocabulary ones): never part of a response, so an expert
+        does not generate them after o_pos (a briefly trained one may otherwise repeat <<pos>>)."""
+        return self.pos + self.neg if self.kind == "added" else []
+
 
 def setup_indicators(model: Llama, tok: Tokenizer, kind: str = "added") -> Indicators:
     """The o_pos/o_neg ids; for 'added' the two tokens join the tokenizer and the model (once)."""

@@ -306,7 +306,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
 def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
              temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
              prefix: list[int] | None = None,
-             choose: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[list[int]]:
+             choose: Callable[[torch.Tensor], torch.Tensor] | None = None, ban: list[int] | None = None) -> list[list[int]]:
     """Continue each prompt (a list of ids) in one left-padded batch with the KV cache.
 
     Each row stops at its first EOS (not included in the result) or after max_new_tokens. With
@@ -314,7 +314,8 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
     an expert that does not claim a query is not decoded any further. With `choose` too, once
     len(prefix) tokens are out (or every row has stopped), choose(those tokens, (B, len(prefix)))
     names the rows to go on with: the batch shrinks to them, their caches grow from len(prefix) new
-    slots to all of them, and only their results are returned, in that order.
+    slots to all of them, and only their results are returned, in that order. Tokens in `ban` are
+    never generated after the prefix (SEE's added indicator tokens: routing signals, not response text).
     """
     if choose is not None and not prefix:
         raise UserError("choose needs a prefix")
@@ -341,8 +342,12 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
     model.setup_caches(B, P + (min(len(prefix), max_new_tokens) if choose is not None else max_new_tokens))
     try:
         logits = model(idx, pad_mask[:, :P] if padded else None, 0, last_only=True)
+        banned = torch.tensor(ban or [], dtype=torch.long, device=device)
         for t in range(max_new_tokens):
-            tok = sample(logits[:, -1], temperature, top_p, generator)
+            step = logits[:, -1]
+            if len(banned) and t >= len(prefix or []):
+                step = step.index_fill(-1, banned, float("-inf"))
+            tok = sample(step, temperature, top_p, generator)
             out[:, t] = tok
             done |= torch.isin(tok, eos)
             if prefix is not None and t < len(prefix):

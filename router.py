@@ -16,14 +16,15 @@ BASE = None  # the route of a query answered by the base model
 
 
 def generate_batched(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
-                     batch_size: int = 16, prefix: list[int] | None = None, desc: str | None = None) -> list[list[int]]:
+                     batch_size: int = 16, prefix: list[int] | None = None, desc: str | None = None,
+                     ban: list[int] | None = None) -> list[list[int]]:
     """Greedy `generate` over many prompts, batch by batch; similar lengths share a batch to save padding."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     with tqdm(total=len(prompts), desc=desc, disable=desc is None, leave=False) as bar:
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
-            for i, ids in zip(chunk, generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_ids, prefix=prefix)):
+            for i, ids in zip(chunk, generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_ids, prefix=prefix, ban=ban)):
                 out[i] = ids
             bar.update(len(chunk))
     return out
@@ -47,7 +48,7 @@ def sequential_route(model: Llama, experts: list[Expert], ind: Indicators | None
         expert.use(model)
         k = len(ind.pos)
         outs = generate_batched(model, [prompts[i] for i in pending], k + max_new_tokens, eos_ids, batch_size,
-                                prefix=ind.pos, desc=f"expert {expert.name}" if progress else None)
+                                prefix=ind.pos, desc=f"expert {expert.name}" if progress else None, ban=ind.added)
         unclaimed = []
         for i, out in zip(pending, outs):
             if out[:k] == ind.pos:
@@ -114,7 +115,7 @@ def parallel_route(model: Llama, experts: list[Expert], ind: Indicators, prompts
                 return keep
             use_rows(adapters)
             outs = generate(model, [prompts[i] for i in chunk for _ in range(M)], k + max_new_tokens, eos_ids,
-                            prefix=ind.pos, choose=choose)
+                            prefix=ind.pos, choose=choose, ban=ind.added)
             for (q, e), out in zip(claimed, outs):
                 answers[chunk[q]], routes[chunk[q]] = out[k:], experts[e].name
     finally:

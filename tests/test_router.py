@@ -49,8 +49,23 @@ def test_a_claimed_answer_is_the_experts_own_continuation_after_o_pos(system):
     model, tok, ind, experts, queries = system
     answers, _ = route(system, experts, queries["pe"][:2])
     experts[1].use(model)
-    own = generate(model, queries["pe"][:2], 4 + len(ind.pos), tok.eos_ids)
+    own = generate(model, queries["pe"][:2], 4 + len(ind.pos), tok.eos_ids, prefix=ind.pos, ban=ind.added)
     assert [o[:len(ind.pos)] for o in own] == [ind.pos] * 2 and answers == [o[len(ind.pos):] for o in own]
+
+
+def test_an_answer_never_holds_the_added_indicator_tokens(system):
+    model, tok, ind, experts, queries = system
+    loud = replace(experts[1], name="loud", rows={k: v.clone() for k, v in experts[1].rows.items()})
+    for v in loud.rows.values():
+        v[0] *= 50  # o_pos's row dominates every position: the expert claims all and would repeat it
+    loud.attach(model)
+    loud.use(model)
+    k = len(ind.pos)
+    unguarded = generate(model, queries["sa"], 4 + k, tok.eos_ids)
+    assert all(o[:k] == ind.pos and set(o[k:]) & set(ind.added) for o in unguarded)
+    routed = sequential_route(model, [loud], ind, queries["sa"], 4, tok.eos_ids)
+    assert routed[1] == ["loud"] * 6 and all(a and not set(a) & set(ind.added) for a in routed[0])
+    assert parallel_route(model, [loud], ind, queries["sa"], 4, tok.eos_ids) == routed
 
 
 def test_unclaimed_queries_reach_the_base_model(system):
