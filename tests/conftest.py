@@ -44,3 +44,20 @@ def synthetic_tasks(tmp_path_factory):
         instances = [dict(id=f"{name}-{i}", input=" ".join(rng.choices(words, k=8)), output=[answer]) for i in range(140)]
         (root / f"{name}.json").write_text(json.dumps(dict(Definition=[definition], Instances=instances)))
     return [str(root / f"{name}.json") for name in SYNTHETIC]
+
+
+@pytest.fixture(scope="session")
+def eval_queries():
+    """queries(tok, tasks, n=10): the first n eval prompts of each task (96 source tokens), and each one's task."""
+    from pathlib import Path
+
+    from data import load_task
+    from experts import prompt_ids
+
+    def queries(tok, tasks, n=10):
+        prompts, gold = [], []
+        for t in tasks:
+            prompts += [prompt_ids(tok, ex.query, 96) for ex in load_task(t, "eval")[:n]]
+            gold += [Path(t).stem] * n
+        return prompts, gold
+    return queries

@@ -90,21 +90,18 @@ def test_an_earlier_tasks_outputs_are_bit_identical_after_later_tasks(moses_runs
     assert not torch.equal(model(xs[0]), outputs[0][0]), "another task's masks compute something else"
 
 
-def key_accuracy(run, tiny_dir, tasks):
+def key_accuracy(run, tiny_dir, tasks, eval_queries):
     model, tok = load_dir(tiny_dir)
     last = stage(run, len(tasks))
     last.attach(model)
     last.use(model)
-    prompts, gold = [], []
-    for t in tasks:
-        prompts += [prompt_ids(tok, ex.query, 96) for ex in load_task(t, "eval")[:10]]
-        gold += [Path(t).stem] * 10
+    prompts, gold = eval_queries(tok, tasks)
     return sum(r == g for r, g in zip(match_keys(query_features(model, prompts), last.keys), gold)) / len(gold)
 
 
-def test_the_pull_constraint_aligns_keys_with_their_tasks(moses_runs, tiny_dir, synthetic_tasks):
-    assert key_accuracy(moses_runs[0.0], tiny_dir, synthetic_tasks) < 0.9, "random keys: task identification degrades"
-    assert key_accuracy(moses_runs[0.1], tiny_dir, synthetic_tasks) >= 0.95
+def test_the_pull_constraint_aligns_keys_with_their_tasks(moses_runs, tiny_dir, synthetic_tasks, eval_queries):
+    assert key_accuracy(moses_runs[0.0], tiny_dir, synthetic_tasks, eval_queries) < 0.9, "random keys: task identification degrades"
+    assert key_accuracy(moses_runs[0.1], tiny_dir, synthetic_tasks, eval_queries) >= 0.95
 
 
 def test_tasks_reuse_sub_expert_weights_so_storage_grows_sublinearly(moses_runs):

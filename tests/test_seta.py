@@ -8,10 +8,9 @@ import torch
 
 import lora
 from checkpoint import load_dir
-from data import load_task
 from errors import UserError
 from evaluate import evaluate_run
-from experts import Expert, prompt_ids
+from experts import Expert
 from router import key_route, match_keys, query_features
 from train import TrainConfig, train_sequence
 
@@ -52,18 +51,10 @@ def test_elastic_anchoring_keeps_the_important_shared_weights_near_their_earlier
     assert any(not torch.equal(v, second.adapter[k]) for k, v in shared(first).items()), "anchored, not frozen"
 
 
-def eval_features(tiny_dir, tasks, run):
+def test_routing_regularisation_keeps_the_gates_choices_on_earlier_tasks(seta_runs, tiny_dir, synthetic_tasks, eval_queries):
     model, tok = load_dir(tiny_dir)
-    stage(run, 1).attach(model)
-    prompts, gold = [], []
-    for t in tasks:
-        prompts += [prompt_ids(tok, ex.query, 96) for ex in load_task(t, "eval")[:10]]
-        gold += [Path(t).stem] * 10
-    return query_features(model, prompts), gold
-
-
-def test_routing_regularisation_keeps_the_gates_choices_on_earlier_tasks(seta_runs, tiny_dir, synthetic_tasks):
-    feats, _ = eval_features(tiny_dir, synthetic_tasks[:2], seta_runs["both"])  # the first two tasks' queries
+    stage(seta_runs["both"], 1).attach(model)
+    feats = query_features(model, eval_queries(tok, synthetic_tasks[:2])[0])  # the first two tasks' queries
     def changed(run):  # the share of them the gate sends elsewhere after stage 3 than after stage 2
         before, after = (match_keys(feats, stage(run, i).keys, gate=True) for i in (2, 3))
         return sum(a != b for a, b in zip(before, after)) / len(feats)
@@ -71,15 +62,12 @@ def test_routing_regularisation_keeps_the_gates_choices_on_earlier_tasks(seta_ru
     assert changed(seta_runs["no-route-reg"]) >= 0.5, "unregularised, the gate sends earlier queries to the newest task"
 
 
-def test_the_gate_alone_picks_each_querys_task_experts(seta_runs, tiny_dir, synthetic_tasks):
+def test_the_gate_alone_picks_each_querys_task_experts(seta_runs, tiny_dir, synthetic_tasks, eval_queries):
     model, tok = load_dir(tiny_dir)
     last = stage(seta_runs["both"], 3)
     last.attach(model)
     last.use(model)
-    prompts, gold = [], []
-    for t in synthetic_tasks:
-        prompts += [prompt_ids(tok, ex.query, 96) for ex in load_task(t, "eval")[:10]]
-        gold += [Path(t).stem] * 10
+    prompts, gold = eval_queries(tok, synthetic_tasks)
     answers, routes = key_route(model, last.keys, prompts, 2, tok.eos_ids, gate=True)  # no task given
     assert len(answers) == len(prompts) and sum(r == g for r, g in zip(routes, gold)) / len(gold) >= 0.95
 
