@@ -13,6 +13,8 @@ import argparse
 import contextlib
 import json
 import math
+import os
+import re
 import time
 from pathlib import Path
 
@@ -23,22 +25,63 @@ from tqdm import tqdm
 
 import lora
 from checkpoint import atomic_write, load, model_tag
-from data import OOD_EVAL, TASKS, Example, load_ood, load_task
+from data import OOD_EVAL, TASKS, XLINGUAL, Example, load_ood, load_task
 from errors import UserError, user_errors
-from experts import TEMPLATES, UNROUTED, Expert, Indicators, base_model, prompt_ids, resolve_template, setup_indicators
+from experts import (NEITHER, TEMPLATES, UNROUTED, Expert, Indicators, base_model, prompt_ids, resolve_template,
+                     setup_indicators)
 from model import Llama
 from report import write_report
-from router import BASE, generate_batched, key_route, parallel_route, sequential_route
+from router import BASE, EXCEPTIONS, Routed, generate_batched, key_route, parallel_route, sequential_route
 from tokenizer import Tokenizer
 from train import CONTINUED, SYSTEM_FILE
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-ROUTERS = {"sequential": sequential_route, "parallel": parallel_route}  # same decisions and answers
+XLINGUAL_ENV = "SEE_XLINGUAL_TOKENIZER"  # a tokenizer.json to use instead of GPT-2's from the hub
+# GPT-2's pre-tokenizer (words, numbers, other symbols, each with its leading space), for Unicode text
+_GPT2_SPLIT = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?[^\s\w]+|\s+(?!\S)|\s+""")
 
 
-def rouge_l(prediction: str, references: list[str]) -> float:
-    """SuperNI's ROUGE-L of one prediction: the best rougeL F-measure over its references, x100."""
-    return 100 * max(_SCORER.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+class XlingualTokens:
+    """Super-NaturalInstructions' tokens for its cross-lingual tasks (their "xlingual" track): GPT-2's
+    byte-level BPE tokens with the leading-space mark "Ġ" stripped, case kept, no stemming.
+    rouge-score's default tokenizer keeps only [a-z0-9], so "más" and "mas" would share no token.
+
+    GPT-2's tokenizer comes from $SEE_XLINGUAL_TOKENIZER or the hub (cached); where neither can be
+    had, its pre-tokenizer's words are used without the BPE merges, and `name` says so."""
+
+    def __init__(self) -> None:
+        self.name, self._bpe = None, None
+
+    def _load(self) -> None:
+        path = os.environ.get(XLINGUAL_ENV)
+        try:
+            from tokenizers import Tokenizer as BPE
+            if not path:
+                from huggingface_hub import hf_hub_download
+                path = hf_hub_download("openai-community/gpt2", "tokenizer.json")
+            self._bpe, self.name = BPE.from_file(str(path)), str(path)
+        except Exception as e:  # no `tokenizers`, offline, or a bad file
+            if os.environ.get(XLINGUAL_ENV):
+                raise UserError(f"${XLINGUAL_ENV}={path}: not a tokenizer.json ({type(e).__name__})") from None
+            self.name = "gpt2-pretokenizer (GPT-2's tokenizer unreachable: words, no BPE merges)"
+            print(f"note: xlingual ROUGE-L uses {self.name}")
+
+    def tokenize(self, text: str) -> list[str]:
+        if self.name is None:
+            self._load()
+        tokens = self._bpe.encode(text).tokens if self._bpe else _GPT2_SPLIT.findall(text)
+        return [t for t in (t.lstrip("Ġ ") for t in tokens) if t]
+
+
+XLINGUAL_TOKENS = XlingualTokens()
+_XLINGUAL_SCORER = rouge_scorer.RougeScorer(["rougeL"], tokenizer=XLINGUAL_TOKENS)
+
+
+def rouge_l(prediction: str, references: list[str], xlingual: bool = False) -> float:
+    """SuperNI's ROUGE-L of one prediction: the best rougeL F-measure over its references, x100;
+    `xlingual` for non-English references, as SuperNI's compute_metrics scores them."""
+    scorer = _XLINGUAL_SCORER if xlingual else _SCORER
+    return 100 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
 
 
 def average_rouge(scores: list[list[float]]) -> float:
@@ -80,46 +123,77 @@ def routing_scores(routes: list[str | None], gold: list[str | None]) -> dict:
                 rb_acc=sum(r is None for r in ood) / len(ood) if ood else None)
 
 
-def routing_steps(routes: list[str | None], experts: list[str]) -> float:
-    """Mean number of experts a query visits: 1 for the newest, len(experts) for the oldest or the base model."""
-    steps = {name: len(experts) - i for i, name in enumerate(experts)}
-    return sum(steps.get(r, len(experts)) for r in routes) / len(routes)
+def routing_cost(outcomes: list[list[str]], to_base: list[bool], routing: str) -> dict:
+    """Given what each visited expert emitted per query (newest first) and whether the base model
+    answered it: experts visited and prefills per query (Appendix E; a base-model answer is one
+    more), and how many queries met an expert that emitted neither indicator (the exception path)."""
+    n = max(len(outcomes), 1)
+    visited = sum(map(len, outcomes))
+    prefills = visited if routing == "sequential" else len(outcomes)  # parallel: one for all experts
+    return dict(visited=visited / n, prefills=(prefills + sum(to_base)) / n,
+                exceptions=sum(NEITHER in o for o in outcomes))
+
+
+def answer_all(model: Llama, expert: Expert | None, ind: Indicators | None, prompts: list[list[int]],
+               max_new_tokens: int, eos_ids: list[int], batch_size: int, progress: bool) -> list[list[int]]:
+    """One adapter answers every query: a baseline's, or a SEE expert's after its o_pos, forced
+    (no routing: paper Fig. 4, "SEE-AE"); with no expert, the base model."""
+    if expert is None:
+        with base_model(model):
+            return generate_batched(model, prompts, max_new_tokens, eos_ids, batch_size,
+                                    desc="base model" if progress else None)
+    expert.use(model)
+    forced = ind.pos if ind else []
+    return generate_batched(model, [q + forced for q in prompts], max_new_tokens, eos_ids, batch_size,
+                            desc=expert.name if progress else None, ban=ind.added if ind else None)
 
 
 def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indicators | None,
                   examples: list[Example], max_source: int = 1024, max_new_tokens: int = 512,
                   batch_size: int = 16, template: str = "plain", progress: bool = False,
-                  task: str | None = None, routing: str = "sequential") -> tuple[dict, list[dict]]:
-    """Answer every example (SEE: routed through the experts, base model last; a baseline: its one
-    adapter), greedy-decode, and score.
+                  task: str | None = None, routing: str = "sequential",
+                  exceptions: str = "base", xlingual: bool = False) -> tuple[dict, list[dict]]:
+    """Answer every example (SEE: routed through the experts, base model last; a baseline, or
+    routing "none": one adapter), greedy-decode, and score (xlingual: as SuperNI scores non-English).
 
-    Returns the summary (ROUGE-L, counts, speed) and one record per example.
+    Returns the summary (ROUGE-L, counts, speed, routing cost) and one record per example.
     """
     prompts = [prompt_ids(tok, ex.query, max_source, template) for ex in examples]
     t0 = time.perf_counter()
-    if experts and experts[-1].sub is not None:  # MoSEs/SETA: the newest stage holds every task; keys (SETA: the
-        experts[-1].use(model)                    # gate) pick one (TaIL), unless `task` is given (TIL)
-        answers, routes = key_route(model, experts[-1].keys, prompts, max_new_tokens, tok.eos_ids, batch_size, task,
-                                    progress, gate=experts[-1].sub.shared > 0)
-    elif experts and ind is None:  # a baseline's adapter answers every query itself (it has no indicator to route by)
+    routed = None
+    if experts and experts[-1].sub is not None:  # MoSEs/SETA: the newest stage holds every task; keys
+        experts[-1].use(model)  # (SETA: the gate) pick one (TaIL), unless `task` is given (TIL)
+        answers, routes = key_route(model, experts[-1].keys, prompts, max_new_tokens, tok.eos_ids,
+                                    batch_size, task, progress, gate=experts[-1].sub.shared > 0)
+    elif experts and (ind is None or routing == "none"):  # one adapter answers every query
         if len(experts) > 1:
-            raise UserError("adapters without indicators cannot be routed; give one of them")
-        experts[0].use(model)
-        answers = generate_batched(model, prompts, max_new_tokens, tok.eos_ids, batch_size, desc=experts[0].name if progress else None)
+            raise UserError("without routing one adapter answers every query; give one of them")
+        answers = answer_all(model, experts[0], ind, prompts, max_new_tokens, tok.eos_ids, batch_size,
+                             progress)
         routes = [experts[0].name] * len(prompts)
+    elif experts:
+        routed = ROUTERS[routing](model, experts, ind, prompts, max_new_tokens, tok.eos_ids,
+                                  batch_size, progress, exceptions)
+        answers, routes = routed.answers, routed.routes
     else:
-        answers, routes = ROUTERS[routing if experts else "sequential"](model, experts, ind, prompts, max_new_tokens,
-                                                                        tok.eos_ids, batch_size, progress)
+        answers = answer_all(model, None, ind, prompts, max_new_tokens, tok.eos_ids, batch_size, progress)
+        routes = [BASE] * len(prompts)
     seconds = time.perf_counter() - t0
     records = []
-    for ex, ids, route in zip(examples, answers, routes):
+    for n, (ex, ids, route) in enumerate(zip(examples, answers, routes)):
         pred = tok.decode(ids).strip()
-        records.append(dict(id=ex.id, prediction=pred, references=ex.outputs, rougeL=rouge_l(pred, ex.outputs),
+        records.append(dict(id=ex.id, prediction=pred, references=ex.outputs,
+                            rougeL=rouge_l(pred, ex.outputs, xlingual),
                             route=route if route is not BASE else "base"))
+        if routed is not None:
+            records[-1]["visits"] = [[name, ind.read(t)] for name, t in routed.visits[n]]
     n = len(records)
     summary = dict(n=n, rougeL=sum(r["rougeL"] for r in records) / n,
                    answered_by_experts=sum(r["route"] != "base" for r in records) / n,
                    seconds=seconds, generated_tokens_per_s=sum(map(len, answers)) / seconds)
+    if routed is not None:
+        outcomes = [[ind.read(t) for _, t in v] for v in routed.visits]
+        summary.update(routing_cost(outcomes, [r is BASE for r in routed.routes], routing))
     return summary, records
 
 
@@ -153,17 +227,19 @@ def method_label(system: dict) -> str:
     return label
 
 
-def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_tokens: int = 512, batch_size: int = 16,
-                 max_ood: int = OOD_EVAL, data_dir: str | None = None, device="cpu", dtype=torch.float32,
-                 progress: bool = False, routing: str = "sequential") -> tuple[dict, list[dict]]:
+def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_tokens: int = 512,
+                 batch_size: int = 16, max_ood: int = OOD_EVAL, data_dir: str | None = None,
+                 device="cpu", dtype=torch.float32, progress: bool = False,
+                 routing: str = "sequential", exceptions: str = "base") -> tuple[dict, list[dict]]:
     """Score a system written by train.py --sequence, and return the results and the final stage's predictions.
 
     Continual methods (SEE, non-rehearsal, replay, MoSEs, SETA) give the matrix scores[j][i] = a_i after
-    stage j (i <= j), hence AR and BWT; MTL and STL give one row (AvgSTL: each task by its own adapter).
+    stage j (i <= j), hence AR and BWT; MTL and STL give one row (AvgSTL: each task by its own adapter),
+    as does SEE with routing "none" (each task by its own expert, o_pos forced: paper Fig. 4's SEE-AE).
     The predictions carry each reference's perplexity (not for MoSEs and SETA).
-    For SEE also: routing P/R/F1 over the sequence's queries, RB-Acc (the share of queries of no task
-    in the sequence that reach the base model: LIMA and the held-out SuperNI tasks) and the mean
-    number of experts a query visits.
+    For routed SEE also: routing P/R/F1 over the sequence's queries, RB-Acc (the share of queries of
+    no task in the sequence that reach the base model: LIMA and the held-out SuperNI tasks) and the
+    routing cost (see_routing).
     """
     run_dir = Path(run_dir)
     if not (run_dir / SYSTEM_FILE).is_file():
@@ -174,17 +250,20 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
         label = method_label(system)
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{run_dir / SYSTEM_FILE}: malformed ({type(e).__name__}: {e})") from None
+    if routing == "none" and method != "see":
+        raise UserError(f"--routing none is for SEE runs; {run_dir} holds {method}")
     model, tok, experts, ind, _ = load_system(None, [str(run_dir / e) for e in expert_dirs], device, dtype)
     template, max_source = experts[0].template, experts[0].max_source
     evals = {t: load_task(t, "eval", data_dir)[:max_eval] for t in tasks}
-    if method == "see":  # queries of no task in the sequence, for RB-Acc (read now: a missing file fails early)
+    routed = method == "see" and routing != "none"
+    if routed:  # queries of no task in the sequence, for RB-Acc (read now: a missing file fails early)
         in_sequence = set(tasks) | {Path(t).stem for t in tasks}
         heldout = {"lima": load_ood(directory=data_dir)[:max_ood],
                    "superni": [ex for t, name in TASKS.items() if not {t, name} & in_sequence
                                for ex in load_task(t, "eval", data_dir)[:max_eval]]}
     T = len(tasks)
     # which adapters answer task i after stage j: SEE routes over all experts so far; the others use one adapter
-    if method == "see":
+    if routed:
         cells = {(j, i): experts[:j + 1] for j in range(T) for i in range(j + 1)}
     elif method in CONTINUED:
         cells = {(j, i): [experts[j]] for j in range(T) for i in range(j + 1)}
@@ -196,28 +275,26 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
         scores, predictions = [[] for _ in range(last + 1)], []
         for (j, i), answering in tqdm(cells.items(), desc="a_i after stage j" + " (TIL)" * til, disable=not progress):
             summary, records = evaluate_task(model, tok, answering, ind, evals[tasks[i]], max_source, max_new_tokens,
-                                             batch_size, template, task=experts[i].name if til else None, routing=routing)
+                                             batch_size, template, task=experts[i].name if til else None,
+                                             routing=routing, exceptions=exceptions,
+                                             xlingual=Path(tasks[i]).stem in XLINGUAL)
             scores[j].append(summary["rougeL"])
             if j == last:
                 predictions += [dict(task=tasks[i], **r) for r in records]
         return scores, predictions
     scores, predictions = score_matrix(til=False)
-    # Fig. 5: the reference's perplexity under what answered its query after the last stage: SEE's
-    # routed expert on (q, o_pos, r), or the base model on (q, r) if none claimed it; a baseline's adapter on (q, r)
     if method not in ("moses", "seta"):
-        queries = {(t, ex.id): ex.query for t in tasks for ex in evals[t]}
-        for p in predictions:
-            expert = next((e for e in cells[(last, tasks.index(p["task"]))] if e.name == p["route"]), None)
-            with contextlib.nullcontext() if expert else base_model(model):
-                if expert:
-                    expert.use(model)
-                prompt = prompt_ids(tok, queries[p["task"], p["id"]], max_source, template)
-                p["perplexity"] = response_perplexity(model, tok, prompt, ind.pos if expert and ind else [], p["references"][0],
-                                                      system["settings"].get("max_target", 512))
+        add_perplexities(model, tok, ind, predictions, experts, evals, max_source, template,
+                         system["settings"].get("max_target", 512))
+    if routing == "none":
+        label = label.replace("SEE", "SEE-AE", 1)
     result = dict(run=str(run_dir), method=method, label=label, tasks=tasks, scores=scores,
-                  ar=average_rouge(scores), bwt=backward_transfer(scores) if method in ("see", *CONTINUED) else None,
+                  ar=average_rouge(scores), bwt=backward_transfer(scores) if routed or method in CONTINUED else None,
                   routing_f1=None, per_task_routing=None, rb_acc=None, n_ood=None, routing_steps=None,
+                  routing=routing, exceptions=exceptions if routed else None,
                   parameters=stage_parameters(model, experts))
+    if any(Path(t).stem in XLINGUAL for t in tasks):
+        result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name
     if method in ("see", "moses", "seta"):  # one expert (or task) per task: each query's own
         gold = [experts[tasks.index(p["task"])].name for p in predictions]
     if method in ("moses", "seta"):
@@ -227,21 +304,52 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
         result.update(til_scores=til, til_ar=average_rouge(til), til_bwt=backward_transfer(til),
                       routing_f1=scored["f1"], per_task_routing=scored["per_task"],
                       task_id_accuracy=sum(p["route"] == g for p, g in zip(predictions, gold)) / len(predictions))
-    if method == "see":
-        # R-F1 over the sequence's own queries (as the paper scores it); RB-Acc over queries of no task.
-        # Only the routing decision matters for the latter, so one token of answer is enough.
+    if routed:
         routes = [None if p["route"] == "base" else p["route"] for p in predictions]
-        rb_acc, ood_routes = {}, []
-        for name, examples in heldout.items():
-            prompts = [prompt_ids(tok, ex.query, max_source, template) for ex in examples]
-            _, r = ROUTERS[routing](model, experts, ind, prompts, 1, tok.eos_ids, batch_size, progress)
-            rb_acc[name] = routing_scores(r, [None] * len(r))["rb_acc"]
-            ood_routes += r
         scored = routing_scores(routes, gold)
-        result.update(routing_f1=scored["f1"], per_task_routing=scored["per_task"], rb_acc=rb_acc,
-                      n_ood={k: len(v) for k, v in heldout.items()},
-                      routing_steps=routing_steps(routes + ood_routes, [e.name for e in experts]))
+        result.update(routing_f1=scored["f1"], per_task_routing=scored["per_task"],
+                      **see_routing(model, tok, experts, ind, heldout, predictions, max_source, template,
+                                    batch_size, routing, exceptions, progress))
     return result, predictions
+
+
+def add_perplexities(model: Llama, tok: Tokenizer, ind: Indicators | None, predictions: list[dict],
+                     answering: list[Expert], evals: dict[str, list[Example]], max_source: int,
+                     template: str, max_target: int) -> None:
+    """Fig. 5: each reference's perplexity under what answered its query after the last stage (the
+    one of `answering` its route names): SEE's expert on (q, o_pos, r), the base model on (q, r) if
+    none claimed it, a baseline's adapter on (q, r)."""
+    queries = {(t, ex.id): ex.query for t, examples in evals.items() for ex in examples}
+    for p in predictions:
+        expert = next((e for e in answering if e.name == p["route"]), None)
+        with contextlib.nullcontext() if expert else base_model(model):
+            if expert:
+                expert.use(model)
+            prompt = prompt_ids(tok, queries[p["task"], p["id"]], max_source, template)
+            prefix = ind.pos if expert and ind else []
+            p["perplexity"] = response_perplexity(model, tok, prompt, prefix, p["references"][0], max_target)
+
+
+def see_routing(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indicators,
+                heldout: dict[str, list[Example]], predictions: list[dict], max_source: int,
+                template: str, batch_size: int, routing: str, exceptions: str, progress: bool) -> dict:
+    """RB-Acc on each out-of-distribution set (only the routing decision matters, so one token of
+    answer is enough), and the routing cost (routing_cost) on the sequence's own queries ("tasks"),
+    on each such set, and on all of them together."""
+    outcomes = {"tasks": [[o for _, o in p["visits"]] for p in predictions]}
+    to_base = {"tasks": [p["route"] == "base" for p in predictions]}
+    rb_acc = {}
+    for name, examples in heldout.items():
+        prompts = [prompt_ids(tok, ex.query, max_source, template) for ex in examples]
+        r = ROUTERS[routing](model, experts, ind, prompts, 1, tok.eos_ids, batch_size, progress, exceptions)
+        rb_acc[name] = routing_scores(r.routes, [None] * len(r.routes))["rb_acc"]
+        outcomes[name] = [[ind.read(t) for _, t in v] for v in r.visits]
+        to_base[name] = [route is BASE for route in r.routes]
+    cost = {name: routing_cost(outcomes[name], to_base[name], routing) for name in outcomes}
+    everything = routing_cost(sum(outcomes.values(), []), sum(to_base.values(), []), routing)
+    return dict(rb_acc=rb_acc, n_ood={k: len(v) for k, v in heldout.items()},
+                exceptions={name: c["exceptions"] for name, c in cost.items()},
+                routing_steps=everything["visited"], prefills=everything["prefills"])
 
 
 def stage_parameters(model: Llama, experts: list[Expert]) -> list[dict]:
@@ -267,20 +375,22 @@ def stage_parameters(model: Llama, experts: list[Expert]) -> list[dict]:
 
 def print_table(results: list[dict]) -> None:
     """The paper's Table 1 layout (a row per method: AR, BWT), with the final ROUGE-L per task and,
-    for SEE, routing F1, RB-Acc on LIMA and on held-out SuperNI tasks, and mean routing steps (for
-    MoSEs, R-F1 is task identification by key); then trainable parameters per stage, and MoSEs' TIL scores."""
+    for SEE, routing F1, RB-Acc on LIMA and on held-out SuperNI tasks, experts visited and prefills
+    per query, and queries that took the exception path (for MoSEs, R-F1 is task identification by
+    key); then trainable parameters per stage, and MoSEs' TIL scores."""
     tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
     def cell(v, fmt, scale=1):
         return "-" if v is None else format(scale * v, fmt)
     head = f"{'method':<22}" + "".join(f"{Path(t).stem[:7]:>8}" for t in tasks)
-    print(f"\n{head}{'AR':>8}{'BWT':>8}{'R-F1':>8}{'RB-LIMA':>8}{'RB-SNI':>8}{'steps':>7}")
+    print(f"\n{head}{'AR':>8}{'BWT':>8}{'R-F1':>8}{'RB-LIMA':>8}{'RB-SNI':>8}{'steps':>7}{'prefill':>8}{'except':>7}")
     for r in results:
         final = dict(zip(r["tasks"], r["scores"][-1]))
         rb = r["rb_acc"] or {}
         print(f"{r['label']:<22}" + "".join(f"{cell(final.get(t), '.2f'):>8}" for t in tasks)
               + f"{r['ar']:>8.2f}{cell(r['bwt'], '.2f'):>8}{cell(r['routing_f1'], '.2f', 100):>8}"
               + f"{cell(rb.get('lima'), '.1f', 100):>8}{cell(rb.get('superni'), '.1f', 100):>8}"
-              + f"{cell(r['routing_steps'], '.2f'):>7}")
+              + f"{cell(r['routing_steps'], '.2f'):>7}{cell(r.get('prefills'), '.2f'):>8}"
+              + f"{cell(sum((r.get('exceptions') or {}).values()) if r.get('exceptions') else None, 'd'):>7}")
     for r in results:
         print(f"{r['label']}: trainable parameters per stage " + ", ".join(f"{p['trainable']:,}" for p in r["parameters"])
               + ("; weights held after each stage " + ", ".join(f"{p['stored']:,}" for p in r["parameters"])
@@ -315,10 +425,16 @@ def main() -> None:
     p.add_argument("--max-source", type=int, default=None, help="query tokens kept (default: as the experts were trained, else 1024)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="the paper's target length")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--routing", default="sequential", choices=list(ROUTERS),
-                   help="SEE: experts one after another (the readable reference), or all in one batched pass")
+    p.add_argument("--routing", default="sequential", choices=ROUTINGS,
+                   help="SEE: experts one after another (the readable reference), all in one batched pass, "
+                        "or none: one expert answers every query with its o_pos forced (--run: each task "
+                        "by its own expert, the paper's SEE-AE)")
+    p.add_argument("--exceptions", default="base", choices=EXCEPTIONS,
+                   help="an expert that emits neither indicator sends the query to the base model (the "
+                        "paper's rule), or on to the next older expert, as if it had emitted o_neg")
     p.add_argument("--out", default=None, help="result JSON (default: beside the first expert, or runs/base-<model>/; "
-                                               "with --run: <run>/eval.json)")
+                                               "with --run: <run>/eval.json, eval-expert-only.json for "
+                                               "--routing none, eval-exceptions-next.json for --exceptions next)")
     args = p.parse_args()
     if args.report:
         if args.run or args.task or args.expert:
@@ -339,13 +455,21 @@ def main() -> None:
             evaluate_experts(args, device, dtype)
 
 
+def variant(args: argparse.Namespace) -> str:
+    """The result file's suffix for settings that change what is measured, so no result is overwritten
+    by one measured otherwise."""
+    suffix = "-expert-only" if args.routing == "none" else ""
+    return suffix + ("-exceptions-next" if args.exceptions == "next" else "")
+
+
 def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
     results = []
     for run in args.run:
         result, predictions = evaluate_run(run, args.max_eval, args.max_new_tokens, args.batch_size, args.max_ood,
-                                           args.data_dir, device, dtype, progress=True, routing=args.routing)
+                                           args.data_dir, device, dtype, progress=True, routing=args.routing,
+                                           exceptions=args.exceptions)
         result.update(max_eval=args.max_eval, max_new_tokens=args.max_new_tokens)
-        out = Path(args.out if args.out and len(args.run) == 1 else Path(run) / "eval.json")
+        out = Path(args.out if args.out and len(args.run) == 1 else Path(run) / f"eval{variant(args)}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         preds = out.with_suffix(".predictions.jsonl")
         atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in predictions)))
@@ -362,16 +486,20 @@ def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
     model, tok, experts, ind, model_name = load_system(args.model, args.expert, device, dtype)
     max_source = args.max_source or (experts[0].max_source if experts else 1024)
     template = resolve_template(tok, args.template or (experts[0].template if experts else "auto"))
-    summary, records = evaluate_task(model, tok, experts, ind, examples, max_source, args.max_new_tokens,
-                                     args.batch_size, template, progress=True, routing=args.routing)
     task = Path(args.task).stem
+    summary, records = evaluate_task(model, tok, experts, ind, examples, max_source, args.max_new_tokens,
+                                     args.batch_size, template, progress=True, routing=args.routing,
+                                     exceptions=args.exceptions, xlingual=task in XLINGUAL)
     out = Path(args.out or (Path(args.expert[0]).parent if args.expert else
-                            Path("runs") / f"base-{model_tag(model_name)}") / f"eval-{task}.json")
+                            Path("runs") / f"base-{model_tag(model_name)}") / f"eval-{task}{variant(args)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     preds = out.with_suffix(".predictions.jsonl")
     atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in records)))
     result = dict(task=args.task, split=args.split, model=model_name, experts=args.expert, template=template, **summary,
-                  max_new_tokens=args.max_new_tokens, predictions=str(preds))
+                  max_new_tokens=args.max_new_tokens, routing=args.routing, exceptions=args.exceptions,
+                  predictions=str(preds))
+    if task in XLINGUAL:
+        result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name
     atomic_write(out, lambda f: f.write_text(json.dumps(result, indent=2) + "\n"))
     who = ", ".join(e.name for e in experts) or "base model"
     print(f"\n{'system':<24} {'task':<8} {'n':>5} {'ROUGE-L':>8} {'by experts':>10}")

@@ -34,11 +34,24 @@ UNROUTED = "none"
 EXPERT_FILE, ROWS_FILE, SUBEXPERTS_FILE = "expert.json", "indicators.safetensors", "subexperts.safetensors"
 
 
+# What an expert emitted first (paper Sec. 3, Inference): o_pos (it answers), o_neg (the next older
+# expert is asked), or neither indicator (an exception: the base model answers)
+POS, NEG, NEITHER = "o_pos", "o_neg", "neither"
+
+
 @dataclass
 class Indicators:
     kind: str
     pos: list[int]  # token ids of o_pos
     neg: list[int]  # token ids of o_neg
+
+    def read(self, tokens: list[int]) -> str:
+        """POS, NEG or NEITHER: which indicator the first generated tokens spell."""
+        if tokens[:len(self.pos)] == self.pos:
+            return POS
+        if tokens[:len(self.neg)] == self.neg:
+            return NEG
+        return NEITHER
 
     @property
     def added(self) -> list[int]:
@@ -56,9 +69,10 @@ def setup_indicators(model: Llama, tok: Tokenizer, kind: str = "added") -> Indic
         tok.add_tokens([pos, neg], model.n_vocab)
         model.extend_vocab(2)
     ind = Indicators(kind, tok.encode(pos, bos=False), tok.encode(neg, bos=False))
-    # routing reads the first len(pos) generated tokens, so o_neg must not begin with all of o_pos
-    if ind.neg[:len(ind.pos)] == ind.pos:
-        raise UserError(f"indicator {neg!r} starts with {pos!r} in this tokenizer; routing could not tell them apart")
+    # routing reads the first tokens an expert generates, so neither indicator may begin the other
+    if ind.neg[:len(ind.pos)] == ind.pos or ind.pos[:len(ind.neg)] == ind.neg:
+        raise UserError(f"indicators {pos!r} and {neg!r} begin one another in this tokenizer; "
+                        f"routing could not tell them apart")
     return ind
 
 

@@ -302,23 +302,52 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     return order.gather(-1, choice).squeeze(-1)
 
 
+def read_prefixes(tokens: list[int], prefixes: list[list[int]]) -> int | None:
+    """How many of `tokens` the prefixes rule reads, or None while it reads on: a row stops at its first
+    token that departs from every prefix, or once it completes a prefix other than the first (SEE:
+    [o_pos, o_neg]; an expert that emits o_neg or neither indicator is not decoded any further)."""
+    t = len(tokens)
+    for j, p in enumerate(prefixes):
+        if tokens[:min(t, len(p))] == p[:t]:  # follows p so far
+            if j == 0 and t >= len(p):
+                return None  # completed the first prefix: decodes on
+            if j > 0 and t == len(p):
+                return t
+            if t < len(p):
+                return None
+    return t
+
+
+def trim(row: list[int], eos_ids: list[int], prefixes: list[list[int]] | None = None) -> list[int]:
+    """A generated row as `generate` returns it: up to its first EOS (excluded) and, with prefixes,
+    up to where their rule stopped it (read_prefixes)."""
+    stop = next((j for j, tok in enumerate(row) if tok in eos_ids), len(row))
+    longest = max(map(len, prefixes)) if prefixes else 0
+    for t in range(1, longest + 1):
+        read = read_prefixes(row[:t], prefixes)
+        if read is not None:
+            return row[:min(stop, read)]
+    return row[:stop]
+
+
 @torch.no_grad()
 def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
              temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-             prefix: list[int] | None = None,
-             choose: Callable[[torch.Tensor], torch.Tensor] | None = None, ban: list[int] | None = None) -> list[list[int]]:
+             prefixes: list[list[int]] | None = None,
+             choose: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             ban: list[int] | None = None) -> list[list[int]]:
     """Continue each prompt (a list of ids) in one left-padded batch with the KV cache.
 
     Each row stops at its first EOS (not included in the result) or after max_new_tokens. With
-    `prefix`, a row also stops at its first token that departs from it (included in the result):
-    an expert that does not claim a query is not decoded any further. With `choose` too, once
-    len(prefix) tokens are out (or every row has stopped), choose(those tokens, (B, len(prefix)))
-    names the rows to go on with: the batch shrinks to them, their caches grow from len(prefix) new
-    slots to all of them, and only their results are returned, in that order. Tokens in `ban` are
-    never generated after the prefix (SEE's added indicator tokens: routing signals, not response text).
+    `prefixes`, a row also stops where read_prefixes says (the tokens read are kept): only rows that
+    complete the first prefix decode on. With `choose` too, once the longest prefix's length of
+    tokens are out (or every row has stopped), choose(those tokens, (B, t)) names the rows to go on
+    with: the batch shrinks to them, their caches grow from t new slots to all of them, and only
+    their results are returned, in that order. Tokens in `ban` are never generated after the first
+    prefix (SEE's added indicator tokens: routing signals, not response text).
     """
-    if choose is not None and not prefix:
-        raise UserError("choose needs a prefix")
+    if choose is not None and not prefixes:
+        raise UserError("choose needs prefixes")
     if not prompts or min(len(p) for p in prompts) == 0:
         raise UserError("cannot generate from an empty prompt")
     if max_new_tokens < 1 or not 0 < top_p <= 1 or temperature < 0:
@@ -328,7 +357,7 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
     B, P = len(prompts), max(len(p) for p in prompts)
     if P + max_new_tokens > model.config.max_seq_len:
         raise UserError(f"prompt ({P} tokens) + {max_new_tokens} new tokens exceed the model's "
-                         f"context of {model.config.max_seq_len}")
+                        f"context of {model.config.max_seq_len}")
     idx = torch.zeros(B, P, dtype=torch.long, device=device)
     pad_mask = torch.ones(B, P + max_new_tokens, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
@@ -338,21 +367,24 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
     eos = torch.tensor(eos_ids, device=device)
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    # with choose, only the rows kept after the prefix get caches for the whole length
-    model.setup_caches(B, P + (min(len(prefix), max_new_tokens) if choose is not None else max_new_tokens))
+    held = max(map(len, prefixes)) if prefixes else 0  # steps during which the prefixes rule reads
+    # with choose, only the rows kept after the prefixes get caches for the whole length
+    model.setup_caches(B, P + (min(held, max_new_tokens) if choose is not None else max_new_tokens))
     try:
         logits = model(idx, pad_mask[:, :P] if padded else None, 0, last_only=True)
         banned = torch.tensor(ban or [], dtype=torch.long, device=device)
+        ban_from = len(prefixes[0]) if prefixes else 0
         for t in range(max_new_tokens):
             step = logits[:, -1]
-            if len(banned) and t >= len(prefix or []):
+            if len(banned) and t >= ban_from:
                 step = step.index_fill(-1, banned, float("-inf"))
             tok = sample(step, temperature, top_p, generator)
             out[:, t] = tok
             done |= torch.isin(tok, eos)
-            if prefix is not None and t < len(prefix):
-                done |= tok != prefix[t]
-            if choose is not None and (t == len(prefix) - 1 or bool(done.all())):
+            if t < held:
+                read = [read_prefixes(row, prefixes) for row in out[:, :t + 1].tolist()]
+                done |= torch.tensor([r is not None for r in read], device=device)
+            if choose is not None and (t == held - 1 or bool(done.all())):
                 rows = choose(out[:, :t + 1]).to(device)
                 out, done, tok, pad_mask = out[rows], done[rows], tok[rows], pad_mask[rows]
                 model.select_cache_rows(rows, P + max_new_tokens)
@@ -362,13 +394,7 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
             logits = model(tok[:, None], pad_mask[:, :P + t + 1] if padded else None, P + t)
     finally:
         model.clear_caches()
-    result = []
-    for row in out.tolist():
-        stop = next((j for j, tok in enumerate(row) if tok in eos_ids), len(row))
-        if prefix is not None:
-            stop = min(stop, next((j + 1 for j, (a, b) in enumerate(zip(row, prefix)) if a != b), stop))
-        result.append(row[:stop])
-    return result
+    return [trim(row, eos_ids, prefixes) for row in out.tolist()]
 
 
 def main() -> None:

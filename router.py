@@ -1,63 +1,101 @@
-"""Sequential routing (paper Sec. 3, Inference): a query visits the experts newest to oldest; the first
-expert whose greedy output starts with o_pos answers it; a query no expert claims goes to the base model.
-Beside it, MoSEs' prompt-key routing: the query's feature picks a task, whose sub-expert masks answer."""
+"""Sequential routing (paper Sec. 3, Inference): a query visits the experts newest to oldest; an expert
+that emits o_pos answers it, one that emits o_neg passes it to the next older expert, and "if an expert
+fails to produce an indicator, we route the query to the base model M_0", as is a query every expert
+refuses. Beside it, MoSEs' prompt-key routing: the query's feature picks a task, whose masks answer.
+
+    python router.py --run runs/see-tau0.1-qa-qg-sa-sum-trans-smollm2-135m --prompt "Translate ..."
+    python router.py --run runs/see-... --task qa --index 3     # an eval query, routed step by step
+"""
 from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import lora
-from errors import UserError
-from experts import Expert, Indicators, base_model
-from model import Llama, generate
+from errors import UserError, user_errors
+from experts import NEG, NEITHER, POS, Expert, Indicators, base_model
+from model import Llama, generate, trim
 
 BASE = None  # the route of a query answered by the base model
+# what happens to a query whose expert emits neither indicator: the paper's rule sends it to the
+# base model at once; "next" treats it as o_neg (this implementation's rule before, for comparison)
+EXCEPTIONS = ("base", "next")
+
+
+@dataclass
+class Routed:
+    """What routing did with each query: its answer (token ids, indicator removed), the expert that
+    answered (BASE: the base model), and the experts it visited, newest first, with what each emitted
+    first (its indicator tokens, or up to the first token that spells neither)."""
+    answers: list[list[int]]
+    routes: list[str | None]
+    visits: list[list[tuple[str, list[int]]]]
 
 
 def generate_batched(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
-                     batch_size: int = 16, prefix: list[int] | None = None, desc: str | None = None,
-                     ban: list[int] | None = None) -> list[list[int]]:
-    """Greedy `generate` over many prompts, batch by batch; similar lengths share a batch to save padding."""
+                     batch_size: int = 16, prefixes: list[list[int]] | None = None,
+                     desc: str | None = None, ban: list[int] | None = None) -> list[list[int]]:
+    """Greedy `generate` over many prompts, batch by batch; similar lengths share a batch."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     with tqdm(total=len(prompts), desc=desc, disable=desc is None, leave=False) as bar:
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
-            for i, ids in zip(chunk, generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_ids, prefix=prefix, ban=ban)):
+            batch = [prompts[i] for i in chunk]
+            for i, ids in zip(chunk, generate(model, batch, max_new_tokens, eos_ids,
+                                              prefixes=prefixes, ban=ban)):
                 out[i] = ids
             bar.update(len(chunk))
     return out
 
 
-@torch.no_grad()
-def sequential_route(model: Llama, experts: list[Expert], ind: Indicators | None, prompts: list[list[int]],
-                     max_new_tokens: int, eos_ids: list[int], batch_size: int = 16,
-                     progress: bool = False) -> tuple[list[list[int]], list[str | None]]:
-    """Answers (token ids, indicator removed) and, per query, the name of the expert that answered (BASE if none).
+def moves_on(outcome: str, exceptions: str) -> bool:
+    """Whether a query goes on to the next older expert after this outcome (o_pos stops it anyway)."""
+    if exceptions not in EXCEPTIONS:
+        raise UserError(f"unknown exception rule {exceptions!r}; known: {', '.join(EXCEPTIONS)}")
+    return outcome == NEG or (outcome == NEITHER and exceptions == "next")
 
-    `experts` are in training order and must be attached to the model. At each step only the queries
-    still unrouted are run, and an expert that does not start with o_pos stops after that token.
+
+def routing_length(ind: Indicators, max_new_tokens: int) -> int:
+    """Tokens an expert generates: o_pos and the answer, and at least all of o_neg."""
+    return max(len(ind.pos) + max_new_tokens, len(ind.neg))
+
+
+@torch.no_grad()
+def sequential_route(model: Llama, experts: list[Expert], ind: Indicators, prompts: list[list[int]],
+                     max_new_tokens: int, eos_ids: list[int], batch_size: int = 16,
+                     progress: bool = False, exceptions: str = "base") -> Routed:
+    """Route each query through `experts` (in training order, attached to the model), newest first.
+
+    At each step only the queries still pending are run, and an expert that does not emit o_pos
+    stops once its first tokens spell o_neg or neither indicator.
     """
-    answers: list[list[int]] = [[] for _ in prompts]
-    routes: list[str | None] = [BASE] * len(prompts)
+    k = len(ind.pos)
+    routed = Routed([[] for _ in prompts], [BASE] * len(prompts), [[] for _ in prompts])
     pending = list(range(len(prompts)))
     for expert in reversed(experts):  # newest first
         if not pending:
             break
         expert.use(model)
-        k = len(ind.pos)
-        outs = generate_batched(model, [prompts[i] for i in pending], k + max_new_tokens, eos_ids, batch_size,
-                                prefix=ind.pos, desc=f"expert {expert.name}" if progress else None, ban=ind.added)
-        unclaimed = []
+        desc = f"expert {expert.name}" if progress else None
+        outs = generate_batched(model, [prompts[i] for i in pending], routing_length(ind, max_new_tokens),
+                                eos_ids, batch_size, [ind.pos, ind.neg], desc, ban=ind.added)
+        still = []
         for i, out in zip(pending, outs):
-            if out[:k] == ind.pos:
-                answers[i], routes[i] = out[k:], expert.name
-            else:
-                unclaimed.append(i)
-        pending = unclaimed
-    base_answers(model, prompts, pending, answers, max_new_tokens, eos_ids, batch_size, progress)
-    return answers, routes
+            outcome = ind.read(out)
+            routed.visits[i].append((expert.name, out[:k] if outcome == POS else out))
+            if outcome == POS:
+                routed.answers[i], routed.routes[i] = out[k:k + max_new_tokens], expert.name
+            elif moves_on(outcome, exceptions):
+                still.append(i)
+        pending = still
+    unclaimed = [i for i, r in enumerate(routed.routes) if r is BASE]
+    base_answers(model, prompts, unclaimed, routed.answers, max_new_tokens, eos_ids, batch_size, progress)
+    return routed
 
 
 def base_answers(model: Llama, prompts: list[list[int]], pending: list[int], answers: list[list[int]],
@@ -65,65 +103,88 @@ def base_answers(model: Llama, prompts: list[list[int]], pending: list[int], ans
     """The base model answers the queries no expert claimed (answers[i] for i in pending)."""
     if pending:
         with base_model(model):
-            outs = generate_batched(model, [prompts[i] for i in pending], max_new_tokens, eos_ids, batch_size,
-                                    desc="base model" if progress else None)
+            outs = generate_batched(model, [prompts[i] for i in pending], max_new_tokens, eos_ids,
+                                    batch_size, desc="base model" if progress else None)
         for i, out in zip(pending, outs):
             answers[i] = out
+
+
+def first_claim(first: list[list[int]], names: list[str], ind: Indicators,
+                exceptions: str) -> tuple[int | None, list[tuple[str, list[int]]]]:
+    """Sequential routing's decision from every expert's first tokens at once (parallel routing):
+    the index of the expert that answers (None: the base model) and the visits that lead there."""
+    visits = []
+    for e in reversed(range(len(names))):
+        outcome = ind.read(first[e])
+        visits.append((names[e], ind.pos if outcome == POS else first[e]))
+        if outcome == POS:
+            return e, visits
+        if not moves_on(outcome, exceptions):
+            break
+    return None, visits
 
 
 @torch.no_grad()
 def parallel_route(model: Llama, experts: list[Expert], ind: Indicators, prompts: list[list[int]],
                    max_new_tokens: int, eos_ids: list[int], batch_size: int = 16,
-                   progress: bool = False) -> tuple[list[list[int]], list[str | None]]:
+                   progress: bool = False, exceptions: str = "base") -> Routed:
     """The decisions and answers of sequential_route, with one prefill per query instead of up to M.
 
     Each query is put to all M experts at once, one batch row per expert, each row with its own
-    adapter (a stacked bank, lora.stack_adapters) and its own indicator rows. After len(o_pos)
-    tokens the newest expert that emitted o_pos keeps decoding from its own cache; the other rows
-    are dropped. Queries no expert claims go to the base model, as in sequential routing.
+    adapter (a stacked bank, lora.stack_adapters) and its own indicator rows. Once the indicators
+    are out, the newest expert that emitted o_pos keeps decoding from its own cache (if the experts
+    before it emitted o_neg); the other rows are dropped. The base model answers the rest.
     """
     M, k = len(experts), len(ind.pos)
-    answers: list[list[int]] = [[] for _ in prompts]
-    routes: list[str | None] = [BASE] * len(prompts)
+    names = [e.name for e in experts]
+    routed = Routed([[] for _ in prompts], [BASE] * len(prompts), [[] for _ in prompts])
     rows = {key: torch.stack([e.rows[key] for e in experts]) for key in experts[0].rows}
     extra = model.extra_embed, model.extra_head
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    # batch_size queries per pass: M rows each for the first len(o_pos) tokens, then one each
 
     def use_rows(adapters: torch.Tensor) -> None:  # batch row i runs expert adapters[i]
         lora.set_rows(model, adapters)
         if "embed" in rows:  # added indicators: each row its expert's trained rows
-            model.extra_embed = torch.nn.Parameter(rows["embed"][adapters].to(extra[0]), requires_grad=False)
-            model.extra_head = (torch.nn.Parameter(rows["head"][adapters].to(extra[1]), requires_grad=False)
-                                if "head" in rows else model.extra_embed)
+            embed = rows["embed"][adapters].to(extra[0])
+            model.extra_embed = torch.nn.Parameter(embed, requires_grad=False)
+            model.extra_head = model.extra_embed
+            if "head" in rows:
+                head = rows["head"][adapters].to(extra[1])
+                model.extra_head = torch.nn.Parameter(head, requires_grad=False)
 
-    lora.stack_adapters(model, [e.name for e in experts])
+    lora.stack_adapters(model, names)
     try:
-        for s in tqdm(range(0, len(order), batch_size), desc="parallel routing", disable=not progress, leave=False):
+        # batch_size queries per pass: M rows each while the indicators are read, then one each
+        for s in tqdm(range(0, len(order), batch_size), desc="parallel routing",
+                      disable=not progress, leave=False):
             chunk = order[s:s + batch_size]
             adapters = torch.arange(M).repeat(len(chunk))  # row q * M + e: query q, expert e
             claimed: list[tuple[int, int]] = []  # (query, expert), in the order of the kept rows
 
             def choose(first: torch.Tensor) -> torch.Tensor:
                 claimed.clear()
+                tokens = [trim(row, eos_ids, [ind.pos, ind.neg]) for row in first.tolist()]
                 for q in range(len(chunk)):
-                    newest = next((e for e in reversed(range(M)) if first[q * M + e].tolist() == ind.pos), None)
-                    if newest is not None:
-                        claimed.append((q, newest))
+                    e, visits = first_claim(tokens[q * M:(q + 1) * M], names, ind, exceptions)
+                    routed.visits[chunk[q]] = visits
+                    if e is not None:
+                        claimed.append((q, e))
                 keep = torch.tensor([q * M + e for q, e in claimed], dtype=torch.long)
                 use_rows(adapters[keep])
                 return keep
             use_rows(adapters)
-            outs = generate(model, [prompts[i] for i in chunk for _ in range(M)], k + max_new_tokens, eos_ids,
-                            prefix=ind.pos, choose=choose, ban=ind.added)
+            batch = [prompts[i] for i in chunk for _ in range(M)]
+            outs = generate(model, batch, routing_length(ind, max_new_tokens), eos_ids,
+                            prefixes=[ind.pos, ind.neg], choose=choose, ban=ind.added)
             for (q, e), out in zip(claimed, outs):
-                answers[chunk[q]], routes[chunk[q]] = out[k:], experts[e].name
+                routed.answers[chunk[q]] = out[k:k + max_new_tokens]
+                routed.routes[chunk[q]] = names[e]
     finally:
         lora.unstack_adapters(model)
         model.extra_embed, model.extra_head = extra
-    base_answers(model, prompts, [i for i in range(len(prompts)) if routes[i] is BASE], answers, max_new_tokens,
-                 eos_ids, batch_size, progress)
-    return answers, routes
+    unclaimed = [i for i, r in enumerate(routed.routes) if r is BASE]
+    base_answers(model, prompts, unclaimed, routed.answers, max_new_tokens, eos_ids, batch_size, progress)
+    return routed
 
 
 # --- MoSEs' prompt-key routing (task-agnostic): the query's feature picks the task whose key it is

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import lora
 from checkpoint import atomic_write, load, model_tag
-from data import ORDERS, Example, load_ood, load_task, rehearsal, subsample
+from data import ORDERS, Example, load_ood, load_task, rehearsal_sets, subsample
 from errors import UserError, user_errors
 from experts import (INDICATORS, TEMPLATES, UNROUTED, Expert, TrainSample, prompt_ids, reconstruct, resolve_template,
                      setup_indicators)
@@ -85,7 +85,9 @@ class TrainConfig:
     dropout: float = 0.1
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     lr: float = 2e-4
-    indicator_lr: float = 1e-2  # the new <<pos>>/<<neg>> rows start from nothing; see README
+    # the new <<pos>>/<<neg>> rows start from nothing, so learn faster than the adapter; "adapter":
+    # at --lr, as in-vocabulary indicators (whose rows are the base model's) learn through it (Table 4)
+    indicator_lr: float | str = 1e-2
     epochs: int = 3
     batch_size: int = 32  # global batch, reached by gradient accumulation
     micro_batch: int = 4
@@ -133,18 +135,19 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     return torch.load(out / STATE_FILE, map_location="cpu", weights_only=True) if (out / STATE_FILE).exists() else None
 
 
-def training_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
-    """The current task's examples, and tau of each earlier task's (RandSel) to rehearse; with
-    pseudo-negatives, as many LIMA queries instead of the earlier tasks' (paper Table 3)."""
+def training_data(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[str]]:
+    """The current task's examples, tau of each earlier task's to rehearse (RandSel, sized as the
+    paper's data gives it) and where they came from; with pseudo-negatives, as many LIMA queries
+    instead of the earlier tasks' (paper Table 3)."""
     current = subsample(load_task(cfg.task, "train", cfg.data_dir), cfg.max_train, cfg.seed)
-    previous = {t: subsample(load_task(t, "train", cfg.data_dir), cfg.max_train, cfg.seed) for t in cfg.previous}
-    rehearsed = rehearsal(previous, cfg.tau, cfg.seed)
+    rehearsed, sources = rehearsal_sets(cfg.previous, cfg.tau, cfg.seed, cfg.max_train, cfg.data_dir)
     if cfg.negatives == "lima":
         pool = load_ood(directory=cfg.data_dir, split="train")
         if len(rehearsed) > len(pool):
             raise UserError(f"{len(rehearsed)} pseudo-negatives asked for, but LIMA has only {len(pool)} to spare; lower --tau")
         rehearsed = subsample(pool, len(rehearsed), cfg.seed)
-    return current, rehearsed
+        sources = [f"LIMA: {len(rehearsed)} pseudo-negatives in place of {'; '.join(sources)}"]
+    return current, rehearsed, sources
 
 
 def trainable_parameters(model: Llama, adapter: str | None, indicator_rows: bool) -> dict[str, torch.nn.Parameter]:
@@ -253,7 +256,7 @@ def train(cfg: TrainConfig) -> Path:
     moses, seta = cfg.method == "moses", cfg.method == "seta"
     sparse = moses or seta  # MoSE layers: sub-experts behind per-task masks
     sub = lora.SubExpertConfig(cfg.experts, cfg.top_k, cfg.sparsity, cfg.shared if seta else 0) if sparse else None
-    current, rehearsed = training_data(cfg)
+    current, rehearsed, sources = training_data(cfg)
     init = Expert.load(cfg.init) if cfg.init else None
     if init is not None and (init.lora, init.sub) != (lcfg, sub):
         raise UserError(f"{cfg.init} has adapter settings {init.lora}, {init.sub}, not {lcfg}, {sub}")
@@ -321,8 +324,9 @@ def train(cfg: TrainConfig) -> Path:
     # what starts from nothing (indicator rows, a prompt key, SETA's gate) learns at its own rate. A fresh
     # optimizer per stage and no weight decay: MoSEs' held weights get zero gradients, so stay exactly
     fresh = [p for n, p in trainable.items() if n.startswith("extra_") or n in ("key", "gate")]
+    fresh_lr = cfg.lr if cfg.indicator_lr == "adapter" else cfg.indicator_lr
     opt = torch.optim.AdamW([dict(params=[p for p in trainable.values() if all(p is not q for q in fresh)], lr=cfg.lr),
-                             dict(params=fresh, lr=cfg.indicator_lr)], weight_decay=0.0, fused=cuda)
+                             dict(params=fresh, lr=fresh_lr)], weight_decay=0.0, fused=cuda)
     peak = [g["lr"] for g in opt.param_groups]
     steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -348,6 +352,8 @@ def train(cfg: TrainConfig) -> Path:
               + (f"{len(rehearsed)} earlier queries for the gate, " if seta else "") +
               f"{sum(p.numel() for p in trainable.values()) - frozen:,} trainable parameters, {template} prompts, "
               f"{total} steps on {device}" + (f" and {world - 1} more processes" if world > 1 else ""))
+        if sources:
+            print("rehearsed: " + "; ".join(sources))
         # every check passed: the run directory starts (or restarts) here; the log keeps the steps
         # before the checkpoint, since later ones are about to be redone
         out.mkdir(parents=True, exist_ok=True)
@@ -492,6 +498,11 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
     return root
 
 
+def rate(text: str) -> float | str:
+    """A learning rate, or "adapter" (the adapter's --lr)."""
+    return text if text == "adapter" else float(text)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | None]:
     d = TrainConfig()
     p = argparse.ArgumentParser(description="Train one SEE expert (a LoRA adapter that answers its task after <<pos>> "
@@ -529,8 +540,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | 
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--targets", default=",".join(d.targets), help=f"LoRA projections, from {','.join(lora.PROJECTIONS)}")
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--indicator-lr", type=float, default=d.indicator_lr,
-                   help="learning rate of the added indicator rows (MoSEs: of the task keys)")
+    p.add_argument("--indicator-lr", type=rate, default=d.indicator_lr,
+                   help="learning rate of the added indicator rows (MoSEs: of the task keys), or 'adapter' "
+                        "for --lr: every indicator type learns at the adapter's rate (a fair Table 4)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (gradient accumulation)")
     p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per forward pass")

@@ -29,6 +29,8 @@ TASKS = {
 }
 # the paper's classification tasks (Fig. 3, Table 4); the others are generation tasks
 CLASSIFICATION = ("sa", "pos")
+# tasks whose references are not English (trans: English to Spanish), scored in SuperNI's xlingual mode
+XLINGUAL = ("trans",)
 # the paper's Table 5 (orders 1-3 of five tasks) and its 10-task order
 ORDERS = {
     "1": ["qa", "qg", "sa", "sum", "trans"],
@@ -37,6 +39,10 @@ ORDERS = {
     "10": ["qa", "qg", "sa", "sum", "trans", "dsg", "expl", "para", "pe", "pos"],
 }
 SPLITS = ("train", "eval", "extra", "train.smp01", "train.smp005", "train.smp001")
+# the paper's training set of each task; qg and sum ship only their samples here
+PAPER_TRAIN_SIZE = 2000
+# the fixed RandSel samples the SSR line of work (which SEE follows) rehearses: 10%, 5%, 1% of train
+SAMPLE_SPLITS = {0.1: "train.smp01", 0.05: "train.smp005", 0.01: "train.smp001"}
 # an official SuperNI task file has no splits: like the SuperNI benchmark, its first 100 instances
 # are for evaluation, and the rest are for training
 TASK_FILE_EVAL = 100
@@ -136,8 +142,10 @@ def subsample(examples: list[Example], n: int | None, seed: int) -> list[Example
     return random.Random(seed).sample(examples, n)
 
 
-def rehearsal(previous: dict[str, list[Example]], tau: float, seed: int) -> list[Example]:
-    """RandSel(tau): a random tau share of each earlier task's training examples (at least one).
+def rehearsal(previous: dict[str, list[Example]], tau: float, seed: int,
+              sizes: dict[str, int] | None = None) -> list[Example]:
+    """RandSel(tau): a random tau share of each earlier task's training examples (at least one), of
+    `sizes[task]` where given (a training set larger than the examples at hand), as many as there are.
 
     Each task is drawn with its own seed (seed and task name), so adding a task to the sequence
     never changes what is drawn from the others.
@@ -148,9 +156,36 @@ def rehearsal(previous: dict[str, list[Example]], tau: float, seed: int) -> list
         return []
     drawn = []
     for name, examples in previous.items():
-        k = max(1, round(tau * len(examples)))
+        k = max(1, round(tau * (sizes or {}).get(name, len(examples))))
         drawn += random.Random(f"{seed}/{name}").sample(examples, min(k, len(examples)))
     return drawn
+
+
+def rehearsal_sets(tasks: list[str], tau: float, seed: int, max_train: int | None = None,
+                   directory: str | Path | None = None) -> tuple[list[Example], list[str]]:
+    """What each earlier task rehearses, and a line per task saying where it came from.
+
+    On the full training sets, a task's fixed sample file for tau (SAMPLE_SPLITS) where one exists,
+    as the SSR line of work draws RandSel; otherwise tau of its training set (cut to max_train),
+    a set that ships only its samples (qg, sum) counted at the paper's PAPER_TRAIN_SIZE.
+    """
+    drawn, sources = [], []
+    for task in tasks:
+        split = SAMPLE_SPLITS.get(tau)
+        fixed = split is not None and task in TASKS and max_train is None
+        if fixed and (data_dir(directory) / f"{task}.{split}.jsonl").is_file():
+            chosen = load_task(task, split, directory)
+            sources.append(f"{task}: {len(chosen)} from {task}.{split}.jsonl")
+        else:
+            examples = subsample(load_task(task, "train", directory), max_train, seed)
+            samples_only = task in TASKS and not (data_dir(directory) / f"{task}.train.jsonl").is_file()
+            size = min(PAPER_TRAIN_SIZE, max_train or PAPER_TRAIN_SIZE) if samples_only else len(examples)
+            chosen = rehearsal({task: examples}, tau, seed, {task: size})
+            asked = max(1, round(tau * size)) if tau else 0
+            short = f" ({asked} asked, only {len(examples)} ship)" if asked > len(examples) else ""
+            sources.append(f"{task}: {len(chosen)} of {len(examples)} drawn at random{short}")
+        drawn += chosen
+    return drawn, sources
 
 
 def load_ood(path: str | Path | None = None, directory: str | Path | None = None, split: str = "eval") -> list[Example]:

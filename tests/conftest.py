@@ -1,10 +1,13 @@
 import json
+import os
 import random
 
 import pytest
 import torch
 
 from checkpoint import load_dir, make_tiny
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hubs are unreachable here: fail at once, not after retries
 
 
 @pytest.fixture(scope="session")

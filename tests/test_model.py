@@ -172,7 +172,18 @@ def test_generate_with_a_prefix_stops_rows_that_depart_from_it(tiny):
     prompt = tok.encode("Definition: classify the review.")
     [greedy] = generate(model, [prompt], 6, [])
     other = (greedy[1] + 1) % model.n_vocab
-    follows = generate(model, [prompt, prompt], 6, [], prefix=greedy[:2])
-    departs = generate(model, [prompt], 6, [], prefix=[greedy[0], other])
+    follows = generate(model, [prompt, prompt], 6, [], prefixes=[greedy[:2]])
+    departs = generate(model, [prompt], 6, [], prefixes=[[greedy[0], other]])
     assert follows == [greedy, greedy], "a row that follows the prefix decodes on"
     assert departs == [greedy[:2]], "a row stops at its first departing token, which it keeps"
+
+
+def test_generate_stops_a_row_that_completes_a_later_prefix_and_one_that_departs_from_all(tiny):
+    model, tok = tiny
+    prompt = tok.encode("Definition: classify the review.")
+    [greedy] = generate(model, [prompt], 6, [])
+    other = (greedy[1] + 1) % model.n_vocab
+    # SEE's [o_pos, o_neg]: only the first decodes on; the second is read to its end, then stops
+    assert generate(model, [prompt], 6, [], prefixes=[[greedy[0], other], greedy[:2]]) == [greedy[:2]]
+    assert generate(model, [prompt], 6, [], prefixes=[[other], greedy[:3]]) == [greedy[:3]]
+    assert generate(model, [prompt], 6, [], prefixes=[[greedy[0], other], [greedy[0], other, 1]]) == [greedy[:2]]

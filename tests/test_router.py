@@ -1,4 +1,5 @@
-"""Sequential routing: newest expert first, the first o_pos answers, unclaimed queries reach the base model."""
+"""Sequential routing: newest expert first; o_pos answers, o_neg passes the query on, neither indicator
+sends it to the base model at once, as does every expert refusing it."""
 from dataclasses import replace
 
 import pytest
@@ -6,9 +7,9 @@ import torch
 
 from checkpoint import load_dir
 from data import load_task
-from experts import Expert, base_model, prompt_ids, setup_indicators
+from experts import NEITHER, Expert, base_model, prompt_ids, setup_indicators
 from model import generate
-from router import BASE, parallel_route, sequential_route
+from router import BASE, Routed, parallel_route, sequential_route
 from train import train
 
 
@@ -26,30 +27,31 @@ def system(separable_run, tiny_dir, tmp_path_factory):
     return model, tok, ind, experts, queries
 
 
-def route(system, experts, prompts, batch_size=16):
+def route(system, experts, prompts, batch_size=16, exceptions="base") -> Routed:
     model, tok, ind, _, _ = system
-    return sequential_route(model, experts, ind, prompts, 4, tok.eos_ids, batch_size)
+    return sequential_route(model, experts, ind, prompts, 4, tok.eos_ids, batch_size, exceptions=exceptions)
 
 
 def test_each_query_reaches_the_expert_of_its_task(system):
     _, _, _, experts, queries = system
-    _, routes = route(system, experts, queries["sa"] + queries["pe"])
-    assert routes == ["sa"] * 6 + ["pe"] * 6
+    routed = route(system, experts, queries["sa"] + queries["pe"])
+    assert routed.routes == ["sa"] * 6 + ["pe"] * 6
+    ind = system[2]
+    assert routed.visits == [[("pe", ind.neg), ("sa", ind.pos)]] * 6 + [[("pe", ind.pos)]] * 6
 
 
 def test_the_newest_claiming_expert_answers(system):
     model, _, _, experts, queries = system
     newer = replace(experts[0], name="sa_again")  # the same expert once more, later in the sequence
     newer.attach(model)
-    _, routes = route(system, [experts[0], newer], queries["sa"])
-    assert routes == ["sa_again"] * 6
+    assert route(system, [experts[0], newer], queries["sa"]).routes == ["sa_again"] * 6
 
 
 def test_a_claimed_answer_is_the_experts_own_continuation_after_o_pos(system):
     model, tok, ind, experts, queries = system
-    answers, _ = route(system, experts, queries["pe"][:2])
+    answers = route(system, experts, queries["pe"][:2]).answers
     experts[1].use(model)
-    own = generate(model, queries["pe"][:2], 4 + len(ind.pos), tok.eos_ids, prefix=ind.pos, ban=ind.added)
+    own = generate(model, queries["pe"][:2], 4 + len(ind.pos), tok.eos_ids, prefixes=[ind.pos], ban=ind.added)
     assert [o[:len(ind.pos)] for o in own] == [ind.pos] * 2 and answers == [o[len(ind.pos):] for o in own]
 
 
@@ -64,16 +66,47 @@ def test_an_answer_never_holds_the_added_indicator_tokens(system):
     unguarded = generate(model, queries["sa"], 4 + k, tok.eos_ids)
     assert all(o[:k] == ind.pos and set(o[k:]) & set(ind.added) for o in unguarded)
     routed = sequential_route(model, [loud], ind, queries["sa"], 4, tok.eos_ids)
-    assert routed[1] == ["loud"] * 6 and all(a and not set(a) & set(ind.added) for a in routed[0])
+    assert routed.routes == ["loud"] * 6 and all(a and not set(a) & set(ind.added) for a in routed.answers)
     assert parallel_route(model, [loud], ind, queries["sa"], 4, tok.eos_ids) == routed
 
 
 def test_unclaimed_queries_reach_the_base_model(system):
     model, tok, _, experts, queries = system
-    answers, routes = route(system, experts[1:], queries["sa"])  # the pe expert refuses sa queries
-    assert routes == [BASE] * 6
+    routed = route(system, experts[1:], queries["sa"])  # the pe expert refuses sa queries
+    assert routed.routes == [BASE] * 6
     with base_model(model):
-        assert answers == generate(model, queries["sa"], 4, tok.eos_ids)
+        assert routed.answers == generate(model, queries["sa"], 4, tok.eos_ids)
+
+
+@pytest.fixture(scope="module")
+def mute(system):
+    """The sa expert with its indicator rows zeroed: on these queries it emits neither indicator."""
+    model, _, _, experts, _ = system
+    zeroed = replace(experts[0], name="mute", rows={k: torch.zeros_like(v) for k, v in experts[0].rows.items()})
+    zeroed.attach(model)
+    return zeroed
+
+
+def test_an_expert_that_emits_neither_indicator_sends_the_query_to_the_base_model(system, mute):
+    model, tok, ind, experts, queries = system
+    older = experts[0]  # the sa expert, which would claim these queries
+    routed = route(system, [older, mute], queries["sa"])
+    assert [[ind.read(t) for _, t in v] for v in routed.visits] == [[NEITHER]] * 6, "precondition"
+    assert routed.routes == [BASE] * 6, "the paper's rule: straight to the base model, the older expert unasked"
+    with base_model(model):
+        assert routed.answers == generate(model, queries["sa"], 4, tok.eos_ids)
+    assert route(system, [older, mute], queries["sa"], exceptions="next").routes == ["sa"] * 6
+
+
+@pytest.mark.parametrize("exceptions", ["base", "next"])
+def test_parallel_routing_takes_the_exception_path_as_sequential_does(system, mute, exceptions):
+    model, tok, ind, experts, queries = system
+    chain = [experts[0], mute, experts[1]]  # pe refuses sa queries, then mute emits neither
+    mixed = mixed_queries(queries)
+    parallel = parallel_route(model, chain, ind, mixed, 4, tok.eos_ids, 5, exceptions=exceptions)
+    assert parallel == sequential_route(model, chain, ind, mixed, 4, tok.eos_ids, 5, exceptions=exceptions)
+    reached_older = any(r == "sa" for r in parallel.routes)
+    assert reached_older == (exceptions == "next")
 
 
 def test_batched_routing_equals_routing_one_query_at_a_time(system):
@@ -81,7 +114,7 @@ def test_batched_routing_equals_routing_one_query_at_a_time(system):
     mixed = [q for pair in zip(queries["sa"], queries["pe"], queries["qa"]) for q in pair]
     batched = route(system, experts, mixed, batch_size=4)
     alone = [route(system, experts, [q]) for q in mixed]
-    assert batched == ([a[0][0] for a in alone], [a[1][0] for a in alone])
+    assert batched == Routed(*([getattr(a, f)[0] for a in alone] for f in ("answers", "routes", "visits")))
 
 
 def mixed_queries(queries):
@@ -94,7 +127,7 @@ def test_parallel_routing_makes_the_same_decisions_and_answers_as_sequential(sys
     mixed = mixed_queries(queries)
     parallel = parallel_route(model, experts, ind, mixed, 4, tok.eos_ids, batch_size)
     assert parallel == sequential_route(model, experts, ind, mixed, 4, tok.eos_ids, batch_size)
-    assert set(parallel[1]) == {"sa", "pe", BASE}
+    assert set(parallel.routes) == {"sa", "pe", BASE}
 
 
 def test_parallel_routing_equals_sequential_on_random_adapters(system):
@@ -109,4 +142,4 @@ def test_parallel_routing_equals_sequential_on_random_adapters(system):
     mixed = mixed_queries(queries)
     parallel = parallel_route(model, noisy, ind, mixed, 6, tok.eos_ids, 8)
     assert parallel == sequential_route(model, noisy, ind, mixed, 6, tok.eos_ids, 8)
-    assert len(set(parallel[1])) >= 2, "queries the newest expert refuses fall through to older ones"
+    assert len(set(parallel.routes)) >= 2, "queries the newest expert refuses fall through to older ones"
