@@ -36,6 +36,9 @@ from tokenizer import Tokenizer
 from train import CONTINUED, SYSTEM_FILE
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+ROUTERS = {"sequential": sequential_route, "parallel": parallel_route}  # same decisions and answers
+# --routing none: no routing, one expert answers every query with its o_pos forced (paper Fig. 4, SEE-AE)
+ROUTINGS = (*ROUTERS, "none")
 XLINGUAL_ENV = "SEE_XLINGUAL_TOKENIZER"  # a tokenizer.json to use instead of GPT-2's from the hub
 # GPT-2's pre-tokenizer (words, numbers, other symbols, each with its leading space), for Unicode text
 _GPT2_SPLIT = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?[^\s\w]+|\s+(?!\S)|\s+""")
@@ -227,6 +230,20 @@ def method_label(system: dict) -> str:
     return label
 
 
+def read_system(run_dir: Path) -> dict:
+    """The system.json of a run written by train.py --sequence (method, tasks, experts, settings)."""
+    if not (run_dir / SYSTEM_FILE).is_file():
+        raise UserError(f"{run_dir} holds no system (no {SYSTEM_FILE}); train one with train.py --sequence")
+    try:
+        system = json.loads((run_dir / SYSTEM_FILE).read_text())
+        method_label(system)  # method and settings as expected
+        if not isinstance(system["tasks"], list) or not isinstance(system["experts"], list):
+            raise TypeError("tasks and experts must be lists")
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{run_dir / SYSTEM_FILE}: malformed ({type(e).__name__}: {e})") from None
+    return system
+
+
 def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_tokens: int = 512,
                  batch_size: int = 16, max_ood: int = OOD_EVAL, data_dir: str | None = None,
                  device="cpu", dtype=torch.float32, progress: bool = False,
@@ -242,14 +259,8 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
     routing cost (see_routing).
     """
     run_dir = Path(run_dir)
-    if not (run_dir / SYSTEM_FILE).is_file():
-        raise UserError(f"{run_dir} holds no system (no {SYSTEM_FILE}); train one with train.py --sequence")
-    try:
-        system = json.loads((run_dir / SYSTEM_FILE).read_text())
-        method, tasks, expert_dirs = system["method"], system["tasks"], system["experts"]
-        label = method_label(system)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{run_dir / SYSTEM_FILE}: malformed ({type(e).__name__}: {e})") from None
+    system = read_system(run_dir)
+    method, tasks, expert_dirs, label = system["method"], system["tasks"], system["experts"], method_label(system)
     if routing == "none" and method != "see":
         raise UserError(f"--routing none is for SEE runs; {run_dir} holds {method}")
     model, tok, experts, ind, _ = load_system(None, [str(run_dir / e) for e in expert_dirs], device, dtype)
@@ -291,7 +302,7 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
     result = dict(run=str(run_dir), method=method, label=label, tasks=tasks, scores=scores,
                   ar=average_rouge(scores), bwt=backward_transfer(scores) if routed or method in CONTINUED else None,
                   routing_f1=None, per_task_routing=None, rb_acc=None, n_ood=None, routing_steps=None,
-                  routing=routing, exceptions=exceptions if routed else None,
+                  routing=routing, exception_rule=exceptions if routed else None,
                   parameters=stage_parameters(model, experts))
     if any(Path(t).stem in XLINGUAL for t in tasks):
         result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name
@@ -496,7 +507,7 @@ def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
     preds = out.with_suffix(".predictions.jsonl")
     atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in records)))
     result = dict(task=args.task, split=args.split, model=model_name, experts=args.expert, template=template, **summary,
-                  max_new_tokens=args.max_new_tokens, routing=args.routing, exceptions=args.exceptions,
+                  max_new_tokens=args.max_new_tokens, routing=args.routing, exception_rule=args.exceptions,
                   predictions=str(preds))
     if task in XLINGUAL:
         result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name

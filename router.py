@@ -19,6 +19,7 @@ import lora
 from errors import UserError, user_errors
 from experts import NEG, NEITHER, POS, Expert, Indicators, base_model
 from model import Llama, generate, trim
+from tokenizer import Tokenizer
 
 BASE = None  # the route of a query answered by the base model
 # what happens to a query whose expert emits neither indicator: the paper's rule sends it to the
@@ -244,3 +245,66 @@ def key_route(model: Llama, keys: dict[str, torch.Tensor], prompts: list[list[in
                                                 desc=f"task {t}" if progress else None)):
             answers[i] = out
     return answers, routes
+
+
+def show_route(tok: Tokenizer, ind: Indicators, names: list[str], routed: Routed, exceptions: str) -> None:
+    """Print, expert by expert from the newest, what each emitted first, then who answered and what."""
+    then = {POS: "it answers", NEG: "the next older expert is asked",
+            NEITHER: "the base model answers at once (the exception path)"}
+    if exceptions == "next":
+        then[NEITHER] = "the next older expert is asked (--exceptions next)"
+    for name, tokens in routed.visits[0]:
+        outcome = ind.read(tokens)
+        where = f"expert {names.index(name) + 1}/{len(names)} {name}"
+        print(f"  {where:<24} emitted {tok.decode(tokens)!r:<14} {outcome:<8} -> {then[outcome]}")
+    if routed.routes[0] is BASE and moves_on(ind.read(routed.visits[0][-1][1]), exceptions):
+        print(f"  {'past the oldest expert':<24} -> the base model answers")
+    print(f"\nanswered by: {routed.routes[0] or 'the base model'}")
+    print(f"answer: {tok.decode(routed.answers[0]).strip()}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Watch SEE's sequential routing: one query put to a run's experts, "
+                                            "newest first, with what each emitted and which model answered.")
+    p.add_argument("--run", required=True, help="a SEE system written by train.py --sequence/--order")
+    p.add_argument("--prompt", default=None, help="the query (the run's prompt template is applied)")
+    p.add_argument("--task", default=None, help="take the query from this task's eval split instead")
+    p.add_argument("--index", type=int, default=0, help="which eval query of --task (from 0)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--exceptions", default="base", choices=EXCEPTIONS,
+                   help="neither indicator: the base model answers (the paper), or the next older expert is asked")
+    p.add_argument("--data-dir", default=None, help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
+    args = p.parse_args()
+    if (args.prompt is None) == (args.task is None):
+        p.error("give --prompt or --task (with --index)")
+    with user_errors():
+        from pathlib import Path
+        from data import load_task
+        from evaluate import load_system, read_system  # they import this module, so import them late
+        from experts import prompt_ids
+        system = read_system(Path(args.run))
+        if system["method"] != "see":
+            raise UserError(f"{args.run} holds {system['method']}, not SEE: only SEE routes by indicators")
+        reference = None
+        if args.task is not None:
+            examples = load_task(args.task, "eval", args.data_dir)
+            if not 0 <= args.index < len(examples):
+                raise UserError(f"--index {args.index} out of range: {args.task} has {len(examples)} eval queries")
+            query, reference = examples[args.index].query, examples[args.index].outputs[0]
+        else:
+            query = args.prompt
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dirs = [str(Path(args.run) / e) for e in system["experts"]]
+        model, tok, experts, ind, _ = load_system(None, dirs, device, torch.float32)
+        prompt = prompt_ids(tok, query, experts[0].max_source, experts[0].template)
+        routed = sequential_route(model, experts, ind, [prompt], args.max_new_tokens, tok.eos_ids,
+                                  exceptions=args.exceptions)
+        shown = query if len(query) <= 300 else query[:300] + " ..."
+        print(f"query: {shown}\n")
+        show_route(tok, ind, [e.name for e in experts], routed, args.exceptions)
+        if reference is not None:
+            print(f"reference: {reference}")
+
+
+if __name__ == "__main__":
+    main()

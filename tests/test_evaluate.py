@@ -102,12 +102,40 @@ def test_the_run_cli_prints_the_papers_table_and_writes_json(continual_runs, tin
                    "--max-new-tokens", "6", "--max-ood", "8"], tiny_dir)
     assert res.returncode == 0, res.stderr
     header, *rows = res.stdout.strip().splitlines()[-5:-2]
-    assert header.split() == ["method", "colour", "count", "mood", "AR", "BWT", "R-F1", "RB-LIMA", "RB-SNI", "steps"]
+    assert header.split() == ["method", "colour", "count", "mood", "AR", "BWT", "R-F1", "RB-LIMA", "RB-SNI", "steps",
+                              "prefill", "except"]
     assert rows[0].startswith("SEE(100%)") and rows[1].startswith("Non-rehearsal")
     for run, row in zip(runs.values(), rows):
         written = json.loads((run / "eval.json").read_text())
         assert f"{written['ar']:.2f}" in row and f"{written['bwt']:.2f}" in row
         assert written["scores"] == results[written["method"]]["scores"], "the CLI scores as evaluate_run does"
+
+
+def test_a_run_reports_exceptions_and_prefills_per_query(continual_runs):
+    see = continual_runs[1]["see"]
+    assert set(see["exceptions"]) == {"tasks", "lima", "superni"} and see["exception_rule"] == "base"
+    assert 1 <= see["routing_steps"] <= 3 and see["routing_steps"] <= see["prefills"] <= see["routing_steps"] + 1
+
+
+def test_routing_none_scores_each_task_by_its_own_expert_with_o_pos_forced(continual_runs):
+    from evaluate import evaluate_run
+    runs, results = continual_runs
+    result, predictions = evaluate_run(runs["see"], max_eval=8, max_new_tokens=6, routing="none")
+    assert result["label"] == "SEE-AE(100%)" and [len(row) for row in result["scores"]] == [3]
+    assert result["bwt"] is None and result["routing_f1"] is None and result["rb_acc"] is None
+    assert {p["task"]: p["route"] for p in predictions} == {t: Path(t).stem for t in result["tasks"]}
+    # the experts claim their own queries, so forcing o_pos answers them as routing did
+    assert result["scores"][0] == results["see"]["scores"][-1]
+
+
+def test_routing_none_lets_the_named_expert_answer_every_query(separable_run, tiny_dir, tmp_path):
+    _, run_dir = separable_run
+    res = run_cli(["--expert", str(run_dir / "expert"), "--task", "pe", "--max-eval", "4", "--max-new-tokens", "3",
+                   "--routing", "none"], tiny_dir)
+    assert res.returncode == 0, res.stderr
+    result = json.loads((run_dir / "eval-pe-expert-only.json").read_text())
+    assert result["answered_by_experts"] == 1.0 and result["routing"] == "none", "routed, the sa expert refuses pe"
+    assert not (run_dir / "eval-pe.json").exists(), "a result measured otherwise is not overwritten"
 
 
 @pytest.mark.parametrize("method", ["mtl", "stl"])

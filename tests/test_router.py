@@ -143,3 +143,22 @@ def test_parallel_routing_equals_sequential_on_random_adapters(system):
     parallel = parallel_route(model, noisy, ind, mixed, 6, tok.eos_ids, 8)
     assert parallel == sequential_route(model, noisy, ind, mixed, 6, tok.eos_ids, 8)
     assert len(set(parallel.routes)) >= 2, "queries the newest expert refuses fall through to older ones"
+
+
+def test_router_cli_shows_each_expert_step_and_who_answered(system, tmp_path, capsys, monkeypatch):
+    import json
+    import router
+    experts = system[3]
+    run = tmp_path / "run"
+    for e in experts:  # a SEE system directory: system.json and one expert per stage
+        (run / e.name).mkdir(parents=True)
+        e.save(run / e.name / "expert")
+    (run / "system.json").write_text(json.dumps(dict(method="see", tasks=["sa", "pe"], settings=dict(tau=1.0),
+                                                     experts=["sa/expert", "pe/expert"])))
+    monkeypatch.setattr("sys.argv", ["router.py", "--run", str(run), "--task", "sa", "--index", "0",
+                                     "--max-new-tokens", "3"])
+    router.main()
+    lines = capsys.readouterr().out.splitlines()
+    steps = [line.split() for line in lines if line.startswith("  expert")]
+    assert [(s[2], s[4], s[5]) for s in steps] == [("pe", "'<<neg>>'", "o_neg"), ("sa", "'<<pos>>'", "o_pos")]
+    assert "answered by: sa" in lines and any(line.startswith("reference: ") for line in lines)

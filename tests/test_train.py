@@ -179,10 +179,11 @@ def test_a_continued_lora_starts_from_the_previous_stage_and_has_no_indicators(t
 
 def test_pseudo_negatives_are_as_many_lima_queries_as_rehearsal_would_draw():
     cfg = TrainConfig(task="qa", previous=["sa", "pe"], tau=0.1, max_train=40)
-    _, negatives = training_data(cfg)
-    _, pseudo = training_data(replace(cfg, negatives="lima"))
+    _, negatives, _ = training_data(cfg)
+    _, pseudo, sources = training_data(replace(cfg, negatives="lima"))
     lima = {ex.query for ex in load_ood(split="train")}
     assert len(pseudo) == len(negatives) == 8 and all(ex.query in lima for ex in pseudo)
+    assert sources == ["LIMA: 8 pseudo-negatives in place of sa: 4 of 40 drawn at random; pe: 4 of 40 drawn at random"]
     with pytest.raises(UserError, match="for --method see only"):
         train(replace(cfg, negatives="lima", method="replay"))
     with pytest.raises(UserError, match="LIMA has only 829 to spare"):
