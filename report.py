@@ -145,11 +145,23 @@ def routing(rs: list[dict], title: str) -> list[str]:
         return []
     return [f"\n## Routing ({title})\n\nR-F1: macro F1 of the answering expert (MoSEs/SETA: of the task picked); "
             "RB-Acc: the share of queries of no task in the sequence that reach the base model (LIMA, held-out "
-            "SuperNI tasks); steps: experts a query visits; task id.: the share routed to their own task.\n",
-            table(["method", "R-F1", "RB-LIMA", "RB-SNI", "steps", "task id. acc."],
-                  [[r["label"], pct(r["routing_f1"]), pct((r.get("rb_acc") or {}).get("lima")),
-                    pct((r.get("rb_acc") or {}).get("superni")), r.get("routing_steps"), pct(r.get("task_id_accuracy"))]
+            "SuperNI tasks); steps: experts a query visits; prefills: per query, a base-model answer counted "
+            "(Appendix E); exceptions: queries that met an expert emitting neither indicator (sequence / "
+            "LIMA / held-out SuperNI), sent to the base model under the paper's rule; task id.: the share "
+            "routed to their own task.\n",
+            table(["method", "rule", "R-F1", "RB-LIMA", "RB-SNI", "steps", "prefills", "exceptions", "task id. acc."],
+                  [[r["label"], r.get("exception_rule"), pct(r["routing_f1"]), pct((r.get("rb_acc") or {}).get("lima")),
+                    pct((r.get("rb_acc") or {}).get("superni")), r.get("routing_steps"), r.get("prefills"),
+                    exception_counts(r), pct(r.get("task_id_accuracy"))]
                    for r in routed])]
+
+
+def exception_counts(r: dict) -> str | None:
+    """"sequence / LIMA / SuperNI" exception counts of a routed SEE run (None for runs without them)."""
+    counts = r.get("exceptions")
+    if not counts:
+        return None
+    return " / ".join(str(counts.get(k, "-")) for k in ("tasks", "lima", "superni"))
 
 
 def pseudo_negatives(rs: list[dict], title: str) -> list[str]:

@@ -87,7 +87,7 @@ def main():
             force(experts, hidden, claimer)
             expected = [experts[claimer].name if claimer is not None else None]
             for route in (sequential_route, parallel_route):  # the outcome is the forced one
-                assert route(model, experts, ind, [prompt], 1, [], m)[1] == expected, (route.__name__, claimer)
+                assert route(model, experts, ind, [prompt], 1, [], m).routes == expected, (route.__name__, claimer)
             seq.append(timed(lambda: sequential_route(model, experts, ind, [prompt], N, [], 1), args.repeats))
             par.append(timed(lambda: parallel_route(model, experts, ind, [prompt], N, [], m), args.repeats))
         seq_ms, par_ms = statistics.mean(seq), statistics.mean(par)

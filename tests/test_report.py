@@ -82,8 +82,21 @@ def test_table_3_sets_pseudo_negatives_beside_the_same_tau_with_task_negatives(r
 def test_table_4_scores_generation_by_rouge_and_classification_by_exact_match(runs, tmp_path):
     rows = section(report.write_report(runs, tmp_path / "r.md"), "Table 4")
     # generation: qa's final ROUGE-L; classification: sa, where "Positive " matches "positive"
-    assert rows == ["| added | 10% | 10.00 | 50.00 | 90.00 |", "| semantic | 10% | 10.00 | 0.00 | 90.00 |"], \
+    assert rows == ["| added | 10% | added rows at lr 0.01 (10x the adapter's) | 10.00 | 50.00 | 90.00 |",
+                    "| semantic | 10% | through the adapter (lr 0.001) | 10.00 | 0.00 | 90.00 |"], \
         "only tau values run with two indicator types"
+
+
+def test_table_4_states_how_the_indicators_learned(runs, tmp_path):
+    text = report.write_report(runs, tmp_path / "r.md")
+    assert "Treatment: the added indicators' rows learned at their own rate" in text
+    for run in runs:  # the same runs, every indicator trained at the adapter's rate
+        system = json.loads((Path(run) / "system.json").read_text())
+        system["settings"]["indicator_lr"] = "adapter"
+        (Path(run) / "system.json").write_text(json.dumps(system))
+    text = report.write_report(runs, tmp_path / "r.md")
+    assert "Treatment: every indicator type learned at the adapter's rate" in text
+    assert "| added | 10% | added rows at the adapter's lr 0.001 |" in text
 
 
 def test_the_tau_sweep_lists_see_runs_in_order_of_tau(runs, tmp_path):
