@@ -350,14 +350,15 @@ def check_result(out: Path, settings: dict) -> None:
         old = read_json(out)
         changed = sorted(k for k in settings if k in old and old[k] != settings[k])
         if changed:
-            raise UserError(f"{out} holds results of other settings ({', '.join(f'{k}: {old[k]} -> {settings[k]}' for k in changed)}); "
-                            f"pass another --out or delete it")
+            changes = ", ".join(f"{k}: {old[k]} -> {settings[k]}" for k in changed)
+            raise UserError(f"{out} holds results of other settings ({changes}); pass another --out or delete it")
 
 
 def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
     results = []
     outs = [Path(args.out if args.out and len(args.run) == 1 else Path(run) / "eval.json") for run in args.run]
-    settings = dict(max_eval=args.max_eval, max_new_tokens=args.max_new_tokens, max_ood=args.max_ood, routing=args.routing)
+    settings = dict(max_eval=args.max_eval, max_new_tokens=args.max_new_tokens, max_ood=args.max_ood,
+                    routing=args.routing)
     for out in outs:
         check_result(out, settings)
     for run, out in zip(args.run, outs):
@@ -384,7 +385,8 @@ def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
     out = Path(args.out or (Path(args.expert[0]).parent if args.expert else
                             Path("runs") / f"base-{model_tag(model_name)}") / f"eval-{task}.json")
     settings = dict(task=args.task, split=args.split, model=model_name, experts=args.expert, template=template,
-                    max_source=max_source, max_eval=args.max_eval, max_new_tokens=args.max_new_tokens, routing=args.routing)
+                    max_source=max_source, max_eval=args.max_eval, max_new_tokens=args.max_new_tokens,
+                    routing=args.routing)
     check_result(out, settings)
     summary, records = evaluate_task(model, tok, experts, ind, examples, max_source, args.max_new_tokens,
                                      args.batch_size, template, progress=True, routing=args.routing)

@@ -171,7 +171,8 @@ class Expert:
         meta = read_json(path / EXPERT_FILE)
         check_fields(meta, path / EXPERT_FILE, name=str, task=str, base_model=str, indicator=str, max_source=int,
                      template=str)
-        if meta["indicator"] not in (*INDICATORS, UNROUTED) or meta["template"] not in TEMPLATES or meta["max_source"] < 1:
+        if meta["indicator"] not in (*INDICATORS, UNROUTED) or meta["template"] not in TEMPLATES \
+                or meta["max_source"] < 1:
             raise UserError(f"{path / EXPERT_FILE}: unknown indicator {meta['indicator']!r} or template "
                             f"{meta['template']!r}, or max_source {meta['max_source']} < 1")
         fields = [meta[k] for k in ("name", "task", "base_model", "indicator", "max_source", "template")]
@@ -186,7 +187,8 @@ class Expert:
         cfg, adapter = lora.read_adapter(path)
         rows = read_tensors(path / ROWS_FILE) if meta["indicator"] == "added" else {}
         if meta["indicator"] == "added" and ("embed" not in rows or set(rows) - {"embed", "head"}):
-            raise UserError(f"{path / ROWS_FILE}: need the tensors 'embed' (and 'head'), got {', '.join(rows) or 'none'}")
+            raise UserError(f"{path / ROWS_FILE}: need the tensors 'embed' (and 'head'), "
+                            f"got {', '.join(rows) or 'none'}")
         return cls(*fields, cfg, adapter, rows)
 
     def attach(self, model: Llama) -> None:
@@ -195,15 +197,18 @@ class Expert:
         if self.sub is not None:
             bad = [t for t, k in self.keys.items() if k.shape != (model.config.dim,)]
             if bad:
-                raise UserError(f"{self.name}: task keys {', '.join(bad)} in {SUBEXPERTS_FILE} do not have the model's width")
+                raise UserError(f"{self.name}: task keys {', '.join(bad)} in {SUBEXPERTS_FILE} are not "
+                                f"{model.config.dim} wide")
             if not lora.subexpert_layers(model):
                 lora.add_subexperts(model, self.lora, self.sub)
             return
         if self.rows:
-            need = {"embed": model.extra_embed.shape} | ({} if model.config.tie_embeddings else {"head": model.extra_head.shape})
-            if {k: v.shape for k, v in self.rows.items()} != need:
-                raise UserError(f"{self.name}: the indicator rows in {ROWS_FILE} have shapes "
-                                f"{ {k: tuple(v.shape) for k, v in self.rows.items()} }, the model needs { {k: tuple(v) for k, v in need.items()} }")
+            need = {"embed": tuple(model.extra_embed.shape)}
+            if not model.config.tie_embeddings:
+                need["head"] = tuple(model.extra_head.shape)
+            shapes = {k: tuple(v.shape) for k, v in self.rows.items()}
+            if shapes != need:
+                raise UserError(f"{self.name}: the indicator rows in {ROWS_FILE} have shapes {shapes}, the model needs {need}")
         lora.add_adapter(model, self.name, self.lora)
         lora.load_adapter_state(model, self.name, self.adapter)
 

@@ -33,8 +33,9 @@ def load_results(runs: list[str]) -> list[dict]:
             raise UserError(f"{run} has no eval.json; evaluate it first (without --out): python evaluate.py --run {run}")
         r = read_json(run / "eval.json")
         check_fields(r, run / "eval.json", run=str, method=str, label=str, tasks=list, scores=list, ar=NUMBER)
-        if not r["scores"] or not all(isinstance(row, list) and all(isinstance(v, (int, float)) for v in row) for row in r["scores"]) \
-                or len(r["scores"][-1]) != len(r["tasks"]):
+        rows = r["scores"]
+        if not rows or len(rows[-1]) != len(r["tasks"]) or \
+                not all(isinstance(row, list) and all(isinstance(v, (int, float)) for v in row) for row in rows):
             raise UserError(f"{run / 'eval.json'}: 'scores' must be rows of numbers, the last one per task")
         r["settings"] = read_system(run)["settings"]
         r["predictions"] = read_jsonl(run / "eval.predictions.jsonl")

@@ -133,12 +133,13 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     return read_state(out / STATE_FILE) if (out / STATE_FILE).exists() else None
 
 
-def check_same_run(cfg: TrainConfig) -> None:
-    """Refuse a run directory whose config.json is unreadable or holds other settings than cfg."""
+def check_same_run(cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse a run directory whose config.json is unreadable or holds other settings than cfg (but `ignore`)."""
     out = cfg.run_dir()
     written = read_json(out / CONFIG_FILE)
     check_settings(written, out / CONFIG_FILE)
     config, saved = comparable(dataclasses.asdict(cfg)), comparable(written)
+    config, saved = [{k: v for k, v in d.items() if k not in ignore} for d in (config, saved)]
     changed = sorted(k for k in config.keys() | saved.keys() if config.get(k) != saved.get(k))
     if changed:
         raise UserError(f"{out} holds a run with other settings "
@@ -161,7 +162,8 @@ def read_state(path: Path) -> dict:
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load fails on a torn or foreign file with many kinds of error
-        raise UserError(f"{path}: not a checkpoint of train.py ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        reason = (str(e).splitlines() or [""])[0][:120]
+        raise UserError(f"{path}: not a checkpoint of train.py ({type(e).__name__}: {reason})") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: not a checkpoint of train.py (a {type(state).__name__})")
     check_fields(state, path, step=int, params=dict, optimizer=dict, rng=torch.Tensor)
@@ -173,8 +175,8 @@ def read_state(path: Path) -> dict:
 def restore(state: dict, trainable: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer, path: Path) -> None:
     """Put a checkpoint's parameters, optimizer and random state in place; one that does not fit is refused."""
     params = state["params"]
-    wrong = sorted(k for k in params.keys() | trainable.keys()
-                   if k not in params or k not in trainable or params[k].shape != trainable[k].shape)
+    wrong = sorted(k for k in params.keys() | trainable.keys() if k not in trainable
+                   or not isinstance(params.get(k), torch.Tensor) or params[k].shape != trainable[k].shape)
     if wrong:
         raise UserError(f"{path}: its parameters do not fit this run ({', '.join(wrong[:3])})")
     try:
@@ -316,7 +318,8 @@ def check_config(cfg: TrainConfig) -> tuple[lora.LoraConfig, lora.SubExpertConfi
     if bad:
         raise UserError(f"need positive counts, got {', '.join(bad)}")
     rates = {"--lr": cfg.lr, "--indicator-lr": cfg.indicator_lr}
-    weights = {"--pull-weight": cfg.pull_weight, "--anchor-weight": cfg.anchor_weight, "--route-reg-weight": cfg.route_reg_weight}
+    weights = {"--pull-weight": cfg.pull_weight, "--anchor-weight": cfg.anchor_weight,
+               "--route-reg-weight": cfg.route_reg_weight}
     bad = [f"{flag} {v}" for flag, v in rates.items() if not 0 < v < math.inf] + \
         [f"{flag} {v}" for flag, v in weights.items() if not 0 <= v < math.inf]
     if bad:
@@ -622,10 +625,11 @@ def check_finished(cfg: TrainConfig) -> None:
     """Refuse a finished stage of a sequence being resumed unless its run directory is whole: its settings
     are cfg's, its log reaches the last step, its expert loads."""
     out = cfg.run_dir()
-    check_same_run(cfg)
+    check_same_run(cfg, ignore=("init",))  # where the stage before lay then: system.json fixes which it was
     last = json.loads((read_log(out / LOG_FILE, None) or ["{}"])[-1])
     if not last or last.get("steps", last["step"]) != last["step"]:  # logs written before "steps" end as they end
-        raise UserError(f"{out / LOG_FILE}: ends at step {last.get('step', 0)} of {last.get('steps', '?')}, in a finished run")
+        raise UserError(f"{out / LOG_FILE}: ends at step {last.get('step', 0)} of {last.get('steps', '?')}, "
+                        f"in a finished run")
     Expert.load(out / EXPERT_DIR)
 
 

@@ -175,13 +175,13 @@ class Pickled:  # what a hostile state.pt could carry instead of tensors
     pass
 
 
-@pytest.mark.parametrize("damage", ["pickle", "truncate"])
+@pytest.mark.parametrize("damage", ["pickle", "truncate", "empty"])
 def test_a_pickled_or_truncated_checkpoint_is_refused(cut_run, capsys, monkeypatch, damage):
     args, run = cut_run
     if damage == "pickle":
         torch.save({"step": 2, "x": Pickled()}, run / "state.pt")
     else:
-        (run / "state.pt").write_bytes((run / "state.pt").read_bytes()[:1000])
+        (run / "state.pt").write_bytes((run / "state.pt").read_bytes()[:1000 if damage == "truncate" else 0])
     before = files(run)
     code, err = cli(train_mod.main, args, capsys, monkeypatch)
     assert one_error_line(code, err, "state.pt", "not a checkpoint of train.py") is None, err
