@@ -110,26 +110,34 @@ def test_every_damaged_file_of_a_finished_run_is_one_line_of_error(finished_runs
     assert len(cases) >= 3 * 10 and not failures, "\n".join(failures)
 
 
-@pytest.fixture()
-def cut_run(tiny_dir, tmp_path, monkeypatch):
-    """train.py arguments of a one-stage run, and its directory, interrupted one step past its checkpoint
-    at step 2 (log.jsonl holds steps 1-3, state.pt step 2)."""
+@pytest.fixture(scope="module")
+def cut_template(tiny_dir, tmp_path_factory):
+    """A one-stage run interrupted one step past its checkpoint at step 2 (log.jsonl holds steps 1-3, state.pt
+    step 2), and the train.py arguments that resume it but for the run directory."""
+    run = tmp_path_factory.mktemp("cut") / "run"
     args = ["--task", "sa", "--previous", "pe", "--model", tiny_dir, *TINY_TRAINING, "--batch-size", "2",
-            "--micro-batch", "2", "--save-every", "2", "--out", tmp_path / "cut"]  # 6 steps
+            "--micro-batch", "2", "--save-every", "2", "--out"]  # 6 steps
     real_scale = train_mod.lr_scale
 
     def crash_at_step_4(step, total):
         if step == 3:  # 3 steps done
             raise KeyboardInterrupt
         return real_scale(step, total)
-    monkeypatch.setattr(train_mod, "lr_scale", crash_at_step_4)
-    monkeypatch.setattr(sys, "argv", ["prog", *map(str, args)])
-    with pytest.raises(SystemExit):
-        train_mod.main()
-    monkeypatch.setattr(train_mod, "lr_scale", real_scale)
-    run = tmp_path / "cut"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "lr_scale", crash_at_step_4)
+        mp.setattr(sys, "argv", ["prog", *map(str, [*args, run])])
+        with pytest.raises(SystemExit):
+            train_mod.main()
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "log.jsonl", "state.pt"]
     return args, run
+
+
+@pytest.fixture()
+def cut_run(cut_template, tmp_path):
+    """A copy of the interrupted run to damage, and the train.py arguments that resume it."""
+    args, run = cut_template
+    copy = shutil.copytree(run, tmp_path / "cut")
+    return [*args, copy], copy
 
 
 def test_every_damaged_file_of_an_unfinished_run_is_one_line_of_error(cut_run, tmp_path, capsys, monkeypatch):
