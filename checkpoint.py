@@ -256,6 +256,10 @@ def make_tiny(out_dir: str | Path | None = None, texts: list[str] | None = None,
     return out
 
 
+# how a full or read-only disk shows: torch.save wraps the OSError in a RuntimeError, safetensors in its own
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """write(temporary path), then rename it over `path`: a crash never leaves a half-written file, and
     a failed write (a full disk) leaves neither that nor the temporary file."""
@@ -266,8 +270,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise UserError(f"could not write {path}: {e.strerror or e}") from None
+        if isinstance(e, WRITE_ERRORS):
+            raise UserError(f"could not write {path}: {getattr(e, 'strerror', None) or e}") from None
         raise
 
 
@@ -287,8 +291,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         tmp.rename(path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise UserError(f"could not write {path}: {e.strerror or e}") from None
+        if isinstance(e, WRITE_ERRORS):
+            raise UserError(f"could not write {path}: {getattr(e, 'strerror', None) or e}") from None
         raise
 
 

@@ -225,6 +225,12 @@ def test_a_failed_write_leaves_neither_file_nor_temporary(tmp_path):
     with pytest.raises(UserError, match="could not write .*expert: No space left on device"):
         with atomic_dir(tmp_path / "expert") as tmp:
             full_disk(tmp / "adapter_model.safetensors")
+
+    def torch_full_disk(path):  # torch.save reports a failed write so
+        path.write_bytes(b"half")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    with pytest.raises(UserError, match="could not write .*state.pt: PytorchStreamWriter failed writing"):
+        atomic_write(tmp_path / "state.pt", torch_full_disk)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"] and (tmp_path / "state.pt").read_bytes() == b"old"
 
 
