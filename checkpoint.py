@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from artifacts import NUMBER, check_fields, inside, read_json
 from errors import UserError
 from model import Llama, ModelConfig
 from tokenizer import Tokenizer
@@ -72,21 +73,48 @@ def load_dir(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json")
-    try:
-        cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
-    except KeyError as e:
-        raise UserError(f"{path}/config.json lacks the field {e}") from None
-    except ValueError as e:
-        raise UserError(f"{path}/config.json: {e}") from None
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    cfg = read_config(path / "config.json")
     state = {}
-    for name in files:
+    for name in shard_files(path):
         if not (path / name).is_file():
             raise UserError(f"{path} has no {name} (weights are read from safetensors only, never from .bin pickles)")
-        with safe_open(str(path / name), framework="pt", device=str(device)) as f:
-            state.update({k: f.get_tensor(k).to(dtype) for k in f.keys()})  # cast one tensor at a time
+        try:
+            with safe_open(str(path / name), framework="pt", device=str(device)) as f:
+                state.update({k: f.get_tensor(k).to(dtype) for k in f.keys()})  # cast one tensor at a time
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{path / name}: not a readable safetensors file ({e})") from None
     return build(cfg, state, dtype, device, str(path)), Tokenizer.from_dir(path)
+
+
+def read_config(path: Path) -> ModelConfig:
+    """A checkpoint's config.json as a ModelConfig: every size a positive int, every rate a finite number."""
+    raw = read_json(path)
+    sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+             "intermediate_size", "max_position_embeddings")
+    rates = ("rms_norm_eps", "rope_theta")
+    check_fields(raw, path, **{k: int for k in sizes if raw.get(k) is not None},
+                 **{k: NUMBER for k in rates if raw.get(k) is not None})
+    if any(raw.get(k) is not None and raw[k] < 1 for k in sizes):
+        raise UserError(f"{path}: sizes must be positive ({', '.join(f'{k}={raw[k]}' for k in sizes if k in raw)})")
+    try:
+        return ModelConfig.from_hf(raw)
+    except KeyError as e:
+        raise UserError(f"{path} lacks the field {e}") from None
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def shard_files(path: Path) -> list[str]:
+    """The weight files of a checkpoint: those its shard index names (each inside the directory), else one."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return ["model.safetensors"]
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index}: need a 'weight_map' of tensor names to file names")
+    for name in set(weight_map.values()):
+        inside(path, name, index)
+    return sorted(set(weight_map.values()))
 
 
 def build(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, device, source: str = "checkpoint") -> Llama:
@@ -228,12 +256,23 @@ def make_tiny(out_dir: str | Path | None = None, texts: list[str] | None = None,
     return out
 
 
+# how a full or read-only disk shows: torch.save wraps the OSError in a RuntimeError, safetensors in its own
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """write(temporary path), then rename it over `path`: a crash never leaves a half-written file."""
+    """write(temporary path), then rename it over `path`: a crash never leaves a half-written file, and
+    a failed write (a full disk) leaves neither that nor the temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, WRITE_ERRORS):
+            raise UserError(f"could not write {path}: {getattr(e, 'strerror', None) or e}") from None
+        raise
 
 
 @contextlib.contextmanager
@@ -250,6 +289,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         tmp.rename(path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, WRITE_ERRORS):
+            raise UserError(f"could not write {path}: {getattr(e, 'strerror', None) or e}") from None
         raise
+
+
+def remove_leftovers(directory: Path, *names: str) -> None:
+    """Delete the temporary files and directories that atomic_write / atomic_dir leave for `names` when
+    the process is killed mid-write; only the one process that owns `directory` may call this."""
+    for name in names:
+        for tmp in directory.glob(f".{name}.*"):  # .state.pt.tmp, .expert.k3j2x9
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()

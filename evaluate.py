@@ -24,6 +24,7 @@ from rouge_score import rouge_scorer
 from tqdm import tqdm
 
 import lora
+from artifacts import check_writable, read_json
 from checkpoint import atomic_write, load, model_tag
 from data import OOD_EVAL, TASKS, XLINGUAL, Example, load_ood, load_task
 from errors import UserError, user_errors
@@ -33,7 +34,7 @@ from model import Llama
 from report import write_report
 from router import BASE, EXCEPTIONS, Routed, generate_batched, key_route, parallel_route, sequential_route
 from tokenizer import Tokenizer
-from train import CONTINUED, SYSTEM_FILE
+from train import CONTINUED, read_system
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 ROUTERS = {"sequential": sequential_route, "parallel": parallel_route}  # same decisions and answers
@@ -228,20 +229,6 @@ def method_label(system: dict) -> str:
     if method == "see" and settings.get("indicator", "added") != "added":
         label += f" {settings['indicator']}"
     return label
-
-
-def read_system(run_dir: Path) -> dict:
-    """The system.json of a run written by train.py --sequence (method, tasks, experts, settings)."""
-    if not (run_dir / SYSTEM_FILE).is_file():
-        raise UserError(f"{run_dir} holds no system (no {SYSTEM_FILE}); train one with train.py --sequence")
-    try:
-        system = json.loads((run_dir / SYSTEM_FILE).read_text())
-        method_label(system)  # method and settings as expected
-        if not isinstance(system["tasks"], list) or not isinstance(system["experts"], list):
-            raise TypeError("tasks and experts must be lists")
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{run_dir / SYSTEM_FILE}: malformed ({type(e).__name__}: {e})") from None
-    return system
 
 
 def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_tokens: int = 512,
@@ -456,8 +443,7 @@ def main() -> None:
     if bool(args.run) == bool(args.task) or (args.run and args.expert):
         p.error("give --task (with --expert or alone, for the base model) or --run, not both")
     with user_errors():
-        if args.batch_size < 1 or (args.max_eval is not None and args.max_eval < 1) or args.max_ood < 0:
-            raise UserError("--batch-size and --max-eval must be positive, --max-ood not negative")
+        check_args(args)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         if args.run:
@@ -473,14 +459,39 @@ def variant(args: argparse.Namespace) -> str:
     return suffix + ("-exceptions-next" if args.exceptions == "next" else "")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse impossible evaluation settings before any model loads."""
+    counts = {"--batch-size": args.batch_size, "--max-new-tokens": args.max_new_tokens, "--max-eval": args.max_eval,
+              "--max-source": args.max_source}
+    bad = [f"{flag} {v}" for flag, v in counts.items() if v is not None and v < 1]
+    if bad or args.max_ood < 0:
+        raise UserError(f"need positive counts and --max-ood >= 0, got {', '.join(bad) or f'--max-ood {args.max_ood}'}")
+
+
+def check_result(out: Path, settings: dict) -> None:
+    """Before any generation: `out` can be written, and holds no result of other settings to overwrite."""
+    check_writable(out)
+    if out.is_file():
+        old = read_json(out)
+        changed = sorted(k for k in settings if k in old and old[k] != settings[k])
+        if changed:
+            changes = ", ".join(f"{k}: {old[k]} -> {settings[k]}" for k in changed)
+            raise UserError(f"{out} holds results of other settings ({changes}); pass another --out or delete it")
+
+
 def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
     results = []
-    for run in args.run:
+    outs = [Path(args.out if args.out and len(args.run) == 1 else Path(run) / f"eval{variant(args)}.json")
+            for run in args.run]
+    settings = dict(max_eval=args.max_eval, max_new_tokens=args.max_new_tokens, max_ood=args.max_ood,
+                    routing=args.routing)
+    for out in outs:
+        check_result(out, settings)
+    for run, out in zip(args.run, outs):
         result, predictions = evaluate_run(run, args.max_eval, args.max_new_tokens, args.batch_size, args.max_ood,
                                            args.data_dir, device, dtype, progress=True, routing=args.routing,
                                            exceptions=args.exceptions)
-        result.update(max_eval=args.max_eval, max_new_tokens=args.max_new_tokens)
-        out = Path(args.out if args.out and len(args.run) == 1 else Path(run) / f"eval{variant(args)}.json")
+        result.update(settings)
         out.parent.mkdir(parents=True, exist_ok=True)
         preds = out.with_suffix(".predictions.jsonl")
         atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in predictions)))
@@ -495,20 +506,22 @@ def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
     if not examples:
         raise UserError(f"no {args.split} examples for {args.task}")
     model, tok, experts, ind, model_name = load_system(args.model, args.expert, device, dtype)
-    max_source = args.max_source or (experts[0].max_source if experts else 1024)
+    max_source = args.max_source if args.max_source is not None else experts[0].max_source if experts else 1024
     template = resolve_template(tok, args.template or (experts[0].template if experts else "auto"))
     task = Path(args.task).stem
+    out = Path(args.out or (Path(args.expert[0]).parent if args.expert else
+                            Path("runs") / f"base-{model_tag(model_name)}") / f"eval-{task}{variant(args)}.json")
+    settings = dict(task=args.task, split=args.split, model=model_name, experts=args.expert, template=template,
+                    max_source=max_source, max_eval=args.max_eval, max_new_tokens=args.max_new_tokens,
+                    routing=args.routing, exception_rule=args.exceptions)
+    check_result(out, settings)
     summary, records = evaluate_task(model, tok, experts, ind, examples, max_source, args.max_new_tokens,
                                      args.batch_size, template, progress=True, routing=args.routing,
                                      exceptions=args.exceptions, xlingual=task in XLINGUAL)
-    out = Path(args.out or (Path(args.expert[0]).parent if args.expert else
-                            Path("runs") / f"base-{model_tag(model_name)}") / f"eval-{task}{variant(args)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     preds = out.with_suffix(".predictions.jsonl")
     atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in records)))
-    result = dict(task=args.task, split=args.split, model=model_name, experts=args.expert, template=template, **summary,
-                  max_new_tokens=args.max_new_tokens, routing=args.routing, exception_rule=args.exceptions,
-                  predictions=str(preds))
+    result = dict(**settings, **summary, predictions=str(preds))
     if task in XLINGUAL:
         result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name
     atomic_write(out, lambda f: f.write_text(json.dumps(result, indent=2) + "\n"))

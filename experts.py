@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import lora
+from artifacts import check_fields, read_json, read_tensors
 from checkpoint import atomic_dir
 from data import Example
 from errors import UserError
@@ -177,33 +178,51 @@ class Expert:
 
     @classmethod
     def load(cls, path: str | Path) -> "Expert":
+        """An expert directory, every file it needs checked: a missing or malformed one is a UserError naming it."""
         path = Path(path)
         if not (path / EXPERT_FILE).is_file():
             raise UserError(f"{path} is not an expert directory (no {EXPERT_FILE})")
-        try:
-            meta = json.loads((path / EXPERT_FILE).read_text())
-            fields = [meta[k] for k in ("name", "task", "base_model", "indicator", "max_source", "template")]
-            if "sub" in meta:
-                cfg, sub = lora.LoraConfig(**meta["lora"]), lora.SubExpertConfig(**meta["sub"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{path / EXPERT_FILE}: malformed ({type(e).__name__}: {e})") from None
+        meta = read_json(path / EXPERT_FILE)
+        check_fields(meta, path / EXPERT_FILE, name=str, task=str, base_model=str, indicator=str, max_source=int,
+                     template=str)
+        if meta["indicator"] not in (*INDICATORS, UNROUTED) or meta["template"] not in TEMPLATES \
+                or meta["max_source"] < 1:
+            raise UserError(f"{path / EXPERT_FILE}: unknown indicator {meta['indicator']!r} or template "
+                            f"{meta['template']!r}, or max_source {meta['max_source']} < 1")
+        fields = [meta[k] for k in ("name", "task", "base_model", "indicator", "max_source", "template")]
         if "sub" in meta:
-            if not (path / SUBEXPERTS_FILE).is_file():
-                raise UserError(f"{path} has no {SUBEXPERTS_FILE}")
-            state = load_file(path / SUBEXPERTS_FILE)
+            try:
+                cfg, sub = lora.LoraConfig(**meta["lora"]), lora.SubExpertConfig(**meta["sub"])
+            except (KeyError, TypeError, UserError) as e:
+                raise UserError(f"{path / EXPERT_FILE}: malformed sub-expert settings ({e})") from None
+            state = read_tensors(path / SUBEXPERTS_FILE)
             keys = {k.removeprefix("keys."): v for k, v in state.items() if k.startswith("keys.")}
             return cls(*fields, cfg, {k: v for k, v in state.items() if not k.startswith("keys.")}, {}, sub, keys)
         cfg, adapter = lora.read_adapter(path)
-        rows = load_file(path / ROWS_FILE) if (path / ROWS_FILE).is_file() else {}
+        rows = read_tensors(path / ROWS_FILE) if meta["indicator"] == "added" else {}
+        if meta["indicator"] == "added" and ("embed" not in rows or set(rows) - {"embed", "head"}):
+            raise UserError(f"{path / ROWS_FILE}: need the tensors 'embed' (and 'head'), "
+                            f"got {', '.join(rows) or 'none'}")
         return cls(*fields, cfg, adapter, rows)
 
     def attach(self, model: Llama) -> None:
         """Add this expert's adapter to the model (the indicator rows are put in place by `use`); MoSEs:
         the sub-expert layers, once for all stages (each stage's weights are put in place by `use`)."""
         if self.sub is not None:
+            bad = [t for t, k in self.keys.items() if k.shape != (model.config.dim,)]
+            if bad:
+                raise UserError(f"{self.name}: task keys {', '.join(bad)} in {SUBEXPERTS_FILE} are not "
+                                f"{model.config.dim} wide")
             if not lora.subexpert_layers(model):
                 lora.add_subexperts(model, self.lora, self.sub)
             return
+        if self.rows:
+            need = {"embed": tuple(model.extra_embed.shape)}
+            if not model.config.tie_embeddings:
+                need["head"] = tuple(model.extra_head.shape)
+            shapes = {k: tuple(v.shape) for k, v in self.rows.items()}
+            if shapes != need:
+                raise UserError(f"{self.name}: the indicator rows in {ROWS_FILE} have shapes {shapes}, the model needs {need}")
         lora.add_adapter(model, self.name, self.lora)
         lora.load_adapter_state(model, self.name, self.adapter)
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from artifacts import NUMBER, check_fields, read_json, read_tensors
 from errors import UserError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -29,6 +30,12 @@ class LoraConfig:
     targets: tuple[str, ...] = ("q_proj", "v_proj")
 
     def __post_init__(self):
+        if not isinstance(self.targets, (list, tuple)) or not all(isinstance(t, str) for t in self.targets):
+            raise UserError(f"LoRA targets must be a list of projection names, got {self.targets!r}")
+        check_fields(dict(r=self.r, alpha=self.alpha, dropout=self.dropout), "LoRA settings", r=int, alpha=NUMBER,
+                     dropout=NUMBER)
+        if self.alpha <= 0:
+            raise UserError(f"need LoRA alpha > 0, got {self.alpha}")
         self.targets = tuple(self.targets)
         unknown = set(self.targets) - set(PROJECTIONS)
         if unknown or not self.targets:
@@ -210,20 +217,21 @@ def write_adapter(state: dict[str, torch.Tensor], cfg: LoraConfig, out_dir: str 
 def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The config and weights of a saved adapter (ours or PEFT's)."""
     path = Path(path)
-    if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
-        raise UserError(f"{path} holds no adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} expected)")
+    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / f).is_file()]
+    if missing:
+        raise UserError(f"{path} holds no adapter (no {' and no '.join(missing)})")
+    c = read_json(path / ADAPTER_CONFIG)
     try:
-        c = json.loads((path / ADAPTER_CONFIG).read_text())
         plain = (c["peft_type"] == "LORA" and isinstance(c["target_modules"], list) and c.get("bias", "none") == "none"
                  and not any(c.get(k) for k in ("use_rslora", "use_dora", "alpha_pattern", "rank_pattern",
                                                   "layers_to_transform", "modules_to_save")))
         cfg = LoraConfig(r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0), targets=c["target_modules"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError, UserError) as e:
         raise UserError(f"{path / ADAPTER_CONFIG}: not a LoRA adapter config ({type(e).__name__}: {e})") from None
     if not plain:
         raise UserError(f"{path}: only plain LoRA adapters can be read (a list of target modules; no bias, rsLoRA, "
                         f"DoRA, per-layer patterns or modules_to_save)")
-    return cfg, load_file(path / ADAPTER_WEIGHTS)
+    return cfg, read_tensors(path / ADAPTER_WEIGHTS)
 
 
 def load_adapter(model: nn.Module, name: str, path: str | Path) -> LoraConfig:
@@ -252,6 +260,8 @@ class SubExpertConfig:
     shared: int = 0  # SETA: dense low-rank experts every task uses and trains (0: MoSEs)
 
     def __post_init__(self):
+        check_fields(dict(experts=self.experts, top_k=self.top_k, sparsity=self.sparsity, shared=self.shared),
+                     "sub-expert settings", experts=int, top_k=int, sparsity=NUMBER, shared=int)
         if not 1 <= self.top_k <= self.experts or not 0 < self.sparsity <= 1 or self.shared < 0:
             raise UserError(f"need 1 <= top-k <= experts, 0 < sparsity <= 1 and shared >= 0, got experts={self.experts}, "
                             f"top-k={self.top_k}, sparsity={self.sparsity}, shared={self.shared}")

@@ -14,9 +14,11 @@ import json
 import statistics
 from pathlib import Path
 
+from artifacts import NUMBER, check_fields, read_json
 from checkpoint import atomic_write
-from data import CLASSIFICATION, ORDERS, TASKS
+from data import CLASSIFICATION, ORDERS, TASKS, read_jsonl
 from errors import UserError
+from train import read_system
 
 TRAINING = ("model", "template", "rank", "alpha", "dropout", "targets", "max_train", "seed", "epochs", "batch_size",
             "lr", "max_source", "max_target")
@@ -29,12 +31,16 @@ def load_results(runs: list[str]) -> list[dict]:
         run = Path(run)
         if not (run / "eval.json").is_file():
             raise UserError(f"{run} has no eval.json; evaluate it first (without --out): python evaluate.py --run {run}")
-        try:
-            r = json.loads((run / "eval.json").read_text())
-            r["settings"] = json.loads((run / "system.json").read_text())["settings"]
-            r["predictions"] = [json.loads(line) for line in (run / "eval.predictions.jsonl").read_text().splitlines()]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{run}: unreadable results ({type(e).__name__}: {e})") from None
+        r = read_json(run / "eval.json")
+        check_fields(r, run / "eval.json", run=str, method=str, label=str, tasks=list, scores=list, ar=NUMBER)
+        rows = r["scores"]
+        if not rows or len(rows[-1]) != len(r["tasks"]) or \
+                not all(isinstance(row, list) and all(isinstance(v, (int, float)) for v in row) for row in rows):
+            raise UserError(f"{run / 'eval.json'}: 'scores' must be rows of numbers, the last one per task")
+        r["settings"] = read_system(run)["settings"]
+        r["predictions"] = read_jsonl(run / "eval.predictions.jsonl")
+        for n, p in enumerate(r["predictions"], 1):
+            check_fields(p, f"{run / 'eval.predictions.jsonl'}:{n}", task=str, prediction=str, references=list)
         results.append(r)
     return results
 

@@ -280,7 +280,8 @@ def main() -> None:
     with user_errors():
         from pathlib import Path
         from data import load_task
-        from evaluate import load_system, read_system  # they import this module, so import them late
+        from evaluate import load_system  # it imports this module, so import it late
+        from train import read_system
         from experts import prompt_ids
         system = read_system(Path(args.run))
         if system["method"] != "see":

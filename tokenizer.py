@@ -8,11 +8,11 @@ are matched atomically in text, and decode back to their literal form.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Callable
 
+from artifacts import read_json, read_text
 from errors import UserError
 
 
@@ -84,11 +84,14 @@ class Tokenizer:
             raise UserError("chat templates need jinja2 (pip install jinja2); or use the plain prompt") from None
         def raise_exception(message):
             raise UserError(f"chat template: {message}")
+        from jinja2 import TemplateError
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        # BOS comes from encode(), as for any other text
-        return env.from_string(self.chat_template).render(messages=[{"role": "user", "content": query}],
-                                                          add_generation_prompt=True, bos_token="", eos_token="")
+        try:  # BOS comes from encode(), as for any other text
+            return env.from_string(self.chat_template).render(messages=[{"role": "user", "content": query}],
+                                                              add_generation_prompt=True, bos_token="", eos_token="")
+        except TemplateError as e:  # a syntax error, or what the sandbox refused
+            raise UserError(f"chat template: {type(e).__name__}: {e}") from None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
@@ -102,17 +105,24 @@ class Tokenizer:
                 from tokenizers import Tokenizer as HFTokenizer
             except ImportError:
                 raise UserError(f"{path}/tokenizer.json needs the optional `tokenizers` package: pip install '.[gguf]'")
-            tok = cls.from_hf(HFTokenizer.from_file(str(path / "tokenizer.json")), eos, tcfg)
+            try:
+                tk = HFTokenizer.from_file(str(path / "tokenizer.json"))
+            except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+                raise UserError(f"{path / 'tokenizer.json'}: unreadable ({e})") from None
+            tok = cls.from_hf(tk, eos, tcfg)
         elif (path / "tokenizer.model").exists():
             import sentencepiece as spm
-            sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            try:
+                sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            except (RuntimeError, OSError) as e:
+                raise UserError(f"{path / 'tokenizer.model'}: not a sentencepiece model ({e})") from None
             tok = cls(sp.encode, sp.decode, sp.get_piece_size(), sp.bos_id(), _ids(eos) or [sp.eos_id()],
                       tcfg.get("add_bos_token", True))  # LlamaTokenizer adds BOS unless told otherwise
         else:
             raise UserError(f"no tokenizer.json or tokenizer.model in {path}")
         template = tcfg.get("chat_template")
         if not isinstance(template, str) and (path / "chat_template.jinja").exists():
-            template = (path / "chat_template.jinja").read_text()
+            template = read_text(path / "chat_template.jinja")
         tok.chat_template = template if isinstance(template, str) else None
         return tok
 
@@ -159,7 +169,7 @@ class Tokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path) if path.exists() else {}
 
 
 def _content(token) -> str | None:

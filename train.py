@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import lora
-from checkpoint import atomic_write, load, model_tag
+from artifacts import NUMBER, check_fields, check_writable, inside, read_json, read_text
+from checkpoint import atomic_write, load, model_tag, remove_leftovers
 from data import ORDERS, Example, load_ood, load_task, rehearsal_sets, subsample
 from errors import UserError, user_errors
 from experts import (INDICATORS, TEMPLATES, UNROUTED, Expert, TrainSample, prompt_ids, reconstruct, resolve_template,
@@ -126,13 +128,91 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     if (out / EXPERT_DIR).exists():
         raise UserError(f"{out} already holds a trained expert; pass another --out")
     if not (out / CONFIG_FILE).exists():
+        if (out / STATE_FILE).exists():
+            raise UserError(f"{out / CONFIG_FILE} not found beside {STATE_FILE}: the checkpoint's settings are unknown")
         return None
-    config, saved = comparable(dataclasses.asdict(cfg)), comparable(json.loads((out / CONFIG_FILE).read_text()))
+    check_same_run(cfg)
+    return read_state(out / STATE_FILE) if (out / STATE_FILE).exists() else None
+
+
+def check_same_run(cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse a run directory whose config.json is unreadable or holds other settings than cfg (but `ignore`)."""
+    out = cfg.run_dir()
+    written = read_json(out / CONFIG_FILE)
+    check_settings(written, out / CONFIG_FILE)
+    config, saved = comparable(dataclasses.asdict(cfg)), comparable(written)
+    config, saved = [{k: v for k, v in d.items() if k not in ignore} for d in (config, saved)]
     changed = sorted(k for k in config.keys() | saved.keys() if config.get(k) != saved.get(k))
     if changed:
         raise UserError(f"{out} holds a run with other settings "
                         f"({', '.join(f'{k}: {saved.get(k)} -> {config.get(k)}' for k in changed)}); pass another --out")
-    return torch.load(out / STATE_FILE, map_location="cpu", weights_only=True) if (out / STATE_FILE).exists() else None
+
+
+def check_settings(settings: dict, path: Path) -> None:
+    """Refuse written settings (config.json, system.json) of a type other than TrainConfig's field."""
+    kinds = {"float": NUMBER, "int": int, "str": str, "bool": bool, "list[str]": list}
+    for f in dataclasses.fields(TrainConfig):
+        kind = kinds[f.type.split(" | ")[0]]
+        if f.name == "indicator_lr" and settings.get(f.name) == "adapter":
+            continue  # the one rate given by name
+        if f.name in settings and not (settings[f.name] is None and "None" in f.type):
+            check_fields(settings, path, **{f.name: kind})
+
+
+def read_state(path: Path) -> dict:
+    """A resumable checkpoint, as save_state writes it (tensors only: weights_only refuses any pickled object)."""
+    try:
+        with warnings.catch_warnings():  # a hostile pickle also draws a protocol warning
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load fails on a torn or foreign file with many kinds of error
+        reason = (str(e).splitlines() or [""])[0][:120]
+        raise UserError(f"{path}: not a checkpoint of train.py ({type(e).__name__}: {reason})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a checkpoint of train.py (a {type(state).__name__})")
+    check_fields(state, path, step=int, params=dict, optimizer=dict, rng=torch.Tensor)
+    if state["step"] < 1 or state["rng"].dtype != torch.uint8:
+        raise UserError(f"{path}: not a checkpoint of train.py (step {state['step']}, rng {state['rng'].dtype})")
+    return state
+
+
+def restore(state: dict, trainable: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer, path: Path) -> None:
+    """Put a checkpoint's parameters, optimizer and random state in place; one that does not fit is refused."""
+    params = state["params"]
+    wrong = sorted(k for k in params.keys() | trainable.keys() if k not in trainable
+                   or not isinstance(params.get(k), torch.Tensor) or params[k].shape != trainable[k].shape)
+    if wrong:
+        raise UserError(f"{path}: its parameters do not fit this run ({', '.join(wrong[:3])})")
+    try:
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path}: its optimizer or random state does not fit this run ({e})") from None
+    with torch.no_grad():
+        for k, p in trainable.items():
+            p.copy_(params[k])
+    if state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def read_log(path: Path, steps: int | None) -> list[str]:
+    """The lines of a run's log.jsonl, one per step from 1 on. An unfinished run (`steps` its checkpoint's step)
+    may have a torn last line, from a crash mid-write: it and any step after the checkpoint are dropped.
+    A finished run's log (`steps` None) must be whole."""
+    lines = read_text(path).split("\n")
+    if lines[-1] and steps is None:
+        raise UserError(f"{path}: its last line is cut short, in a finished run")
+    lines = [line for line in lines[:-1] if line]  # the last is empty or torn: no newline after it
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        if not isinstance(record, dict) or record.get("step") != n:
+            raise UserError(f"{path}:{n}: expected the record of step {n}")
+    if steps is not None and len(lines) < steps:
+        raise UserError(f"{path}: ends at step {len(lines)}, before the checkpoint's step {steps}")
+    return lines[:steps]
 
 
 def training_data(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[str]]:
@@ -140,6 +220,8 @@ def training_data(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[
     paper's data gives it) and where they came from; with pseudo-negatives, as many LIMA queries
     instead of the earlier tasks' (paper Table 3)."""
     current = subsample(load_task(cfg.task, "train", cfg.data_dir), cfg.max_train, cfg.seed)
+    if not current:
+        raise UserError(f"task {cfg.task} has no training examples")
     rehearsed, sources = rehearsal_sets(cfg.previous, cfg.tau, cfg.seed, cfg.max_train, cfg.data_dir)
     if cfg.negatives == "lima":
         pool = load_ood(directory=cfg.data_dir, split="train")
@@ -230,6 +312,48 @@ def distributed() -> tuple[int, int]:
     return (dist.get_rank() if world > 1 else 0), world
 
 
+def check_config(cfg: TrainConfig) -> tuple[lora.LoraConfig, lora.SubExpertConfig | None]:
+    """Refuse impossible settings before any data or model is loaded; returns the adapter's settings
+    (LoRA, and MoSEs/SETA's sub-experts or None)."""
+    counts = {"--epochs": cfg.epochs, "--batch-size": cfg.batch_size, "--micro-batch": cfg.micro_batch,
+              "--save-every": cfg.save_every, "--max-source": cfg.max_source, "--max-target": cfg.max_target}
+    if cfg.max_train is not None:  # None: every example; 0 would train on nothing
+        counts["--max-train"] = cfg.max_train
+    bad = [f"{flag} {v}" for flag, v in counts.items() if v < 1]
+    if bad:
+        raise UserError(f"need positive counts, got {', '.join(bad)}")
+    rates = {"--lr": cfg.lr, "--indicator-lr": cfg.lr if cfg.indicator_lr == "adapter" else cfg.indicator_lr}
+    weights = {"--pull-weight": cfg.pull_weight, "--anchor-weight": cfg.anchor_weight,
+               "--route-reg-weight": cfg.route_reg_weight}
+    bad = [f"{flag} {v}" for flag, v in rates.items() if not 0 < v < math.inf] + \
+        [f"{flag} {v}" for flag, v in weights.items() if not 0 <= v < math.inf]
+    if bad:
+        raise UserError(f"need finite learning rates > 0 and weights >= 0, got {', '.join(bad)}")
+    if not 0 <= cfg.tau <= 1:
+        raise UserError(f"--tau must be in [0, 1], got {cfg.tau}")
+    if cfg.task in cfg.previous:
+        raise UserError(f"task {cfg.task!r} cannot also be an earlier task (--previous)")
+    if cfg.method not in METHODS or cfg.negatives not in NEGATIVES:
+        raise UserError(f"unknown method {cfg.method!r} or negatives {cfg.negatives!r}; "
+                        f"known: {', '.join(METHODS)}; {', '.join(NEGATIVES)}")
+    if cfg.indicator not in INDICATORS or cfg.template not in TEMPLATES:
+        raise UserError(f"unknown indicator {cfg.indicator!r} or template {cfg.template!r}")
+    if cfg.negatives == "lima" and cfg.method != "see":
+        raise UserError("pseudo-negatives (--negatives lima) are for --method see only")
+    if cfg.batch_size % cfg.micro_batch:
+        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}")
+    lcfg = lora.LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
+    seta = cfg.method == "seta"
+    sub = lora.SubExpertConfig(cfg.experts, cfg.top_k, cfg.sparsity, cfg.shared if seta else 0) \
+        if cfg.method in ("moses", "seta") else None
+    if cfg.method == "moses" and cfg.previous:
+        raise UserError("MoSEs rehearses nothing (no --previous)")
+    if seta and cfg.shared < 1:
+        raise UserError(f"SETA needs --shared-experts >= 1, got {cfg.shared}")
+    check_writable(cfg.run_dir() / CONFIG_FILE)
+    return lcfg, sub
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train the expert and write it to <run dir>/expert; returns the run directory.
 
@@ -237,33 +361,14 @@ def train(cfg: TrainConfig) -> Path:
     gradients are summed across processes before the step: data parallel, with the optimizer step
     of one process at the same global batch. Only rank 0 writes files.
     """
-    counts = {"--epochs": cfg.epochs, "--batch-size": cfg.batch_size, "--micro-batch": cfg.micro_batch,
-              "--save-every": cfg.save_every, "--max-train": cfg.max_train or 1}
-    bad = [f"{flag} {v}" for flag, v in counts.items() if v < 1]
-    if bad:
-        raise UserError(f"need positive counts, got {', '.join(bad)}")
-    if cfg.task in cfg.previous:
-        raise UserError(f"task {cfg.task!r} cannot also be an earlier task (--previous)")
-    if cfg.method not in METHODS or cfg.negatives not in NEGATIVES:
-        raise UserError(f"unknown method {cfg.method!r} or negatives {cfg.negatives!r}; "
-                        f"known: {', '.join(METHODS)}; {', '.join(NEGATIVES)}")
+    lcfg, sub = check_config(cfg)
     routed = cfg.method == "see"
-    if cfg.negatives == "lima" and not routed:
-        raise UserError("pseudo-negatives (--negatives lima) are for --method see only")
-    if cfg.batch_size % cfg.micro_batch:
-        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}")
-    lcfg = lora.LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
     moses, seta = cfg.method == "moses", cfg.method == "seta"
     sparse = moses or seta  # MoSE layers: sub-experts behind per-task masks
-    sub = lora.SubExpertConfig(cfg.experts, cfg.top_k, cfg.sparsity, cfg.shared if seta else 0) if sparse else None
     current, rehearsed, sources = training_data(cfg)
     init = Expert.load(cfg.init) if cfg.init else None
     if init is not None and (init.lora, init.sub) != (lcfg, sub):
         raise UserError(f"{cfg.init} has adapter settings {init.lora}, {init.sub}, not {lcfg}, {sub}")
-    if moses and (cfg.previous or cfg.pull_weight < 0):
-        raise UserError("MoSEs rehearses nothing (no --previous) and needs --pull-weight >= 0")
-    if seta and (cfg.shared < 1 or cfg.anchor_weight < 0 or cfg.route_reg_weight < 0):
-        raise UserError("SETA needs --shared-experts >= 1, --anchor-weight >= 0 and --route-reg-weight >= 0")
     if seta and init is not None and {replace(cfg, task=t).name for t in cfg.previous} != set(init.keys):
         raise UserError(f"SETA's --previous must be the tasks {cfg.init} has learned ({', '.join(init.keys)}): "
                         f"the gate is kept on their queries")
@@ -333,13 +438,9 @@ def train(cfg: TrainConfig) -> Path:
     step = 0
     if state is not None:
         step = state["step"]
-        with torch.no_grad():
-            for k, p in trainable.items():
-                p.copy_(state["params"][k])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if step > total:
+            raise UserError(f"{out / STATE_FILE}: at step {step}, past this run's {total} steps")
+        restore(state, trainable, opt, out / STATE_FILE)
         if main:
             print(f"resuming {out} at step {step}/{total}")
     if world > 1:  # every process starts from rank 0's weights, as DDP does
@@ -356,10 +457,11 @@ def train(cfg: TrainConfig) -> Path:
             print("rehearsed: " + "; ".join(sources))
         # every check passed: the run directory starts (or restarts) here; the log keeps the steps
         # before the checkpoint, since later ones are about to be redone
+        logged = read_log(out / LOG_FILE, step) if state is not None else []
         out.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out, STATE_FILE, CONFIG_FILE, LOG_FILE, EXPERT_DIR)  # of a process killed mid-write
         atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"))
-        logged = (out / LOG_FILE).read_text().splitlines() if state is not None and (out / LOG_FILE).exists() else []
-        atomic_write(out / LOG_FILE, lambda p: p.write_text("".join(line + "\n" for line in logged if json.loads(line)["step"] <= step)))
+        atomic_write(out / LOG_FILE, lambda p: p.write_text("".join(line + "\n" for line in logged)))
     amp = torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype, enabled=dtype != torch.float32)
     hidden = torch.compile(model.hidden) if cfg.compile else model.hidden
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.name}", unit="step", disable=not main)
@@ -413,7 +515,7 @@ def train(cfg: TrainConfig) -> Path:
             step += 1
             tokens = sum(len(s.ids) - 1 for s in batch)
             n_tokens += tokens
-            rec = dict(step=step, epoch=epoch, loss=loss_sum / n_targets, lr=opt.param_groups[0]["lr"],
+            rec = dict(step=step, steps=total, epoch=epoch, loss=loss_sum / n_targets, lr=opt.param_groups[0]["lr"],
                        tokens_per_s=tokens / (time.perf_counter() - t0), **extra)
             if main:
                 log.write(json.dumps(rec) + "\n")
@@ -478,29 +580,70 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
         rehearse = cfg.method in ("see", "replay", "seta")
         stages = [replace(cfg, task=t, previous=tasks[:i] if rehearse else [], out=str(root / f"{i + 1}-{n}"))
                   for i, (t, n) in enumerate(zip(tasks, names))]
+    stages = [replace(s, init=str(Path(stages[i - 1].out) / EXPERT_DIR) if cfg.method in CONTINUED and i else None)
+              for i, s in enumerate(stages)]
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("task", "previous", "out", "init")}
     system = dict(method=cfg.method, model=cfg.model, tasks=tasks,
                   experts=[f"{Path(s.out).name}/{EXPERT_DIR}" for s in stages], settings=settings)
     def same(d: dict) -> dict:
         return {**d, "settings": comparable(d["settings"])}
-    if (root / SYSTEM_FILE).exists() and same(json.loads((root / SYSTEM_FILE).read_text())) != same(system):
+    if (root / SYSTEM_FILE).exists() and same(read_system(root)) != same(system):
         raise UserError(f"{root} holds a sequence with other tasks, method or settings; pass another --out")
+    for stage in stages:
+        check_config(stage)
+    finished = [s for s in stages if (s.run_dir() / EXPERT_DIR).exists()]
+    for stage in finished:
+        check_finished(stage)
     if distributed()[0] == 0:
         root.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(root, SYSTEM_FILE)
         atomic_write(root / SYSTEM_FILE, lambda p: p.write_text(json.dumps(system, indent=2) + "\n"))
     for i, stage in enumerate(stages):
-        if (Path(stage.out) / EXPERT_DIR).exists():
+        if stage in finished:
             continue
         if distributed()[0] == 0:
             print(f"stage {i + 1}/{len(stages)}: {stage.task}" + (f" (+ {','.join(stage.previous)})" if stage.previous else ""))
-        init = str(Path(stages[i - 1].out) / EXPERT_DIR) if cfg.method in CONTINUED and i else None
-        train(replace(stage, init=init))
+        train(stage)
     return root
 
 
 def rate(text: str) -> float | str:
     """A learning rate, or "adapter" (the adapter's --lr)."""
     return text if text == "adapter" else float(text)
+
+
+def read_system(root: Path) -> dict:
+    """A sequence's system.json, checked: a known method, its tasks, one expert directory inside `root`
+    per stage, and settings of TrainConfig's types."""
+    path = root / SYSTEM_FILE
+    if not path.is_file():
+        raise UserError(f"{root} holds no system (no {SYSTEM_FILE}); train one with train.py --sequence")
+    system = read_json(path)
+    check_fields(system, path, method=str, model=str, tasks=list, experts=list, settings=dict)
+    method, tasks, experts = system["method"], system["tasks"], system["experts"]
+    if method not in METHODS:
+        raise UserError(f"{path}: unknown method {method!r}")
+    if not tasks or not all(isinstance(t, str) for t in tasks) or len(set(tasks)) != len(tasks):
+        raise UserError(f"{path}: 'tasks' must list distinct task names, got {tasks!r}")
+    stages = 1 if method == "mtl" else len(tasks)
+    if len(experts) != stages or not all(isinstance(e, str) for e in experts):
+        raise UserError(f"{path}: 'experts' must list {stages} expert directories, got {experts!r}")
+    for e in experts:
+        inside(root, e, path)
+    check_settings(system["settings"], path)
+    return {**system, "settings": {**dataclasses.asdict(TrainConfig()), **system["settings"]}}  # as comparable() reads it
+
+
+def check_finished(cfg: TrainConfig) -> None:
+    """Refuse a finished stage of a sequence being resumed unless its run directory is whole: its settings
+    are cfg's, its log reaches the last step, its expert loads."""
+    out = cfg.run_dir()
+    check_same_run(cfg, ignore=("init",))  # where the stage before lay then: system.json fixes which it was
+    last = json.loads((read_log(out / LOG_FILE, None) or ["{}"])[-1])
+    if not last or last.get("steps", last["step"]) != last["step"]:  # logs written before "steps" end as they end
+        raise UserError(f"{out / LOG_FILE}: ends at step {last.get('step', 0)} of {last.get('steps', '?')}, "
+                        f"in a finished run")
+    Expert.load(out / EXPERT_DIR)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | None]:
@@ -510,9 +653,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | 
                                             "(--sequence/--order), or one of the paper's baselines (--method).")
     p.add_argument("--sequence", default=None, help="comma-separated tasks to learn in turn, one expert each")
     p.add_argument("--order", default=None, choices=list(ORDERS), help="the paper's task orders (Table 5; 10 = all ten)")
-    p.add_argument("--task", default=d.task, help="task abbreviation (qa, qg, sa, sum, trans, dsg, expl, para, pe, pos) "
-                                                   "or the path of a SuperNI task .json file")
-    p.add_argument("--previous", default="", help="comma-separated earlier tasks; tau of their queries become negatives")
+    p.add_argument("--task", default=None, help="task abbreviation (qa, qg, sa, sum, trans, dsg, expl, para, pe, pos) "
+                                                 f"or the path of a SuperNI task .json file (default {d.task})")
+    p.add_argument("--previous", default=None, help="comma-separated earlier tasks; tau of their queries become negatives")
     p.add_argument("--method", default=d.method, choices=list(METHODS),
                    help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
     p.add_argument("--negatives", default=d.negatives, choices=NEGATIVES,
@@ -555,11 +698,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | 
     p.add_argument("--save-every", type=int, default=d.save_every, help="optimizer steps between resumable checkpoints")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer body (faster steps after a slow first one)")
     a = p.parse_args(argv)
-    a.previous = [t for t in a.previous.split(",") if t]
+    if a.sequence is not None and a.order:
+        raise UserError("give --sequence or --order, not both")
+    if (a.sequence is not None or a.order) and (a.task is not None or a.previous is not None):
+        raise UserError("--task and --previous are for one stage; --sequence/--order name every task")
+    a.task = d.task if a.task is None else a.task
+    a.previous = [t for t in (a.previous or "").split(",") if t]
     a.targets = [t for t in a.targets.split(",") if t]
-    if a.sequence and a.order:
-        p.error("give --sequence or --order, not both")
-    tasks = ORDERS[a.order] if a.order else [t for t in a.sequence.split(",") if t] if a.sequence else None
+    tasks = ORDERS[a.order] if a.order else [t for t in a.sequence.split(",") if t] if a.sequence is not None else None
+    if tasks == []:
+        raise UserError(f"--sequence {a.sequence!r} names no task")
     del a.sequence, a.order
     return TrainConfig(**vars(a)), tasks
 
@@ -568,7 +716,7 @@ def main() -> None:
     with user_errors():
         cfg, tasks = parse_args()
         try:
-            out = train_sequence(cfg, tasks) if tasks else train(cfg)
+            out = train_sequence(cfg, tasks) if tasks is not None else train(cfg)
         except KeyboardInterrupt:
             sys.exit("\ninterrupted: run the same command again to resume from the last checkpoint")
         rank = distributed()[0]

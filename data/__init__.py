@@ -8,6 +8,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from artifacts import read_json
 from errors import UserError
 
 DATA_ENV = "SEE_DATA_DIR"
@@ -75,17 +76,20 @@ def _numbered_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise UserError(f"data file {path} not found")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-            records.append((n, record))
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+        records.append((n, record))
     return records
 
 
@@ -120,7 +124,7 @@ def load_task_file(path: str | Path, split: str) -> list[Example]:
     if not path.is_file():
         raise UserError(f"task file {path} not found")
     try:
-        task = json.loads(path.read_text(encoding="utf-8"))
+        task = read_json(path)
         definition = task["Definition"]
         definition = definition[0] if isinstance(definition, list) else definition
         examples = [Example(str(i["id"]), f"{definition}\n\n{i['input']}",

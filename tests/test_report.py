@@ -20,7 +20,9 @@ def fake_run(root: Path, name: str, method: str, scores, tau=0.1, negatives="tas
     run.mkdir()
     settings = dict(tau=tau, negatives=negatives, indicator=indicator, max_train=64, seed=0, epochs=3, batch_size=16,
                     lr=1e-3, max_source=512, max_target=128, sparsity=0.3)
-    (run / "system.json").write_text(json.dumps(dict(method=method, tasks=tasks, settings=settings)))
+    experts = [f"{i + 1}-{t}/expert" for i, t in enumerate(tasks[:1] if method == "mtl" else tasks)]
+    (run / "system.json").write_text(json.dumps(dict(method=method, model="tiny", tasks=tasks, experts=experts,
+                                                     settings=settings)))
     result = dict(run=str(run), method=method, label=name, tasks=tasks, scores=scores, ar=sum(scores[-1]) / len(scores[-1]),
                   bwt=None, routing_f1=None, rb_acc=None, routing_steps=None, parameters=[], max_eval=20, max_new_tokens=64)
     result.update(extra)

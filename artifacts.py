@@ -1,0 +1,88 @@
+"""Reading the files runs and checkpoints are made of: a missing, unreadable or malformed file is one
+UserError naming it and what is wrong, never a traceback. Each artifact's own loader (experts.py,
+checkpoint.py, train.py) builds on these and checks what the fields mean."""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from errors import UserError
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: unreadable ({e.strerror})") from None
+
+
+def read_json(path: str | Path, kind: type = dict):
+    """A JSON file's value, which must be a `kind` (an object unless told)."""
+    try:
+        value = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: malformed JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(value, kind):
+        raise UserError(f"{path}: expected a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+NUMBER = "number"  # an int or a float; in check_fields' `types`
+
+
+def check_fields(record: dict, path: str | Path, **types) -> None:
+    """Refuse a record lacking a field of `types` or holding one of another type: a type, a tuple of
+    types, or NUMBER (a finite int or float). JSON's true/false do not count as numbers."""
+    for key, kind in types.items():
+        if key not in record:
+            raise UserError(f"{path}: no field {key!r}")
+        value = record[key]
+        if kind == NUMBER:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float))
+        if not ok:
+            want = "a finite number" if kind == NUMBER else getattr(kind, "__name__", str(kind))
+            raise UserError(f"{path}: field {key!r} is {value!r}, expected {want}")
+
+
+def inside(root: str | Path, relative: str, path: str | Path) -> Path:
+    """root/relative, refused (naming the file `path` that lists it) unless it stays inside root."""
+    target = Path(root, relative)
+    if Path(relative).is_absolute() or not target.resolve().is_relative_to(Path(root).resolve()):
+        raise UserError(f"{path}: {relative!r} points outside {root}")
+    return target
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse, before any work, a result path whose directory cannot be created or written to."""
+    parent = Path(path).absolute().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot write {path}: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {existing} is not writable ({e.strerror})") from None
