@@ -268,7 +268,7 @@ def sparse(rs: list[dict], title: str) -> list[str]:
                    "masked weights held after each stage", "shared-expert weights"],
                   [[r["label"], r["ar"], r["bwt"], r["til_ar"], r["til_bwt"], pct(r["task_id_accuracy"]),
                     " / ".join(f"{p['trainable']:,}" for p in r["parameters"]),
-                    " / ".join(f"{p['stored']:,}" for p in r["parameters"]), f"{r['parameters'][0].get('shared', 0):,}"]
+                    " / ".join(f"{p['held']:,}" for p in r["parameters"]), f"{r['parameters'][0].get('shared', 0):,}"]
                    for r in chosen])]
 
 
