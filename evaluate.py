@@ -229,8 +229,8 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
         result.update(til_scores=til, til_ar=average_rouge(til), til_bwt=backward_transfer(til),
                       routing_f1=scored["f1"], per_task_routing=scored["per_task"],
                       task_id_accuracy=sum(p["route"] == g for p, g in zip(predictions, gold)) / len(predictions),
-                      imprinted_accuracy=imprinted_accuracy(model, tok, experts[-1], predictions, evals, gold, max_source,
-                                                            template, batch_size))
+                      imprinted_accuracy=imprinted_accuracy(model, tok, experts[-1], predictions, evals, gold,
+                                                            max_source, template, batch_size))
     if method == "see":
         # R-F1 over the sequence's own queries (as the paper scores it); RB-Acc over queries of no task.
         # Only the routing decision matters for the latter, so one token of answer is enough.
@@ -270,7 +270,8 @@ def lora_bytes(model: Llama, expert: Expert) -> int:
     """Bytes on disk of one LoRA adapter (PEFT layout, fp32, as train.py writes them) of the expert's rank
     on the projections its sub-experts sit on: what a LoRA per task stores per task."""
     r = expert.lora.r
-    state = {f"{lora.PEFT_PREFIX}{path}.lora_{ab}.weight": torch.zeros(shape) for path, m in lora.subexpert_layers(model).items()
+    state = {f"{lora.PEFT_PREFIX}{path}.lora_{ab}.weight": torch.zeros(shape)
+             for path, m in lora.subexpert_layers(model).items()
              for ab, shape in (("A", (r, m.base.in_features)), ("B", (m.base.out_features, r)))}
     with tempfile.TemporaryDirectory() as tmp:
         lora.write_adapter(state, expert.lora, tmp, expert.base_model)

@@ -162,8 +162,8 @@ class Expert:
                 keys = {f"keys.{t}": v for t, v in self.keys.items()}
                 save_file({k: v.contiguous() for k, v in {**self.adapter, **keys}.items()}, tmp / SUBEXPERTS_FILE)
                 if self.training is not None:
-                    imprints = {f"imprints.{t}": v for t, v in self.imprints.items()}
-                    save_file({k: v.contiguous() for k, v in {**self.training, **imprints}.items()}, tmp / TRAINING_FILE)
+                    training = {**self.training, **{f"imprints.{t}": v for t, v in self.imprints.items()}}
+                    save_file({k: v.contiguous() for k, v in training.items()}, tmp / TRAINING_FILE)
                 meta.update(lora=dataclasses.asdict(self.lora), sub=dataclasses.asdict(self.sub))
             else:
                 lora.write_adapter(self.adapter, self.lora, tmp, self.base_model)
@@ -188,9 +188,10 @@ class Expert:
                 raise UserError(f"{path} has no {SUBEXPERTS_FILE}")
             state = load_file(path / SUBEXPERTS_FILE)
             keys = {k.removeprefix("keys."): v for k, v in state.items() if k.startswith("keys.")}
-            training = load_file(path / TRAINING_FILE) if (path / TRAINING_FILE).is_file() else None
-            imprints = {k.removeprefix("imprints."): v for k, v in (training or {}).items() if k.startswith("imprints.")}
-            if training is not None:
+            training, imprints = None, {}
+            if (path / TRAINING_FILE).is_file():  # absent: dropped, and the stage is for inference only
+                training = load_file(path / TRAINING_FILE)
+                imprints = {k.removeprefix("imprints."): v for k, v in training.items() if k.startswith("imprints.")}
                 training = {k: v for k, v in training.items() if not k.startswith("imprints.")}
             return cls(*fields, cfg, {k: v for k, v in state.items() if not k.startswith("keys.")}, {}, sub, keys,
                        training, imprints)

@@ -402,10 +402,10 @@ def subexpert_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     return state, training
 
 
-def sized(state: dict[str, torch.Tensor], key: str, n: int, what: str) -> torch.Tensor:
+def sized(state: dict[str, torch.Tensor], key: str, n: int) -> torch.Tensor:
     """state[key], which must hold n entries."""
     if state[key].numel() != n:
-        raise UserError(f"{what} {key} has {state[key].numel()} entries, expected {n}")
+        raise UserError(f"sub-expert tensor {key} has {state[key].numel()} entries, expected {n}")
     return state[key]
 
 
@@ -428,21 +428,22 @@ def load_subexpert_state(model: nn.Module, state: dict[str, torch.Tensor],
         for path, m in layers.items():
             m.task, m.learning, m.masks = None, False, {t: {} for t in tasks}
             for k in MASKED:
-                w, what = getattr(m, k), "sub-expert weight"
-                used = unpack_bits(sized(state, f"{path}.{k}.used", -(-w.numel() // 8), what), w.numel()).view(w.shape)
+                w = getattr(m, k)
+                used = unpack_bits(sized(state, f"{path}.{k}.used", -(-w.numel() // 8)), w.numel()).view(w.shape)
                 n = int(used.sum())
                 used = used.to(w.device)
-                w[used] = sized(state, f"{path}.{k}", n, what).to(w)
-                w[~used] = sized(training, f"{path}.{k}.free", w.numel() - n, what).to(w) if training else 0.0
+                w[used] = sized(state, f"{path}.{k}", n).to(w)
+                w[~used] = sized(training, f"{path}.{k}.free", w.numel() - n).to(w) if training else 0.0
                 getattr(m, f"used_{k}").copy_(used)
                 for t in tasks:
                     m.masks[t][k] = torch.zeros_like(used)
-                    m.masks[t][k][used] = unpack_bits(sized(state, f"{path}.masks.{t}.{k}", -(-n // 8), what), n).to(w.device)
+                    m.masks[t][k][used] = unpack_bits(sized(state, f"{path}.masks.{t}.{k}", -(-n // 8)), n).to(w.device)
             for k in SHARED if m.sub.shared else ():
-                getattr(m, k).copy_(sized(state, f"{path}.{k}", getattr(m, k).numel(), "shared expert").view_as(getattr(m, k)))
-                importance = getattr(m, f"importance_{k}")
-                importance.copy_(sized(training, f"{path}.importance_{k}", importance.numel(), "importance").view_as(importance)
-                                 if training else torch.zeros_like(importance))
+                p, importance = getattr(m, k), getattr(m, f"importance_{k}")
+                p.copy_(sized(state, f"{path}.{k}", p.numel()).view_as(p))
+                importance.zero_()
+                if training:
+                    importance.copy_(sized(training, f"{path}.importance_{k}", p.numel()).view_as(p))
 
 
 def redraw_scores(model: nn.Module, generator: torch.Generator) -> None:
@@ -468,7 +469,7 @@ def free_share(model: nn.Module) -> float:
 
 
 def subexpert_counts(model: nn.Module) -> dict[str, int]:
-    """Sub-expert weights in all, those some finished task holds (what must be stored), the size of each
+    """Sub-expert weights in all, those some finished task holds (their values are stored), the size of each
     task's mask, and SETA's shared-expert weights."""
     layers = subexpert_layers(model).values()
     counts = dict(weights=sum(getattr(m, k).numel() for m in layers for k in MASKED),

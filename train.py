@@ -412,8 +412,9 @@ def train(cfg: TrainConfig) -> Path:
             extra = dict(pull=aux_sum / len(batch)) if moses else {}
             if seta:  # penalties on weights every process holds alike, so each adds their gradient itself
                 # the gate: this batch's queries to the newest row, the remembered ones to their own rows
+                newest = torch.full((len(chosen),), len(trainable["gate"]) - 1, device=device)
                 gate = gate_loss(trainable["gate"], torch.cat([f for f in (memory, features[chosen]) if f is not None]),
-                                 torch.cat([memory_rows, torch.full((len(chosen),), len(trainable["gate"]) - 1, device=device)]))
+                                 torch.cat([memory_rows, newest]))
                 anchor = elastic_anchor(pairs, anchors)
                 reg = routing_regulariser(trainable["gate"], memory, old) if memory is not None else torch.zeros(())
                 (gate + cfg.anchor_weight * anchor + cfg.route_reg_weight * reg).backward()
