@@ -397,8 +397,8 @@ def subexpert_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
             for task, masks in m.masks.items():
                 state[f"{path}.masks.{task}.{k}"] = pack_bits(masks[k][used])
         for k in SHARED if m.sub.shared else ():
-            state[f"{path}.{k}"] = getattr(m, k).detach().cpu()
-            training[f"{path}.importance_{k}"] = getattr(m, f"importance_{k}").cpu()
+            state[f"{path}.{k}"] = getattr(m, k).detach().cpu().clone()
+            training[f"{path}.importance_{k}"] = getattr(m, f"importance_{k}").cpu().clone()
     return state, training
 
 
