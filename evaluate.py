@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,11 +29,12 @@ from artifacts import check_writable, read_json
 from checkpoint import atomic_write, load, model_tag
 from data import OOD_EVAL, TASKS, XLINGUAL, Example, load_ood, load_task
 from errors import UserError, user_errors
-from experts import (NEITHER, TEMPLATES, UNROUTED, Expert, Indicators, base_model, prompt_ids, resolve_template,
-                     setup_indicators)
+from experts import (NEITHER, TEMPLATES, TRAINING_FILE, UNROUTED, Expert, Indicators, base_model, prompt_ids,
+                     resolve_template, setup_indicators)
 from model import Llama
 from report import write_report
-from router import BASE, EXCEPTIONS, Routed, generate_batched, key_route, parallel_route, sequential_route
+from router import (BASE, EXCEPTIONS, Routed, generate_batched, key_route, match_keys, parallel_route,
+                    query_features, sequential_route)
 from tokenizer import Tokenizer
 from train import CONTINUED, read_system
 
@@ -290,7 +292,7 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
                   ar=average_rouge(scores), bwt=backward_transfer(scores) if routed or method in CONTINUED else None,
                   routing_f1=None, per_task_routing=None, rb_acc=None, n_ood=None, routing_steps=None,
                   routing=routing, exception_rule=exceptions if routed else None,
-                  parameters=stage_parameters(model, experts))
+                  parameters=stage_parameters(model, experts, [run_dir / e for e in expert_dirs]))
     if any(Path(t).stem in XLINGUAL for t in tasks):
         result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name
     if method in ("see", "moses", "seta"):  # one expert (or task) per task: each query's own
@@ -301,7 +303,9 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
         scored = routing_scores([p["route"] for p in predictions], gold)
         result.update(til_scores=til, til_ar=average_rouge(til), til_bwt=backward_transfer(til),
                       routing_f1=scored["f1"], per_task_routing=scored["per_task"],
-                      task_id_accuracy=sum(p["route"] == g for p, g in zip(predictions, gold)) / len(predictions))
+                      task_id_accuracy=sum(p["route"] == g for p, g in zip(predictions, gold)) / len(predictions),
+                      imprinted_accuracy=imprinted_accuracy(model, tok, experts[-1], predictions, evals, gold,
+                                                            max_source, template, batch_size))
     if routed:
         routes = [None if p["route"] == "base" else p["route"] for p in predictions]
         scored = routing_scores(routes, gold)
@@ -350,13 +354,45 @@ def see_routing(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indica
                 routing_steps=everything["visited"], prefills=everything["prefills"])
 
 
-def stage_parameters(model: Llama, experts: list[Expert]) -> list[dict]:
+def imprinted_accuracy(model: Llama, tok: Tokenizer, last: Expert, predictions: list[dict], evals: dict,
+                       gold: list[str], max_source: int, template: str, batch_size: int) -> float | None:
+    """SETA: the task-identification accuracy on the final stage's queries of the gate as imprinted (each
+    row at the mean of its task's query features, before any training), beside the trained gate's;
+    None for MoSEs, or if the training state that keeps the imprinted rows was dropped."""
+    if not last.imprints:
+        return None
+    queries = {(t, ex.id): ex.query for t, examples in evals.items() for ex in examples}
+    prompts = [prompt_ids(tok, queries[p["task"], p["id"]], max_source, template) for p in predictions]
+    routes = match_keys(query_features(model, prompts, batch_size), last.imprints, gate=True)
+    return sum(r == g for r, g in zip(routes, gold)) / len(gold)
+
+
+def disk_bytes(directory: Path, leave_out: tuple[str, ...] = ()) -> int:
+    """Bytes of the files in a directory, but those named in leave_out."""
+    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file() and f.name not in leave_out)
+
+
+def lora_bytes(model: Llama, expert: Expert) -> int:
+    """Bytes on disk of one LoRA adapter (PEFT layout, fp32, as train.py writes them) of the expert's rank
+    on the projections its sub-experts sit on: what a LoRA per task stores per task."""
+    r = expert.lora.r
+    state = {f"{lora.PEFT_PREFIX}{path}.lora_{ab}.weight": torch.zeros(shape)
+             for path, m in lora.subexpert_layers(model).items()
+             for ab, shape in (("A", (r, m.base.in_features)), ("B", (m.base.out_features, r)))}
+    with tempfile.TemporaryDirectory() as tmp:
+        lora.write_adapter(state, expert.lora, tmp, expert.base_model)
+        return disk_bytes(Path(tmp))
+
+
+def stage_parameters(model: Llama, experts: list[Expert], dirs: list[Path] | None = None) -> list[dict]:
     """Trainable parameters of each stage; MoSEs: everything its optimizer may change (free sub-expert
-    weights, as many mask scores, the key), the mask scores alone, the weights its task's mask keeps,
-    those no earlier task held (new), and those held by some task so far (stored). SETA also trains its
-    shared experts and every row of its gate."""
+    weights, all mask scores, the key), the mask scores alone, the weights its task's mask keeps, those
+    no earlier task held (new), their share of the mask (trainable_share: what the task could change),
+    and the weights held by some task so far (held). SETA also trains its shared experts and every row
+    of its gate. With the stages' directories: bytes on disk per stage, what inference needs (bytes) and
+    the training state a next stage needs (training_bytes), beside as many per-task LoRA adapters'."""
     out, held = [], 0
-    for e in experts:
+    for i, e in enumerate(experts):
         if e.sub is None:
             out.append(dict(trainable=sum(v.numel() for v in (*e.adapter.values(), *e.rows.values()))))
             continue
@@ -366,7 +402,12 @@ def stage_parameters(model: Llama, experts: list[Expert]) -> list[dict]:
         rows = len(e.keys) if e.sub.shared else 1
         out.append(dict(trainable=2 * counts["weights"] - held + counts["shared"] + rows * model.config.dim,
                         scores=counts["weights"], mask=counts[f"mask_{e.name}"], new=counts["used"] - held,
-                        stored=counts["used"], shared=counts["shared"]))
+                        trainable_share=(counts["used"] - held) / counts[f"mask_{e.name}"], held=counts["used"],
+                        shared=counts["shared"]))
+        if dirs is not None:
+            out[-1].update(bytes=disk_bytes(dirs[i], (TRAINING_FILE,)),
+                           training_bytes=disk_bytes(dirs[i]) - disk_bytes(dirs[i], (TRAINING_FILE,)),
+                           lora_bytes=(i + 1) * lora_bytes(model, e))
         held = counts["used"]
     return out
 
@@ -390,15 +431,22 @@ def print_table(results: list[dict]) -> None:
               + f"{cell(r['routing_steps'], '.2f'):>7}{cell(r.get('prefills'), '.2f'):>8}"
               + f"{cell(sum((r.get('exceptions') or {}).values()) if r.get('exceptions') else None, 'd'):>7}")
     for r in results:
-        print(f"{r['label']}: trainable parameters per stage " + ", ".join(f"{p['trainable']:,}" for p in r["parameters"])
-              + ("; weights held after each stage " + ", ".join(f"{p['stored']:,}" for p in r["parameters"])
-                 if "stored" in r["parameters"][0] else "")
-              + (f"; shared-expert weights {r['parameters'][0]['shared']:,} (stored with as many importances)"
-                 if r["parameters"][0].get("shared") else ""))
+        params = r["parameters"]
+        print(f"{r['label']}: trainable parameters per stage " + ", ".join(f"{p['trainable']:,}" for p in params)
+              + ("; weights held after each stage " + ", ".join(f"{p['held']:,}" for p in params)
+                 + "; trainable share of each task's mask " + ", ".join(f"{p['trainable_share']:.0%}" for p in params)
+                 if "held" in params[0] else "")
+              + (f"; shared-expert weights {params[0]['shared']:,}" if params[0].get("shared") else ""))
+        if "bytes" in params[0]:
+            print(f"{r['label']}: bytes on disk per stage " + ", ".join(f"{p['bytes']:,}" for p in params)
+                  + " (+ training state " + ", ".join(f"{p['training_bytes']:,}" for p in params)
+                  + "); a LoRA per task " + ", ".join(f"{p['lora_bytes']:,}" for p in params))
         if "til_ar" in r:
+            imprinted = r.get("imprinted_accuracy")
             print(f"{r['label']}: TIL AR {r['til_ar']:.2f} BWT {r['til_bwt']:.2f}; TaIL AR {r['ar']:.2f} BWT {r['bwt']:.2f}; "
                   f"TIL-TaIL gap {r['til_ar'] - r['ar']:.2f}; task identification "
-                  f"({'gate' if r['method'] == 'seta' else 'keys'}) {100 * r['task_id_accuracy']:.1f}%")
+                  f"({'gate' if r['method'] == 'seta' else 'keys'}) {100 * r['task_id_accuracy']:.1f}%"
+                  + (f" (gate as imprinted: {100 * imprinted:.1f}%)" if imprinted is not None else ""))
 
 
 def main() -> None:

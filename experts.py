@@ -33,6 +33,8 @@ TEMPLATES = ("auto", "chat", "plain")
 # the indicator type of a baseline's adapter: it has none, answers every query and is not routed
 UNROUTED = "none"
 EXPERT_FILE, ROWS_FILE, SUBEXPERTS_FILE = "expert.json", "indicators.safetensors", "subexperts.safetensors"
+# MoSEs/SETA: what only training on needs (free weights, importance, SETA's imprinted gate rows); may be deleted
+TRAINING_FILE = "training-state.safetensors"
 
 
 # What an expert emitted first (paper Sec. 3, Inference): o_pos (it answers), o_neg (the next older
@@ -131,8 +133,9 @@ def reconstruct(current: list[Example], rehearsed: list[Example], tok: Tokenizer
 class Expert:
     """One SEE expert: a LoRA adapter (PEFT layout) and, for added indicators, its trained token rows.
 
-    MoSEs' branch (`sub` set): the adapter is every task's sub-experts and masks so far (one file,
-    subexperts.safetensors), and `keys` holds each task's prompt key.
+    MoSEs' branch (`sub` set): the adapter is what inference needs of every task so far (held weights,
+    bit-packed masks: subexperts.safetensors), `keys` holds each task's prompt key (SETA: gate row),
+    and `training` and `imprints` what only a next stage needs (training-state.safetensors, optional).
     """
     name: str
     task: str
@@ -145,14 +148,18 @@ class Expert:
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # "embed" (and "head" if untied): o_pos, o_neg rows
     sub: lora.SubExpertConfig | None = None
     keys: dict[str, torch.Tensor] = field(default_factory=dict)  # MoSEs: task -> prompt key
+    training: dict[str, torch.Tensor] | None = None  # MoSEs: free weights, SETA's importance (None: dropped)
+    imprints: dict[str, torch.Tensor] = field(default_factory=dict)  # SETA: task -> its gate row as imprinted
 
     @classmethod
     def from_model(cls, model: Llama, name: str, task: str, base_model: str, indicator: str, max_source: int,
                    template: str, cfg: lora.LoraConfig, sub: lora.SubExpertConfig | None = None,
-                   keys: dict[str, torch.Tensor] | None = None) -> "Expert":
+                   keys: dict[str, torch.Tensor] | None = None,
+                   imprints: dict[str, torch.Tensor] | None = None) -> "Expert":
         if sub is not None:
-            state = {k: v.clone() for k, v in lora.subexpert_state(model).items()}
-            return cls(name, task, base_model, indicator, max_source, template, cfg, state, {}, sub, dict(keys or {}))
+            state, training = lora.subexpert_state(model)
+            return cls(name, task, base_model, indicator, max_source, template, cfg, state, {}, sub, dict(keys or {}),
+                       training, dict(imprints or {}))
         rows = {}
         if indicator == "added":
             rows["embed"] = model.extra_embed.detach().float().clone()
@@ -169,6 +176,9 @@ class Expert:
             if self.sub is not None:
                 keys = {f"keys.{t}": v for t, v in self.keys.items()}
                 save_file({k: v.contiguous() for k, v in {**self.adapter, **keys}.items()}, tmp / SUBEXPERTS_FILE)
+                if self.training is not None:
+                    training = {**self.training, **{f"imprints.{t}": v for t, v in self.imprints.items()}}
+                    save_file({k: v.contiguous() for k, v in training.items()}, tmp / TRAINING_FILE)
                 meta.update(lora=dataclasses.asdict(self.lora), sub=dataclasses.asdict(self.sub))
             else:
                 lora.write_adapter(self.adapter, self.lora, tmp, self.base_model)
@@ -197,7 +207,13 @@ class Expert:
                 raise UserError(f"{path / EXPERT_FILE}: malformed sub-expert settings ({e})") from None
             state = read_tensors(path / SUBEXPERTS_FILE)
             keys = {k.removeprefix("keys."): v for k, v in state.items() if k.startswith("keys.")}
-            return cls(*fields, cfg, {k: v for k, v in state.items() if not k.startswith("keys.")}, {}, sub, keys)
+            training, imprints = None, {}
+            if (path / TRAINING_FILE).is_file():  # absent: dropped, and the stage is for inference only
+                training = load_file(path / TRAINING_FILE)
+                imprints = {k.removeprefix("imprints."): v for k, v in training.items() if k.startswith("imprints.")}
+                training = {k: v for k, v in training.items() if not k.startswith("imprints.")}
+            return cls(*fields, cfg, {k: v for k, v in state.items() if not k.startswith("keys.")}, {}, sub, keys,
+                       training, imprints)
         cfg, adapter = lora.read_adapter(path)
         rows = read_tensors(path / ROWS_FILE) if meta["indicator"] == "added" else {}
         if meta["indicator"] == "added" and ("embed" not in rows or set(rows) - {"embed", "head"}):
@@ -228,9 +244,10 @@ class Expert:
 
     def use(self, model: Llama) -> None:
         """Make this (attached) expert the one the model runs: its adapter and its indicator rows; MoSEs:
-        its sub-experts and masks (choose the task with lora.set_task or router.key_route)."""
+        its sub-experts and masks (choose the task with lora.set_task or router.key_route), and the
+        free weights if its training state is there."""
         if self.sub is not None:
-            lora.load_subexpert_state(model, self.adapter)
+            lora.load_subexpert_state(model, self.adapter, self.training)
             return
         lora.set_adapter(model, self.name)
         with torch.no_grad():

@@ -377,51 +377,109 @@ def finish_task(model: nn.Module, name: str) -> None:
         m.finish_task(name)
 
 
-def subexpert_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Weights, scores, frozen-weight sets and every finished task's masks, keyed by module path."""
-    state = {}
+BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1])  # a byte's bits, first entry highest (numpy.packbits' order)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor, flattened, at 8 entries a byte (uint8; the last byte zero-padded)."""
+    bits = mask.reshape(-1).to(torch.uint8).cpu()
+    bits = torch.cat([bits, bits.new_zeros(-len(bits) % 8)])
+    return (bits.view(-1, 8) * BITS).sum(1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n entries of a packed boolean tensor (the inverse of pack_bits), flattened."""
+    return (packed.long().cpu().unsqueeze(1) & BITS).reshape(-1)[:n] > 0
+
+
+def subexpert_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What a finished stage keeps, in two parts, keyed by module path. For inference: the values of
+    the weights some finished task holds (in order), a bit per weight saying which those are, each
+    task's mask as a bit per held weight (a mask holds no other), and SETA's shared experts. To train
+    on: the free weights and the shared experts' importance. Mask scores are not kept: each task
+    draws its own (redraw_scores)."""
+    state, training = {}, {}
     for path, m in subexpert_layers(model).items():
         for k in MASKED:
-            state[f"{path}.{k}"] = getattr(m, k).detach()
-            state[f"{path}.scores.{k}"] = m.scores[k].detach()
-            state[f"{path}.used_{k}"] = getattr(m, f"used_{k}")
+            w, used = getattr(m, k).detach(), getattr(m, f"used_{k}")
+            state[f"{path}.{k}"], state[f"{path}.{k}.used"] = w[used].cpu(), pack_bits(used)
+            training[f"{path}.{k}.free"] = w[~used].cpu()
             for task, masks in m.masks.items():
-                state[f"{path}.masks.{task}.{k}"] = masks[k]
+                state[f"{path}.masks.{task}.{k}"] = pack_bits(masks[k][used])
         for k in SHARED if m.sub.shared else ():
-            state[f"{path}.{k}"] = getattr(m, k).detach()
-            state[f"{path}.importance_{k}"] = getattr(m, f"importance_{k}")
-    return state
+            state[f"{path}.{k}"] = getattr(m, k).detach().cpu().clone()
+            training[f"{path}.importance_{k}"] = getattr(m, f"importance_{k}").cpu().clone()
+    return state, training
 
 
-def load_subexpert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """The inverse of subexpert_state, into a model with the same MoSE layers."""
+def sized(state: dict[str, torch.Tensor], key: str, n: int) -> torch.Tensor:
+    """state[key], which must hold n entries."""
+    if state[key].numel() != n:
+        raise UserError(f"sub-expert tensor {key} has {state[key].numel()} entries, expected {n}")
+    return state[key]
+
+
+def load_subexpert_state(model: nn.Module, state: dict[str, torch.Tensor],
+                         training: dict[str, torch.Tensor] | None = None) -> None:
+    """The inverse of subexpert_state, into a model with the same MoSE layers. Without `training`
+    the free weights are zero: no finished task's mask holds them, so inference never sees them."""
     layers = subexpert_layers(model)
     tasks = sorted({key.split(".masks.")[1].split(".")[0] for key in state if ".masks." in key})
-    shapes = {f"{path}.{name}": getattr(m, k).shape for path, m in layers.items() for k in MASKED
-              for name in (k, f"scores.{k}", f"used_{k}", *(f"masks.{t}.{k}" for t in tasks))}
-    shapes.update({f"{path}.{name}": getattr(m, k).shape for path, m in layers.items() if m.sub.shared
-                   for k in SHARED for name in (k, f"importance_{k}")})
-    if set(state) != set(shapes):
-        raise UserError(f"sub-expert weights do not match the model: {len(set(state) - set(shapes))} unexpected, "
-                        f"{len(set(shapes) - set(state))} missing")
-    bad = next((key for key, shape in shapes.items() if state[key].shape != shape), None)
-    if bad:
-        raise UserError(f"sub-expert weight {bad} has shape {tuple(state[bad].shape)}, expected {tuple(shapes[bad])}")
+    expected = {f"{path}.{name}" for path in layers for k in MASKED
+                for name in (k, f"{k}.used", *(f"masks.{t}.{k}" for t in tasks))}
+    expected |= {f"{path}.{k}" for path, m in layers.items() if m.sub.shared for k in SHARED}
+    to_train = {f"{path}.{k}.free" for path in layers for k in MASKED}
+    to_train |= {f"{path}.importance_{k}" for path, m in layers.items() if m.sub.shared for k in SHARED}
+    for what, got, keys in (("sub-expert weights", state, expected), ("sub-expert training state", training, to_train)):
+        if got is not None and set(got) != keys:
+            raise UserError(f"{what} do not match the model: {len(set(got) - keys)} unexpected, "
+                            f"{len(keys - set(got))} missing")
     with torch.no_grad():
         for path, m in layers.items():
-            m.task, m.learning = None, False
+            m.task, m.learning, m.masks = None, False, {t: {} for t in tasks}
             for k in MASKED:
-                getattr(m, k).copy_(state[f"{path}.{k}"])
-                m.scores[k].copy_(state[f"{path}.scores.{k}"])
-                getattr(m, f"used_{k}").copy_(state[f"{path}.used_{k}"])
+                w = getattr(m, k)
+                used = unpack_bits(sized(state, f"{path}.{k}.used", -(-w.numel() // 8)), w.numel()).view(w.shape)
+                n = int(used.sum())
+                used = used.to(w.device)
+                w[used] = sized(state, f"{path}.{k}", n).to(w)
+                w[~used] = sized(training, f"{path}.{k}.free", w.numel() - n).to(w) if training else 0.0
+                getattr(m, f"used_{k}").copy_(used)
+                for t in tasks:
+                    m.masks[t][k] = torch.zeros_like(used)
+                    m.masks[t][k][used] = unpack_bits(sized(state, f"{path}.masks.{t}.{k}", -(-n // 8)), n).to(w.device)
             for k in SHARED if m.sub.shared else ():
-                getattr(m, k).copy_(state[f"{path}.{k}"])
-                getattr(m, f"importance_{k}").copy_(state[f"{path}.importance_{k}"])
-            m.masks = {t: {k: state[f"{path}.masks.{t}.{k}"].to(m.A.device).bool() for k in MASKED} for t in tasks}
+                p, importance = getattr(m, k), getattr(m, f"importance_{k}")
+                p.copy_(sized(state, f"{path}.{k}", p.numel()).view_as(p))
+                importance.zero_()
+                if training:
+                    importance.copy_(sized(training, f"{path}.importance_{k}", p.numel()).view_as(p))
+
+
+def redraw_scores(model: nn.Module, generator: torch.Generator) -> None:
+    """Draw every mask score afresh (as the layer first drew them), so that a new task's live mask
+    starts as a random top-c% of all weights, the free ones included in proportion to their number."""
+    with torch.no_grad():
+        for m in subexpert_layers(model).values():
+            for s in m.scores.values():
+                init = torch.empty(s.shape)
+                nn.init.kaiming_uniform_(init.view(s.shape[0], -1), a=math.sqrt(5), generator=generator)
+                s.copy_(init)
+
+
+def free_share(model: nn.Module) -> float:
+    """The share of the live mask (the task being trained) that no finished task holds: what it can change."""
+    kept = free = 0
+    for m in subexpert_layers(model).values():
+        for k in MASKED:
+            live = top_share(m.scores[k], m.sub.sparsity)
+            kept += int(live.sum())
+            free += int((live & ~getattr(m, f"used_{k}")).sum())
+    return free / max(kept, 1)
 
 
 def subexpert_counts(model: nn.Module) -> dict[str, int]:
-    """Sub-expert weights in all, those some finished task holds (what must be stored), the size of each
+    """Sub-expert weights in all, those some finished task holds (their values are stored), the size of each
     task's mask, and SETA's shared-expert weights."""
     layers = subexpert_layers(model).values()
     counts = dict(weights=sum(getattr(m, k).numel() for m in layers for k in MASKED),

@@ -301,10 +301,14 @@ def sparse(rs: list[dict], title: str) -> list[str]:
         return []
     return [f"\n## MoSEs and SETA ({title}): TaIL vs TIL, parameters per stage\n",
             table(["method", "TaIL AR", "TaIL BWT", "TIL AR", "TIL BWT", "task id. acc.", "trainable per stage",
-                   "masked weights held after each stage", "shared-expert weights"],
+                   "masked weights held after each stage", "trainable share of each mask",
+                   "bytes on disk per stage (a LoRA per task)", "shared-expert weights"],
                   [[r["label"], r["ar"], r["bwt"], r["til_ar"], r["til_bwt"], pct(r["task_id_accuracy"]),
                     " / ".join(f"{p['trainable']:,}" for p in r["parameters"]),
-                    " / ".join(f"{p['stored']:,}" for p in r["parameters"]), f"{r['parameters'][0].get('shared', 0):,}"]
+                    " / ".join(f"{p['held']:,}" for p in r["parameters"]),
+                    " / ".join(f"{100 * p['trainable_share']:.0f}%" for p in r["parameters"]),
+                    " / ".join(f"{p['bytes']:,} ({p['lora_bytes']:,})" for p in r["parameters"]),
+                    f"{r['parameters'][0].get('shared', 0):,}"]
                    for r in chosen])]
 
 

@@ -33,8 +33,8 @@ from artifacts import NUMBER, check_fields, check_writable, inside, read_json, r
 from checkpoint import atomic_write, load, model_tag, remove_leftovers
 from data import ORDERS, Example, load_ood, load_task, rehearsal_sets, subsample
 from errors import UserError, user_errors
-from experts import (INDICATORS, TEMPLATES, UNROUTED, Expert, TrainSample, prompt_ids, reconstruct, resolve_template,
-                     setup_indicators)
+from experts import (INDICATORS, TEMPLATES, TRAINING_FILE, UNROUTED, Expert, TrainSample, prompt_ids, reconstruct,
+                     resolve_template, setup_indicators)
 from model import Llama
 from router import gate_logits, query_features
 
@@ -277,6 +277,15 @@ def routing_regulariser(rows: torch.Tensor, memory: torch.Tensor, old: torch.Ten
     return (old * (old.clamp_min(1e-12).log() - new)).sum(-1).mean()
 
 
+def gate_loss(rows: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """SETA's gate objective: each query's cross-entropy against its task's row, averaged per task and
+    then over the tasks present, so that a task's few remembered queries weigh as much as the batch."""
+    per_query = F.cross_entropy(gate_logits(features, rows), labels, reduction="none")
+    count = torch.bincount(labels, minlength=len(rows))
+    per_task = torch.zeros(len(rows), device=rows.device).index_add(0, labels, per_query)
+    return (per_task[count > 0] / count[count > 0]).mean()
+
+
 def importance(model: Llama, hidden, samples: list[TrainSample], cfg: "TrainConfig", device, amp) -> list[torch.Tensor]:
     """Each shared-expert weight's importance to the task just learned: the diagonal empirical Fisher, the
     mean over one global batch of the task's own samples of each sample's squared loss gradient, at the
@@ -376,6 +385,9 @@ def train(cfg: TrainConfig) -> Path:
         raise UserError("SETA with --previous needs --init: the earlier stage's expert, whose gate is to be kept")
     if sparse and init is not None and cfg.name in init.keys:
         raise UserError(f"{cfg.init} has learned task {cfg.name!r} already")
+    if sparse and init is not None and init.training is None:
+        raise UserError(f"{cfg.init} has no {TRAINING_FILE} (its free weights, to train on); it can be evaluated, "
+                        f"not continued")
     out, state = cfg.run_dir(), resume_state(cfg)
     rank, world = distributed()
     main = rank == 0
@@ -400,11 +412,18 @@ def train(cfg: TrainConfig) -> Path:
         lora.add_subexperts(model, lcfg, sub)
         if init is not None:
             init.use(model)
+        # each task draws its own mask scores: carried over, the last task's winners, all held and frozen,
+        # would fill the new task's mask and leave it almost nothing to train (see README)
+        lora.redraw_scores(model, torch.Generator().manual_seed(cfg.seed * 1000 + len(init.keys if init else {})))
         # what the pull constraint (MoSEs) or the gate (SETA) sees of each sample's query: f(x), from the frozen base model
         features = query_features(model, [s.ids[:s.start] for s in samples], cfg.micro_batch)
-        if seta:  # the gate's outputs on tau of earlier tasks' queries, to be kept (routing regulariser)
-            prompts = [prompt_ids(tok, ex.query, cfg.max_source, template) for ex in rehearsed]
+        if seta:  # tau of each earlier task's queries, remembered with their task's gate row: the gate's
+            # cross-entropy sees every task through them, and the routing regulariser keeps its outputs on them
+            remembered = [(list(init.keys).index(replace(cfg, task=t).name), ex) for t in cfg.previous
+                          for ex in training_data(replace(cfg, previous=[t]))[1]]
+            prompts = [prompt_ids(tok, ex.query, cfg.max_source, template) for _, ex in remembered]
             memory = query_features(model, prompts, cfg.micro_batch) if prompts else None
+            memory_rows = torch.tensor([i for i, _ in remembered], dtype=torch.long, device=device)
             old_rows = torch.stack(list(init.keys.values())).to(device) if init is not None else None
             old = F.softmax(gate_logits(memory, old_rows), dim=-1) if prompts else None
         lora.set_task(model, cfg.name, learning=True)
@@ -452,7 +471,8 @@ def train(cfg: TrainConfig) -> Path:
         print(f"{cfg.method} {cfg.name}: {len(samples) - n_neg} positive + {n_neg} negative samples, "
               + (f"{len(rehearsed)} earlier queries for the gate, " if seta else "") +
               f"{sum(p.numel() for p in trainable.values()) - frozen:,} trainable parameters, {template} prompts, "
-              f"{total} steps on {device}" + (f" and {world - 1} more processes" if world > 1 else ""))
+              f"{total} steps on {device}" + (f" and {world - 1} more processes" if world > 1 else "")
+              + (f"; {lora.free_share(model):.0%} of the new mask is trainable at its first step" if sparse else ""))
         if sources:
             print("rehearsed: " + "; ".join(sources))
         # every check passed: the run directory starts (or restarts) here; the log keeps the steps
@@ -483,18 +503,13 @@ def train(cfg: TrainConfig) -> Path:
             for m in range(rank * cfg.micro_batch, len(batch), world * cfg.micro_batch):  # this process's share
                 nll = target_nll(model, hidden, batch[m:m + cfg.micro_batch], device, amp)
                 loss = nll / n_targets
-                if sparse:
-                    f = features[chosen[m:m + cfg.micro_batch]]
                 if moses:  # MoSEs' pull constraint: this task's key toward its queries' features
+                    f = features[chosen[m:m + cfg.micro_batch]]
                     aux = (1 - F.cosine_similarity(trainable["key"][None], f, dim=-1)).sum()
                     loss = loss + cfg.pull_weight * aux / len(batch)
-                if seta:  # SETA's gate learns to send this task's queries to its experts (the newest row)
-                    target = torch.full((len(f),), len(trainable["gate"]) - 1, device=device)
-                    aux = F.cross_entropy(gate_logits(f, trainable["gate"]), target, reduction="sum")
-                    loss = loss + aux / len(batch)
                 loss.backward()
                 loss_sum += nll.item()
-                aux_sum += aux.item() if sparse else 0.0
+                aux_sum += aux.item() if moses else 0.0
             if world > 1:  # the sum of every process's share: the gradient of the whole global batch
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable.values()]
                 flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([loss_sum, aux_sum], device=device)])
@@ -502,12 +517,18 @@ def train(cfg: TrainConfig) -> Path:
                 for p, g in zip(trainable.values(), flat[:-2].split([g.numel() for g in grads])):
                     p.grad = g.view_as(p)
                 loss_sum, aux_sum = flat[-2:].tolist()
-            extra = {"pull": aux_sum / len(batch)} if moses else {}
+            extra = dict(pull=aux_sum / len(batch)) if moses else {}
             if seta:  # penalties on weights every process holds alike, so each adds their gradient itself
+                # the gate: this batch's queries to the newest row, the remembered ones to their own rows
+                newest = torch.full((len(chosen),), len(trainable["gate"]) - 1, device=device)
+                gate = gate_loss(trainable["gate"], torch.cat([f for f in (memory, features[chosen]) if f is not None]),
+                                 torch.cat([memory_rows, newest]))
                 anchor = elastic_anchor(pairs, anchors)
                 reg = routing_regulariser(trainable["gate"], memory, old) if memory is not None else torch.zeros(())
-                (cfg.anchor_weight * anchor + cfg.route_reg_weight * reg).backward()
-                extra = dict(gate=aux_sum / len(batch), anchor=anchor.item(), route_reg=reg.item())
+                (gate + cfg.anchor_weight * anchor + cfg.route_reg_weight * reg).backward()
+                extra = dict(gate=gate.item(), anchor=anchor.item(), route_reg=reg.item())
+            if sparse:
+                extra.update(mask_trainable=lora.free_share(model))
             torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)  # max_grad_norm 1.0, the HF Trainer default
             for group, lr in zip(opt.param_groups, peak):
                 group["lr"] = lr * lr_scale(step, total)
@@ -531,6 +552,7 @@ def train(cfg: TrainConfig) -> Path:
         for (_, imp), f in zip(pairs, importance(model, hidden, samples, cfg, device, amp)):
             imp += f
         keys = dict(zip([*(init.keys if init else {}), cfg.name], trainable["gate"].detach().cpu().clone()))
+        imprints = {**(init.imprints if init else {}), cfg.name: rows[-1]}
     if moses:
         keys = {**(init.keys if init else {}), cfg.name: trainable["key"].detach().cpu().clone()}
     if sparse:
@@ -538,7 +560,7 @@ def train(cfg: TrainConfig) -> Path:
     if main:
         print(f"trained {step} steps in {elapsed:.0f} s, {n_tokens / max(elapsed, 1e-9):.0f} tokens/s")
         Expert.from_model(model, cfg.name, cfg.task, cfg.model, cfg.indicator if routed else UNROUTED, cfg.max_source,
-                          template, lcfg, sub, keys).save(out / EXPERT_DIR)
+                          template, lcfg, sub, keys, imprints if seta else None).save(out / EXPERT_DIR)
         (out / STATE_FILE).unlink(missing_ok=True)
     if world > 1:
         dist.barrier()  # the next stage (on any process) may read this expert

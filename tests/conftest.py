@@ -1,9 +1,12 @@
 import json
 import os
 import random
+import re
 
+import numpy
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from checkpoint import load_dir, make_tiny
 
@@ -64,3 +67,36 @@ def eval_queries():
             gold += [Path(t).stem] * n
         return prompts, gold
     return queries
+
+
+@pytest.fixture(scope="session")
+def check_stage_parameters():
+    """check(run, params, extra): a MoSEs/SETA run's parameters per stage (evaluate.py) against its files."""
+    from experts import TRAINING_FILE
+
+    def stored(run, i):
+        """Stage i's files, read with safetensors and numpy alone: masks unpacked by numpy."""
+        d = next(run.glob(f"{i}-*")) / "expert"
+        state, training = load_file(d / "subexperts.safetensors"), load_file(d / TRAINING_FILE)
+
+        def bits(prefix):
+            return sum(int(numpy.unpackbits(v.numpy()).sum()) for k, v in state.items() if re.search(prefix, k))
+        return dict(held=bits(r"\.(A|B|gate)\.used$"), mask=bits(rf"\.masks\.{d.parent.name.split('-', 1)[1]}\."),
+                    weights=sum(v.numel() for k, v in {**state, **training}.items()
+                                if re.search(r"\.(A|B|gate)(\.free)?$", k) and ".masks." not in k),
+                    free=sum(v.numel() for k, v in training.items() if k.endswith(".free")),
+                    bytes=sum(f.stat().st_size for f in d.iterdir() if f.name != TRAINING_FILE),
+                    training_bytes=(d / TRAINING_FILE).stat().st_size)
+
+    def check_stage_parameters(run, params, extra):
+        """evaluate's parameters per stage against the stored files: what a stage trains is the free weights
+        the stage before left (all, at stage 1), a score per weight, and `extra`; held, mask and trainable
+        share from the bits numpy unpacks; bytes from the files' sizes."""
+        files = [stored(run, i) for i in (1, 2, 3)]
+        free_before = [files[0]["weights"], files[0]["free"], files[1]["free"]]
+        for i, (p, f) in enumerate(zip(params, files)):
+            assert p["trainable"] == free_before[i] + f["weights"] + extra(i), i
+            assert (p["held"], p["mask"], p["bytes"], p["training_bytes"]) == (f["held"], f["mask"], f["bytes"], f["training_bytes"])
+            assert p["trainable_share"] == pytest.approx((f["held"] - (files[i - 1]["held"] if i else 0)) / f["mask"])
+            assert p["lora_bytes"] == (i + 1) * params[0]["lora_bytes"]
+    return check_stage_parameters
