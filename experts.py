@@ -209,7 +209,7 @@ class Expert:
             keys = {k.removeprefix("keys."): v for k, v in state.items() if k.startswith("keys.")}
             training, imprints = None, {}
             if (path / TRAINING_FILE).is_file():  # absent: dropped, and the stage is for inference only
-                training = load_file(path / TRAINING_FILE)
+                training = read_tensors(path / TRAINING_FILE)
                 imprints = {k.removeprefix("imprints."): v for k, v in training.items() if k.startswith("imprints.")}
                 training = {k: v for k, v in training.items() if not k.startswith("imprints.")}
             return cls(*fields, cfg, {k: v for k, v in state.items() if not k.startswith("keys.")}, {}, sub, keys,

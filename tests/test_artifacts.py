@@ -25,7 +25,8 @@ TINY_TRAINING = ["--max-train", "8", "--epochs", "1", "--batch-size", "8", "--mi
                  "--max-target", "6", "--tau", "0.5"]
 EVAL = ["--max-eval", "2", "--max-new-tokens", "2", "--max-ood", "2"]
 # what reads a file of a finished run; every other file (system.json, the experts) is read by evaluate.py --run
-READERS = {"eval.json": "report", "eval.predictions.jsonl": "report", "config.json": "train", "log.jsonl": "train"}
+READERS = {"eval.json": "report", "eval.predictions.jsonl": "report", "config.json": "train", "log.jsonl": "train",
+           "training-state.safetensors": "continue"}  # MoSEs: read by a next stage, not by inference
 
 
 def cli(main, args, capsys, monkeypatch) -> tuple[int, list[str]]:
@@ -91,6 +92,9 @@ def test_every_damaged_file_of_a_finished_run_is_one_line_of_error(finished_runs
                 command = (evaluate.main, ["--run", run, *EVAL, "--out", out / "eval.json"])
             elif reader == "report":
                 command = (evaluate.main, ["--report", run, "--out", out / "report.md"])
+            elif reader == "continue":  # a new task learned from this stage
+                command = (train_mod.main, ["--task", "qa", "--init", path.parent, *train_args[2:-2],
+                                            "--out", out / "next"])
             else:
                 command = (train_mod.main, train_args)
             corrupt(path, how)
