@@ -22,7 +22,7 @@ from rouge_score import rouge_scorer
 from tqdm import tqdm
 
 import lora
-from checkpoint import atomic_write, load, model_tag
+from checkpoint import atomic_write, load, model_tag, resolve_dtype
 from data import OOD_EVAL, TASKS, Example, load_ood, load_task
 from errors import UserError, user_errors
 from experts import TEMPLATES, UNROUTED, Expert, Indicators, base_model, prompt_ids, resolve_template, setup_indicators
@@ -317,6 +317,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--routing", default="sequential", choices=list(ROUTERS),
                    help="SEE: experts one after another (the readable reference), or all in one batched pass")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights and compute; default as train.py: bfloat16 on CUDA and on CPUs with native bf16, else float32")
     p.add_argument("--out", default=None, help="result JSON (default: beside the first expert, or runs/base-<model>/; "
                                                "with --run: <run>/eval.json)")
     args = p.parse_args()
@@ -332,7 +334,7 @@ def main() -> None:
         if args.batch_size < 1 or (args.max_eval is not None and args.max_eval < 1) or args.max_ood < 0:
             raise UserError("--batch-size and --max-eval must be positive, --max-ood not negative")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        dtype = resolve_dtype(args.dtype, device)
         if args.run:
             evaluate_runs(args, device, dtype)
         else:
@@ -344,7 +346,7 @@ def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
     for run in args.run:
         result, predictions = evaluate_run(run, args.max_eval, args.max_new_tokens, args.batch_size, args.max_ood,
                                            args.data_dir, device, dtype, progress=True, routing=args.routing)
-        result.update(max_eval=args.max_eval, max_new_tokens=args.max_new_tokens)
+        result.update(max_eval=args.max_eval, max_new_tokens=args.max_new_tokens, dtype=str(dtype).removeprefix("torch."))
         out = Path(args.out if args.out and len(args.run) == 1 else Path(run) / "eval.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         preds = out.with_suffix(".predictions.jsonl")
@@ -371,7 +373,7 @@ def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
     preds = out.with_suffix(".predictions.jsonl")
     atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in records)))
     result = dict(task=args.task, split=args.split, model=model_name, experts=args.expert, template=template, **summary,
-                  max_new_tokens=args.max_new_tokens, predictions=str(preds))
+                  max_new_tokens=args.max_new_tokens, dtype=str(dtype).removeprefix("torch."), predictions=str(preds))
     atomic_write(out, lambda f: f.write_text(json.dumps(result, indent=2) + "\n"))
     who = ", ".join(e.name for e in experts) or "base model"
     print(f"\n{'system':<24} {'task':<8} {'n':>5} {'ROUGE-L':>8} {'by experts':>10}")
