@@ -1,4 +1,5 @@
 """Sequential routing: newest expert first, the first o_pos answers, unclaimed queries reach the base model."""
+import copy
 from dataclasses import replace
 
 import pytest
@@ -97,7 +98,7 @@ def test_parallel_routing_makes_the_same_decisions_and_answers_as_sequential(sys
     assert set(parallel[1]) == {"sa", "pe", BASE}
 
 
-def test_parallel_routing_equals_sequential_on_random_adapters(system):
+def test_parallel_routing_equals_sequential_on_random_adapters(system, device):
     model, tok, ind, experts, queries = system
     gen = torch.Generator().manual_seed(0)
     noisy = []
@@ -106,6 +107,7 @@ def test_parallel_routing_equals_sequential_on_random_adapters(system):
         rows = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=gen) for k, v in e.rows.items()}
         noisy.append(replace(e, name=f"noisy{j}", adapter=adapter, rows=rows))
         noisy[-1].attach(model)
+    model = copy.deepcopy(model).to(device)  # with every attached adapter
     mixed = mixed_queries(queries)
     parallel = parallel_route(model, noisy, ind, mixed, 6, tok.eos_ids, 8)
     assert parallel == sequential_route(model, noisy, ind, mixed, 6, tok.eos_ids, 8)
