@@ -48,6 +48,22 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | to
     raise UserError(f"model {name_or_path!r} not found: not a directory, a .gguf file, a hub repo id, 'smollm2-135m' or 'tiny'")
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX, Arm BF16). Elsewhere
+    PyTorch emulates bf16 matmuls, which are slower than fp32 ones."""
+    caps = getattr(torch.cpu, "get_capabilities", dict)()  # a recent API: an older torch gets fp32
+    return any(caps.get(k, False) for k in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
+def resolve_dtype(name: str | None, device: str | torch.device) -> torch.dtype:
+    """The compute dtype of train.py and evaluate.py: `name` if given, else bfloat16 on CUDA and on
+    CPUs with native bf16, float32 elsewhere."""
+    if name:
+        return getattr(torch, name)
+    bf16 = torch.device(device).type == "cuda" or native_bf16()
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def model_tag(name: str) -> str:
     """A model's short name for run directories: the last part of its path or hub id."""
     return name.rstrip("/").split("/")[-1]

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import lora
 from artifacts import check_writable, read_json
-from checkpoint import atomic_write, load, model_tag
+from checkpoint import atomic_write, load, model_tag, resolve_dtype
 from data import OOD_EVAL, TASKS, XLINGUAL, Example, load_ood, load_task
 from errors import UserError, user_errors
 from experts import (NEITHER, TEMPLATES, TRAINING_FILE, UNROUTED, Expert, Indicators, base_model, prompt_ids,
@@ -478,6 +478,9 @@ def main() -> None:
     p.add_argument("--exceptions", default="base", choices=EXCEPTIONS,
                    help="an expert that emits neither indicator sends the query to the base model (the "
                         "paper's rule), or on to the next older expert, as if it had emitted o_neg")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights and compute; default as train.py: bfloat16 on CUDA and on CPUs with native "
+                        "bf16, else float32")
     p.add_argument("--out", default=None, help="result JSON (default: beside the first expert, or runs/base-<model>/; "
                                                "with --run: <run>/eval.json, eval-expert-only.json for "
                                                "--routing none, eval-exceptions-next.json for --exceptions next)")
@@ -493,7 +496,7 @@ def main() -> None:
     with user_errors():
         check_args(args)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        dtype = resolve_dtype(args.dtype, device)
         if args.run:
             evaluate_runs(args, device, dtype)
         else:
@@ -539,7 +542,7 @@ def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
         result, predictions = evaluate_run(run, args.max_eval, args.max_new_tokens, args.batch_size, args.max_ood,
                                            args.data_dir, device, dtype, progress=True, routing=args.routing,
                                            exceptions=args.exceptions)
-        result.update(settings)
+        result.update(settings, dtype=str(dtype).removeprefix("torch."))
         out.parent.mkdir(parents=True, exist_ok=True)
         preds = out.with_suffix(".predictions.jsonl")
         atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in predictions)))
@@ -569,7 +572,7 @@ def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     preds = out.with_suffix(".predictions.jsonl")
     atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in records)))
-    result = dict(**settings, **summary, predictions=str(preds))
+    result = dict(**settings, **summary, dtype=str(dtype).removeprefix("torch."), predictions=str(preds))
     if task in XLINGUAL:
         result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name
     atomic_write(out, lambda f: f.write_text(json.dumps(result, indent=2) + "\n"))

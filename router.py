@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import lora
+from checkpoint import resolve_dtype
 from errors import UserError, user_errors
 from experts import NEG, NEITHER, POS, Expert, Indicators, base_model
 from model import Llama, generate, trim
@@ -296,7 +297,7 @@ def main() -> None:
             query = args.prompt
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dirs = [str(Path(args.run) / e) for e in system["experts"]]
-        model, tok, experts, ind, _ = load_system(None, dirs, device, torch.float32)
+        model, tok, experts, ind, _ = load_system(None, dirs, device, resolve_dtype(None, device))
         prompt = prompt_ids(tok, query, experts[0].max_source, experts[0].template)
         routed = sequential_route(model, experts, ind, [prompt], args.max_new_tokens, tok.eos_ids,
                                   exceptions=args.exceptions)

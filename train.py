@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -26,11 +27,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 import lora
 from artifacts import NUMBER, check_fields, check_writable, inside, read_json, read_text
-from checkpoint import atomic_write, load, model_tag, remove_leftovers
+from checkpoint import atomic_write, load, model_tag, remove_leftovers, resolve_dtype
 from data import ORDERS, Example, load_ood, load_task, rehearsal_sets, subsample
 from errors import UserError, user_errors
 from experts import (INDICATORS, TEMPLATES, TRAINING_FILE, UNROUTED, Expert, TrainSample, prompt_ids, reconstruct,
@@ -97,9 +99,10 @@ class TrainConfig:
     max_target: int = 512
     max_train: int | None = None  # subsample each task's training set to this many examples
     seed: int = 0
-    dtype: str | None = None  # default bfloat16 autocast on CUDA, float32 on CPU
+    dtype: str | None = None  # default bfloat16 autocast on CUDA and CPUs with native bf16, else float32
     save_every: int = 20  # optimizer steps between resumable checkpoints
     compile: bool = False  # torch.compile the transformer body
+    grad_checkpoint: bool = False  # recompute each block's activations in the backward pass
 
     @property
     def name(self) -> str:
@@ -110,16 +113,22 @@ class TrainConfig:
 
 
 # settings that do not change what is trained, so a resumed run may differ in them
-RESUMABLE_CHANGES = {"out", "save_every", "data_dir", "compile"}
+RESUMABLE_CHANGES = {"out", "save_every", "data_dir", "compile", "grad_checkpoint"}
 
 
 def comparable(settings: dict) -> dict:
     """Settings as a resumed run must match them: a setting added since the run was written counts as
     its default, paths as resolved, and what does not change the result is left out."""
     settings = {**dataclasses.asdict(TrainConfig()), **settings}
+    settings["dtype"] = dtype_name(settings["dtype"])  # none recorded (an older run): this machine's default
     if settings["init"]:
         settings["init"] = str(Path(settings["init"]).resolve())
     return {k: v for k, v in settings.items() if k not in RESUMABLE_CHANGES}
+
+
+def dtype_name(name: str | None) -> str:
+    """--dtype as this machine resolves it (checkpoint.resolve_dtype), e.g. 'float32'."""
+    return str(resolve_dtype(name, "cuda" if torch.cuda.is_available() else "cpu")).removeprefix("torch.")
 
 
 def resume_state(cfg: TrainConfig) -> dict | None:
@@ -303,6 +312,13 @@ def importance(model: Llama, hidden, samples: list[TrainSample], cfg: "TrainConf
     return [f / mean.clamp_min(1e-30) for f in fisher]
 
 
+def checkpoint_blocks(model: Llama) -> None:
+    """Activation checkpointing (--grad-checkpoint): each transformer block keeps only its inputs for the
+    backward pass and recomputes its activations there, which costs about one more forward pass."""
+    for block in model.model.layers:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+
+
 def lr_scale(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / total))  # cosine decay to 0, no warm-up
 
@@ -388,6 +404,7 @@ def train(cfg: TrainConfig) -> Path:
     if sparse and init is not None and init.training is None:
         raise UserError(f"{cfg.init} has no {TRAINING_FILE} (its free weights, to train on); it can be evaluated, "
                         f"not continued")
+    cfg = replace(cfg, dtype=dtype_name(cfg.dtype))  # config.json records the dtype the run computes in
     out, state = cfg.run_dir(), resume_state(cfg)
     rank, world = distributed()
     main = rank == 0
@@ -395,7 +412,7 @@ def train(cfg: TrainConfig) -> Path:
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"  # one GPU per process
     if cuda:
         torch.cuda.set_device(device)
-    dtype = getattr(torch, cfg.dtype or ("bfloat16" if cuda else "float32"))
+    dtype = getattr(torch, cfg.dtype)
     torch.manual_seed(cfg.seed)
     # bf16 base weights under bf16 autocast; the trained parameters stay fp32
     model, tok = load(cfg.model, dtype=dtype, device=device)
@@ -444,6 +461,8 @@ def train(cfg: TrainConfig) -> Path:
     if seta:  # elastic anchoring pulls the shared experts back toward their values after the earlier tasks
         pairs = lora.shared_weights(model)
         anchors = [p.detach().clone() for p, _ in pairs]
+    if cfg.grad_checkpoint:
+        checkpoint_blocks(model)
     model.train()
     # what starts from nothing (indicator rows, a prompt key, SETA's gate) learns at its own rate. A fresh
     # optimizer per stage and no weight decay: MoSEs' held weights get zero gradients, so stay exactly
@@ -716,9 +735,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | 
     p.add_argument("--max-train", type=int, default=None, help="subsample each task's training set to N examples")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="default: bfloat16 autocast on CUDA, float32 on CPU")
+                   help="default: bfloat16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX, Arm BF16), "
+                        "else float32")
     p.add_argument("--save-every", type=int, default=d.save_every, help="optimizer steps between resumable checkpoints")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer body (faster steps after a slow first one)")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing: recompute each block's activations in the backward pass (less memory)")
     a = p.parse_args(argv)
     if a.sequence is not None and a.order:
         raise UserError("give --sequence or --order, not both")

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lora  # noqa: E402
+from checkpoint import resolve_dtype  # noqa: E402
 from experts import Expert, Indicators  # noqa: E402
 from forward_backward import SHAPES, timed  # noqa: E402
 from model import Llama, ModelConfig, generate  # noqa: E402
@@ -50,6 +51,37 @@ def force(experts: list[Expert], hidden: list[torch.Tensor], claimer: int | None
         expert.rows["embed"] = torch.stack([row, zero] if e == claimer else [zero, row])
 
 
+def measure(shape: str, m: int, n_input: int, N: int, repeats: int, device: str, dtype: torch.dtype) -> dict:
+    """Seconds of plain generation, TTFT, TPOT, sequential and parallel routing over M = m experts, and
+    the overheads (fractions of plain) predicted by Eq. 8 and by Appendix E before its simplification."""
+    hf = {**SHAPES[shape], "tie_word_embeddings": True}  # one matrix of indicator rows, as in SmolLM2
+    prompt = torch.randint(0, hf["vocab_size"], (n_input,), generator=torch.Generator().manual_seed(0)).tolist()
+    torch.manual_seed(0)  # the same base model for every M, with M fresh experts
+    model = Llama(ModelConfig.from_hf(hf)).to(device=device, dtype=dtype).eval()
+    ind = Indicators("added", *([i] for i in model.extend_vocab(2)))
+    experts = make_experts(model, m, device)
+    hidden = []
+    with torch.no_grad():
+        for e in experts:
+            e.use(model)
+            hidden.append(model.hidden(torch.tensor([prompt], device=device))[0, -1].float())
+    experts[-1].use(model)
+    plain = timed(lambda: generate(model, [prompt], N, []), repeats)
+    ttft = timed(lambda: generate(model, [prompt], 1, []), repeats)
+    tpot = (plain - ttft) / max(N - 1, 1)
+    seq, par = [], []
+    for claimer in [*range(m), None]:  # Appendix E: each expert, or none, equally likely
+        force(experts, hidden, claimer)
+        expected = [experts[claimer].name if claimer is not None else None]
+        for route in (sequential_route, parallel_route):  # the outcome is the forced one
+            assert route(model, experts, ind, [prompt], 1, [], m).routes == expected, (route.__name__, claimer)
+        seq.append(timed(lambda: sequential_route(model, experts, ind, [prompt], N, [], 1), repeats))
+        par.append(timed(lambda: parallel_route(model, experts, ind, [prompt], N, [], m), repeats))
+    return dict(plain=plain, ttft=ttft, tpot=tpot, sequential=statistics.mean(seq), parallel=statistics.mean(par),
+                eq8=0.5 / (1 + N / (m - 1) * tpot / ttft) if m > 1 else 0.0,
+                appendix=(m - 1) / 2 / (1 + N * tpot / ttft))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=SHAPES, default="smollm2-135m")
@@ -57,45 +89,19 @@ def main():
     p.add_argument("--input", type=int, default=512, help="prompt tokens")
     p.add_argument("--output", type=int, default=64, help="generated tokens")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bfloat16 on CUDA, else float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: train.py's rule")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
-    hf = {**SHAPES[args.shape], "tie_word_embeddings": True}  # one matrix of indicator rows, as in SmolLM2
-    prompt = torch.randint(0, hf["vocab_size"], (args.input,), generator=torch.Generator().manual_seed(0)).tolist()
-    N = args.output
+    dtype = resolve_dtype(args.dtype, device)
     print(f"shape {args.shape}, {device} {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"input {args.input}, output {N} tokens, batch 1, median of {args.repeats}")
+          f"input {args.input}, output {args.output} tokens, batch 1, median of {args.repeats}")
     print(f"{'M':>3}{'plain ms':>10}{'TTFT ms':>9}{'TPOT ms':>9}{'seq ms':>9}{'seq +%':>8}{'Eq.8 +%':>9}"
           f"{'App.E +%':>10}{'par ms':>9}{'par +%':>8}")
     for m in map(int, args.experts.split(",")):
-        torch.manual_seed(0)  # the same base model for every M, with M fresh experts
-        model = Llama(ModelConfig.from_hf(hf)).to(device=device, dtype=dtype).eval()
-        ind = Indicators("added", *([i] for i in model.extend_vocab(2)))
-        experts = make_experts(model, m, device)
-        hidden = []
-        with torch.no_grad():
-            for e in experts:
-                e.use(model)
-                hidden.append(model.hidden(torch.tensor([prompt], device=device))[0, -1].float())
-        experts[-1].use(model)
-        plain = timed(lambda: generate(model, [prompt], N, []), args.repeats)
-        ttft = timed(lambda: generate(model, [prompt], 1, []), args.repeats)
-        tpot = (plain - ttft) / max(N - 1, 1)
-        seq, par = [], []
-        for claimer in [*range(m), None]:  # Appendix E: each expert, or none, equally likely
-            force(experts, hidden, claimer)
-            expected = [experts[claimer].name if claimer is not None else None]
-            for route in (sequential_route, parallel_route):  # the outcome is the forced one
-                assert route(model, experts, ind, [prompt], 1, [], m).routes == expected, (route.__name__, claimer)
-            seq.append(timed(lambda: sequential_route(model, experts, ind, [prompt], N, [], 1), args.repeats))
-            par.append(timed(lambda: parallel_route(model, experts, ind, [prompt], N, [], m), args.repeats))
-        seq_ms, par_ms = statistics.mean(seq), statistics.mean(par)
-        eq8 = 0.5 / (1 + N / (m - 1) * tpot / ttft) if m > 1 else 0.0
-        appendix = (m - 1) / 2 / (1 + N * tpot / ttft)
-        print(f"{m:>3}{1e3 * plain:>10.1f}{1e3 * ttft:>9.1f}{1e3 * tpot:>9.2f}{1e3 * seq_ms:>9.1f}"
-              f"{100 * (seq_ms / plain - 1):>8.1f}{100 * eq8:>9.1f}{100 * appendix:>10.1f}{1e3 * par_ms:>9.1f}"
-              f"{100 * (par_ms / plain - 1):>8.1f}")
+        r = measure(args.shape, m, args.input, args.output, args.repeats, device, dtype)
+        print(f"{m:>3}{1e3 * r['plain']:>10.1f}{1e3 * r['ttft']:>9.1f}{1e3 * r['tpot']:>9.2f}{1e3 * r['sequential']:>9.1f}"
+              f"{100 * (r['sequential'] / r['plain'] - 1):>8.1f}{100 * r['eq8']:>9.1f}{100 * r['appendix']:>10.1f}"
+              f"{1e3 * r['parallel']:>9.1f}{100 * (r['parallel'] / r['plain'] - 1):>8.1f}")
 
 
 if __name__ == "__main__":

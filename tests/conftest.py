@@ -13,6 +13,16 @@ from checkpoint import load_dir, make_tiny
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hubs are unreachable here: fail at once, not after retries
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU tier: -m cuda)")])])
+def device(request, monkeypatch):
+    """Each test that takes it runs on the CPU and, where there is one, on the GPU. train.py and
+    evaluate.py take the GPU whenever there is one, so the cpu case hides it from them."""
+    if request.param == "cpu":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The `tiny` checkpoint (random Llama + sentencepiece trained on SuperNI), written once per run."""

@@ -22,7 +22,7 @@ CASES = {
 }
 
 
-def reference_pair(overrides: dict, seed: int = 0):
+def reference_pair(overrides: dict, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """A transformers model with random weights (norms and biases included) and ours holding the same tensors."""
     cfg = {**BASE, **overrides}
     torch.manual_seed(seed)
@@ -30,18 +30,31 @@ def reference_pair(overrides: dict, seed: int = 0):
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.2)
-    ours = build(ModelConfig.from_hf(cfg), {k: v.clone() for k, v in ref.state_dict().items()}, torch.float32, "cpu")
-    return ref.eval(), ours
+    ours = build(ModelConfig.from_hf(cfg), {k: v.clone() for k, v in ref.state_dict().items()}, dtype, device)
+    return ref.to(device=device, dtype=dtype).eval(), ours
+
+
+def logits_error(case: str, device: str, dtype: torch.dtype) -> float:
+    """The largest logit difference between ours and transformers, relative to the largest logit."""
+    ref, ours = reference_pair(CASES[case], device=device, dtype=dtype)
+    idx = torch.randint(0, BASE["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        expected, got = ref(idx).logits.float(), ours(idx).float()
+    return ((got - expected).abs().max() / expected.abs().max()).item()
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_logits_match_transformers(case):
-    ref, ours = reference_pair(CASES[case])
-    idx = torch.randint(0, BASE["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected, got = ref(idx).logits, ours(idx)
-    rel = ((got - expected).abs().max() / expected.abs().max()).item()
+def test_logits_match_transformers(case, device):
+    rel = logits_error(case, device, torch.float32)
     assert rel < 1e-5, f"{case}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("case", ["grouped-query", "tied-embeddings"])
+def test_bfloat16_logits_match_transformers_in_bfloat16(case, device):
+    # both round to bf16 (8 significant bits) at different points: 2e-2 is about 5 bf16 ulps of the largest logit;
+    # on CPU it is 0.7-1.0e-2; MLP outputs 5% too large give 2.7e-2
+    rel = logits_error(case, device, torch.bfloat16)
+    assert rel < 2e-2, f"{case}: relative error {rel:.2e}"
 
 
 def test_llama3_rope_scaling_changes_the_frequencies():
@@ -68,12 +81,12 @@ def recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            ids.append(int(model(torch.tensor([ids], device=model.lm_head.weight.device))[0, -1].argmax()))
     return ids[len(prompt):]
 
 
-def test_kv_cache_greedy_equals_full_recomputation():
-    _, model = reference_pair(CASES["grouped-query"])
+def test_kv_cache_greedy_equals_full_recomputation(device):
+    _, model = reference_pair(CASES["grouped-query"], device=device)
     prompt = torch.randint(0, 96, (12,), generator=torch.Generator().manual_seed(2)).tolist()
     assert generate(model, [prompt], 20, eos_ids=[-1]) == [recompute_greedy(model, prompt, 20)]
 

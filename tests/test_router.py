@@ -1,5 +1,6 @@
 """Sequential routing: newest expert first; o_pos answers, o_neg passes the query on, neither indicator
 sends it to the base model at once, as does every expert refusing it."""
+import copy
 from dataclasses import replace
 
 import pytest
@@ -130,7 +131,7 @@ def test_parallel_routing_makes_the_same_decisions_and_answers_as_sequential(sys
     assert set(parallel.routes) == {"sa", "pe", BASE}
 
 
-def test_parallel_routing_equals_sequential_on_random_adapters(system):
+def test_parallel_routing_equals_sequential_on_random_adapters(system, device):
     model, tok, ind, experts, queries = system
     gen = torch.Generator().manual_seed(0)
     noisy = []
@@ -139,6 +140,7 @@ def test_parallel_routing_equals_sequential_on_random_adapters(system):
         rows = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=gen) for k, v in e.rows.items()}
         noisy.append(replace(e, name=f"noisy{j}", adapter=adapter, rows=rows))
         noisy[-1].attach(model)
+    model = copy.deepcopy(model).to(device)  # with every attached adapter
     mixed = mixed_queries(queries)
     parallel = parallel_route(model, noisy, ind, mixed, 6, tok.eos_ids, 8)
     assert parallel == sequential_route(model, noisy, ind, mixed, 6, tok.eos_ids, 8)
