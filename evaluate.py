@@ -33,7 +33,7 @@ from experts import (NEITHER, TEMPLATES, TRAINING_FILE, UNROUTED, Expert, Indica
                      resolve_template, setup_indicators)
 from model import Llama
 from report import write_report
-from router import (BASE, EXCEPTIONS, Routed, generate_batched, key_route, match_keys, parallel_route,
+from router import (BASE, EXCEPTIONS, generate_batched, key_route, match_keys, parallel_route,
                     query_features, sequential_route)
 from tokenizer import Tokenizer
 from train import CONTINUED, read_system

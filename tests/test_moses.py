@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import lora
 from checkpoint import load_dir
