@@ -170,7 +170,7 @@ def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indi
     if experts and experts[-1].sub is not None:  # MoSEs/SETA: the newest stage holds every task; keys
         experts[-1].use(model)  # (SETA: the gate) pick one (TaIL), unless `task` is given (TIL)
         answers, routes = key_route(model, experts[-1].keys, prompts, max_new_tokens, tok.eos_ids,
-                                    batch_size, task, progress, gate=experts[-1].sub.shared > 0)
+                                    batch_size, task, progress)
     elif experts and (ind is None or routing == "none"):  # one adapter answers every query
         if len(experts) > 1:
             raise UserError("without routing one adapter answers every query; give one of them")
@@ -363,7 +363,7 @@ def imprinted_accuracy(model: Llama, tok: Tokenizer, last: Expert, predictions: 
         return None
     queries = {(t, ex.id): ex.query for t, examples in evals.items() for ex in examples}
     prompts = [prompt_ids(tok, queries[p["task"], p["id"]], max_source, template) for p in predictions]
-    routes = match_keys(query_features(model, prompts, batch_size), last.imprints, gate=True)
+    routes = match_keys(query_features(model, prompts, batch_size), last.imprints)
     return sum(r == g for r, g in zip(routes, gold)) / len(gold)
 
 

@@ -215,29 +215,35 @@ def query_features(model: Llama, prompts: list[list[int]], batch_size: int = 16)
     return torch.cat(feats)
 
 
+# SETA's gate is a cosine classifier with a fixed scale (as LUCIR's, for class-incremental learning). Raw
+# cosines lie in [-1, 1]: their softmax is nearly flat, and a row could claim every query by growing its
+# norm. On SmolLM2 (docs/RESULTS.md) the routing regulariser did just that with unnormalised rows: it
+# grew the oldest row until the gate sent 100% of queries to the first task.
+GATE_SCALE = 16.0
+
+
 def gate_logits(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """SETA's unified gate: a linear layer over the normalised query feature, one output row per task."""
-    return F.normalize(features, dim=-1) @ rows.T
+    """SETA's unified gate: GATE_SCALE times the cosine of the query feature and each task's row."""
+    return GATE_SCALE * F.normalize(features, dim=-1) @ F.normalize(rows, dim=-1).T
 
 
-def match_keys(features: torch.Tensor, keys: dict[str, torch.Tensor], gate: bool = False) -> list[str]:
-    """The task whose key is most cosine-similar to each feature (MoSEs), or, with `gate`, the task whose
-    row of SETA's unified gate scores it highest."""
+def match_keys(features: torch.Tensor, keys: dict[str, torch.Tensor]) -> list[str]:
+    """The task whose key (MoSEs) or gate row (SETA: the gate's choice) is most cosine-similar to each
+    feature."""
     if not keys:
         raise UserError("no task keys to match")
     names = list(keys)
-    rows = torch.stack([keys[n] for n in names]).to(features)
-    scores = gate_logits(features, rows if gate else F.normalize(rows, dim=-1))  # both normalised: cosine
+    scores = gate_logits(features, torch.stack([keys[n] for n in names]).to(features))
     return [names[i] for i in scores.argmax(-1).tolist()]
 
 
 @torch.no_grad()
 def key_route(model: Llama, keys: dict[str, torch.Tensor], prompts: list[list[int]], max_new_tokens: int,
-              eos_ids: list[int], batch_size: int = 16, task: str | None = None, progress: bool = False,
-              gate: bool = False) -> tuple[list[list[int]], list[str]]:
+              eos_ids: list[int], batch_size: int = 16, task: str | None = None,
+              progress: bool = False) -> tuple[list[list[int]], list[str]]:
     """Answers and, per query, the task whose masks answered: matched by key (TaIL; SETA: the unified gate's
     choice, answered by that task's experts and the shared ones), or `task` for all (TIL)."""
-    routes = [task] * len(prompts) if task else match_keys(query_features(model, prompts, batch_size), keys, gate)
+    routes = [task] * len(prompts) if task else match_keys(query_features(model, prompts, batch_size), keys)
     answers: list[list[int]] = [[] for _ in prompts]
     for t in dict.fromkeys(routes):
         idx = [i for i, r in enumerate(routes) if r == t]

@@ -464,9 +464,11 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
     model.train()
-    # what starts from nothing (indicator rows, a prompt key, SETA's gate) learns at its own rate. A fresh
-    # optimizer per stage and no weight decay: MoSEs' held weights get zero gradients, so stay exactly
-    fresh = [p for n, p in trainable.items() if n.startswith("extra_") or n in ("key", "gate")]
+    # what starts from nothing (indicator rows, a prompt key) learns at its own rate; SETA's gate starts
+    # imprinted, so learns at the adapter's (a step at 1e-2, on query features as alike as SmolLM2's,
+    # can turn a row further than the angle between two tasks). A fresh optimizer per stage and no
+    # weight decay: MoSEs' held weights get zero gradients, so stay exactly
+    fresh = [p for n, p in trainable.items() if n.startswith("extra_") or n == "key"]
     fresh_lr = cfg.lr if cfg.indicator_lr == "adapter" else cfg.indicator_lr
     opt = torch.optim.AdamW([dict(params=[p for p in trainable.values() if all(p is not q for q in fresh)], lr=cfg.lr),
                              dict(params=fresh, lr=fresh_lr)], weight_decay=0.0, fused=cuda)

@@ -16,7 +16,7 @@ from data import load_task
 from errors import UserError
 from evaluate import evaluate_run
 from experts import Expert, prompt_ids, reconstruct
-from router import gate_logits, key_route, match_keys, query_features
+from router import GATE_SCALE, gate_logits, key_route, match_keys, query_features
 from train import TrainConfig, importance, routing_regulariser, train, train_sequence, trainable_parameters, training_data
 
 WEIGHTS = {"both": (1.0, 1.0), "no-anchor": (0.0, 1.0), "no-route-reg": (1.0, 0.0)}
@@ -70,7 +70,7 @@ def test_routing_regularisation_keeps_the_gates_outputs_on_earlier_tasks_nearer_
 def gate_accuracy(rows, tiny_dir, tasks, eval_queries):
     model, tok = load_dir(tiny_dir)
     prompts, gold = eval_queries(tok, tasks)
-    return sum(r == g for r, g in zip(match_keys(query_features(model, prompts), rows, gate=True), gold)) / len(gold)
+    return sum(r == g for r, g in zip(match_keys(query_features(model, prompts), rows), gold)) / len(gold)
 
 
 def test_the_trained_gate_picks_tasks_at_least_as_well_as_its_imprinted_start(seta_runs, tiny_dir, synthetic_tasks,
@@ -92,25 +92,38 @@ def test_the_gates_choice_decides_which_experts_answer(seta_runs, tiny_dir, synt
     last.use(model)
     prompts, _ = eval_queries(tok, synthetic_tasks, n=4)
     mean = F.normalize(query_features(model, prompts), dim=-1).mean(0)
-    # rows whose choice (count: the largest logit) differs from the most cosine-similar key's (colour)
-    off = F.normalize(mean + 0.5 * mean.norm() * F.normalize(torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)), dim=0), dim=0)
-    rows = {"colour": 0.01 * mean, "count": 10 * off, "mood": -mean}
-    assert set(match_keys(query_features(model, prompts), rows)) == {"colour"}, "a cosine match would pick colour"
-    answers, routes = key_route(model, rows, prompts, 2, tok.eos_ids, gate=True)
+    side = F.normalize(torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)), dim=0)
+    rows = {"colour": -mean, "count": mean, "mood": side}  # the middle task: neither first nor newest
+    answers, routes = key_route(model, rows, prompts, 2, tok.eos_ids)
     assert set(routes) == {"count"}
     assert answers == key_route(model, rows, prompts, 2, tok.eos_ids, task="count")[0]
     assert answers != key_route(model, rows, prompts, 2, tok.eos_ids, task="colour")[0], "the tasks answer differently"
 
 
+def test_a_gate_rows_norm_cannot_claim_queries():
+    """The gate is a cosine classifier: on SmolLM2 a plain linear gate let the routing regulariser grow
+    the oldest row until it took every query (README)."""
+    features = torch.tensor([[1.0, 0.1], [1.0, -0.1]])  # as alike as SmolLM2's query features
+    rows = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    assert gate_logits(features, rows).argmax(-1).tolist() == [0, 1]
+    assert gate_logits(features, rows * torch.tensor([[10.0], [1.0]])).argmax(-1).tolist() == [0, 1]
+    assert match_keys(features, {"a": 10 * rows[0], "b": rows[1]}) == ["a", "b"]
+    # and the logits are scaled: a softmax over raw cosines would be nearly flat
+    assert F.softmax(gate_logits(features, rows), dim=-1)[0, 0] > 0.9
+
+
 def test_routing_regulariser_is_the_kl_of_the_old_outputs_to_the_new_ones_on_remembered_queries():
-    memory, old_rows = torch.eye(2), 2 * torch.eye(2)
-    old = F.softmax(memory @ old_rows.T, dim=-1)
+    memory, old_rows = torch.eye(2), torch.eye(2)
+    old = F.softmax(gate_logits(memory, old_rows), dim=-1)
     assert routing_regulariser(old_rows, memory, old) == pytest.approx(0.0, abs=1e-7), "nothing changed"
-    neutral = torch.cat([old_rows, torch.zeros(1, 2)])  # a new row with logit 0 on both queries
-    e2 = math.exp(2)
-    assert routing_regulariser(neutral, memory, old).item() == pytest.approx(math.log((e2 + 2) / (e2 + 1)), rel=1e-5)
-    claiming = torch.cat([old_rows, torch.full((1, 2), 4.0)])  # a new row that takes the queries' mass
-    assert routing_regulariser(claiming, memory, old) > routing_regulariser(neutral, memory, old)
+    between = torch.cat([old_rows, torch.ones(1, 2)])  # a new row at 45 degrees to both queries
+    s, c = GATE_SCALE, GATE_SCALE * math.cos(math.pi / 4)
+    p_old = torch.softmax(torch.tensor([s, 0.0]), 0)
+    p_new = torch.softmax(torch.tensor([s, 0.0, c]), 0)[:2]
+    expected = float((p_old * (p_old.log() - p_new.log())).sum())
+    assert routing_regulariser(between, memory, old).item() == pytest.approx(expected, rel=1e-4)
+    claiming = torch.cat([old_rows, torch.tensor([[1.0, 0.2]])])  # nearer the first query than its own row
+    assert routing_regulariser(claiming, memory, old) > routing_regulariser(between, memory, old)
 
 
 def test_importance_is_the_fisher_a_weight_that_cannot_change_the_loss_has_none(tiny, synthetic_tasks):
