@@ -120,7 +120,8 @@ def render(results: list[dict], figures: Path | None) -> str:
             title, tag = f"setting {n + 1}, {order_name(tuple(rs[0]['tasks']))}", f"{n + 1}_{m + 1}"
             out.append(f"\n## Final ROUGE-L per task ({title})\n")
             out.append(table(["method", *tasks, "AR", "BWT"], [[r["label"], *r["scores"][-1], r["ar"], r["bwt"]] for r in rs]))
-            out += routing(rs, title) + pseudo_negatives(rs, title) + indicator_types(rs, title, rs[0]["tasks"])
+            out += routing(rs, title) + routing_per_task(rs, title, rs[0]["tasks"])
+            out += pseudo_negatives(rs, title) + indicator_types(rs, title, rs[0]["tasks"])
             out += tau_sweep(rs, title, figures, tag) + per_task(rs, title, tasks, figures, tag)
             out += perplexity(rs, title, tasks, figures, tag) + sparse(rs, title)
     if figures is None:
@@ -160,6 +161,20 @@ def routing(rs: list[dict], title: str) -> list[str]:
                     pct((r.get("rb_acc") or {}).get("superni")), r.get("routing_steps"), r.get("prefills"),
                     exception_counts(r), pct(r.get("task_id_accuracy"))]
                    for r in routed])]
+
+
+def routing_per_task(rs: list[dict], title: str, tasks: list[str]) -> list[str]:
+    """Fig. 7: each task's routing F1 (SEE: of the expert that answered; MoSEs/SETA: of the task picked)."""
+    routed = [r for r in rs if r.get("per_task_routing")]
+    if not routed:
+        return []
+    rows = []
+    for r in routed:
+        names = [Path(t).stem.replace(".", "_") for t in tasks]  # the experts' names (TrainConfig.name)
+        f1 = [pct(r["per_task_routing"].get(n, {}).get("f1")) for n in names]
+        rows.append([r["label"], r.get("exception_rule"), *f1])
+    return [f"\n## Fig. 7 ({title}): routing F1 per task\n",
+            table(["method", "rule", *map(task_name, tasks)], rows)]
 
 
 def exception_counts(r: dict) -> str | None:
