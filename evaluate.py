@@ -17,6 +17,7 @@ import os
 import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,14 +30,14 @@ from artifacts import check_writable, read_json
 from checkpoint import atomic_write, load, model_tag, resolve_dtype
 from data import OOD_EVAL, TASKS, XLINGUAL, Example, load_ood, load_task
 from errors import UserError, user_errors
-from experts import (NEITHER, TEMPLATES, TRAINING_FILE, UNROUTED, Expert, Indicators, base_model, prompt_ids,
-                     resolve_template, setup_indicators)
+from experts import (NEITHER, TEMPLATES, TRAINING_FILE, UNROUTED, Expert, Indicators, LoraExpert, SubExpert,
+                     base_model, load_expert, prompt_ids, resolve_template, setup_indicators)
 from model import Llama
 from report import write_report
 from router import (BASE, EXCEPTIONS, generate_batched, key_route, match_keys, parallel_route,
                     query_features, sequential_route)
 from tokenizer import Tokenizer
-from train import CONTINUED, read_system
+from train import METHODS, Method, read_system
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 ROUTERS = {"sequential": sequential_route, "parallel": parallel_route}  # same decisions and answers
@@ -167,7 +168,7 @@ def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indi
     prompts = [prompt_ids(tok, ex.query, max_source, template) for ex in examples]
     t0 = time.perf_counter()
     routed = None
-    if experts and experts[-1].sub is not None:  # MoSEs/SETA: the newest stage holds every task; keys
+    if experts and isinstance(experts[-1], SubExpert):  # MoSEs/SETA: the newest stage holds every task; keys
         experts[-1].use(model)  # (SETA: the gate) pick one (TaIL), unless `task` is given (TIL)
         answers, routes = key_route(model, experts[-1].keys, prompts, max_new_tokens, tok.eos_ids,
                                     batch_size, task, progress, gate=experts[-1].sub.shared > 0)
@@ -205,10 +206,10 @@ def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indi
 
 def load_system(model_name: str | None, expert_dirs: list[str], device, dtype) -> tuple[Llama, Tokenizer, list[Expert], Indicators | None, str]:
     """The base model with the given experts attached (in training order)."""
-    experts = [Expert.load(d) for d in expert_dirs]
+    experts = [load_expert(d) for d in expert_dirs]
     bases = {e.base_model for e in experts}
     kinds = {e.indicator for e in experts}
-    if len(bases) > 1 or len(kinds) > 1 or len({(e.template, e.max_source, e.sub) for e in experts}) > 1:
+    if len(bases) > 1 or len(kinds) > 1 or len({(e.template, e.max_source, getattr(e, "sub", None)) for e in experts}) > 1:
         raise UserError(f"experts disagree on base model, indicator type or prompt: {sorted(bases)}, {sorted(kinds)}")
     model_name = model_name or (bases.pop() if bases else "smollm2-135m")
     model, tok = load(model_name, dtype=dtype, device=device)
@@ -221,16 +222,37 @@ def load_system(model_name: str | None, expert_dirs: list[str], device, dtype) -
 
 def method_label(system: dict) -> str:
     """A run's name as the paper's tables print it, e.g. SEE(10%), RandSel(10%), MTL."""
-    method, settings = system["method"], system["settings"]
-    tau = f"{100 * settings['tau']:g}%"
-    label = {"see": f"SEE({tau})", "replay": f"RandSel({tau})", "non-rehearsal": "Non-rehearsal",
-             "mtl": "MTL", "stl": "AvgSTL", "moses": f"MoSEs(c={settings.get('sparsity')})",
-             "seta": f"SETA(c={settings.get('sparsity')})"}[method]
-    if method == "see" and settings.get("negatives") == "lima":
+    method, settings = METHODS[system["method"]], system["settings"]
+    label = method.label.format(tau=f"{100 * settings['tau']:g}%", sparsity=settings.get("sparsity"))
+    if method.routes and settings.get("negatives") == "lima":
         label += " w/pseudo"
-    if method == "see" and settings.get("indicator", "added") != "added":
+    if method.routes and settings.get("indicator", "added") != "added":
         label += f" {settings['indicator']}"
     return label
+
+
+@dataclass
+class Scoring:
+    """A loaded system and how its answers are scored: what evaluate_run's parts share."""
+    model: Llama
+    tok: Tokenizer
+    experts: list[Expert]
+    ind: Indicators | None
+    tasks: list[str]
+    evals: dict[str, list[Example]]  # each task's eval examples
+    max_new_tokens: int
+    batch_size: int
+    routing: str
+    exceptions: str
+    progress: bool
+
+    @property
+    def template(self) -> str:
+        return self.experts[0].template
+
+    @property
+    def max_source(self) -> int:
+        return self.experts[0].max_source
 
 
 def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_tokens: int = 512,
@@ -249,70 +271,100 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
     """
     run_dir = Path(run_dir)
     system = read_system(run_dir)
-    method, tasks, expert_dirs, label = system["method"], system["tasks"], system["experts"], method_label(system)
-    if routing == "none" and method != "see":
-        raise UserError(f"--routing none is for SEE runs; {run_dir} holds {method}")
-    model, tok, experts, ind, _ = load_system(None, [str(run_dir / e) for e in expert_dirs], device, dtype)
-    template, max_source = experts[0].template, experts[0].max_source
+    method, tasks, dirs = METHODS[system["method"]], system["tasks"], [run_dir / e for e in system["experts"]]
+    if routing == "none" and not method.routes:
+        raise UserError(f"--routing none is for SEE runs; {run_dir} holds {system['method']}")
+    model, tok, experts, ind, _ = load_system(None, [str(d) for d in dirs], device, dtype)
     evals = {t: load_task(t, "eval", data_dir)[:max_eval] for t in tasks}
-    routed = method == "see" and routing != "none"
+    s = Scoring(model, tok, experts, ind, tasks, evals, max_new_tokens, batch_size, routing, exceptions, progress)
+    routed = method.routes and routing != "none"
     if routed:  # queries of no task in the sequence, for RB-Acc (read now: a missing file fails early)
-        in_sequence = set(tasks) | {Path(t).stem for t in tasks}
-        heldout = {"lima": load_ood(directory=data_dir)[:max_ood],
-                   "superni": [ex for t, name in TASKS.items() if not {t, name} & in_sequence
-                               for ex in load_task(t, "eval", data_dir)[:max_eval]]}
-    T = len(tasks)
-    # which adapters answer task i after stage j: SEE routes over all experts so far; the others use one adapter
-    if routed:
-        cells = {(j, i): experts[:j + 1] for j in range(T) for i in range(j + 1)}
-    elif method in CONTINUED:
-        cells = {(j, i): [experts[j]] for j in range(T) for i in range(j + 1)}
-    else:
-        cells = {(0, i): [experts[0 if method == "mtl" else i]] for i in range(T)}
-    last = max(j for j, _ in cells)
-
-    def score_matrix(til: bool) -> tuple[list[list[float]], list[dict]]:
-        scores, predictions = [[] for _ in range(last + 1)], []
-        for (j, i), answering in tqdm(cells.items(), desc="a_i after stage j" + " (TIL)" * til, disable=not progress):
-            summary, records = evaluate_task(model, tok, answering, ind, evals[tasks[i]], max_source, max_new_tokens,
-                                             batch_size, template, task=experts[i].name if til else None,
-                                             routing=routing, exceptions=exceptions,
-                                             xlingual=Path(tasks[i]).stem in XLINGUAL)
-            scores[j].append(summary["rougeL"])
-            if j == last:
-                predictions += [dict(task=tasks[i], **r) for r in records]
-        return scores, predictions
-    scores, predictions = score_matrix(til=False)
-    if method not in ("moses", "seta"):
-        add_perplexities(model, tok, ind, predictions, experts, evals, max_source, template,
+        heldout = heldout_queries(tasks, max_eval, max_ood, data_dir)
+    cells = answering(method, experts, len(tasks), routed)
+    scores, predictions = score_matrix(s, cells, til=False)
+    if not method.sparse:
+        add_perplexities(model, tok, ind, predictions, experts, evals, s.max_source, s.template,
                          system["settings"].get("max_target", 512))
+    label = method_label(system)
     if routing == "none":
         label = label.replace("SEE", "SEE-AE", 1)
-    result = dict(run=str(run_dir), method=method, label=label, tasks=tasks, scores=scores,
-                  ar=average_rouge(scores), bwt=backward_transfer(scores) if routed or method in CONTINUED else None,
+    result = dict(run=str(run_dir), method=system["method"], label=label, tasks=tasks, scores=scores,
+                  ar=average_rouge(scores), bwt=backward_transfer(scores) if routed or method.continues else None,
                   routing_f1=None, per_task_routing=None, rb_acc=None, n_ood=None, routing_steps=None,
                   routing=routing, exception_rule=exceptions if routed else None,
-                  parameters=stage_parameters(model, experts, [run_dir / e for e in expert_dirs]))
+                  parameters=stage_parameters(model, experts, dirs))
     if any(Path(t).stem in XLINGUAL for t in tasks):
         result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name
-    if method in ("see", "moses", "seta"):  # one expert (or task) per task: each query's own
-        gold = [experts[tasks.index(p["task"])].name for p in predictions]
-    if method in ("moses", "seta"):
-        # task-agnostic (TaIL: keys or the gate pick the task) above; task-incremental (TIL: the task given) here
-        til, _ = score_matrix(til=True)
-        scored = routing_scores([p["route"] for p in predictions], gold)
-        result.update(til_scores=til, til_ar=average_rouge(til), til_bwt=backward_transfer(til),
-                      routing_f1=scored["f1"], per_task_routing=scored["per_task"],
-                      task_id_accuracy=sum(p["route"] == g for p, g in zip(predictions, gold)) / len(predictions),
-                      imprinted_accuracy=imprinted_accuracy(model, tok, experts[-1], predictions, evals, gold,
-                                                            max_source, template, batch_size))
+    if method.sparse:
+        result.update(til_metrics(s, cells, predictions))
     if routed:
-        routes = [None if p["route"] == "base" else p["route"] for p in predictions]
-        scored = routing_scores(routes, gold)
-        result.update(routing_f1=scored["f1"], per_task_routing=scored["per_task"],
-                      **see_routing(model, tok, experts, ind, heldout, predictions, max_source, template,
-                                    batch_size, routing, exceptions, progress))
+        result.update(routing_metrics(s, heldout, predictions))
     return result, predictions
+
+
+def heldout_queries(tasks: list[str], max_eval: int | None, max_ood: int, data_dir: str | None) -> dict:
+    """Queries of no task in the sequence, for RB-Acc: LIMA's and the other SuperNI tasks'."""
+    in_sequence = set(tasks) | {Path(t).stem for t in tasks}
+    return {"lima": load_ood(directory=data_dir)[:max_ood],
+            "superni": [ex for t, name in TASKS.items() if not {t, name} & in_sequence
+                        for ex in load_task(t, "eval", data_dir)[:max_eval]]}
+
+
+def answering(method: Method, experts: list[Expert], T: int, routed: bool) -> dict[tuple[int, int], list[Expert]]:
+    """Which adapters answer task i after stage j: routed SEE routes over all experts so far; a continued
+    adapter is the stage's; otherwise one row, one adapter for all tasks (MTL) or each task's own."""
+    if routed:
+        return {(j, i): experts[:j + 1] for j in range(T) for i in range(j + 1)}
+    if method.continues:
+        return {(j, i): [experts[j]] for j in range(T) for i in range(j + 1)}
+    return {(0, i): [experts[0 if method.joint else i]] for i in range(T)}
+
+
+def score_matrix(s: Scoring, cells: dict[tuple[int, int], list[Expert]],
+                 til: bool) -> tuple[list[list[float]], list[dict]]:
+    """ROUGE-L a_i after stage j for each cell, scores[j][i], and the final stage's predictions; `til`:
+    the task given (MoSEs/SETA's task-incremental setting), not picked by keys or the gate."""
+    last = max(j for j, _ in cells)
+    scores, predictions = [[] for _ in range(last + 1)], []
+    desc = "a_i after stage j" + " (TIL)" * til
+    for (j, i), experts in tqdm(cells.items(), desc=desc, disable=not s.progress):
+        task = s.tasks[i]
+        summary, records = evaluate_task(s.model, s.tok, experts, s.ind, s.evals[task], s.max_source,
+                                         s.max_new_tokens, s.batch_size, s.template,
+                                         task=s.experts[i].name if til else None, routing=s.routing,
+                                         exceptions=s.exceptions, xlingual=Path(task).stem in XLINGUAL)
+        scores[j].append(summary["rougeL"])
+        if j == last:
+            predictions += [dict(task=task, **r) for r in records]
+    return scores, predictions
+
+
+def gold_routes(s: Scoring, predictions: list[dict]) -> list[str]:
+    """Each prediction's own expert (MoSEs/SETA: its own task), as routing should pick it."""
+    return [s.experts[s.tasks.index(p["task"])].name for p in predictions]
+
+
+def til_metrics(s: Scoring, cells: dict, predictions: list[dict]) -> dict:
+    """MoSEs/SETA: the task-incremental (TIL: the task given) scores beside the task-agnostic ones
+    (TaIL: keys or the gate pick the task), and how well the task was picked."""
+    til, _ = score_matrix(s, cells, til=True)
+    gold = gold_routes(s, predictions)
+    scored = routing_scores([p["route"] for p in predictions], gold)
+    imprinted = imprinted_accuracy(s.model, s.tok, s.experts[-1], predictions, s.evals, gold, s.max_source,
+                                   s.template, s.batch_size)
+    return dict(til_scores=til, til_ar=average_rouge(til), til_bwt=backward_transfer(til),
+                routing_f1=scored["f1"], per_task_routing=scored["per_task"],
+                task_id_accuracy=sum(p["route"] == g for p, g in zip(predictions, gold)) / len(predictions),
+                imprinted_accuracy=imprinted)
+
+
+def routing_metrics(s: Scoring, heldout: dict[str, list[Example]], predictions: list[dict]) -> dict:
+    """Routed SEE: routing P/R/F1 over the sequence's queries, RB-Acc and the routing cost."""
+    routes = [None if p["route"] == "base" else p["route"] for p in predictions]
+    scored = routing_scores(routes, gold_routes(s, predictions))
+    return dict(routing_f1=scored["f1"], per_task_routing=scored["per_task"],
+                **see_routing(s.model, s.tok, s.experts, s.ind, heldout, predictions, s.max_source, s.template,
+                              s.batch_size, s.routing, s.exceptions, s.progress))
 
 
 def add_perplexities(model: Llama, tok: Tokenizer, ind: Indicators | None, predictions: list[dict],
@@ -393,7 +445,7 @@ def stage_parameters(model: Llama, experts: list[Expert], dirs: list[Path] | Non
     the training state a next stage needs (training_bytes), beside as many per-task LoRA adapters'."""
     out, held = [], 0
     for i, e in enumerate(experts):
-        if e.sub is None:
+        if isinstance(e, LoraExpert):
             out.append(dict(trainable=sum(v.numel() for v in (*e.adapter.values(), *e.rows.values()))))
             continue
         e.use(model)

@@ -18,7 +18,7 @@ from artifacts import NUMBER, check_fields, read_json
 from checkpoint import atomic_write
 from data import CLASSIFICATION, ORDERS, TASKS, read_jsonl
 from errors import UserError
-from train import read_system
+from train import METHODS, read_system
 
 TRAINING = ("model", "template", "rank", "alpha", "dropout", "targets", "max_train", "seed", "epochs", "batch_size",
             "lr", "max_source", "max_target")
@@ -37,7 +37,10 @@ def load_results(runs: list[str]) -> list[dict]:
         if not rows or len(rows[-1]) != len(r["tasks"]) or \
                 not all(isinstance(row, list) and all(isinstance(v, (int, float)) for v in row) for row in rows):
             raise UserError(f"{run / 'eval.json'}: 'scores' must be rows of numbers, the last one per task")
-        r["settings"] = read_system(run)["settings"]
+        system = read_system(run)
+        if r["method"] != system["method"]:
+            raise UserError(f"{run / 'eval.json'}: method {r['method']!r}, but {run} holds a {system['method']} system")
+        r["settings"] = system["settings"]
         r["predictions"] = read_jsonl(run / "eval.predictions.jsonl")
         for n, p in enumerate(r["predictions"], 1):
             check_fields(p, f"{run / 'eval.predictions.jsonl'}:{n}", task=str, prediction=str, references=list)
@@ -88,7 +91,7 @@ def task_name(t: str) -> str:
 def is_see(r: dict, negatives: str = "tasks", indicator: str = "added") -> bool:
     """A SEE run with these negatives and indicator type (default: rehearsed task queries, added tokens)."""
     s = r["settings"]
-    return r["method"] == "see" and (s.get("negatives", "tasks"), s.get("indicator", "added")) == (negatives, indicator)
+    return METHODS[r["method"]].routes and (s.get("negatives", "tasks"), s.get("indicator", "added")) == (negatives, indicator)
 
 
 def normalise(text: str) -> str:
@@ -172,7 +175,7 @@ def exception_counts(r: dict) -> str | None:
 
 def pseudo_negatives(rs: list[dict], title: str) -> list[str]:
     """Table 3: SEE with pseudo-negatives (LIMA queries) beside SEE with the same tau and indicator."""
-    pseudo = [r for r in rs if r["method"] == "see" and r["settings"].get("negatives") == "lima"]
+    pseudo = [r for r in rs if METHODS[r["method"]].routes and r["settings"].get("negatives") == "lima"]
     chosen = []
     for p in pseudo:
         indicator, tau = p["settings"].get("indicator", "added"), p["settings"]["tau"]
@@ -201,7 +204,7 @@ def indicator_treatment(settings: dict) -> str:
 def indicator_types(rs: list[dict], title: str, tasks: list[str]) -> list[str]:
     """Table 4: SEE by indicator type, at each tau run with two types or more: AR over the generation
     tasks, exact-match accuracy over the classification tasks, and how the indicators learned."""
-    see = [r for r in rs if r["method"] == "see" and r["settings"].get("negatives", "tasks") == "tasks"]
+    see = [r for r in rs if METHODS[r["method"]].routes and r["settings"].get("negatives", "tasks") == "tasks"]
     kinds = {}
     for r in see:
         kinds.setdefault(r["settings"]["tau"], set()).add(r["settings"].get("indicator", "added"))

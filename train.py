@@ -35,24 +35,54 @@ from artifacts import NUMBER, check_fields, check_writable, inside, read_json, r
 from checkpoint import atomic_write, load, model_tag, remove_leftovers, resolve_dtype
 from data import ORDERS, Example, load_ood, load_task, rehearsal_sets, subsample
 from errors import UserError, user_errors
-from experts import (INDICATORS, TEMPLATES, TRAINING_FILE, UNROUTED, Expert, TrainSample, prompt_ids, reconstruct,
-                     resolve_template, setup_indicators)
+from experts import (INDICATORS, TEMPLATES, TRAINING_FILE, UNROUTED, Expert, LoraExpert, SubExpert, TrainSample,
+                     load_expert, prompt_ids, reconstruct, resolve_template, setup_indicators)
 from model import Llama
 from router import gate_logits, query_features
 
 STATE_FILE, CONFIG_FILE, LOG_FILE, EXPERT_DIR, SYSTEM_FILE = "state.pt", "config.json", "log.jsonl", "expert", "system.json"
-# SEE and the paper's baselines (Sec. 4.1). Only SEE trains indicators and routes; the baselines train
-# plain (q, r) samples. What each stage learns from is arranged by train_sequence.
+
+
+@dataclass(frozen=True)
+class Method:
+    """What sets a method apart: train.py, evaluate.py and report.py read these facts and no method
+    names. A new method is a row of METHODS, and its own loss term if it has one (see pull_term)."""
+    label: str  # as the paper's tables print it: {tau} (a percentage) and {sparsity} from its settings
+    help: str
+    continues: bool = False  # stage i starts from stage i-1's adapter
+    rehearses: bool = False  # stage i also learns from tau of T_1..T_{i-1} (routed: their queries)
+    routes: bool = False  # indicator tokens: an expert per task, the experts routed by what they emit
+    joint: bool = False  # one stage learns every task at once
+    sparse: bool = False  # one set of masked sub-experts holds every task, a key per task picks it
+    gate: bool = False  # with sparse: anchored shared experts, and one gate over the tasks for keys
+    run_name: tuple[str, ...] = ()  # the settings its default run directory names (format strings)
+
+    @property
+    def pull(self) -> bool:
+        """MoSEs' prompt keys, each pulled toward its task's queries (a gate is trained otherwise)."""
+        return self.sparse and not self.gate
+
+
+# SEE and the paper's baselines (Sec. 4.1), then MoSEs and SETA. Only SEE trains indicators and
+# routes; the baselines train plain (q, r) samples. What each stage learns from: train_sequence.
 METHODS = {
-    "see": "a new expert per task, tau of earlier tasks' queries as <<neg>>, sequential routing",
-    "non-rehearsal": "one LoRA fine-tuned on each task in turn",
-    "replay": "one LoRA fine-tuned on each task in turn plus tau of earlier tasks' full samples (RandSel)",
-    "mtl": "one LoRA on all tasks at once",
-    "stl": "one LoRA per task, each scored on its own task (AvgSTL)",
-    "moses": "sparse sub-experts, a binary mask per task over their weights, the task picked by prompt keys (MoSEs)",
-    "seta": "MoSEs' masked sub-experts as task experts plus anchored shared experts, the task picked by a unified gate (SETA)",
+    "see": Method("SEE({tau})", "a new expert per task, tau of earlier tasks' queries as <<neg>>, "
+                  "sequential routing", rehearses=True, routes=True, run_name=("tau{tau:g}",)),
+    "non-rehearsal": Method("Non-rehearsal", "one LoRA fine-tuned on each task in turn", continues=True),
+    "replay": Method("RandSel({tau})", "one LoRA fine-tuned on each task in turn plus tau of earlier "
+                     "tasks' full samples (RandSel)", continues=True, rehearses=True,
+                     run_name=("tau{tau:g}",)),
+    "mtl": Method("MTL", "one LoRA on all tasks at once", joint=True),
+    "stl": Method("AvgSTL", "one LoRA per task, each scored on its own task (AvgSTL)"),
+    "moses": Method("MoSEs(c={sparsity})", "sparse sub-experts, a binary mask per task over their "
+                    "weights, the task picked by prompt keys (MoSEs)", continues=True, sparse=True,
+                    run_name=("c{sparsity:g}", "e{experts}k{top_k}", "pull{pull_weight:g}")),
+    "seta": Method("SETA(c={sparsity})", "MoSEs' masked sub-experts as task experts plus anchored "
+                   "shared experts, the task picked by a unified gate (SETA)", continues=True,
+                   rehearses=True, sparse=True, gate=True,
+                   run_name=("c{sparsity:g}", "e{experts}k{top_k}s{shared}", "tau{tau:g}",
+                             "anchor{anchor_weight:g}", "rr{route_reg_weight:g}")),
 }
-CONTINUED = ("non-rehearsal", "replay", "moses", "seta")  # stage i starts from stage i-1's adapter
 # SEE's negatives: earlier tasks' queries, or as many LIMA queries (pseudo-negatives, paper Table 3)
 NEGATIVES = ("tasks", "lima")
 
@@ -363,20 +393,84 @@ def check_config(cfg: TrainConfig) -> tuple[lora.LoraConfig, lora.SubExpertConfi
                         f"known: {', '.join(METHODS)}; {', '.join(NEGATIVES)}")
     if cfg.indicator not in INDICATORS or cfg.template not in TEMPLATES:
         raise UserError(f"unknown indicator {cfg.indicator!r} or template {cfg.template!r}")
-    if cfg.negatives == "lima" and cfg.method != "see":
+    method = METHODS[cfg.method]
+    if cfg.negatives == "lima" and not method.routes:
         raise UserError("pseudo-negatives (--negatives lima) are for --method see only")
     if cfg.batch_size % cfg.micro_batch:
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}")
     lcfg = lora.LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
-    seta = cfg.method == "seta"
-    sub = lora.SubExpertConfig(cfg.experts, cfg.top_k, cfg.sparsity, cfg.shared if seta else 0) \
-        if cfg.method in ("moses", "seta") else None
-    if cfg.method == "moses" and cfg.previous:
+    sub = None
+    if method.sparse:
+        shared = cfg.shared if method.gate else 0
+        sub = lora.SubExpertConfig(cfg.experts, cfg.top_k, cfg.sparsity, shared)
+    if method.sparse and not method.rehearses and cfg.previous:
         raise UserError("MoSEs rehearses nothing (no --previous)")
-    if seta and cfg.shared < 1:
+    if method.gate and cfg.shared < 1:
         raise UserError(f"SETA needs --shared-experts >= 1, got {cfg.shared}")
     check_writable(cfg.run_dir() / CONFIG_FILE)
     return lcfg, sub
+
+
+def check_init(cfg: TrainConfig, lcfg: lora.LoraConfig, sub: lora.SubExpertConfig | None) -> Expert | None:
+    """The expert this stage starts from (--init), refused if it cannot be continued by this one."""
+    method = METHODS[cfg.method]
+    init = load_expert(cfg.init) if cfg.init else None
+    if init is None:
+        if method.gate and cfg.previous:
+            raise UserError("SETA with --previous needs --init: the earlier stage's expert, whose gate is to be kept")
+        return None
+    init_sub = init.sub if isinstance(init, SubExpert) else None
+    if (init.lora, init_sub) != (lcfg, sub):
+        raise UserError(f"{cfg.init} has adapter settings {init.lora}, {init_sub}, not {lcfg}, {sub}")
+    if method.gate and {replace(cfg, task=t).name for t in cfg.previous} != set(init.keys):
+        raise UserError(f"SETA's --previous must be the tasks {cfg.init} has learned ({', '.join(init.keys)}): "
+                        f"the gate is kept on their queries")
+    if method.sparse and cfg.name in init.keys:
+        raise UserError(f"{cfg.init} has learned task {cfg.name!r} already")
+    if method.sparse and init.training is None:
+        raise UserError(f"{cfg.init} has no {TRAINING_FILE} (its free weights, to train on); it can be evaluated, "
+                        f"not continued")
+    return init
+
+
+@dataclass
+class SetaState:
+    """What SETA's gate loss and penalties need beside the model: tau of each earlier task's queries
+    (their features `memory`, their task's gate row, the gate's outputs on them before this task),
+    the shared experts' weights with their importance, and their values after the earlier tasks."""
+    memory: torch.Tensor | None
+    memory_rows: torch.Tensor
+    old: torch.Tensor | None
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    anchors: list[torch.Tensor] = field(default_factory=list)
+    imprint: torch.Tensor | None = None  # this task's gate row as imprinted, before training
+
+
+@dataclass
+class Run:
+    """A run as the training loop sees it: set up once (setup), then advanced step by step."""
+    cfg: TrainConfig
+    method: Method
+    model: Llama
+    template: str
+    samples: list[TrainSample]
+    trainable: dict[str, torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    peak: list[float]  # each parameter group's peak learning rate
+    steps_per_epoch: int
+    total: int
+    device: str
+    amp: contextlib.AbstractContextManager
+    hidden: object  # the transformer body, compiled with --compile
+    rank: int
+    world: int
+    step: int = 0
+    features: torch.Tensor | None = None  # MoSEs/SETA: f(x) of each sample's query
+    seta: SetaState | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -387,27 +481,37 @@ def train(cfg: TrainConfig) -> Path:
     of one process at the same global batch. Only rank 0 writes files.
     """
     lcfg, sub = check_config(cfg)
-    routed = cfg.method == "see"
-    moses, seta = cfg.method == "moses", cfg.method == "seta"
-    sparse = moses or seta  # MoSE layers: sub-experts behind per-task masks
     current, rehearsed, sources = training_data(cfg)
-    init = Expert.load(cfg.init) if cfg.init else None
-    if init is not None and (init.lora, init.sub) != (lcfg, sub):
-        raise UserError(f"{cfg.init} has adapter settings {init.lora}, {init.sub}, not {lcfg}, {sub}")
-    if seta and init is not None and {replace(cfg, task=t).name for t in cfg.previous} != set(init.keys):
-        raise UserError(f"SETA's --previous must be the tasks {cfg.init} has learned ({', '.join(init.keys)}): "
-                        f"the gate is kept on their queries")
-    if seta and cfg.previous and init is None:
-        raise UserError("SETA with --previous needs --init: the earlier stage's expert, whose gate is to be kept")
-    if sparse and init is not None and cfg.name in init.keys:
-        raise UserError(f"{cfg.init} has learned task {cfg.name!r} already")
-    if sparse and init is not None and init.training is None:
-        raise UserError(f"{cfg.init} has no {TRAINING_FILE} (its free weights, to train on); it can be evaluated, "
-                        f"not continued")
+    init = check_init(cfg, lcfg, sub)
     cfg = replace(cfg, dtype=dtype_name(cfg.dtype))  # config.json records the dtype the run computes in
-    out, state = cfg.run_dir(), resume_state(cfg)
+    state = resume_state(cfg)
+    run = setup(cfg, init, lcfg, sub, current, rehearsed)
+    if state is not None:
+        resume(run, state)
+    if run.world > 1:  # every process starts from rank 0's weights, as DDP does
+        for p in run.trainable.values():
+            dist.broadcast(p.data, 0)
+    if run.main:
+        start_run_dir(run, len(rehearsed), sources, state is not None)
+    elapsed, n_tokens = fit(run)
+    keys, imprints = task_keys(run, init)
+    if run.method.sparse:
+        lora.finish_task(run.model, cfg.name)
+    out = cfg.run_dir()
+    if run.main:
+        print(f"trained {run.step} steps in {elapsed:.0f} s, {n_tokens / max(elapsed, 1e-9):.0f} tokens/s")
+        trained_expert(run, lcfg, sub, keys, imprints).save(out / EXPERT_DIR)
+        (out / STATE_FILE).unlink(missing_ok=True)
+    if run.world > 1:
+        dist.barrier()  # the next stage (on any process) may read this expert
+    return out
+
+
+def setup(cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig, sub: lora.SubExpertConfig | None,
+          current: list[Example], rehearsed: list[Example]) -> Run:
+    """The run's model and adapter, indicators, samples (Eq. 4), trainable parameters and optimizer."""
+    method = METHODS[cfg.method]
     rank, world = distributed()
-    main = rank == 0
     cuda = torch.cuda.is_available()
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"  # one GPU per process
     if cuda:
@@ -419,171 +523,265 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.max_source + cfg.max_target > model.config.max_seq_len:
         raise UserError(f"--max-source {cfg.max_source} + --max-target {cfg.max_target} exceed the model's "
                         f"context of {model.config.max_seq_len}")
-    ind = setup_indicators(model, tok, cfg.indicator) if routed else None
+    ind = setup_indicators(model, tok, cfg.indicator) if method.routes else None
     template = resolve_template(tok, cfg.template)
     if cfg.max_target < len(ind.pos if ind else []) + 2:
         raise UserError(f"--max-target {cfg.max_target} leaves no room for a response")
     # Eq. 4; SETA's experts see only the task's own samples (its rehearsed queries go to the gate alone)
-    samples = reconstruct(current, [] if seta else rehearsed, tok, ind, cfg.max_source, cfg.max_target, template)
-    if sparse:  # one set of MoSE layers carries every task: the previous stage's, with their masks
-        lora.add_subexperts(model, lcfg, sub)
-        if init is not None:
-            init.use(model)
-        # each task draws its own mask scores: carried over, the last task's winners, all held and frozen,
-        # would fill the new task's mask and leave it almost nothing to train (see README)
-        lora.redraw_scores(model, torch.Generator().manual_seed(cfg.seed * 1000 + len(init.keys if init else {})))
-        # what the pull constraint (MoSEs) or the gate (SETA) sees of each sample's query: f(x), from the frozen base model
-        features = query_features(model, [s.ids[:s.start] for s in samples], cfg.micro_batch)
-        if seta:  # tau of each earlier task's queries, remembered with their task's gate row: the gate's
-            # cross-entropy sees every task through them, and the routing regulariser keeps its outputs on them
-            remembered = [(list(init.keys).index(replace(cfg, task=t).name), ex) for t in cfg.previous
-                          for ex in training_data(replace(cfg, previous=[t]))[1]]
-            prompts = [prompt_ids(tok, ex.query, cfg.max_source, template) for _, ex in remembered]
-            memory = query_features(model, prompts, cfg.micro_batch) if prompts else None
-            memory_rows = torch.tensor([i for i, _ in remembered], dtype=torch.long, device=device)
-            old_rows = torch.stack(list(init.keys.values())).to(device) if init is not None else None
-            old = F.softmax(gate_logits(memory, old_rows), dim=-1) if prompts else None
-        lora.set_task(model, cfg.name, learning=True)
+    learned = [] if method.gate else rehearsed
+    samples = reconstruct(current, learned, tok, ind, cfg.max_source, cfg.max_target, template)
+    features = seta = None
+    if method.sparse:
+        features, seta = add_subexperts(model, tok, cfg, init, lcfg, sub, samples, template, device)
     else:
         lora.add_adapter(model, cfg.name, lcfg)
         if init is not None:
             lora.load_adapter_state(model, cfg.name, init.adapter)
         lora.set_adapter(model, cfg.name)
-    trainable = trainable_parameters(model, None if sparse else cfg.name, routed and cfg.indicator == "added")
-    if moses:  # this task's prompt key, drawn apart from the earlier tasks' keys
+    added_rows = method.routes and cfg.indicator == "added"
+    trainable = trainable_parameters(model, None if method.sparse else cfg.name, added_rows)
+    add_task_key(trainable, cfg, init, model, features, device, seta)
+    if method.gate:  # elastic anchoring pulls the shared experts back toward their values after the earlier tasks
+        seta.pairs = lora.shared_weights(model)
+        seta.anchors = [p.detach().clone() for p, _ in seta.pairs]
+    if cfg.grad_checkpoint:
+        checkpoint_blocks(model)
+    model.train()
+    opt, peak = optimizer(cfg, trainable, cuda)
+    steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
+    amp = torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype, enabled=dtype != torch.float32)
+    hidden = torch.compile(model.hidden) if cfg.compile else model.hidden
+    return Run(cfg, method, model, template, samples, trainable, opt, peak, steps_per_epoch,
+               cfg.epochs * steps_per_epoch, device, amp, hidden, rank, world, features=features, seta=seta)
+
+
+def add_subexperts(model: Llama, tok, cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig,
+                   sub: lora.SubExpertConfig, samples: list[TrainSample], template: str,
+                   device) -> tuple[torch.Tensor, SetaState | None]:
+    """MoSEs/SETA: one set of MoSE layers carries every task: the previous stage's, with their masks,
+    and a mask for this task. Returns what the pull constraint (MoSEs) or the gate (SETA) sees of
+    each sample's query, f(x) from the frozen base model, and SETA's remembered queries."""
+    lora.add_subexperts(model, lcfg, sub)
+    if init is not None:
+        init.use(model)
+    # each task draws its own mask scores: carried over, the last task's winners, all held and frozen,
+    # would fill the new task's mask and leave it almost nothing to train (see README)
+    lora.redraw_scores(model, torch.Generator().manual_seed(cfg.seed * 1000 + len(init.keys if init else {})))
+    features = query_features(model, [s.ids[:s.start] for s in samples], cfg.micro_batch)
+    seta = None
+    if METHODS[cfg.method].gate:  # tau of each earlier task's queries, remembered with their task's gate row: the gate's
+        # cross-entropy sees every task through them, and the routing regulariser keeps its outputs on them
+        remembered = [(list(init.keys).index(replace(cfg, task=t).name), ex) for t in cfg.previous
+                      for ex in training_data(replace(cfg, previous=[t]))[1]]
+        prompts = [prompt_ids(tok, ex.query, cfg.max_source, template) for _, ex in remembered]
+        memory = query_features(model, prompts, cfg.micro_batch) if prompts else None
+        memory_rows = torch.tensor([i for i, _ in remembered], dtype=torch.long, device=device)
+        old_rows = torch.stack(list(init.keys.values())).to(device) if init is not None else None
+        old = F.softmax(gate_logits(memory, old_rows), dim=-1) if prompts else None
+        seta = SetaState(memory, memory_rows, old)
+    lora.set_task(model, cfg.name, learning=True)
+    return features, seta
+
+
+def add_task_key(trainable: dict[str, torch.nn.Parameter], cfg: TrainConfig, init: Expert | None, model: Llama,
+                 features: torch.Tensor | None, device, seta: SetaState | None) -> None:
+    """What picks this task at inference, trained with the rest: MoSEs' prompt key, SETA's gate."""
+    method = METHODS[cfg.method]
+    if method.pull:  # this task's prompt key, drawn apart from the earlier tasks' keys
         g = torch.Generator().manual_seed(cfg.seed * 1000 + len(init.keys if init else {}))
         trainable["key"] = torch.nn.Parameter((torch.randn(model.config.dim, generator=g) * 0.02).to(device))
-    if seta:  # SETA's unified gate: one row per task so far, every row trained. The new row is imprinted: it
+    if method.gate:  # SETA's unified gate: one row per task so far, every row trained. The new row is imprinted: it
         # starts at the mean of its task's normalised query features, so the gate begins as a nearest-mean
         # router; random rows learn too slowly, as the queries of all tasks have very similar features
         rows = [*(init.keys.values() if init else []), F.normalize(features, dim=-1).mean(0).cpu()]
         trainable["gate"] = torch.nn.Parameter(torch.stack(rows).float().to(device))
-    if seta:  # elastic anchoring pulls the shared experts back toward their values after the earlier tasks
-        pairs = lora.shared_weights(model)
-        anchors = [p.detach().clone() for p, _ in pairs]
-    if cfg.grad_checkpoint:
-        checkpoint_blocks(model)
-    model.train()
-    # what starts from nothing (indicator rows, a prompt key, SETA's gate) learns at its own rate. A fresh
-    # optimizer per stage and no weight decay: MoSEs' held weights get zero gradients, so stay exactly
+        seta.imprint = rows[-1]
+
+
+def optimizer(cfg: TrainConfig, trainable: dict[str, torch.nn.Parameter],
+              cuda: bool) -> tuple[torch.optim.Optimizer, list[float]]:
+    """AdamW and its groups' peak learning rates. What starts from nothing (indicator rows, a prompt
+    key, SETA's gate) learns at its own rate. A fresh optimizer per stage and no weight decay: MoSEs'
+    held weights get zero gradients, so stay exactly."""
     fresh = [p for n, p in trainable.items() if n.startswith("extra_") or n in ("key", "gate")]
     fresh_lr = cfg.lr if cfg.indicator_lr == "adapter" else cfg.indicator_lr
     opt = torch.optim.AdamW([dict(params=[p for p in trainable.values() if all(p is not q for q in fresh)], lr=cfg.lr),
                              dict(params=fresh, lr=fresh_lr)], weight_decay=0.0, fused=cuda)
-    peak = [g["lr"] for g in opt.param_groups]
-    steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    step = 0
-    if state is not None:
-        step = state["step"]
-        if step > total:
-            raise UserError(f"{out / STATE_FILE}: at step {step}, past this run's {total} steps")
-        restore(state, trainable, opt, out / STATE_FILE)
-        if main:
-            print(f"resuming {out} at step {step}/{total}")
-    if world > 1:  # every process starts from rank 0's weights, as DDP does
-        for p in trainable.values():
-            dist.broadcast(p.data, 0)
-    n_neg = len(rehearsed) if routed else 0
-    frozen = lora.subexpert_counts(model)["used"] if sparse else 0  # held by earlier tasks' masks
-    if main:
-        print(f"{cfg.method} {cfg.name}: {len(samples) - n_neg} positive + {n_neg} negative samples, "
-              + (f"{len(rehearsed)} earlier queries for the gate, " if seta else "") +
-              f"{sum(p.numel() for p in trainable.values()) - frozen:,} trainable parameters, {template} prompts, "
-              f"{total} steps on {device}" + (f" and {world - 1} more processes" if world > 1 else "")
-              + (f"; {lora.free_share(model):.0%} of the new mask is trainable at its first step" if sparse else ""))
-        if sources:
-            print("rehearsed: " + "; ".join(sources))
-        # every check passed: the run directory starts (or restarts) here; the log keeps the steps
-        # before the checkpoint, since later ones are about to be redone
-        logged = read_log(out / LOG_FILE, step) if state is not None else []
-        out.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(out, STATE_FILE, CONFIG_FILE, LOG_FILE, EXPERT_DIR)  # of a process killed mid-write
-        atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"))
-        atomic_write(out / LOG_FILE, lambda p: p.write_text("".join(line + "\n" for line in logged)))
-    amp = torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype, enabled=dtype != torch.float32)
-    hidden = torch.compile(model.hidden) if cfg.compile else model.hidden
-    bar = tqdm(total=total, initial=step, desc=f"train {cfg.name}", unit="step", disable=not main)
+    return opt, [g["lr"] for g in opt.param_groups]
+
+
+def resume(run: Run, state: dict) -> None:
+    """Continue an unfinished run from its checkpoint."""
+    out = run.cfg.run_dir()
+    run.step = state["step"]
+    if run.step > run.total:
+        raise UserError(f"{out / STATE_FILE}: at step {run.step}, past this run's {run.total} steps")
+    restore(state, run.trainable, run.opt, out / STATE_FILE)
+    if run.main:
+        print(f"resuming {out} at step {run.step}/{run.total}")
+
+
+def start_run_dir(run: Run, n_rehearsed: int, sources: list[str], resumed: bool) -> None:
+    """Say what is trained, then start (or restart) the run directory: every check has passed. The log
+    keeps the steps before the checkpoint, since later ones are about to be redone."""
+    cfg, model, method = run.cfg, run.model, run.method
+    n_neg = n_rehearsed if method.routes else 0
+    frozen = lora.subexpert_counts(model)["used"] if method.sparse else 0  # held by earlier tasks' masks
+    print(f"{cfg.method} {cfg.name}: {len(run.samples) - n_neg} positive + {n_neg} negative samples, "
+          + (f"{n_rehearsed} earlier queries for the gate, " if method.gate else "") +
+          f"{sum(p.numel() for p in run.trainable.values()) - frozen:,} trainable parameters, {run.template} prompts, "
+          f"{run.total} steps on {run.device}" + (f" and {run.world - 1} more processes" if run.world > 1 else "")
+          + (f"; {lora.free_share(model):.0%} of the new mask is trainable at its first step" if method.sparse else ""))
+    if sources:
+        print("rehearsed: " + "; ".join(sources))
+    out = cfg.run_dir()
+    logged = read_log(out / LOG_FILE, run.step) if resumed else []
+    out.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out, STATE_FILE, CONFIG_FILE, LOG_FILE, EXPERT_DIR)  # of a process killed mid-write
+    atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"))
+    atomic_write(out / LOG_FILE, lambda p: p.write_text("".join(line + "\n" for line in logged)))
+
+
+def fit(run: Run) -> tuple[float, int]:
+    """The training loop: learning rate, micro-batches, backward, the sum across processes, clipping,
+    the step, the log, a checkpoint. Returns the seconds it took and the tokens it saw."""
+    cfg = run.cfg
+    out = cfg.run_dir()
+    bar = tqdm(total=run.total, initial=run.step, desc=f"train {cfg.name}", unit="step", disable=not run.main)
     t_start, n_tokens = time.perf_counter(), 0
-    with (out / LOG_FILE).open("a") if main else contextlib.nullcontext() as log:
-        while step < total:
-            epoch, k = divmod(step, steps_per_epoch)
-            order = list(range(len(samples)))
-            random.Random(f"{cfg.seed}/epoch{epoch}").shuffle(order)
-            # the global batch in order of length, so that micro-batches hold similar lengths and
-            # little padding; the loss is a sum over its tokens, so the order does not change it
-            chosen = sorted(order[k * cfg.batch_size:(k + 1) * cfg.batch_size], key=lambda i: len(samples[i].ids))
-            batch = [samples[i] for i in chosen]
+    with (out / LOG_FILE).open("a") if run.main else contextlib.nullcontext() as log:
+        while run.step < run.total:
+            epoch, chosen = global_batch(run)
+            batch = [run.samples[i] for i in chosen]
+            for group, peak in zip(run.opt.param_groups, run.peak):
+                group["lr"] = peak * lr_scale(run.step, run.total)
             # Eq. 5 as SFT implementations compute it: the mean NLL over all target tokens of the global batch
             n_targets = sum(len(s.ids) - s.start for s in batch)
-            for p in trainable.values():
-                p.grad = None
-            t0, loss_sum, aux_sum = time.perf_counter(), 0.0, 0.0
-            for m in range(rank * cfg.micro_batch, len(batch), world * cfg.micro_batch):  # this process's share
-                nll = target_nll(model, hidden, batch[m:m + cfg.micro_batch], device, amp)
-                loss = nll / n_targets
-                if moses:  # MoSEs' pull constraint: this task's key toward its queries' features
-                    f = features[chosen[m:m + cfg.micro_batch]]
-                    aux = (1 - F.cosine_similarity(trainable["key"][None], f, dim=-1)).sum()
-                    loss = loss + cfg.pull_weight * aux / len(batch)
-                loss.backward()
-                loss_sum += nll.item()
-                aux_sum += aux.item() if moses else 0.0
-            if world > 1:  # the sum of every process's share: the gradient of the whole global batch
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable.values()]
-                flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([loss_sum, aux_sum], device=device)])
-                dist.all_reduce(flat)  # one collective for all of it
-                for p, g in zip(trainable.values(), flat[:-2].split([g.numel() for g in grads])):
-                    p.grad = g.view_as(p)
-                loss_sum, aux_sum = flat[-2:].tolist()
-            extra = dict(pull=aux_sum / len(batch)) if moses else {}
-            if seta:  # penalties on weights every process holds alike, so each adds their gradient itself
-                # the gate: this batch's queries to the newest row, the remembered ones to their own rows
-                newest = torch.full((len(chosen),), len(trainable["gate"]) - 1, device=device)
-                gate = gate_loss(trainable["gate"], torch.cat([f for f in (memory, features[chosen]) if f is not None]),
-                                 torch.cat([memory_rows, newest]))
-                anchor = elastic_anchor(pairs, anchors)
-                reg = routing_regulariser(trainable["gate"], memory, old) if memory is not None else torch.zeros(())
-                (gate + cfg.anchor_weight * anchor + cfg.route_reg_weight * reg).backward()
-                extra = dict(gate=gate.item(), anchor=anchor.item(), route_reg=reg.item())
-            if sparse:
-                extra.update(mask_trainable=lora.free_share(model))
-            torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)  # max_grad_norm 1.0, the HF Trainer default
-            for group, lr in zip(opt.param_groups, peak):
-                group["lr"] = lr * lr_scale(step, total)
-            opt.step()
-            step += 1
+            t0 = time.perf_counter()
+            loss_sum, pull_sum = backward(run, chosen, n_targets)
+            if run.world > 1:  # the sum of every process's share: the gradient of the whole global batch
+                loss_sum, pull_sum = all_reduce(run, loss_sum, pull_sum)
+            extra = method_terms(run, chosen, pull_sum)
+            torch.nn.utils.clip_grad_norm_(run.trainable.values(), 1.0)  # max_grad_norm 1.0, the HF Trainer default
+            run.opt.step()
+            run.step += 1
             tokens = sum(len(s.ids) - 1 for s in batch)
             n_tokens += tokens
-            rec = dict(step=step, steps=total, epoch=epoch, loss=loss_sum / n_targets, lr=opt.param_groups[0]["lr"],
-                       tokens_per_s=tokens / (time.perf_counter() - t0), **extra)
-            if main:
+            rec = dict(step=run.step, steps=run.total, epoch=epoch, loss=loss_sum / n_targets,
+                       lr=run.opt.param_groups[0]["lr"], tokens_per_s=tokens / (time.perf_counter() - t0), **extra)
+            if run.main:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{n_tokens / (time.perf_counter() - t_start):.0f}")
             bar.update(1)
-            if main and step % cfg.save_every == 0 and step < total:
-                save_state(out / STATE_FILE, step, trainable, opt)
+            if run.main and run.step % cfg.save_every == 0 and run.step < run.total:
+                save_state(out / STATE_FILE, run.step, run.trainable, run.opt)
     bar.close()
-    elapsed = time.perf_counter() - t_start
-    keys = None
-    if seta:  # online EWC: this task's importance joins the earlier tasks'
-        for (_, imp), f in zip(pairs, importance(model, hidden, samples, cfg, device, amp)):
+    return time.perf_counter() - t_start, n_tokens
+
+
+def global_batch(run: Run) -> tuple[int, list[int]]:
+    """The epoch and the samples (indices) of the step's global batch: each epoch shuffles them anew."""
+    cfg = run.cfg
+    epoch, k = divmod(run.step, run.steps_per_epoch)
+    order = list(range(len(run.samples)))
+    random.Random(f"{cfg.seed}/epoch{epoch}").shuffle(order)
+    # the global batch in order of length, so that micro-batches hold similar lengths and
+    # little padding; the loss is a sum over its tokens, so the order does not change it
+    chosen = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+    return epoch, sorted(chosen, key=lambda i: len(run.samples[i].ids))
+
+
+def backward(run: Run, chosen: list[int], n_targets: int) -> tuple[float, float]:
+    """This process's share of the global batch, a micro-batch at a time: the gradients of Eq. 5 (the
+    NLL over `n_targets` target tokens) and of MoSEs' pull term. Returns the share's summed NLL and pull."""
+    cfg = run.cfg
+    batch = [run.samples[i] for i in chosen]
+    for p in run.trainable.values():
+        p.grad = None
+    loss_sum, pull_sum = 0.0, 0.0
+    for m in range(run.rank * cfg.micro_batch, len(batch), run.world * cfg.micro_batch):
+        part = chosen[m:m + cfg.micro_batch]
+        nll = target_nll(run.model, run.hidden, batch[m:m + cfg.micro_batch], run.device, run.amp)
+        pull = pull_term(run, part)
+        (nll / n_targets + cfg.pull_weight * pull / len(batch)).backward()
+        loss_sum += nll.item()
+        pull_sum += pull.item()
+    return loss_sum, pull_sum
+
+
+def all_reduce(run: Run, loss_sum: float, pull_sum: float) -> tuple[float, float]:
+    """Sum the gradients and the logged sums over the processes, in one collective."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in run.trainable.values()]
+    flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([loss_sum, pull_sum], device=run.device)])
+    dist.all_reduce(flat)
+    for p, g in zip(run.trainable.values(), flat[:-2].split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+    loss_sum, pull_sum = flat[-2:].tolist()
+    return loss_sum, pull_sum
+
+
+def pull_term(run: Run, part: list[int]) -> torch.Tensor:
+    """MoSEs' pull constraint on a micro-batch (samples `part`): this task's key toward its queries'
+    features, 1 - cos summed over them; zero for the other methods."""
+    if not run.method.pull:
+        return torch.zeros((), device=run.device)
+    f = run.features[part]
+    return (1 - F.cosine_similarity(run.trainable["key"][None], f, dim=-1)).sum()
+
+
+def method_terms(run: Run, chosen: list[int], pull_sum: float) -> dict[str, float]:
+    """The method's own terms of the step, once the batch's gradients are in, and what the log shows of
+    them: MoSEs' pull, SETA's gate loss and penalties, the share of a new mask left to train."""
+    extra = dict(pull=pull_sum / len(chosen)) if run.method.pull else {}
+    if run.method.gate:
+        extra = seta_terms(run, chosen)
+    if run.method.sparse:
+        extra.update(mask_trainable=lora.free_share(run.model))
+    return extra
+
+
+def seta_terms(run: Run, chosen: list[int]) -> dict[str, float]:
+    """SETA's gate loss, elastic anchoring and routing regulariser, backward: penalties on weights every
+    process holds alike, so each adds their gradient itself."""
+    cfg, trainable, seta = run.cfg, run.trainable, run.seta
+    memory, features = seta.memory, run.features
+    # the gate: this batch's queries to the newest row, the remembered ones to their own rows
+    newest = torch.full((len(chosen),), len(trainable["gate"]) - 1, device=run.device)
+    gate = gate_loss(trainable["gate"], torch.cat([f for f in (memory, features[chosen]) if f is not None]),
+                     torch.cat([seta.memory_rows, newest]))
+    anchor = elastic_anchor(seta.pairs, seta.anchors)
+    reg = routing_regulariser(trainable["gate"], memory, seta.old) if memory is not None else torch.zeros(())
+    (gate + cfg.anchor_weight * anchor + cfg.route_reg_weight * reg).backward()
+    return dict(gate=gate.item(), anchor=anchor.item(), route_reg=reg.item())
+
+
+def task_keys(run: Run, init: Expert | None) -> tuple[dict | None, dict | None]:
+    """After training: each task's key (MoSEs: prompt keys; SETA: gate rows) and SETA's imprinted
+    rows, with SETA's importance of the shared experts updated (online EWC: this task's importance
+    joins the earlier tasks')."""
+    cfg, trainable, method = run.cfg, run.trainable, run.method
+    keys = imprints = None
+    if method.gate:
+        new = importance(run.model, run.hidden, run.samples, cfg, run.device, run.amp)
+        for (_, imp), f in zip(run.seta.pairs, new):
             imp += f
         keys = dict(zip([*(init.keys if init else {}), cfg.name], trainable["gate"].detach().cpu().clone()))
-        imprints = {**(init.imprints if init else {}), cfg.name: rows[-1]}
-    if moses:
+        imprints = {**(init.imprints if init else {}), cfg.name: run.seta.imprint}
+    if method.pull:
         keys = {**(init.keys if init else {}), cfg.name: trainable["key"].detach().cpu().clone()}
-    if sparse:
-        lora.finish_task(model, cfg.name)
-    if main:
-        print(f"trained {step} steps in {elapsed:.0f} s, {n_tokens / max(elapsed, 1e-9):.0f} tokens/s")
-        Expert.from_model(model, cfg.name, cfg.task, cfg.model, cfg.indicator if routed else UNROUTED, cfg.max_source,
-                          template, lcfg, sub, keys, imprints if seta else None).save(out / EXPERT_DIR)
-        (out / STATE_FILE).unlink(missing_ok=True)
-    if world > 1:
-        dist.barrier()  # the next stage (on any process) may read this expert
-    return out
+    return keys, imprints
+
+
+def trained_expert(run: Run, lcfg: lora.LoraConfig, sub: lora.SubExpertConfig | None, keys: dict | None,
+                   imprints: dict | None) -> Expert:
+    """The trained expert, of the kind the method trains."""
+    cfg = run.cfg
+    indicator = cfg.indicator if run.method.routes else UNROUTED
+    info = (run.model, cfg.name, cfg.task, cfg.model, indicator, cfg.max_source, run.template, lcfg)
+    if run.method.sparse:
+        return SubExpert.from_model(*info, sub, keys, imprints)
+    return LoraExpert.from_model(*info)
 
 
 def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
@@ -605,23 +803,14 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
     if cfg.init:
         raise UserError("--init is for one stage; a sequence starts each stage as its method says")
     names = [replace(cfg, task=t).name for t in tasks]
-    # the default directory names what sets this run apart, e.g. runs/see-tau0.1-qa-qg-sa-sum-trans-smollm2-135m
-    variant = [f"tau{cfg.tau:g}"] if cfg.method in ("see", "replay") else []
-    if cfg.method == "moses":
-        variant = [f"c{cfg.sparsity:g}", f"e{cfg.experts}k{cfg.top_k}", f"pull{cfg.pull_weight:g}"]
-    if cfg.method == "seta":
-        variant = [f"c{cfg.sparsity:g}", f"e{cfg.experts}k{cfg.top_k}s{cfg.shared}", f"tau{cfg.tau:g}",
-                   f"anchor{cfg.anchor_weight:g}", f"rr{cfg.route_reg_weight:g}"]
-    if cfg.method == "see":
-        variant += ["pseudo"] * (cfg.negatives == "lima") + [cfg.indicator] * (cfg.indicator != "added")
-    root = Path(cfg.out or f"runs/{'-'.join([cfg.method, *variant, *names])}-{model_tag(cfg.model)}")
-    if cfg.method == "mtl":
+    method = METHODS[cfg.method]
+    root = Path(cfg.out or f"runs/{'-'.join([cfg.method, *run_name(cfg), *names])}-{model_tag(cfg.model)}")
+    if method.joint:
         stages = [replace(cfg, task=tasks[-1], previous=tasks[:-1], tau=1.0, out=str(root / "1-mtl"))]
     else:
-        rehearse = cfg.method in ("see", "replay", "seta")
-        stages = [replace(cfg, task=t, previous=tasks[:i] if rehearse else [], out=str(root / f"{i + 1}-{n}"))
+        stages = [replace(cfg, task=t, previous=tasks[:i] if method.rehearses else [], out=str(root / f"{i + 1}-{n}"))
                   for i, (t, n) in enumerate(zip(tasks, names))]
-    stages = [replace(s, init=str(Path(stages[i - 1].out) / EXPERT_DIR) if cfg.method in CONTINUED and i else None)
+    stages = [replace(s, init=str(Path(stages[i - 1].out) / EXPERT_DIR) if method.continues and i else None)
               for i, s in enumerate(stages)]
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("task", "previous", "out", "init")}
     system = dict(method=cfg.method, model=cfg.model, tasks=tasks,
@@ -648,6 +837,16 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
     return root
 
 
+def run_name(cfg: TrainConfig) -> list[str]:
+    """What sets a sequence's default directory apart beside its method and tasks, e.g. ["tau0.1"] in
+    runs/see-tau0.1-qa-qg-sa-sum-trans-smollm2-135m."""
+    method = METHODS[cfg.method]
+    parts = [part.format(**dataclasses.asdict(cfg)) for part in method.run_name]
+    if method.routes:  # SEE's pseudo-negatives and indicator types (Tables 3, 4)
+        parts += ["pseudo"] * (cfg.negatives == "lima") + [cfg.indicator] * (cfg.indicator != "added")
+    return parts
+
+
 def rate(text: str) -> float | str:
     """A learning rate, or "adapter" (the adapter's --lr)."""
     return text if text == "adapter" else float(text)
@@ -666,7 +865,7 @@ def read_system(root: Path) -> dict:
         raise UserError(f"{path}: unknown method {method!r}")
     if not tasks or not all(isinstance(t, str) for t in tasks) or len(set(tasks)) != len(tasks):
         raise UserError(f"{path}: 'tasks' must list distinct task names, got {tasks!r}")
-    stages = 1 if method == "mtl" else len(tasks)
+    stages = 1 if METHODS[method].joint else len(tasks)
     if len(experts) != stages or not all(isinstance(e, str) for e in experts):
         raise UserError(f"{path}: 'experts' must list {stages} expert directories, got {experts!r}")
     for e in experts:
@@ -684,7 +883,7 @@ def check_finished(cfg: TrainConfig) -> None:
     if not last or last.get("steps", last["step"]) != last["step"]:  # logs written before "steps" end as they end
         raise UserError(f"{out / LOG_FILE}: ends at step {last.get('step', 0)} of {last.get('steps', '?')}, "
                         f"in a finished run")
-    Expert.load(out / EXPERT_DIR)
+    load_expert(out / EXPERT_DIR)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | None]:
@@ -698,7 +897,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | 
                                                  f"or the path of a SuperNI task .json file (default {d.task})")
     p.add_argument("--previous", default=None, help="comma-separated earlier tasks; tau of their queries become negatives")
     p.add_argument("--method", default=d.method, choices=list(METHODS),
-                   help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+                   help="; ".join(f"{k}: {v.help}" for k, v in METHODS.items()))
     p.add_argument("--negatives", default=d.negatives, choices=NEGATIVES,
                    help="SEE's negatives: earlier tasks' queries, or as many LIMA queries (pseudo-negatives)")
     p.add_argument("--init", default=None, help="expert directory whose LoRA this one starts from")

@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lora  # noqa: E402
 from checkpoint import resolve_dtype  # noqa: E402
-from experts import Expert, Indicators  # noqa: E402
+from experts import Indicators, LoraExpert  # noqa: E402
 from forward_backward import SHAPES, timed  # noqa: E402
 from model import Llama, ModelConfig, generate  # noqa: E402
 from router import parallel_route, sequential_route  # noqa: E402
 
 
-def make_experts(model: Llama, m: int, device) -> list[Expert]:
+def make_experts(model: Llama, m: int, device) -> list[LoraExpert]:
     cfg = lora.LoraConfig(r=8, alpha=16, dropout=0.0)
     experts = []
     for e in range(m):
@@ -37,13 +37,13 @@ def make_experts(model: Llama, m: int, device) -> list[Expert]:
         with torch.no_grad():
             for layer in lora.lora_layers(model).values():
                 layer.lora_B[f"e{e}"].weight.normal_(0, 0.01)
-        experts.append(Expert.from_model(model, f"e{e}", f"task{e}", "random", "added", 10**6, "plain", cfg))
+        experts.append(LoraExpert.from_model(model, f"e{e}", f"task{e}", "random", "added", 10**6, "plain", cfg))
     for e in experts:  # move to the device: the router copies rows into the model's rows
         e.rows = {k: v.to(device) for k, v in e.rows.items()}
     return experts
 
 
-def force(experts: list[Expert], hidden: list[torch.Tensor], claimer: int | None) -> None:
+def force(experts: list[LoraExpert], hidden: list[torch.Tensor], claimer: int | None) -> None:
     """Expert `claimer` (an index, or None for no one) emits o_pos first, every other one o_neg."""
     for e, (expert, h) in enumerate(zip(experts, hidden)):
         row = 1e4 * h / h.square().sum()  # logit 1e4 for whichever indicator gets it: far above any other

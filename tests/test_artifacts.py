@@ -18,7 +18,7 @@ import evaluate
 import train as train_mod
 from checkpoint import atomic_dir, atomic_write, load_dir
 from errors import UserError
-from experts import Expert
+from experts import load_expert
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_TRAINING = ["--max-train", "8", "--epochs", "1", "--batch-size", "8", "--micro-batch", "8", "--max-source", "48",
@@ -358,7 +358,7 @@ def test_an_expert_without_its_indicator_rows_is_refused(finished_runs, capsys, 
     run = shutil.copytree(finished_runs["see"][0], tmp_path / "run")
     (run / "1-sa" / "expert" / "indicators.safetensors").unlink()
     with pytest.raises(UserError, match="indicators.safetensors not found"):
-        Expert.load(run / "1-sa" / "expert")
+        load_expert(run / "1-sa" / "expert")
 
 
 # --- model checkpoint files

@@ -5,7 +5,7 @@ import torch
 import lora
 from data import Example, rehearsal
 from errors import UserError
-from experts import PROMPT, Expert, base_model, prompt_ids, reconstruct, resolve_template, setup_indicators
+from experts import PROMPT, LoraExpert, base_model, load_expert, prompt_ids, reconstruct, resolve_template, setup_indicators
 from train import collate
 
 
@@ -118,14 +118,14 @@ def test_an_expert_saved_and_loaded_runs_the_same_function(tiny, tiny_dir, tmp_p
     lora.set_adapter(model, "qa")
     x = torch.tensor([prompt_ids(tok, "Definition.\n\nInput", 64)])
     expected = model(x)
-    Expert.from_model(model, "qa", "qa", str(tiny_dir), "added", 64, "plain", cfg).save(tmp_path / "e")
+    LoraExpert.from_model(model, "qa", "qa", str(tiny_dir), "added", 64, "plain", cfg).save(tmp_path / "e")
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "expert.json", "indicators.safetensors"]
 
     from checkpoint import load_dir
     fresh, fresh_tok = load_dir(tiny_dir)
     setup_indicators(fresh, fresh_tok)
-    expert = Expert.load(tmp_path / "e")
+    expert = load_expert(tmp_path / "e")
     expert.attach(fresh)
     expert.use(fresh)
     assert torch.equal(fresh(x), expected)
@@ -144,7 +144,7 @@ def test_a_tied_model_trains_and_stores_one_set_of_indicator_rows(tmp_path):
     lora.add_adapter(model, "a", cfg)
     trainable = trainable_parameters(model, "a", indicator_rows=True)
     assert "extra_embed" in trainable and "extra_head" not in trainable and model.extra_head is model.extra_embed
-    expert = Expert.from_model(model, "a", "a", "random", "added", 64, "plain", cfg)
+    expert = LoraExpert.from_model(model, "a", "a", "random", "added", 64, "plain", cfg)
     assert set(expert.rows) == {"embed"}
     expert.rows["embed"] = torch.randn_like(expert.rows["embed"])
     lora.add_adapter(model, "b", cfg)

@@ -13,7 +13,7 @@ from checkpoint import load_dir
 from data import load_task
 from errors import UserError
 from evaluate import evaluate_run
-from experts import TRAINING_FILE, Expert, prompt_ids
+from experts import TRAINING_FILE, load_expert, prompt_ids
 from router import key_route, match_keys, query_features
 from train import TrainConfig, train, train_sequence
 
@@ -110,7 +110,7 @@ def moses_runs(tiny_dir, synthetic_tasks, tmp_path_factory):
 
 
 def stage(run, i):
-    return Expert.load(next(run.glob(f"{i}-*")) / "expert")
+    return load_expert(next(run.glob(f"{i}-*")) / "expert")
 
 
 def test_an_earlier_tasks_outputs_are_bit_identical_after_later_tasks(moses_runs, tiny_dir, synthetic_tasks):
@@ -171,7 +171,7 @@ def test_a_dropped_training_state_leaves_inference_alone_and_refuses_a_next_stag
     model, tok = load_dir(tiny_dir)
     prompts = [prompt_ids(tok, ex.query, 96) for ex in load_task(synthetic_tasks[0], "eval")[:4]]
     answers = []
-    for e in (Expert.load(kept), Expert.load(dropped)):
+    for e in (load_expert(kept), load_expert(dropped)):
         if not answers:
             e.attach(model)
         e.use(model)

@@ -8,7 +8,7 @@ import torch
 
 from checkpoint import load_dir
 from data import load_task
-from experts import NEITHER, Expert, base_model, prompt_ids, setup_indicators
+from experts import NEITHER, base_model, load_expert, prompt_ids, setup_indicators
 from model import generate
 from router import BASE, Routed, parallel_route, sequential_route
 from train import train
@@ -21,7 +21,7 @@ def system(separable_run, tiny_dir, tmp_path_factory):
     pe_run = train(replace(sa_cfg, task="pe", previous=["sa"], out=str(tmp_path_factory.mktemp("runs") / "pe")))
     model, tok = load_dir(tiny_dir)
     ind = setup_indicators(model, tok)
-    experts = [Expert.load(sa_run / "expert"), Expert.load(pe_run / "expert")]
+    experts = [load_expert(sa_run / "expert"), load_expert(pe_run / "expert")]
     for e in experts:
         e.attach(model)
     queries = {t: [prompt_ids(tok, ex.query, sa_cfg.max_source) for ex in load_task(t, "eval")[:6]] for t in ("sa", "pe", "qa")}

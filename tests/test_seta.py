@@ -15,7 +15,7 @@ from checkpoint import load_dir
 from data import load_task
 from errors import UserError
 from evaluate import evaluate_run
-from experts import Expert, prompt_ids, reconstruct
+from experts import load_expert, prompt_ids, reconstruct
 from router import gate_logits, key_route, match_keys, query_features
 from train import TrainConfig, importance, routing_regulariser, train, train_sequence, trainable_parameters, training_data
 
@@ -33,7 +33,7 @@ def seta_runs(tiny_dir, synthetic_tasks, tmp_path_factory):
 
 
 def stage(run, i):
-    return Expert.load(next(run.glob(f"{i}-*")) / "expert")
+    return load_expert(next(run.glob(f"{i}-*")) / "expert")
 
 
 def shared(expert, kind=""):

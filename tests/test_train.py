@@ -16,7 +16,7 @@ import train as train_mod
 from checkpoint import load_dir
 from data import load_ood, load_task
 from errors import UserError
-from experts import Expert, prompt_ids, setup_indicators
+from experts import load_expert, prompt_ids, setup_indicators
 from router import generate_batched
 from train import TrainConfig, train, train_sequence, trainable_parameters, training_data
 
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def first_tokens(run_dir, tiny_dir, task, max_source):
     model, tok = load_dir(tiny_dir)
     ind = setup_indicators(model, tok)
-    expert = Expert.load(run_dir / "expert")
+    expert = load_expert(run_dir / "expert")
     expert.attach(model)
     expert.use(model)
     queries = [prompt_ids(tok, ex.query, max_source) for ex in load_task(task, "eval")[:20]]
@@ -227,9 +227,9 @@ def test_each_method_arranges_its_stages(tmp_path, monkeypatch, method, stages):
 
 def test_a_continued_lora_starts_from_the_previous_stage_and_has_no_indicators(tiny_dir, tmp_path):
     cfg = replace(small(tiny_dir, tmp_path / "sa"), method="non-rehearsal", previous=[])
-    first = Expert.load(train(cfg) / "expert")
+    first = load_expert(train(cfg) / "expert")
     # with lr 1e-30 (an lr must be > 0) the second stage moves no weight by more than 1e-30: its LoRA is where it started
-    second = Expert.load(train(replace(cfg, task="pe", lr=1e-30, init=str(tmp_path / "sa" / "expert"),
+    second = load_expert(train(replace(cfg, task="pe", lr=1e-30, init=str(tmp_path / "sa" / "expert"),
                                        out=str(tmp_path / "pe"))) / "expert")
     assert first.adapter.keys() == second.adapter.keys() and any(v.abs().max() > 0 for v in first.adapter.values())
     assert all(torch.allclose(first.adapter[k], second.adapter[k], rtol=0, atol=1e-25) for k in first.adapter)
