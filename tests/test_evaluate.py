@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
-from evaluate import rouge_l
+from evaluate import evaluate_run, rouge_l
+from train import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,6 +149,32 @@ def test_mtl_and_stl_give_one_row_and_no_bwt(tiny_dir, tmp_path, method):
     assert [len(row) for row in result["scores"]] == [2] and result["bwt"] is None
     routes = {p["task"]: p["route"] for p in predictions}
     assert routes == ({"sa": "pe", "pe": "pe"} if method == "mtl" else {"sa": "sa", "pe": "pe"}), "which adapter answered"
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_in_the_table_trains_and_evaluates_as_its_facts_say(tiny_dir, tmp_path, name):
+    from evaluate import method_label
+    from experts import SubExpert, load_expert
+    from train import TrainConfig, train_sequence
+    method = METHODS[name]
+    cfg = TrainConfig(model=str(tiny_dir), method=name, out=str(tmp_path / name), tau=1.0, max_train=4, epochs=1,
+                      batch_size=4, micro_batch=4, max_source=64, max_target=8)
+    run = train_sequence(cfg, ["sa", "pe"])
+    system = json.loads((run / "system.json").read_text())
+    stages = [json.loads((run / e).parent.joinpath("config.json").read_text()) for e in system["experts"]]
+    assert len(stages) == (1 if method.joint else 2)
+    if not method.joint:
+        assert (stages[1]["previous"] == ["sa"]) == method.rehearses and bool(stages[1]["init"]) == method.continues
+    assert all(isinstance(load_expert(run / e), SubExpert) == method.sparse for e in system["experts"])
+    log = json.loads((run / system["experts"][-1]).parent.joinpath("log.jsonl").read_text().splitlines()[-1])
+    assert ("pull" in log, "gate" in log) == (method.pull, method.gate), "the method's own loss terms are logged"
+    result, predictions = evaluate_run(run, max_eval=2, max_new_tokens=2, max_ood=2)
+    assert result["label"] == method_label(system)
+    assert len(result["scores"]) == (2 if method.continues or method.routes else 1)
+    assert (result["bwt"] is None) == (len(result["scores"]) == 1)
+    assert (result["routing_f1"] is not None) == (method.routes or method.sparse), "routing or task identification"
+    assert ("til_ar" in result) == method.sparse and (result["rb_acc"] is not None) == method.routes
+    assert len(predictions) == 4 and all(("perplexity" in p) != method.sparse for p in predictions)
 
 
 def test_run_and_task_are_exclusive(tiny_dir, tmp_path):
