@@ -609,7 +609,9 @@ def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
     if not examples:
         raise UserError(f"no {args.split} examples for {args.task}")
     model, tok, experts, ind, model_name = load_system(args.model, args.expert, device, dtype)
-    max_source = args.max_source if args.max_source is not None else experts[0].max_source if experts else 1024
+    max_source = experts[0].max_source if experts else 1024
+    if args.max_source is not None:
+        max_source = args.max_source
     template = resolve_template(tok, args.template or (experts[0].template if experts else "auto"))
     task = Path(args.task).stem
     out = Path(args.out or (Path(args.expert[0]).parent if args.expert else

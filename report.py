@@ -75,7 +75,9 @@ def mean(values: list) -> float | None:
 
 def table(header: list[str], rows: list[list]) -> str:
     def cell(v):
-        return "–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+        if v is None:
+            return "–"
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                      + ["| " + " | ".join(map(cell, row)) + " |" for row in rows]) + "\n"
 

@@ -133,7 +133,9 @@ class Tokenizer:
         plain, full = tk.encode("a", add_special_tokens=False).ids, tk.encode("a", add_special_tokens=True).ids
         post_bos = full[0] if len(full) > len(plain) and full[0] != plain[0] else None
         bos_tok = _content(tcfg.get("bos_token"))
-        bos_id = post_bos if post_bos is not None else (tk.token_to_id(bos_tok) if bos_tok else None)
+        bos_id = post_bos
+        if bos_id is None and bos_tok:
+            bos_id = tk.token_to_id(bos_tok)
         add_bos = tcfg.get("add_bos_token", post_bos is not None)
         eos_ids = _ids(eos)
         if not eos_ids and _content(tcfg.get("eos_token")):
@@ -177,4 +179,6 @@ def _content(token) -> str | None:
 
 
 def _ids(x: int | list[int] | None) -> list[int]:
-    return [] if x is None else [x] if isinstance(x, int) else list(x)
+    if x is None:
+        return []
+    return [x] if isinstance(x, int) else list(x)

@@ -948,7 +948,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | 
     a.task = d.task if a.task is None else a.task
     a.previous = [t for t in (a.previous or "").split(",") if t]
     a.targets = [t for t in a.targets.split(",") if t]
-    tasks = ORDERS[a.order] if a.order else [t for t in a.sequence.split(",") if t] if a.sequence is not None else None
+    tasks = None
+    if a.order:
+        tasks = ORDERS[a.order]
+    elif a.sequence is not None:
+        tasks = [t for t in a.sequence.split(",") if t]
     if tasks == []:
         raise UserError(f"--sequence {a.sequence!r} names no task")
     del a.sequence, a.order

@@ -156,7 +156,9 @@ def test_every_damaged_file_of_an_unfinished_run_is_one_line_of_error(cut_run, t
             code, err = cli(train_mod.main, [*args[:-1], copy], capsys, monkeypatch)
             # a missing checkpoint is a run killed before its first one: it starts over, as it should
             expected_restart = (path.name, how) == ("state.pt", "delete")
-            problem = (None if code == 0 else f"exit {code}") if expected_restart else one_error_line(code, err, path.name)
+            problem = one_error_line(code, err, path.name)
+            if expected_restart:
+                problem = None if code == 0 else f"exit {code}"
             if problem is None and not expected_restart and files(tmp_path) - before:
                 problem = f"wrote {sorted(map(str, files(tmp_path) - before))}"
             cases.append(f"unfinished {path.name} {how} (train): {problem or ('started over' if expected_restart else err[0])}")
