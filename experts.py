@@ -1,4 +1,5 @@
-"""SEE experts: task reconstruction (Eq. 4) and the expert itself, a LoRA adapter plus its indicator rows.
+"""SEE experts: task reconstruction (Eq. 4) and the expert itself, a LoRA
+adapter plus its indicator rows.
 
 An expert E_i = (M_0, L_i) answers a query with an indicator first: o_pos ("this is my task",
 then the response) or o_neg ("not mine"). Training data for E_i is the reconstructed task D^_i.
@@ -22,9 +23,11 @@ from errors import UserError
 from model import Llama
 from tokenizer import Tokenizer
 
-# Indicator choices (paper Table 4): new tokens added to the vocabulary (SEE's default), in-vocabulary
-# strings without meaning, or in-vocabulary words with meaning. In-vocabulary ones may span several tokens.
-INDICATORS = {"added": ("<<pos>>", "<<neg>>"), "non-semantic": ("«pos»", "«neg»"), "semantic": ("Yes", "No")}
+# Indicator choices (paper Table 4): new tokens added to the vocabulary (SEE's default),
+# in-vocabulary strings without meaning, or in-vocabulary words with meaning.
+# In-vocabulary ones may span several tokens.
+INDICATORS = {"added": ("<<pos>>", "<<neg>>"), "non-semantic": ("«pos»", "«neg»"),
+              "semantic": ("Yes", "No")}
 # How a query is put to every model (experts and base alike): "plain" is the SuperNI prompt and an
 # answer cue; "chat" is one user turn in the checkpoint's own chat template (instruct models answer
 # nothing useful without it); "auto" picks chat when the checkpoint has a template.
@@ -33,7 +36,8 @@ TEMPLATES = ("auto", "chat", "plain")
 # the indicator type of a baseline's adapter: it has none, answers every query and is not routed
 UNROUTED = "none"
 EXPERT_FILE, ROWS_FILE, SUBEXPERTS_FILE = "expert.json", "indicators.safetensors", "subexperts.safetensors"
-# MoSEs/SETA: what only training on needs (free weights, importance, SETA's imprinted gate rows); may be deleted
+# MoSEs/SETA: what only training on needs (free weights, importance, SETA's
+# imprinted gate rows); may be deleted
 TRAINING_FILE = "training-state.safetensors"
 
 
@@ -58,8 +62,9 @@ class Indicators:
 
     @property
     def added(self) -> list[int]:
-        """Added indicator tokens (none for in-vocabulary ones): never part of a response, so an expert
-        does not generate them after o_pos (a briefly trained one may otherwise repeat <<pos>>)."""
+        """Added indicator tokens (none for in-vocabulary ones): never part of a
+        response, so an expert does not generate them after o_pos (a briefly trained one
+        may otherwise repeat <<pos>>)."""
         return self.pos + self.neg if self.kind == "added" else []
 
 
@@ -94,7 +99,8 @@ def prompt_ids(tok: Tokenizer, query: str, max_source: int, template: str = "pla
     ids = tok.encode(head + query + tail)
     if len(ids) <= max_source:
         return ids
-    # too long: cut the query, keep the tail (encoded alone, so sentencepiece may add a leading space)
+    # too long: cut the query, keep the tail (encoded alone, so
+    # sentencepiece may add a leading space)
     ids = tok.encode(head + query)
     tail_ids = tok.encode(tail, bos=False)
     if max_source <= len(tail_ids) + 1:
@@ -108,14 +114,18 @@ class TrainSample:
     start: int  # ids[start:] are the targets: the indicator, and for positives the response and EOS
 
 
-def reconstruct(current: list[Example], rehearsed: list[Example], tok: Tokenizer, ind: Indicators | None,
-                max_source: int = 1024, max_target: int = 512, template: str = "plain") -> list[TrainSample]:
-    """Eq. 4: D^_i = {(q, o_pos, r)} for the current task  U  {(q, o_neg)} for rehearsed earlier queries.
+def reconstruct(current: list[Example], rehearsed: list[Example], tok: Tokenizer,
+                ind: Indicators | None,
+                max_source: int = 1024, max_target: int = 512,
+                template: str = "plain") -> list[TrainSample]:
+    """Eq. 4: D^_i = {(q, o_pos, r)} for the current task  U  {(q, o_neg)}
+    for rehearsed earlier queries.
 
-    Only the targets enter the loss (Eq. 5); the query tokens are context. Negatives have no response
-    and no EOS: Eq. 5 asks only for o_neg. Sequences are built from ids, so the indicator is always
-    the same tokens whatever text surrounds it. Without indicators (ind None: the baselines, which do
-    not route) every sample is (q, r), and rehearsed examples are replayed in full.
+    Only the targets enter the loss (Eq. 5); the query tokens are context. Negatives have
+    no response and no EOS: Eq. 5 asks only for o_neg. Sequences are built from ids, so
+    the indicator is always the same tokens whatever text surrounds it. Without indicators
+    (ind None: the baselines, which do not route) every sample is (q, r), and rehearsed
+    examples are replayed in full.
     """
     samples = []
     for ex in current + (rehearsed if ind is None else []):
@@ -144,11 +154,12 @@ class LoraExpert:
     template: str  # "plain" or "chat": how its queries were put
     lora: lora.LoraConfig
     adapter: dict[str, torch.Tensor]  # PEFT-keyed LoRA weights
-    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # "embed" (and "head" if untied): o_pos, o_neg rows
+    # "embed" (and "head" if untied): o_pos, o_neg rows
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def from_model(cls, model: Llama, name: str, task: str, base_model: str, indicator: str, max_source: int,
-                   template: str, cfg: lora.LoraConfig) -> "LoraExpert":
+    def from_model(cls, model: Llama, name: str, task: str, base_model: str, indicator: str,
+                   max_source: int, template: str, cfg: lora.LoraConfig) -> "LoraExpert":
         rows = {}
         if indicator == "added":
             rows["embed"] = model.extra_embed.detach().float().clone()
@@ -183,7 +194,8 @@ class LoraExpert:
                 need["head"] = tuple(model.extra_head.shape)
             shapes = {k: tuple(v.shape) for k, v in self.rows.items()}
             if shapes != need:
-                raise UserError(f"{self.name}: the indicator rows in {ROWS_FILE} have shapes {shapes}, the model needs {need}")
+                raise UserError(f"{self.name}: the indicator rows in {ROWS_FILE} have shapes "
+                                f"{shapes}, the model needs {need}")
         lora.add_adapter(model, self.name, self.lora)
         lora.load_adapter_state(model, self.name, self.adapter)
 
@@ -199,9 +211,9 @@ class LoraExpert:
 
 @dataclass
 class SubExpert:
-    """A MoSEs/SETA stage: one set of sparse sub-experts holding every task so far. `adapter` is what
-    inference needs (held weights, bit-packed masks: subexperts.safetensors), `keys` each task's prompt
-    key (SETA: gate row), `training` and `imprints` what only a next stage needs
+    """A MoSEs/SETA stage: one set of sparse sub-experts holding every task so far. `adapter` is
+    what inference needs (held weights, bit-packed masks: subexperts.safetensors), `keys` each
+    task's prompt key (SETA: gate row), `training` and `imprints` what only a next stage needs
     (training-state.safetensors, optional)."""
     name: str
     task: str
@@ -212,33 +224,39 @@ class SubExpert:
     lora: lora.LoraConfig
     adapter: dict[str, torch.Tensor]  # the sub-expert layers' inference state
     sub: lora.SubExpertConfig
-    keys: dict[str, torch.Tensor] = field(default_factory=dict)  # task -> prompt key (SETA: gate row)
-    training: dict[str, torch.Tensor] | None = None  # free weights, SETA's importance (None: dropped)
-    imprints: dict[str, torch.Tensor] = field(default_factory=dict)  # SETA: task -> its gate row as imprinted
+    # task -> prompt key (SETA: gate row)
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)
+    # free weights, SETA's importance (None: dropped)
+    training: dict[str, torch.Tensor] | None = None
+    # SETA: task -> its gate row as imprinted
+    imprints: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def from_model(cls, model: Llama, name: str, task: str, base_model: str, indicator: str, max_source: int,
-                   template: str, cfg: lora.LoraConfig, sub: lora.SubExpertConfig,
+    def from_model(cls, model: Llama, name: str, task: str, base_model: str, indicator: str,
+                   max_source: int, template: str, cfg: lora.LoraConfig, sub: lora.SubExpertConfig,
                    keys: dict[str, torch.Tensor] | None = None,
                    imprints: dict[str, torch.Tensor] | None = None) -> "SubExpert":
         state, training = lora.subexpert_state(model)
-        return cls(name, task, base_model, indicator, max_source, template, cfg, state, sub, dict(keys or {}),
-                   training, dict(imprints or {}))
+        return cls(name, task, base_model, indicator, max_source, template, cfg, state, sub,
+                   dict(keys or {}), training, dict(imprints or {}))
 
     def save(self, path: str | Path) -> None:
         """Write the expert to `path` atomically (a temporary directory, then a rename)."""
         with atomic_dir(path) as tmp:
             keys = {f"keys.{t}": v for t, v in self.keys.items()}
-            save_file({k: v.contiguous() for k, v in {**self.adapter, **keys}.items()}, tmp / SUBEXPERTS_FILE)
+            save_file({k: v.contiguous() for k, v in {**self.adapter, **keys}.items()},
+                      tmp / SUBEXPERTS_FILE)
             if self.training is not None:
-                training = {**self.training, **{f"imprints.{t}": v for t, v in self.imprints.items()}}
+                training = {**self.training,
+                            **{f"imprints.{t}": v for t, v in self.imprints.items()}}
                 save_file({k: v.contiguous() for k, v in training.items()}, tmp / TRAINING_FILE)
-            write_meta(self, tmp, dict(lora=dataclasses.asdict(self.lora), sub=dataclasses.asdict(self.sub)))
+            write_meta(self, tmp,
+                       dict(lora=dataclasses.asdict(self.lora), sub=dataclasses.asdict(self.sub)))
 
     @classmethod
     def load(cls, path: Path, meta: dict) -> "SubExpert":
-        """The sub-experts, keys and training state of an expert directory whose expert.json (`meta`)
-        load_expert has checked."""
+        """The sub-experts, keys and training state of an expert directory whose expert.json
+        (`meta`) load_expert has checked."""
         try:
             cfg, sub = lora.LoraConfig(**meta["lora"]), lora.SubExpertConfig(**meta["sub"])
         except (KeyError, TypeError, UserError) as e:
@@ -248,7 +266,8 @@ class SubExpert:
         training, imprints = None, {}
         if (path / TRAINING_FILE).is_file():  # absent: dropped, and the stage is for inference only
             training = read_tensors(path / TRAINING_FILE)
-            imprints = {k.removeprefix("imprints."): v for k, v in training.items() if k.startswith("imprints.")}
+            imprints = {k.removeprefix("imprints."): v for k,
+                        v in training.items() if k.startswith("imprints.")}
             training = {k: v for k, v in training.items() if not k.startswith("imprints.")}
         adapter = {k: v for k, v in state.items() if not k.startswith("keys.")}
         return cls(*[meta[k] for k in EXPERT_FIELDS], cfg, adapter, sub, keys, training, imprints)
@@ -264,8 +283,9 @@ class SubExpert:
             lora.add_subexperts(model, self.lora, self.sub)
 
     def use(self, model: Llama) -> None:
-        """Make this (attached) stage the one the model runs: its sub-experts and masks (choose the task
-        with lora.set_task or router.key_route), and the free weights if its training state is there."""
+        """Make this (attached) stage the one the model runs: its sub-experts and masks
+        (choose the task with lora.set_task or router.key_route), and the free weights if
+        its training state is there."""
         lora.load_subexpert_state(model, self.adapter, self.training)
 
 
@@ -279,18 +299,18 @@ def write_meta(expert: Expert, directory: Path, extra: dict) -> None:
 
 
 def load_expert(path: str | Path) -> Expert:
-    """An expert directory, of the kind its expert.json names, every file it needs checked: a missing or
-    malformed one is a UserError naming it."""
+    """An expert directory, of the kind its expert.json names, every file it needs checked: a
+    missing or malformed one is a UserError naming it."""
     path = Path(path)
     if not (path / EXPERT_FILE).is_file():
         raise UserError(f"{path} is not an expert directory (no {EXPERT_FILE})")
     meta = read_json(path / EXPERT_FILE)
-    check_fields(meta, path / EXPERT_FILE, name=str, task=str, base_model=str, indicator=str, max_source=int,
-                 template=str)
+    check_fields(meta, path / EXPERT_FILE, name=str, task=str, base_model=str, indicator=str,
+                 max_source=int, template=str)
     if meta["indicator"] not in (*INDICATORS, UNROUTED) or meta["template"] not in TEMPLATES \
             or meta["max_source"] < 1:
-        raise UserError(f"{path / EXPERT_FILE}: unknown indicator {meta['indicator']!r} or template "
-                        f"{meta['template']!r}, or max_source {meta['max_source']} < 1")
+        raise UserError(f"{path / EXPERT_FILE}: unknown indicator {meta['indicator']!r} or "
+                        f"template {meta['template']!r}, or max_source {meta['max_source']} < 1")
     kind = SubExpert if "sub" in meta else LoraExpert
     return kind.load(path, meta)
 
