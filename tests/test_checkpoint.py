@@ -1,4 +1,5 @@
-"""Loading checkpoints: local directories (single and sharded), the hub cache format, and bad input."""
+"""Loading checkpoints: local directories (single and sharded), the hub
+cache format, and bad input."""
 import json
 import shutil
 

@@ -1,4 +1,5 @@
-"""SuperNI tasks by abbreviation or task file, one-line errors for bad input, and RandSel rehearsal."""
+"""SuperNI tasks by abbreviation or task file, one-line errors for bad
+input, and RandSel rehearsal."""
 import json
 
 import pytest

@@ -1,4 +1,5 @@
-"""evaluate.py: SuperNI's ROUGE-L, scores written as JSON, and whole continual runs: SEE against the baselines."""
+"""evaluate.py: SuperNI's ROUGE-L, scores written as JSON, and whole continual
+runs: SEE against the baselines."""
 import json
 import os
 import subprocess

@@ -1,4 +1,5 @@
-"""Task reconstruction (Eq. 4), the loss mask (Eq. 5), indicator types, and an expert's directory."""
+"""Task reconstruction (Eq. 4), the loss mask (Eq. 5), indicator types, and
+an expert's directory."""
 import pytest
 import torch
 

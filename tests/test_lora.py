@@ -1,4 +1,5 @@
-"""Hand-written LoRA: a no-op at init, merge/unmerge, several adapters, and PEFT's file layout (peft is the oracle)."""
+"""Hand-written LoRA: a no-op at init, merge/unmerge, several adapters, and PEFT's file
+layout (peft is the oracle)."""
 import json
 
 import peft

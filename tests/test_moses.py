@@ -1,4 +1,5 @@
-"""MoSEs: per-task masks over sparse sub-experts, earlier tasks frozen, prompt keys pick the task."""
+"""MoSEs: per-task masks over sparse sub-experts, earlier tasks frozen,
+prompt keys pick the task."""
 import json
 import shutil
 from dataclasses import replace

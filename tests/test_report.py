@@ -1,4 +1,5 @@
-"""evaluate.py --report: the paper's tables and figures rendered from evaluated runs (here hand-made ones)."""
+"""evaluate.py --report: the paper's tables and figures rendered from evaluated
+runs (here hand-made ones)."""
 import json
 import os
 import subprocess

@@ -1,4 +1,5 @@
-"""Our tokenizer against transformers' on SuperNI text, for sentencepiece and for SmolLM2's GGUF BPE."""
+"""Our tokenizer against transformers' on SuperNI text, for sentencepiece
+and for SmolLM2's GGUF BPE."""
 import itertools
 
 import pytest

@@ -1,4 +1,5 @@
-"""train.py: an expert learns to claim its task, only adapter and indicator rows learn, runs resume or refuse."""
+"""train.py: an expert learns to claim its task, only adapter and indicator rows
+learn, runs resume or refuse."""
 import dataclasses
 import json
 import os
