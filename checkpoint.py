@@ -37,7 +37,8 @@ TINY = dict(model_type="llama", vocab_size=1024, hidden_size=64, num_hidden_laye
 
 def load(name_or_path: str, dtype: torch.dtype = torch.float32,
          device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer]:
-    """The model (in eval mode) and tokenizer named by a directory, a .gguf file, a hub id, 'smollm2-135m' or 'tiny'."""
+    """The model (in eval mode) and tokenizer named by a directory, a .gguf file, a hub id,
+    'smollm2-135m' or 'tiny'."""
     if name_or_path == "smollm2-135m":
         return load_gguf(smollm2_path(), dtype, device)
     if name_or_path == "tiny":
@@ -80,7 +81,8 @@ def _is_repo_id(name: str) -> bool:
 
 
 def download(repo_id: str) -> Path:
-    """Fetch config, safetensors weights and tokenizer files of a hub repo (cached by huggingface_hub)."""
+    """Fetch config, safetensors weights and tokenizer files of a hub repo (cached by
+    huggingface_hub)."""
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
@@ -112,7 +114,8 @@ def load_dir(path: str | Path, dtype: torch.dtype = torch.float32,
 
 
 def read_config(path: Path) -> ModelConfig:
-    """A checkpoint's config.json as a ModelConfig: every size a positive int, every rate a finite number."""
+    """A checkpoint's config.json as a ModelConfig: every size a positive int, every rate a
+    finite number."""
     raw = read_json(path)
     sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings")
@@ -131,7 +134,8 @@ def read_config(path: Path) -> ModelConfig:
 
 
 def shard_files(path: Path) -> list[str]:
-    """The weight files of a checkpoint: those its shard index names (each inside the directory), else one."""
+    """The weight files of a checkpoint: those its shard index names (each inside the
+    directory), else one."""
     index = path / "model.safetensors.index.json"
     if not index.is_file():
         return ["model.safetensors"]
@@ -195,7 +199,8 @@ GGUF_BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
 
 
 def _param_name(gguf_name: str) -> str | None:
-    """Our name for a GGUF tensor (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`), or None."""
+    """Our name for a GGUF tensor (`blk.3.attn_q.weight` ->
+    `model.layers.3.self_attn.q_proj.weight`), or None."""
     parts = gguf_name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_BLOCK and parts[3] == "weight":
         return f"model.layers.{parts[1]}.{GGUF_BLOCK[parts[2]]}.weight"
@@ -332,7 +337,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """A temporary directory beside `path` to fill; renamed to `path` only if the block completes."""
+    """A temporary directory beside `path` to fill; renamed to `path` only if the
+    block completes."""
     path = Path(path)
     if path.exists():
         raise UserError(f"{path} already exists; not overwriting it")

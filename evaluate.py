@@ -96,12 +96,14 @@ def rouge_l(prediction: str, references: list[str], xlingual: bool = False) -> f
 
 
 def average_rouge(scores: list[list[float]]) -> float:
-    """AR (Eq. 6): the mean ROUGE-L over all T tasks after the last stage; scores[j][i] = a_i after stage j."""
+    """AR (Eq. 6): the mean ROUGE-L over all T tasks after the last stage; scores[j][i] = a_i
+    after stage j."""
     return sum(scores[-1]) / len(scores[-1])
 
 
 def backward_transfer(scores: list[list[float]]) -> float:
-    """BWT (Eq. 7): the mean change on tasks 1..T-1 from just after learning them to the end; < 0 is forgetting."""
+    """BWT (Eq. 7): the mean change on tasks 1..T-1 from just after learning them to the end; < 0
+    is forgetting."""
     T = len(scores)
     return sum(scores[-1][i] - scores[i][i] for i in range(T - 1)) / (T - 1) if T > 1 else 0.0
 
@@ -637,7 +639,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def check_result(out: Path, settings: dict) -> None:
-    """Before any generation: `out` can be written, and holds no result of other settings to overwrite."""
+    """Before any generation: `out` can be written, and holds no result of other settings
+    to overwrite."""
     check_writable(out)
     if out.is_file():
         old = read_json(out)

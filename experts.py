@@ -93,7 +93,8 @@ def resolve_template(tok: Tokenizer, template: str) -> str:
 
 
 def prompt_ids(tok: Tokenizer, query: str, max_source: int, template: str = "plain") -> list[int]:
-    """The query as the model sees it, cut to max_source tokens (keeping its start and what follows it)."""
+    """The query as the model sees it, cut to max_source tokens (keeping its start and what
+    follows it)."""
     mark = "\x00QUERY\x00"
     head, tail = (tok.chat(mark) if template == "chat" else PROMPT.format(query=mark)).split(mark)
     ids = tok.encode(head + query + tail)
@@ -178,7 +179,8 @@ class LoraExpert:
 
     @classmethod
     def load(cls, path: Path, meta: dict) -> "LoraExpert":
-        """The adapter and rows of an expert directory whose expert.json (`meta`) load_expert has checked."""
+        """The adapter and rows of an expert directory whose expert.json (`meta`) load_expert
+        has checked."""
         cfg, adapter = lora.read_adapter(path)
         rows = read_tensors(path / ROWS_FILE) if meta["indicator"] == "added" else {}
         if meta["indicator"] == "added" and ("embed" not in rows or set(rows) - {"embed", "head"}):
@@ -200,7 +202,8 @@ class LoraExpert:
         lora.load_adapter_state(model, self.name, self.adapter)
 
     def use(self, model: Llama) -> None:
-        """Make this (attached) expert the one the model runs: its adapter and its indicator rows."""
+        """Make this (attached) expert the one the model runs: its adapter and its
+        indicator rows."""
         lora.set_adapter(model, self.name)
         with torch.no_grad():
             if "embed" in self.rows:

@@ -99,7 +99,8 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
 
 
 def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> None:
-    """Wrap cfg.targets in LoraLinear (once) and give each wrapped projection a fresh adapter `name`."""
+    """Wrap cfg.targets in LoraLinear (once) and give each wrapped projection a fresh
+    adapter `name`."""
     if any(name in m.lora_A for m in lora_layers(model).values()):
         raise UserError(f"adapter {name!r} already exists")
     if "." in name:
@@ -111,7 +112,8 @@ def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> None:
 
 
 def wrap_targets(model: nn.Module, targets: tuple[str, ...], wrap) -> None:
-    """Replace every plain nn.Linear named in `targets` by wrap(linear), in the linear's train/eval mode."""
+    """Replace every plain nn.Linear named in `targets` by wrap(linear), in the linear's
+    train/eval mode."""
     for parent in list(model.modules()):
         for attr in targets:
             child = getattr(parent, attr, None)
@@ -193,7 +195,8 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
-    """Copy PEFT-keyed weights into existing adapter `name`; every key must be used, every layer filled."""
+    """Copy PEFT-keyed weights into existing adapter `name`; every key must be used, every
+    layer filled."""
     layers = {path: m for path, m in lora_layers(model).items() if name in m.lora_A}
     expected = {f"{PEFT_PREFIX}{path}.lora_{ab}.weight" for path in layers for ab in "AB"}
     if set(state) != expected:
@@ -513,7 +516,8 @@ def redraw_scores(model: nn.Module, generator: torch.Generator) -> None:
 
 
 def free_share(model: nn.Module) -> float:
-    """The share of the live mask (the task being trained) that no finished task holds: what it can change."""
+    """The share of the live mask (the task being trained) that no finished task holds: what
+    it can change."""
     kept = free = 0
     for m in subexpert_layers(model).values():
         for k in MASKED:
@@ -546,6 +550,7 @@ def subexpert_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def shared_weights(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """SETA's shared-expert weights, each with its importance to the tasks learned so far (same shape)."""
+    """SETA's shared-expert weights, each with its importance to the tasks learned so far
+    (same shape)."""
     return [(getattr(m, k), getattr(m, f"importance_{k}")) for m in subexpert_layers(model).values()
             if m.sub.shared for k in SHARED]

@@ -106,7 +106,8 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) by the angles in cos/sin (B, 1, T, D); halves layout as in HF checkpoints."""
+    """Rotate (B, H, T, D) by the angles in cos/sin (B, 1, T, D); halves layout as in HF
+    checkpoints."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -249,7 +250,8 @@ class Llama(nn.Module):
                                                self.config.head_dim, dtype, device)
 
     def select_cache_rows(self, rows: torch.Tensor, max_len: int) -> None:
-        """Keep only these batch rows of every layer's cache, in this order, with room for max_len slots."""
+        """Keep only these batch rows of every layer's cache, in this order, with room for
+        max_len slots."""
         for layer in self.model.layers:
             layer.self_attn.kv_cache.select(rows, max_len)
 
@@ -259,7 +261,8 @@ class Llama(nn.Module):
 
     def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None, start_pos: int = 0,
                 last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, n_vocab) for tokens idx (B, T) at cache slots start_pos.. start_pos+T-1 (T = 1 if last_only)."""
+        """Logits (B, T, n_vocab) for tokens idx (B, T) at cache slots start_pos.. start_pos+T-1 (T
+        = 1 if last_only)."""
         x = self.hidden(idx, pad_mask, start_pos)
         return self.head(x[:, -1:] if last_only else x)
 

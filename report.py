@@ -57,7 +57,8 @@ def load_results(runs: list[str]) -> list[dict]:
 
 
 def setting(r: dict) -> str:
-    """What runs must share to sit in one table (but the task order): model, prompt, adapter, training, evaluation size."""
+    """What runs must share to sit in one table (but the task order): model, prompt, adapter,
+    training, evaluation size."""
     return json.dumps([[r["settings"].get(k) for k in TRAINING], r.get("max_eval"),
                        r.get("max_new_tokens")])
 
@@ -100,7 +101,8 @@ def task_name(t: str) -> str:
 
 
 def is_see(r: dict, negatives: str = "tasks", indicator: str = "added") -> bool:
-    """A SEE run with these negatives and indicator type (default: rehearsed task queries, added tokens)."""
+    """A SEE run with these negatives and indicator type (default: rehearsed task queries,
+    added tokens)."""
     s = r["settings"]
     return METHODS[r["method"]].routes and (s.get("negatives", "tasks"),
                                             s.get("indicator", "added")) == (negatives, indicator)
@@ -111,7 +113,8 @@ def normalise(text: str) -> str:
 
 
 def exact_match(r: dict, tasks: list[str]) -> float | None:
-    """The share (%) of the final predictions on these tasks that equal a reference, case and spaces aside."""
+    """The share (%) of the final predictions on these tasks that equal a reference, case and
+    spaces aside."""
     preds = [p for p in r["predictions"] if task_name(p["task"]) in tasks]
     hits = sum(normalise(p["prediction"]) in map(normalise, p["references"]) for p in preds)
     return 100 * hits / len(preds) if preds else None
@@ -195,7 +198,8 @@ def routing(rs: list[dict], title: str) -> list[str]:
 
 
 def exception_counts(r: dict) -> str | None:
-    """"sequence / LIMA / SuperNI" exception counts of a routed SEE run (None for runs without them)."""
+    """"sequence / LIMA / SuperNI" exception counts of a routed SEE run (None for runs
+    without them)."""
     counts = r.get("exceptions")
     if not counts:
         return None
@@ -203,7 +207,8 @@ def exception_counts(r: dict) -> str | None:
 
 
 def pseudo_negatives(rs: list[dict], title: str) -> list[str]:
-    """Table 3: SEE with pseudo-negatives (LIMA queries) beside SEE with the same tau and indicator."""
+    """Table 3: SEE with pseudo-negatives (LIMA queries) beside SEE with the same tau
+    and indicator."""
     pseudo = [r for r in rs if METHODS[r["method"]].routes
               and r["settings"].get("negatives") == "lima"]
     chosen = []
@@ -311,7 +316,8 @@ def per_task(rs: list[dict], title: str, tasks: list[str], figures: Path | None,
 
 def perplexity(rs: list[dict], title: str, tasks: list[str], figures: Path | None,
                tag: str) -> list[str]:
-    """Fig. 5: the distribution of the references' perplexity, SEE (routed expert, after o_pos) vs MTL."""
+    """Fig. 5: the distribution of the references' perplexity, SEE (routed expert, after
+    o_pos) vs MTL."""
     candidates = [r for r in rs if is_see(r) or r["method"] == "mtl"]
     chosen = [r for r in candidates if r["predictions"]
               and all("perplexity" in p for p in r["predictions"])]
@@ -349,7 +355,8 @@ def perplexity(rs: list[dict], title: str, tasks: list[str], figures: Path | Non
 
 
 def sparse(rs: list[dict], title: str) -> list[str]:
-    """MoSEs and SETA: task-agnostic (TaIL) vs task-given (TIL) scores, and what each stage trains and holds."""
+    """MoSEs and SETA: task-agnostic (TaIL) vs task-given (TIL) scores, and what each stage
+    trains and holds."""
     chosen = [r for r in rs if "til_ar" in r]
     if not chosen:
         return []
@@ -380,7 +387,8 @@ def save(fig, path: Path, caption: str) -> str:
 
 
 def write_report(runs: list[str], out: str | Path) -> str:
-    """Render the report of these runs to `out` (markdown), its plots beside it in <out stem>-figures/."""
+    """Render the report of these runs to `out` (markdown), its plots beside it in <out
+    stem>-figures/."""
     out = Path(out)
     figures = out.parent / f"{out.stem}-figures" if importlib.util.find_spec("matplotlib") else None
     results = load_results(runs)

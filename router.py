@@ -58,7 +58,8 @@ def generate_batched(model: Llama, prompts: list[list[int]], max_new_tokens: int
 
 
 def moves_on(outcome: str, exceptions: str) -> bool:
-    """Whether a query goes on to the next older expert after this outcome (o_pos stops it anyway)."""
+    """Whether a query goes on to the next older expert after this outcome (o_pos
+    stops it anyway)."""
     if exceptions not in EXCEPTIONS:
         raise UserError(f"unknown exception rule {exceptions!r}; known: {', '.join(EXCEPTIONS)}")
     return outcome == NEG or (outcome == NEITHER and exceptions == "next")
@@ -223,7 +224,8 @@ def query_features(model: Llama, prompts: list[list[int]], batch_size: int = 16)
 
 
 def gate_logits(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """SETA's unified gate: a linear layer over the normalised query feature, one output row per task."""
+    """SETA's unified gate: a linear layer over the normalised query feature, one output
+    row per task."""
     return F.normalize(features, dim=-1) @ rows.T
 
 
@@ -263,7 +265,8 @@ def key_route(model: Llama, keys: dict[str, torch.Tensor], prompts: list[list[in
 
 def show_route(tok: Tokenizer, ind: Indicators, names: list[str], routed: Routed,
                exceptions: str) -> None:
-    """Print, expert by expert from the newest, what each emitted first, then who answered and what."""
+    """Print, expert by expert from the newest, what each emitted first, then who
+    answered and what."""
     then = {POS: "it answers", NEG: "the next older expert is asked",
             NEITHER: "the base model answers at once (the exception path)"}
     if exceptions == "next":

@@ -62,7 +62,8 @@ class Tokenizer:
         return ids + [self.eos_id] if eos else ids
 
     def decode(self, ids: list[int]) -> str:
-        """Text of ids (the inverse of encode: a leading BOS it added is dropped); added tokens written literally."""
+        """Text of ids (the inverse of encode: a leading BOS it added is dropped); added tokens
+        written literally."""
         if ids and self.add_bos and ids[0] == self.bos_id:
             ids = ids[1:]
         literal = {i: t for t, i in self.added.items()}
@@ -76,7 +77,8 @@ class Tokenizer:
         return "".join(parts + [self._decode(run)])
 
     def chat(self, query: str) -> str:
-        """The query as one user turn in the checkpoint's chat template, ready for the assistant's answer."""
+        """The query as one user turn in the checkpoint's chat template, ready for the
+        assistant's answer."""
         if self.chat_template is None:
             raise UserError("this checkpoint has no chat template; use the plain prompt")
         try:
@@ -158,7 +160,8 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, tokens: list[str], merges: list[str], token_types: list[int], pre: str,
                   bos_id: int | None, eos_id: int, add_bos: bool) -> "Tokenizer":
-        """Rebuild a byte-level BPE tokenizer (GGUF `tokenizer.ggml.model` gpt2) from its tokens and merges."""
+        """Rebuild a byte-level BPE tokenizer (GGUF `tokenizer.ggml.model` gpt2) from its
+        tokens and merges."""
         from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
         split = {
             "gpt2": [],

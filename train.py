@@ -62,7 +62,8 @@ class Method:
 
     @property
     def pull(self) -> bool:
-        """MoSEs' prompt keys, each pulled toward its task's queries (a gate is trained otherwise)."""
+        """MoSEs' prompt keys, each pulled toward its task's queries (a gate is
+        trained otherwise)."""
         return self.sparse and not self.gate
 
 
@@ -171,7 +172,8 @@ def dtype_name(name: str | None) -> str:
 
 
 def resume_state(cfg: TrainConfig) -> dict | None:
-    """The state of an unfinished run of the same config in the run directory; refuses a finished or different run."""
+    """The state of an unfinished run of the same config in the run directory; refuses a finished or
+    different run."""
     out = cfg.run_dir()
     if (out / EXPERT_DIR).exists():
         raise UserError(f"{out} already holds a trained expert; pass another --out")
@@ -185,7 +187,8 @@ def resume_state(cfg: TrainConfig) -> dict | None:
 
 
 def check_same_run(cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> None:
-    """Refuse a run directory whose config.json is unreadable or holds other settings than cfg (but `ignore`)."""
+    """Refuse a run directory whose config.json is unreadable or holds other settings than cfg
+    (but `ignore`)."""
     out = cfg.run_dir()
     written = read_json(out / CONFIG_FILE)
     check_settings(written, out / CONFIG_FILE)
@@ -198,7 +201,8 @@ def check_same_run(cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> None:
 
 
 def check_settings(settings: dict, path: Path) -> None:
-    """Refuse written settings (config.json, system.json) of a type other than TrainConfig's field."""
+    """Refuse written settings (config.json, system.json) of a type other than
+    TrainConfig's field."""
     kinds = {"float": NUMBER, "int": int, "str": str, "bool": bool, "list[str]": list}
     for f in dataclasses.fields(TrainConfig):
         kind = kinds[f.type.split(" | ")[0]]
@@ -209,7 +213,8 @@ def check_settings(settings: dict, path: Path) -> None:
 
 
 def read_state(path: Path) -> dict:
-    """A resumable checkpoint, as save_state writes it (tensors only: weights_only refuses any pickled object)."""
+    """A resumable checkpoint, as save_state writes it (tensors only: weights_only refuses any
+    pickled object)."""
     try:
         with warnings.catch_warnings():  # a hostile pickle also draws a protocol warning
             warnings.simplefilter("ignore")
@@ -228,7 +233,8 @@ def read_state(path: Path) -> dict:
 
 def restore(state: dict, trainable: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer,
             path: Path) -> None:
-    """Put a checkpoint's parameters, optimizer and random state in place; one that does not fit is refused."""
+    """Put a checkpoint's parameters, optimizer and random state in place; one that does not
+    fit is refused."""
     params = state["params"]
     wrong = sorted(k for k in params.keys() | trainable.keys() if k not in trainable
                    or not isinstance(params.get(k), torch.Tensor)
@@ -288,7 +294,8 @@ def training_data(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[
 
 def trainable_parameters(model: Llama, adapter: str | None,
                          indicator_rows: bool) -> dict[str, torch.nn.Parameter]:
-    """Freeze the base model; only the adapter (None: the MoSE layers) and the added indicator rows learn, in fp32."""
+    """Freeze the base model; only the adapter (None: the MoSE layers) and the added indicator rows
+    learn, in fp32."""
     model.requires_grad_(False)
     learn = {id(p) for p in (lora.lora_parameters(model, adapter) if adapter else lora.subexpert_parameters(model))}
     trainable = {n: p for n, p in model.named_parameters()
@@ -300,7 +307,8 @@ def trainable_parameters(model: Llama, adapter: str | None,
 
 
 def collate(batch: list[TrainSample], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded inputs and next-token labels; -100 (ignored) on the query and padding (Eq. 5)."""
+    """Right-padded inputs and next-token labels; -100 (ignored) on the query and
+    padding (Eq. 5)."""
     T = max(len(s.ids) for s in batch) - 1
     x = torch.zeros(len(batch), T, dtype=torch.long)
     y = torch.full((len(batch), T), -100, dtype=torch.long)
@@ -390,7 +398,8 @@ def save_state(path: Path, step: int, params: dict[str, torch.nn.Parameter],
 
 
 def distributed() -> tuple[int, int]:
-    """(rank, world size): under torchrun (WORLD_SIZE > 1) the process group is started once; else (0, 1)."""
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) the process group is started once;
+    else (0, 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -548,7 +557,8 @@ def train(cfg: TrainConfig) -> Path:
 def setup(cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig,
           sub: lora.SubExpertConfig | None,
           current: list[Example], rehearsed: list[Example]) -> Run:
-    """The run's model and adapter, indicators, samples (Eq. 4), trainable parameters and optimizer."""
+    """The run's model and adapter, indicators, samples (Eq. 4), trainable parameters
+    and optimizer."""
     method = METHODS[cfg.method]
     rank, world = distributed()
     cuda = torch.cuda.is_available()
@@ -741,7 +751,8 @@ def fit(run: Run) -> tuple[float, int]:
 
 
 def global_batch(run: Run) -> tuple[int, list[int]]:
-    """The epoch and the samples (indices) of the step's global batch: each epoch shuffles them anew."""
+    """The epoch and the samples (indices) of the step's global batch: each epoch
+    shuffles them anew."""
     cfg = run.cfg
     epoch, k = divmod(run.step, run.steps_per_epoch)
     order = list(range(len(run.samples)))

@@ -34,7 +34,8 @@ from forward_backward import SHAPES  # noqa: E402
 
 def batches(vocab: int, micro: int, n: int,
             seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """n right-padded micro-batches (ids, labels, attention mask): prompts of 100-400 tokens, responses of 5-60."""
+    """n right-padded micro-batches (ids, labels, attention mask): prompts of 100-400 tokens,
+    responses of 5-60."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -124,7 +125,8 @@ def worker(impl: str, shape: str, micro: int, steps: int, device: str, dtype: to
 
 def run(shape: str, micro: int, steps: int, rounds: int, dtype: str | None = None,
         checkpointed: bool = False) -> dict:
-    """{implementation: dict(tokens_per_s, peak_mib)}, the median over `rounds` child processes each."""
+    """{implementation: dict(tokens_per_s, peak_mib)}, the median over `rounds` child
+    processes each."""
     flags = ["--shape", shape, "--micro-batch", str(micro), "--steps",
              str(steps)] + ["--dtype", dtype] * bool(dtype)
     runs = {"ours": [], "transformers+peft": []}

@@ -68,7 +68,8 @@ def data_dir(path: str | Path | None = None) -> Path:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """All records of a JSON-lines file; a malformed line is reported with its file and line number."""
+    """All records of a JSON-lines file; a malformed line is reported with its file and
+    line number."""
     return [record for _, record in _numbered_jsonl(path)]
 
 
@@ -146,7 +147,8 @@ def load_task_file(path: str | Path, split: str) -> list[Example]:
 
 
 def subsample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
-    """n examples drawn without replacement (all of them if n is None or too large), reproducibly."""
+    """n examples drawn without replacement (all of them if n is None or too large),
+    reproducibly."""
     if n is None or n >= len(examples):
         return list(examples)
     return random.Random(seed).sample(examples, n)

@@ -27,7 +27,8 @@ def device(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """The `tiny` checkpoint (random Llama + sentencepiece trained on SuperNI), written once per run."""
+    """The `tiny` checkpoint (random Llama + sentencepiece trained on SuperNI), written
+    once per run."""
     return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
@@ -70,7 +71,8 @@ def synthetic_tasks(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def eval_queries():
-    """queries(tok, tasks, n=10): the first n eval prompts of each task (96 source tokens), and each one's task."""
+    """queries(tok, tasks, n=10): the first n eval prompts of each task (96 source tokens), and
+    each one's task."""
     from pathlib import Path
 
     from data import load_task
@@ -87,7 +89,8 @@ def eval_queries():
 
 @pytest.fixture(scope="session")
 def check_stage_parameters():
-    """check(run, params, extra): a MoSEs/SETA run's parameters per stage (evaluate.py) against its files."""
+    """check(run, params, extra): a MoSEs/SETA run's parameters per stage (evaluate.py)
+    against its files."""
     from experts import TRAINING_FILE
 
     def stored(run, i):

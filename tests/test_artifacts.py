@@ -33,7 +33,8 @@ READERS = {"eval.json": "report", "eval.predictions.jsonl": "report", "config.js
 
 
 def cli(main, args, capsys, monkeypatch) -> tuple[int, list[str]]:
-    """Run a command's main() as `python <command> args` would: its exit status and its stderr lines."""
+    """Run a command's main() as `python <command> args` would: its exit status and its
+    stderr lines."""
     monkeypatch.setattr(sys, "argv", ["prog", *map(str, args)])
     capsys.readouterr()
     try:

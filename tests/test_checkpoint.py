@@ -13,7 +13,8 @@ from test_model import CASES, reference_pair
 
 
 def save_reference(tmp_path, case: str, tiny_dir, **kw):
-    """Save a random transformers model as a HF directory, with the tiny sentencepiece tokenizer beside it."""
+    """Save a random transformers model as a HF directory, with the tiny sentencepiece
+    tokenizer beside it."""
     ref, _ = reference_pair(CASES[case])
     ref.save_pretrained(tmp_path, **kw)
     shutil.copy(tiny_dir / "tokenizer.model", tmp_path)
@@ -42,7 +43,8 @@ def test_sharded_safetensors(tmp_path, tiny_dir):
 
 
 def test_hub_repo_id_is_read_from_the_hub_cache(tmp_path, tiny_dir, monkeypatch):
-    """A repo id goes through huggingface_hub.snapshot_download; offline, it finds the cached snapshot."""
+    """A repo id goes through huggingface_hub.snapshot_download; offline, it finds the
+    cached snapshot."""
     import huggingface_hub.constants as hf
     snapshot = tmp_path / "hub" / "models--org--tiny-llama" / "snapshots" / ("a" * 40)
     shutil.copytree(tiny_dir, snapshot)
@@ -104,7 +106,8 @@ def test_bin_only_checkpoint_is_refused_with_the_reason(tmp_path, tiny_dir):
 
 
 def write_gguf(path, pre: str, extra_tensor: str | None = None):
-    """A 1-layer llama GGUF with a 4-token byte-level vocabulary, as llama.cpp's converter lays it out."""
+    """A 1-layer llama GGUF with a 4-token byte-level vocabulary, as llama.cpp's converter
+    lays it out."""
     import gguf
     import numpy as np
     w = gguf.GGUFWriter(str(path), "llama")

@@ -77,7 +77,8 @@ def test_a_missing_expert_is_one_line_of_error(tiny_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def continual_runs(tiny_dir, synthetic_tasks, tmp_path_factory):
-    """SEE(100%) and non-rehearsal over the same three synthetic tasks, each scored after every stage."""
+    """SEE(100%) and non-rehearsal over the same three synthetic tasks, each scored after
+    every stage."""
     from evaluate import evaluate_run
     from train import TrainConfig, train_sequence
     root = tmp_path_factory.mktemp("continual")

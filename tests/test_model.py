@@ -27,7 +27,8 @@ CASES = {
 
 def reference_pair(overrides: dict, seed: int = 0, device: str = "cpu",
                    dtype: torch.dtype = torch.float32):
-    """A transformers model with random weights (norms and biases included) and ours holding the same tensors."""
+    """A transformers model with random weights (norms and biases included) and ours holding the
+    same tensors."""
     cfg = {**BASE, **overrides}
     torch.manual_seed(seed)
     ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg),

@@ -16,7 +16,8 @@ from train import train
 
 @pytest.fixture(scope="module")
 def system(separable_run, tiny_dir, tmp_path_factory):
-    """The tiny base model with two experts attached: sa (trained first, pe as negatives) and pe (sa as negatives)."""
+    """The tiny base model with two experts attached: sa (trained first, pe as negatives) and pe (sa
+    as negatives)."""
     sa_cfg, sa_run = separable_run
     pe_run = train(replace(sa_cfg, task="pe", previous=["sa"],
                            out=str(tmp_path_factory.mktemp("runs") / "pe")))

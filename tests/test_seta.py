@@ -38,13 +38,15 @@ def stage(run, i):
 
 
 def shared(expert, kind=""):
-    """The shared experts' weights (kind "") or their importance (kind "importance_", in the training state), by key."""
+    """The shared experts' weights (kind "") or their importance (kind "importance_", in the
+    training state), by key."""
     state = expert.training if kind else expert.adapter
     return {k: v for k, v in state.items() if k.endswith(tuple(f".{kind}{s}" for s in lora.SHARED))}
 
 
 def weighted_drift(run) -> float:
-    """sum F (theta - theta*)^2 of the shared experts from stage 1 to stage 2, F their importance to task 1."""
+    """sum F (theta - theta*)^2 of the shared experts from stage 1 to stage 2, F their
+    importance to task 1."""
     first, second = stage(run, 1), stage(run, 2)
     weights, importance = shared(first), shared(first, "importance_")
     return sum(float((importance[k.replace(".shared_", ".importance_shared_")] * (second.adapter[k] - w) ** 2).sum())

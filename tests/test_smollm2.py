@@ -18,7 +18,8 @@ def smollm2():
 
 
 def test_greedy_continuation_matches_transformers_on_the_same_gguf(smollm2):
-    """transformers dequantizes and un-permutes the GGUF on its own: an independent reading of the file."""
+    """transformers dequantizes and un-permutes the GGUF on its own: an independent reading
+    of the file."""
     model, tok = smollm2
     path = smollm2_path()
     ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
@@ -45,7 +46,8 @@ def test_bfloat16_weights_keep_the_greedy_continuation(smollm2):
 
 
 def perplexity(model, tok, records) -> float:
-    """exp of the mean loss on the output tokens, each given its prompt and an answer cue (no chat template)."""
+    """exp of the mean loss on the output tokens, each given its prompt and an answer cue (no
+    chat template)."""
     total, count = 0.0, 0
     with torch.no_grad():
         for r in records:

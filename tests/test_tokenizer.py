@@ -93,7 +93,8 @@ def test_new_tokens_reach_the_new_model_rows(tiny):
 
 
 def test_tokenizer_json_directory(tmp_path, smollm2_tokenizers):
-    """The tokenizer.json back-end, as transformers saves it, gives the GGUF tokenizer's ids and stop tokens."""
+    """The tokenizer.json back-end, as transformers saves it, gives the GGUF tokenizer's ids and
+    stop tokens."""
     ours, ref = smollm2_tokenizers
     ref.save_pretrained(tmp_path)
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": [2, 0]}')
@@ -104,7 +105,8 @@ def test_tokenizer_json_directory(tmp_path, smollm2_tokenizers):
 
 
 def test_bos_added_by_a_tokenizer_json_post_processor_is_detected(tmp_path, smollm2_tokenizers):
-    """Llama-3's tokenizer.json adds <|begin_of_text|> in its post-processor; we add it the same way."""
+    """Llama-3's tokenizer.json adds <|begin_of_text|> in its post-processor; we add it
+    the same way."""
     from tokenizers import Tokenizer as HFTokenizer, processors
     smollm2_tokenizers[1].save_pretrained(tmp_path)
     backend = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
