@@ -140,8 +140,7 @@ def shard_files(path: Path) -> list[str]:
     if not index.is_file():
         return ["model.safetensors"]
     weight_map = read_json(index).get("weight_map")
-    if not isinstance(weight_map,
-                      dict) or not weight_map or not all(isinstance(v, str)
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str)
                                                          for v in weight_map.values()):
         raise UserError(f"{index}: need a 'weight_map' of tensor names to file names")
     for name in set(weight_map.values()):
@@ -156,8 +155,7 @@ def build(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, 
         model = Llama(cfg)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
-    expected = {k: v.shape for k,
-                v in model.state_dict().items() if not (cfg.tie_embeddings
+    expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_embeddings
                                                         and k == "lm_head.weight")}
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k,
@@ -193,8 +191,7 @@ GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight",
 GGUF_BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
               "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
-              "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+              "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
               "ffn_norm": "post_attention_layernorm"}
 
 

@@ -152,8 +152,7 @@ def routing_cost(outcomes: list[list[str]], to_base: list[bool], routing: str) -
 
 
 def answer_all(model: Llama, expert: Expert | None, ind: Indicators | None,
-               prompts: list[list[int]],
-               max_new_tokens: int, eos_ids: list[int], batch_size: int,
+               prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int], batch_size: int,
                progress: bool) -> list[list[int]]:
     """One adapter answers every query: a baseline's, or a SEE expert's after its o_pos, forced
     (no routing: paper Fig. 4, "SEE-AE"); with no expert, the base model."""
@@ -312,8 +311,7 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
     if routing == "none":
         label = label.replace("SEE", "SEE-AE", 1)
     result = dict(run=str(run_dir), method=system["method"], label=label, tasks=tasks,
-                  scores=scores,
-                  ar=average_rouge(scores),
+                  scores=scores, ar=average_rouge(scores),
                   bwt=backward_transfer(scores) if routed or method.continues else None,
                   routing_f1=None, per_task_routing=None, rb_acc=None, n_ood=None,
                   routing_steps=None,
@@ -441,8 +439,7 @@ def see_routing(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indica
 
 
 def imprinted_accuracy(model: Llama, tok: Tokenizer, last: Expert, predictions: list[dict],
-                       evals: dict,
-                       gold: list[str], max_source: int, template: str,
+                       evals: dict, gold: list[str], max_source: int, template: str,
                        batch_size: int) -> float | None:
     """SETA: the task-identification accuracy on the final stage's queries of the gate as imprinted
     (each row at the mean of its task's query features, before any training), beside the trained
@@ -690,8 +687,7 @@ def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
     out = Path(args.out or (Path(args.expert[0]).parent if args.expert else
                             Path("runs") / f"base-{model_tag(model_name)}") / f"eval-{task}{variant(args)}.json")
     settings = dict(task=args.task, split=args.split, model=model_name, experts=args.expert,
-                    template=template,
-                    max_source=max_source, max_eval=args.max_eval,
+                    template=template, max_source=max_source, max_eval=args.max_eval,
                     max_new_tokens=args.max_new_tokens,
                     routing=args.routing, exception_rule=args.exceptions)
     check_result(out, settings)

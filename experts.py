@@ -116,8 +116,7 @@ class TrainSample:
 
 
 def reconstruct(current: list[Example], rehearsed: list[Example], tok: Tokenizer,
-                ind: Indicators | None,
-                max_source: int = 1024, max_target: int = 512,
+                ind: Indicators | None, max_source: int = 1024, max_target: int = 512,
                 template: str = "plain") -> list[TrainSample]:
     """Eq. 4: D^_i = {(q, o_pos, r)} for the current task  U  {(q, o_neg)}
     for rehearsed earlier queries.

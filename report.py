@@ -130,8 +130,7 @@ def render(results: list[dict], figures: Path | None) -> str:
                        r["settings"].get("max_train") or "all", r["settings"].get("seed"),
                        r["settings"].get("epochs"),
                        r["settings"].get("batch_size"), f"{r['settings'].get('lr'):g}",
-                       r.get("max_eval") or "all",
-                       r.get("max_new_tokens"),
+                       r.get("max_eval") or "all", r.get("max_new_tokens"),
                        " + ".join(f"{n} {k}" for k, n in (r.get("n_ood") or {}).items()) or None]
                       for r in results]))
     for n, same in enumerate(grouped(results, setting)):
@@ -189,8 +188,7 @@ def routing(rs: list[dict], title: str) -> list[str]:
             "LIMA / held-out SuperNI), sent to the base model under the paper's rule; task id.: "
             "the share routed to their own task.\n",
             table(["method", "rule", "R-F1", "RB-LIMA", "RB-SNI", "steps", "prefills", "exceptions",
-                   "task id. acc."],
-                  [[r["label"], r.get("exception_rule"), pct(r["routing_f1"]),
+                   "task id. acc."], [[r["label"], r.get("exception_rule"), pct(r["routing_f1"]),
                     pct((r.get("rb_acc") or {}).get("lima")),
                     pct((r.get("rb_acc") or {}).get("superni")), r.get("routing_steps"),
                     r.get("prefills"), exception_counts(r), pct(r.get("task_id_accuracy"))]
@@ -259,8 +257,7 @@ def indicator_types(rs: list[dict], title: str, tasks: list[str]) -> list[str]:
     rows = [[r["settings"].get("indicator", "added"), f"{100 * r['settings']['tau']:g}%",
              indicator_treatment(r["settings"]), mean([r["scores"][-1][i] for i in gen]),
              exact_match(r, cls), pct(r["routing_f1"])]
-            for r in sorted(see,
-                            key=lambda r: (r["settings"]["tau"],
+            for r in sorted(see, key=lambda r: (r["settings"]["tau"],
                                            r["settings"].get("indicator", "added")))]
     fair = all(r["settings"].get("indicator_lr") == "adapter" for r in see)
     note = ("every indicator type learned at the adapter's rate (--indicator-lr adapter)" if fair else
@@ -271,8 +268,7 @@ def indicator_types(rs: list[dict], title: str, tasks: list[str]) -> list[str]:
             f"classification: {','.join(cls) or 'none'})\n",
             f"Treatment: {note}.\n",
             table(["indicator", "tau", "indicator learning", "generation AR",
-                   "classification acc. (%)", "R-F1"],
-                  rows)]
+                   "classification acc. (%)", "R-F1"], rows)]
 
 
 def tau_sweep(rs: list[dict], title: str, figures: Path | None, tag: str) -> list[str]:
@@ -287,8 +283,7 @@ def tau_sweep(rs: list[dict], title: str, figures: Path | None, tag: str) -> lis
     if figures is not None:
         fig = figure(8, 3)
         axes = fig.subplots(1, 2)
-        for ax, (name, ys) in zip(axes,
-                                  [("AR", [r["ar"] for r in see]),
+        for ax, (name, ys) in zip(axes, [("AR", [r["ar"] for r in see]),
                                    ("routing F1 (%)", [pct(r["routing_f1"]) for r in see])]):
             ax.plot(taus, ys, marker="o")
             ax.set(xlabel="tau (%)", ylabel=name, xscale="log" if min(taus) > 0 else "symlog")

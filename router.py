@@ -255,8 +255,7 @@ def key_route(model: Llama, keys: dict[str, torch.Tensor], prompts: list[list[in
     for t in dict.fromkeys(routes):
         idx = [i for i, r in enumerate(routes) if r == t]
         lora.set_task(model, t)
-        for i, out in zip(idx,
-                          generate_batched(model, [prompts[i] for i in idx], max_new_tokens,
+        for i, out in zip(idx, generate_batched(model, [prompts[i] for i in idx], max_new_tokens,
                                            eos_ids, batch_size,
                                                 desc=f"task {t}" if progress else None)):
             answers[i] = out

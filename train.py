@@ -391,8 +391,7 @@ def lr_scale(step: int, total: int) -> float:
 def save_state(path: Path, step: int, params: dict[str, torch.nn.Parameter],
                opt: torch.optim.Optimizer) -> None:
     state = dict(step=step, params={k: p.detach().cpu() for k, p in params.items()},
-                 optimizer=opt.state_dict(),
-                 rng=torch.get_rng_state(),
+                 optimizer=opt.state_dict(), rng=torch.get_rng_state(),
                  cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     atomic_write(path, lambda p: torch.save(state, p))
 

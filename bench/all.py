@@ -58,8 +58,7 @@ def test_tier() -> str:
     """The device-parametrised tests' cuda cases: counts per outcome, and the failures by name."""
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-rfEs", "-p",
-                          "no:cacheprovider"],
-                         cwd=ROOT, capture_output=True, text=True)
+                          "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True)
     counts = dict((k, int(n)) for n,
                   k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)",
                                   out.stdout.splitlines()[-1]))
@@ -102,8 +101,7 @@ def training(plan: dict, device: str, dtype: torch.dtype) -> str:
             for name, r in train_speed.run(shape, micro, plan["steps"], 1,
                                            str(dtype).removeprefix("torch."), checkpointed).items():
                 rows.append([shape, micro, name, "yes" if checkpointed else "no",
-                             f"{r['tokens_per_s']:.0f}",
-                             f"{r['peak_mib']:.0f}",
+                             f"{r['tokens_per_s']:.0f}", f"{r['peak_mib']:.0f}",
                              f"{100 * r['tokens_per_s'] * flops / peak:.1f}"])
     note = (f"\n\nMFU against the measured {plan['matmul']}^3 matmul rate, {peak / 1e12:.2f} "
             f"TFLOP/s in {dtype}; "
@@ -118,8 +116,7 @@ def routing_latency(plan: dict, device: str, dtype: torch.dtype) -> str:
     for m in p["experts"]:
         r = routing.measure(p["shape"], m, p["input"], p["output"], p["repeats"], device, dtype)
         rows.append([m, f"{1e3 * r['plain']:.1f}", f"{1e3 * r['ttft']:.1f}",
-                     f"{1e3 * r['tpot']:.2f}",
-                     f"{1e3 * r['sequential']:.1f}",
+                     f"{1e3 * r['tpot']:.2f}", f"{1e3 * r['sequential']:.1f}",
                      f"{100 * (r['sequential'] / r['plain'] - 1):.1f}",
                      f"{100 * r['eq8']:.1f}", f"{100 * r['appendix']:.1f}",
                      f"{1e3 * r['parallel']:.1f}", f"{100 * (r['parallel'] / r['plain'] - 1):.1f}"])

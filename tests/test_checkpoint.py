@@ -124,8 +124,7 @@ def write_gguf(path, pre: str, extra_tensor: str | None = None):
     shapes = {"token_embd.weight": (4, 8), "output_norm.weight": (8,),
               "blk.0.attn_norm.weight": (8,),
               "blk.0.ffn_norm.weight": (8,), "blk.0.ffn_gate.weight": (16, 8),
-              "blk.0.ffn_up.weight": (16, 8),
-              "blk.0.ffn_down.weight": (8, 16),
+              "blk.0.ffn_up.weight": (16, 8), "blk.0.ffn_down.weight": (8, 16),
               **{f"blk.0.attn_{k}.weight": (8, 8) for k in ("q", "k", "v", "output")}}
     if extra_tensor:
         shapes[extra_tensor] = (4,)

@@ -167,8 +167,7 @@ def one_lora_bytes(tiny_dir, tmp_path):
 
 
 def test_bytes_on_disk_grow_sublinearly_against_a_lora_per_task(moses_runs, tiny_dir, tmp_path):
-    lora_size, sizes = one_lora_bytes(tiny_dir,
-                                      tmp_path), [inference_bytes(moses_runs[0.1], i)
+    lora_size, sizes = one_lora_bytes(tiny_dir, tmp_path), [inference_bytes(moses_runs[0.1], i)
                                                   for i in (1, 2, 3)]
     assert all(size < (i + 1) * lora_size for i, size in enumerate(sizes)), (sizes, lora_size)
     growth = [b - a for a, b in zip(sizes, sizes[1:])]
