@@ -73,7 +73,8 @@ class XlingualTokens:
             self._bpe, self.name = BPE.from_file(str(path)), str(path)
         except Exception as e:  # no `tokenizers`, offline, or a bad file
             if os.environ.get(XLINGUAL_ENV):
-                raise UserError(f"${XLINGUAL_ENV}={path}: not a tokenizer.json ({type(e).__name__})") from None
+                raise UserError(f"${XLINGUAL_ENV}={path}: not a tokenizer.json "
+                                f"({type(e).__name__})") from None
             self.name = "gpt2-pretokenizer (GPT-2's tokenizer unreachable: words, no BPE merges)"
             print(f"note: xlingual ROUGE-L uses {self.name}")
 
@@ -291,7 +292,8 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
     """
     run_dir = Path(run_dir)
     system = read_system(run_dir)
-    method, tasks, dirs = METHODS[system["method"]], system["tasks"], [run_dir / e for e in system["experts"]]
+    method, tasks = METHODS[system["method"]], system["tasks"]
+    dirs = [run_dir / e for e in system["experts"]]
     if routing == "none" and not method.routes:
         raise UserError(f"--routing none is for SEE runs; {run_dir} holds {system['method']}")
     model, tok, experts, ind, _ = load_system(None, [str(d) for d in dirs], device, dtype)
@@ -381,10 +383,10 @@ def til_metrics(s: Scoring, cells: dict, predictions: list[dict]) -> dict:
     scored = routing_scores([p["route"] for p in predictions], gold)
     imprinted = imprinted_accuracy(s.model, s.tok, s.experts[-1], predictions, s.evals, gold,
                                    s.max_source, s.template, s.batch_size)
+    picked = sum(p["route"] == g for p, g in zip(predictions, gold)) / len(predictions)
     return dict(til_scores=til, til_ar=average_rouge(til), til_bwt=backward_transfer(til),
                 routing_f1=scored["f1"], per_task_routing=scored["per_task"],
-                task_id_accuracy=sum(p["route"] == g for p, g in zip(predictions, gold)) / len(predictions),
-                imprinted_accuracy=imprinted)
+                task_id_accuracy=picked, imprinted_accuracy=imprinted)
 
 
 def routing_metrics(s: Scoring, heldout: dict[str, list[Example]], predictions: list[dict]) -> dict:
@@ -484,7 +486,8 @@ def stage_parameters(model: Llama, experts: list[Expert],
     out, held = [], 0
     for i, e in enumerate(experts):
         if isinstance(e, LoraExpert):
-            out.append(dict(trainable=sum(v.numel() for v in (*e.adapter.values(), *e.rows.values()))))
+            weights = (*e.adapter.values(), *e.rows.values())
+            out.append(dict(trainable=sum(v.numel() for v in weights)))
             continue
         e.use(model)
         counts = lora.subexpert_counts(model)
@@ -498,8 +501,8 @@ def stage_parameters(model: Llama, experts: list[Expert],
                         trainable_share=(counts["used"] - held) / counts[f"mask_{e.name}"],
                         held=counts["used"], shared=counts["shared"]))
         if dirs is not None:
-            out[-1].update(bytes=disk_bytes(dirs[i], (TRAINING_FILE,)),
-                           training_bytes=disk_bytes(dirs[i]) - disk_bytes(dirs[i], (TRAINING_FILE,)),
+            inference = disk_bytes(dirs[i], (TRAINING_FILE,))
+            out[-1].update(bytes=inference, training_bytes=disk_bytes(dirs[i]) - inference,
                            lora_bytes=(i + 1) * lora_bytes(model, e))
         held = counts["used"]
     return out
@@ -511,40 +514,53 @@ def print_table(results: list[dict]) -> None:
     per query, and queries that took the exception path (for MoSEs, R-F1 is task identification by
     key); then trainable parameters per stage, and MoSEs' TIL scores."""
     tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
+
     def cell(v, fmt, scale=1):
         return "-" if v is None else format(scale * v, fmt)
     head = f"{'method':<22}" + "".join(f"{Path(t).stem[:7]:>8}" for t in tasks)
-    print(f"\n{head}{'AR':>8}{'BWT':>8}{'R-F1':>8}{'RB-LIMA':>8}{'RB-SNI':>8}{'steps':>7}{'prefill':>8}{'except':>7}")
+    print(f"\n{head}{'AR':>8}{'BWT':>8}{'R-F1':>8}{'RB-LIMA':>8}{'RB-SNI':>8}"
+          f"{'steps':>7}{'prefill':>8}{'except':>7}")
     for r in results:
         final = dict(zip(r["tasks"], r["scores"][-1]))
         rb = r["rb_acc"] or {}
-        print(f"{r['label']:<22}" + "".join(f"{cell(final.get(t), '.2f'):>8}" for t in tasks)
-              + f"{r['ar']:>8.2f}{cell(r['bwt'], '.2f'):>8}{cell(r['routing_f1'], '.2f', 100):>8}"
-              + f"{cell(rb.get('lima'), '.1f', 100):>8}{cell(rb.get('superni'), '.1f', 100):>8}"
-              + f"{cell(r['routing_steps'], '.2f'):>7}{cell(r.get('prefills'), '.2f'):>8}"
-              + f"{cell(sum((r.get('exceptions') or {}).values()) if r.get('exceptions') else None, 'd'):>7}")
+        exceptions = sum(r["exceptions"].values()) if r.get("exceptions") else None
+        row = f"{r['label']:<22}" + "".join(f"{cell(final.get(t), '.2f'):>8}" for t in tasks)
+        row += f"{r['ar']:>8.2f}{cell(r['bwt'], '.2f'):>8}{cell(r['routing_f1'], '.2f', 100):>8}"
+        row += f"{cell(rb.get('lima'), '.1f', 100):>8}{cell(rb.get('superni'), '.1f', 100):>8}"
+        row += f"{cell(r['routing_steps'], '.2f'):>7}{cell(r.get('prefills'), '.2f'):>8}"
+        print(row + f"{cell(exceptions, 'd'):>7}")
     for r in results:
-        params = r["parameters"]
-        print(f"{r['label']}: trainable parameters per stage "
-              + ", ".join(f"{p['trainable']:,}" for p in params)
-              + ("; weights held after each stage " + ", ".join(f"{p['held']:,}" for p in params)
-                 + "; trainable share of each task's mask "
-                 + ", ".join(f"{p['trainable_share']:.0%}" for p in params)
-                 if "held" in params[0] else "")
-              + (f"; shared-expert weights {params[0]['shared']:,}" if params[0].get("shared") else ""))
-        if "bytes" in params[0]:
-            print(f"{r['label']}: bytes on disk per stage "
-                  + ", ".join(f"{p['bytes']:,}" for p in params)
-                  + " (+ training state " + ", ".join(f"{p['training_bytes']:,}" for p in params)
-                  + "); a LoRA per task " + ", ".join(f"{p['lora_bytes']:,}" for p in params))
-        if "til_ar" in r:
-            imprinted = r.get("imprinted_accuracy")
-            print(f"{r['label']}: TIL AR {r['til_ar']:.2f} BWT {r['til_bwt']:.2f}; TaIL AR "
-                  f"{r['ar']:.2f} BWT {r['bwt']:.2f}; "
-                  f"TIL-TaIL gap {r['til_ar'] - r['ar']:.2f}; task identification "
-                  f"({'gate' if r['method'] == 'seta' else 'keys'}) "
-                  f"{100 * r['task_id_accuracy']:.1f}%"
-                  + (f" (gate as imprinted: {100 * imprinted:.1f}%)" if imprinted is not None else ""))
+        print_parameters(r)
+
+
+def print_parameters(r: dict) -> None:
+    """A run's trainable parameters per stage; MoSEs/SETA: what each stage holds and stores, and
+    the TIL scores beside the TaIL ones."""
+    params, label = r["parameters"], r["label"]
+
+    def listed(key: str, fmt: str = ",") -> str:
+        return ", ".join(format(p[key], fmt) for p in params)
+    line = f"{label}: trainable parameters per stage {listed('trainable')}"
+    if "held" in params[0]:
+        line += f"; weights held after each stage {listed('held')}"
+        line += f"; trainable share of each task's mask {listed('trainable_share', '.0%')}"
+    if params[0].get("shared"):
+        line += f"; shared-expert weights {params[0]['shared']:,}"
+    print(line)
+    if "bytes" in params[0]:
+        print(f"{label}: bytes on disk per stage {listed('bytes')} "
+              f"(+ training state {listed('training_bytes')}); "
+              f"a LoRA per task {listed('lora_bytes')}")
+    if "til_ar" in r:
+        picker = "gate" if METHODS[r["method"]].gate else "keys"
+        line = f"{label}: TIL AR {r['til_ar']:.2f} BWT {r['til_bwt']:.2f}; "
+        line += f"TaIL AR {r['ar']:.2f} BWT {r['bwt']:.2f}; "
+        line += f"TIL-TaIL gap {r['til_ar'] - r['ar']:.2f}; "
+        line += f"task identification ({picker}) {100 * r['task_id_accuracy']:.1f}%"
+        imprinted = r.get("imprinted_accuracy")
+        if imprinted is not None:
+            line += f" (gate as imprinted: {100 * imprinted:.1f}%)"
+        print(line)
 
 
 def main() -> None:
@@ -684,8 +700,10 @@ def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
         max_source = args.max_source
     template = resolve_template(tok, args.template or (experts[0].template if experts else "auto"))
     task = Path(args.task).stem
-    out = Path(args.out or (Path(args.expert[0]).parent if args.expert else
-                            Path("runs") / f"base-{model_tag(model_name)}") / f"eval-{task}{variant(args)}.json")
+    beside = Path("runs") / f"base-{model_tag(model_name)}"
+    if args.expert:
+        beside = Path(args.expert[0]).parent
+    out = Path(args.out or beside / f"eval-{task}{variant(args)}.json")
     settings = dict(task=args.task, split=args.split, model=model_name, experts=args.expert,
                     template=template, max_source=max_source, max_eval=args.max_eval,
                     max_new_tokens=args.max_new_tokens,

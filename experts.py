@@ -35,7 +35,8 @@ PROMPT = "{query}\nOutput:"
 TEMPLATES = ("auto", "chat", "plain")
 # the indicator type of a baseline's adapter: it has none, answers every query and is not routed
 UNROUTED = "none"
-EXPERT_FILE, ROWS_FILE, SUBEXPERTS_FILE = "expert.json", "indicators.safetensors", "subexperts.safetensors"
+EXPERT_FILE, ROWS_FILE = "expert.json", "indicators.safetensors"
+SUBEXPERTS_FILE = "subexperts.safetensors"
 # MoSEs/SETA: what only training on needs (free weights, importance, SETA's
 # imprinted gate rows); may be deleted
 TRAINING_FILE = "training-state.safetensors"

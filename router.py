@@ -244,13 +244,16 @@ def match_keys(features: torch.Tensor, keys: dict[str, torch.Tensor],
 
 @torch.no_grad()
 def key_route(model: Llama, keys: dict[str, torch.Tensor], prompts: list[list[int]],
-              max_new_tokens: int,
-              eos_ids: list[int], batch_size: int = 16, task: str | None = None,
-              progress: bool = False, gate: bool = False) -> tuple[list[list[int]], list[str]]:
+              max_new_tokens: int, eos_ids: list[int], batch_size: int = 16,
+              task: str | None = None, progress: bool = False,
+              gate: bool = False) -> tuple[list[list[int]], list[str]]:
     """Answers and, per query, the task whose masks answered: matched by key (TaIL;
     SETA: the unified gate's choice, answered by that task's experts and the shared
     ones), or `task` for all (TIL)."""
-    routes = [task] * len(prompts) if task else match_keys(query_features(model, prompts, batch_size), keys, gate)
+    if task:
+        routes = [task] * len(prompts)
+    else:
+        routes = match_keys(query_features(model, prompts, batch_size), keys, gate)
     answers: list[list[int]] = [[] for _ in prompts]
     for t in dict.fromkeys(routes):
         idx = [i for i, r in enumerate(routes) if r == t]

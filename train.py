@@ -1,12 +1,12 @@
 """Train one SEE expert (paper Sec. 3, Expert Training): a new LoRA adapter on the frozen base
 model, fitted to the reconstructed task D^_i (Eq. 4) with the loss of Eq. 5.
 
-    python train.py --task qa                      # E_1 of order 1: no earlier tasks, positives only
-    python train.py --task qg --previous qa        # E_2: tau of qa's queries rehearsed as <<neg>>
-    python train.py --order 1 --tau 0.1            # a whole sequence, one expert per stage (resumable)
-    python train.py --order 1 --method non-rehearsal   # a baseline: one LoRA fine-tuned on each task in turn
-    python train.py --order 1 --method seta        # SETA: masked task experts, anchored shared experts, a gate
-    torchrun --nproc_per_node 2 train.py --task qa     # data parallel: the same result at the same global batch
+    python train.py --task qa                # E_1 of order 1: no earlier tasks, positives only
+    python train.py --task qg --previous qa  # E_2: tau of qa's queries rehearsed as <<neg>>
+    python train.py --order 1 --tau 0.1      # a whole sequence, one expert per stage (resumable)
+    python train.py --order 1 --method non-rehearsal  # a baseline: one LoRA, each task in turn
+    python train.py --order 1 --method seta  # SETA: masked task experts, shared experts, a gate
+    torchrun --nproc_per_node 2 train.py --task qa  # data parallel: same result, same global batch
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ from experts import (INDICATORS, TEMPLATES, TRAINING_FILE, UNROUTED, Expert, Lor
 from model import Llama
 from router import gate_logits, query_features
 
-STATE_FILE, CONFIG_FILE, LOG_FILE, EXPERT_DIR, SYSTEM_FILE = "state.pt", "config.json", "log.jsonl", "expert", "system.json"
+STATE_FILE, CONFIG_FILE, LOG_FILE = "state.pt", "config.json", "log.jsonl"
+EXPERT_DIR, SYSTEM_FILE = "expert", "system.json"
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,8 @@ def comparable(settings: dict) -> dict:
 
 def dtype_name(name: str | None) -> str:
     """--dtype as this machine resolves it (checkpoint.resolve_dtype), e.g. 'float32'."""
-    return str(resolve_dtype(name, "cuda" if torch.cuda.is_available() else "cpu")).removeprefix("torch.")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_dtype(name, device)).removeprefix("torch.")
 
 
 def resume_state(cfg: TrainConfig) -> dict | None:
@@ -196,8 +198,8 @@ def check_same_run(cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> None:
     config, saved = [{k: v for k, v in d.items() if k not in ignore} for d in (config, saved)]
     changed = sorted(k for k in config.keys() | saved.keys() if config.get(k) != saved.get(k))
     if changed:
-        raise UserError(f"{out} holds a run with other settings "
-                        f"({', '.join(f'{k}: {saved.get(k)} -> {config.get(k)}' for k in changed)}); pass another --out")
+        changes = ", ".join(f"{k}: {saved.get(k)} -> {config.get(k)}" for k in changed)
+        raise UserError(f"{out} holds a run with other settings ({changes}); pass another --out")
 
 
 def check_settings(settings: dict, path: Path) -> None:
@@ -221,7 +223,8 @@ def read_state(path: Path) -> dict:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load fails on a torn or foreign file with many kinds of error
         reason = (str(e).splitlines() or [""])[0][:120]
-        raise UserError(f"{path}: not a checkpoint of train.py ({type(e).__name__}: {reason})") from None
+        raise UserError(f"{path}: not a checkpoint of train.py "
+                        f"({type(e).__name__}: {reason})") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: not a checkpoint of train.py (a {type(state).__name__})")
     check_fields(state, path, step=int, params=dict, optimizer=dict, rng=torch.Tensor)
@@ -245,7 +248,8 @@ def restore(state: dict, trainable: dict[str, torch.nn.Parameter], opt: torch.op
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise UserError(f"{path}: its optimizer or random state does not fit this run ({e})") from None
+        raise UserError(f"{path}: its optimizer or random state does not fit this run "
+                        f"({e})") from None
     with torch.no_grad():
         for k, p in trainable.items():
             p.copy_(params[k])
@@ -297,7 +301,11 @@ def trainable_parameters(model: Llama, adapter: str | None,
     """Freeze the base model; only the adapter (None: the MoSE layers) and the added indicator rows
     learn, in fp32."""
     model.requires_grad_(False)
-    learn = {id(p) for p in (lora.lora_parameters(model, adapter) if adapter else lora.subexpert_parameters(model))}
+    if adapter:
+        learned = lora.lora_parameters(model, adapter)
+    else:
+        learned = lora.subexpert_parameters(model)
+    learn = {id(p) for p in learned}
     trainable = {n: p for n, p in model.named_parameters()
                  if id(p) in learn or (indicator_rows and n in ("extra_embed", "extra_head"))}
     for p in trainable.values():
@@ -417,7 +425,8 @@ def check_config(cfg: TrainConfig) -> tuple[lora.LoraConfig, lora.SubExpertConfi
     bad = [f"{flag} {v}" for flag, v in counts.items() if v < 1]
     if bad:
         raise UserError(f"need positive counts, got {', '.join(bad)}")
-    rates = {"--lr": cfg.lr, "--indicator-lr": cfg.lr if cfg.indicator_lr == "adapter" else cfg.indicator_lr}
+    indicator_lr = cfg.lr if cfg.indicator_lr == "adapter" else cfg.indicator_lr
+    rates = {"--lr": cfg.lr, "--indicator-lr": indicator_lr}
     weights = {"--pull-weight": cfg.pull_weight, "--anchor-weight": cfg.anchor_weight,
                "--route-reg-weight": cfg.route_reg_weight}
     bad = [f"{flag} {v}" for flag, v in rates.items() if not 0 < v < math.inf] + \
@@ -673,7 +682,8 @@ def resume(run: Run, state: dict) -> None:
     out = run.cfg.run_dir()
     run.step = state["step"]
     if run.step > run.total:
-        raise UserError(f"{out / STATE_FILE}: at step {run.step}, past this run's {run.total} steps")
+        raise UserError(f"{out / STATE_FILE}: at step {run.step}, "
+                        f"past this run's {run.total} steps")
     restore(state, run.trainable, run.opt, out / STATE_FILE)
     if run.main:
         print(f"resuming {out} at step {run.step}/{run.total}")
@@ -686,13 +696,18 @@ def start_run_dir(run: Run, n_rehearsed: int, sources: list[str], resumed: bool)
     n_neg = n_rehearsed if method.routes else 0
     # held by earlier tasks' masks
     frozen = lora.subexpert_counts(model)["used"] if method.sparse else 0
-    print(f"{cfg.method} {cfg.name}: {len(run.samples) - n_neg} positive + {n_neg} negative "
-          f"samples, " + (f"{n_rehearsed} earlier queries for the gate, " if method.gate else "") +
-          f"{sum(p.numel() for p in run.trainable.values()) - frozen:,} trainable parameters, "
-          f"{run.template} prompts, "
-          f"{run.total} steps on {run.device}"
-          + (f" and {run.world - 1} more processes" if run.world > 1 else "")
-          + (f"; {lora.free_share(model):.0%} of the new mask is trainable at its first step" if method.sparse else ""))
+    n_trained = sum(p.numel() for p in run.trainable.values()) - frozen
+    n_pos = len(run.samples) - n_neg
+    said = f"{cfg.method} {cfg.name}: {n_pos} positive + {n_neg} negative samples, "
+    if method.gate:
+        said += f"{n_rehearsed} earlier queries for the gate, "
+    said += f"{n_trained:,} trainable parameters, {run.template} prompts, "
+    said += f"{run.total} steps on {run.device}"
+    if run.world > 1:
+        said += f" and {run.world - 1} more processes"
+    if method.sparse:
+        said += f"; {lora.free_share(model):.0%} of the new mask is trainable at its first step"
+    print(said)
     if sources:
         print("rehearsed: " + "; ".join(sources))
     out = cfg.run_dir()
@@ -883,7 +898,8 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
         raise UserError("--init is for one stage; a sequence starts each stage as its method says")
     names = [replace(cfg, task=t).name for t in tasks]
     method = METHODS[cfg.method]
-    root = Path(cfg.out or f"runs/{'-'.join([cfg.method, *run_name(cfg), *names])}-{model_tag(cfg.model)}")
+    name = "-".join([cfg.method, *run_name(cfg), *names])
+    root = Path(cfg.out or f"runs/{name}-{model_tag(cfg.model)}")
     if method.joint:
         stages = [replace(cfg, task=tasks[-1], previous=tasks[:-1], tau=1.0,
                           out=str(root / "1-mtl"))]
@@ -894,7 +910,8 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
     stages = [replace(s, init=str(Path(stages[i - 1].out) / EXPERT_DIR) if method.continues
                       and i else None)
               for i, s in enumerate(stages)]
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("task", "previous", "out", "init")}
+    per_stage = ("task", "previous", "out", "init")
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in per_stage}
     system = dict(method=cfg.method, model=cfg.model, tasks=tasks,
                   experts=[f"{Path(s.out).name}/{EXPERT_DIR}" for s in stages], settings=settings)
     def same(d: dict) -> dict:
@@ -928,7 +945,8 @@ def run_name(cfg: TrainConfig) -> list[str]:
     method = METHODS[cfg.method]
     parts = [part.format(**dataclasses.asdict(cfg)) for part in method.run_name]
     if method.routes:  # SEE's pseudo-negatives and indicator types (Tables 3, 4)
-        parts += ["pseudo"] * (cfg.negatives == "lima") + [cfg.indicator] * (cfg.indicator != "added")
+        parts += ["pseudo"] * (cfg.negatives == "lima")
+        parts += [cfg.indicator] * (cfg.indicator != "added")
     return parts
 
 
