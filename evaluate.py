@@ -548,9 +548,8 @@ def print_parameters(r: dict) -> None:
         line += f"; shared-expert weights {params[0]['shared']:,}"
     print(line)
     if "bytes" in params[0]:
-        print(f"{label}: bytes on disk per stage {listed('bytes')} "
-              f"(+ training state {listed('training_bytes')}); "
-              f"a LoRA per task {listed('lora_bytes')}")
+        print(f"{label}: bytes on disk per stage {listed('bytes')} (+ training state "
+              f"{listed('training_bytes')}); a LoRA per task {listed('lora_bytes')}")
     if "til_ar" in r:
         picker = "gate" if METHODS[r["method"]].gate else "keys"
         line = f"{label}: TIL AR {r['til_ar']:.2f} BWT {r['til_bwt']:.2f}; "
@@ -565,9 +564,9 @@ def print_parameters(r: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description="ROUGE-L of SEE experts (or the base model) on a "
-                                            "task's eval split, "
-                                            "or the paper's metrics of whole runs (--run: the "
-                                            "runs' own prompt, source length and model).")
+                                            "task's eval split, or the paper's metrics of whole "
+                                            "runs (--run: the runs' own prompt, source length and "
+                                            "model).")
     p.add_argument("--run", action="append", default=[],
                    help="a system written by train.py --sequence/--order; repeat to compare runs "
                         "in one table")
@@ -587,9 +586,8 @@ def main() -> None:
     p.add_argument("--max-eval", type=int, default=None,
                    help="score only the first N examples of each task")
     p.add_argument("--max-ood", type=int, default=OOD_EVAL,
-                   help=f"LIMA queries for RB-Acc (--run; at most {OOD_EVAL}, "
-                                                                 f"the rest may have been "
-                                                                 f"pseudo-negatives)")
+                   help=f"LIMA queries for RB-Acc (--run; at most {OOD_EVAL}, the rest may have "
+                        f"been pseudo-negatives)")
     p.add_argument("--template", default=None, choices=list(TEMPLATES),
                    help="prompt (default: as the experts were trained, else auto: chat if the "
                         "checkpoint has a template)")
@@ -599,22 +597,19 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--routing", default="sequential", choices=ROUTINGS,
                    help="SEE: experts one after another (the readable reference), all in one "
-                        "batched pass, "
-                        "or none: one expert answers every query with its o_pos forced (--run: "
-                        "each task by its own expert, the paper's SEE-AE)")
+                        "batched pass, or none: one expert answers every query with its o_pos "
+                        "forced (--run: each task by its own expert, the paper's SEE-AE)")
     p.add_argument("--exceptions", default="base", choices=EXCEPTIONS,
                    help="an expert that emits neither indicator sends the query to the base model "
-                        "(the "
-                        "paper's rule), or on to the next older expert, as if it had emitted o_neg")
+                        "(the paper's rule), or on to the next older expert, as if it had emitted "
+                        "o_neg")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weights and compute; default as train.py: bfloat16 on CUDA and on CPUs "
                         "with native bf16, else float32")
     p.add_argument("--out", default=None,
                    help="result JSON (default: beside the first expert, or runs/base-<model>/; "
-                                               "with --run: <run>/eval.json, eval-expert-only.json "
-                                               "for "
-                                               "--routing none, eval-exceptions-next.json for "
-                                               "--exceptions next)")
+                        "with --run: <run>/eval.json, eval-expert-only.json for --routing none, "
+                        "eval-exceptions-next.json for --exceptions next)")
     args = p.parse_args()
     if args.report:
         if args.run or args.task or args.expert:

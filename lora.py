@@ -201,8 +201,7 @@ def load_adapter_state(model: nn.Module, name: str, state: dict[str, torch.Tenso
     expected = {f"{PEFT_PREFIX}{path}.lora_{ab}.weight" for path in layers for ab in "AB"}
     if set(state) != expected:
         raise UserError(f"adapter weights do not match the model: {len(set(state) - expected)} "
-                        f"unexpected, "
-                        f"{len(expected - set(state))} missing (e.g. "
+                        f"unexpected, {len(expected - set(state))} missing (e.g. "
                         f"{sorted(set(state) ^ expected)[:1]})")
     with torch.no_grad():
         for path, m in layers.items():
@@ -291,8 +290,8 @@ class SubExpertConfig:
                      "sub-expert settings", experts=int, top_k=int, sparsity=NUMBER, shared=int)
         if not 1 <= self.top_k <= self.experts or not 0 < self.sparsity <= 1 or self.shared < 0:
             raise UserError(f"need 1 <= top-k <= experts, 0 < sparsity <= 1 and shared >= 0, got "
-                            f"experts={self.experts}, "
-                            f"top-k={self.top_k}, sparsity={self.sparsity}, shared={self.shared}")
+                            f"experts={self.experts}, top-k={self.top_k}, "
+                            f"sparsity={self.sparsity}, shared={self.shared}")
 
 
 MASKED = ("A", "B", "gate")  # the sub-expert weights a task sees through its mask

@@ -264,8 +264,8 @@ def indicator_types(rs: list[dict], title: str, tasks: list[str]) -> list[str]:
             "the added indicators' rows learned at their own rate: the types differ in learning "
             "rate as well as in kind (run with --indicator-lr adapter for a fair comparison)")
     return [f"\n## Table 4 ({title}): indicator types (generation: "
-            f"{','.join(task_name(tasks[i]) for i in gen)}; "
-            f"classification: {','.join(cls) or 'none'})\n",
+            f"{','.join(task_name(tasks[i]) for i in gen)}; classification: "
+            f"{','.join(cls) or 'none'})\n",
             f"Treatment: {note}.\n",
             table(["indicator", "tau", "indicator learning", "generation AR",
                    "classification acc. (%)", "R-F1"], rows)]

@@ -285,9 +285,8 @@ def show_route(tok: Tokenizer, ind: Indicators, names: list[str], routed: Routed
 
 def main() -> None:
     p = argparse.ArgumentParser(description="Watch SEE's sequential routing: one query put to a "
-                                            "run's experts, "
-                                            "newest first, with what each emitted and which model "
-                                            "answered.")
+                                            "run's experts, newest first, with what each emitted "
+                                            "and which model answered.")
     p.add_argument("--run", required=True,
                    help="a SEE system written by train.py --sequence/--order")
     p.add_argument("--prompt", default=None,

@@ -133,8 +133,7 @@ def generation_speed(plan: dict, device: str, dtype: torch.dtype) -> str:
             for r in generation.measure(p["shape"], p["batches"], p["input"], p["output"],
                                         p["repeats"], device, dtype)]
     return (f"Shape {p['shape']}, prompts {p['input'] // 2}-{p['input']} tokens, {p['output']} "
-            f"new, greedy, "
-            f"median of {p['repeats']}\n\n"
+            f"new, greedy, median of {p['repeats']}\n\n"
             + table(["batch", "ours tok/s", "transformers tok/s", "ratio"], rows))
 
 

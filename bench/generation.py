@@ -68,8 +68,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(args.dtype, device)
     print(f"shape {args.shape}, {device} {dtype}, prompts {args.input // 2}-{args.input} tokens, "
-          f"{args.output} new, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{args.output} new, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'batch':>5}{'ours tok/s':>12}{'hf tok/s':>10}{'ratio':>7}")
     for r in measure(args.shape, list(map(int, args.batch.split(","))), args.input, args.output,

@@ -104,8 +104,8 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(args.dtype, device)
     print(f"shape {args.shape}, {device} {dtype}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; "
-          f"input {args.input}, output {args.output} tokens, batch 1, median of {args.repeats}")
+          f"{torch.get_num_threads()} threads; input {args.input}, output {args.output} tokens, "
+          f"batch 1, median of {args.repeats}")
     print(f"{'M':>3}{'plain ms':>10}{'TTFT ms':>9}{'TPOT ms':>9}{'seq ms':>9}{'seq +%':>8}{'Eq.8 +%':>9}"
           f"{'App.E +%':>10}{'par ms':>9}{'par +%':>8}")
     for m in map(int, args.experts.split(",")):

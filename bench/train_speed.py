@@ -168,9 +168,8 @@ def main():
     import peft
     import transformers
     print(f"shape {args.shape}, {device} {dtype}, micro-batch {args.micro_batch}, LoRA r=8 on "
-          f"q_proj/v_proj, "
-          f"{'activation checkpointing, ' * args.grad_checkpoint}torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, peft {peft.__version__}, "
+          f"q_proj/v_proj, {'activation checkpointing, ' * args.grad_checkpoint}torch "
+          f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'implementation':<20}{'tokens/s':>10}{'peak MiB':>10}")
     for name, r in result.items():
