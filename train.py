@@ -71,22 +71,27 @@ class Method:
 # SEE and the paper's baselines (Sec. 4.1), then MoSEs and SETA. Only SEE trains indicators and
 # routes; the baselines train plain (q, r) samples. What each stage learns from: train_sequence.
 METHODS = {
-    "see": Method("SEE({tau})", "a new expert per task, tau of earlier tasks' queries as <<neg>>, "
-                  "sequential routing", rehearses=True, routes=True, run_name=("tau{tau:g}",)),
+    "see": Method("SEE({tau})",
+                  "a new expert per task, tau of earlier tasks' queries as <<neg>>, sequential "
+                  "routing",
+                  rehearses=True, routes=True, run_name=("tau{tau:g}",)),
     "non-rehearsal": Method("Non-rehearsal", "one LoRA fine-tuned on each task in turn",
                             continues=True),
     "replay": Method("RandSel({tau})",
-                     "one LoRA fine-tuned on each task in turn plus tau of earlier "
-                     "tasks' full samples (RandSel)", continues=True, rehearses=True,
-                     run_name=("tau{tau:g}",)),
+                     "one LoRA fine-tuned on each task in turn plus tau of earlier tasks' full "
+                     "samples (RandSel)",
+                     continues=True, rehearses=True, run_name=("tau{tau:g}",)),
     "mtl": Method("MTL", "one LoRA on all tasks at once", joint=True),
     "stl": Method("AvgSTL", "one LoRA per task, each scored on its own task (AvgSTL)"),
-    "moses": Method("MoSEs(c={sparsity})", "sparse sub-experts, a binary mask per task over their "
-                    "weights, the task picked by prompt keys (MoSEs)", continues=True, sparse=True,
+    "moses": Method("MoSEs(c={sparsity})",
+                    "sparse sub-experts, a binary mask per task over their weights, the task "
+                    "picked by prompt keys (MoSEs)",
+                    continues=True, sparse=True,
                     run_name=("c{sparsity:g}", "e{experts}k{top_k}", "pull{pull_weight:g}")),
-    "seta": Method("SETA(c={sparsity})", "MoSEs' masked sub-experts as task experts plus anchored "
-                   "shared experts, the task picked by a unified gate (SETA)", continues=True,
-                   rehearses=True, sparse=True, gate=True,
+    "seta": Method("SETA(c={sparsity})",
+                   "MoSEs' masked sub-experts as task experts plus anchored shared experts, the "
+                   "task picked by a unified gate (SETA)",
+                   continues=True, rehearses=True, sparse=True, gate=True,
                    run_name=("c{sparsity:g}", "e{experts}k{top_k}s{shared}", "tau{tau:g}",
                              "anchor{anchor_weight:g}", "rr{route_reg_weight:g}")),
 }
@@ -993,12 +998,12 @@ def check_finished(cfg: TrainConfig) -> None:
     load_expert(out / EXPERT_DIR)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | None]:
+def arg_parser() -> argparse.ArgumentParser:
+    """The command line: what is learned (tasks, method and its settings), then how."""
     d = TrainConfig()
     p = argparse.ArgumentParser(description="Train one SEE expert (a LoRA adapter that answers its "
-                                            "task after <<pos>> "
-                                            "and refuses earlier tasks' queries with <<neg>>), a "
-                                            "whole sequence of them "
+                                            "task after <<pos>> and refuses earlier tasks' queries "
+                                            "with <<neg>>), a whole sequence of them "
                                             "(--sequence/--order), or one of the paper's baselines "
                                             "(--method).")
     p.add_argument("--sequence", default=None,
@@ -1007,8 +1012,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | 
                    help="the paper's task orders (Table 5; 10 = all ten)")
     p.add_argument("--task", default=None,
                    help="task abbreviation (qa, qg, sa, sum, trans, dsg, expl, para, pe, pos) "
-                                                 f"or the path of a SuperNI task .json file "
-                                                 f"(default {d.task})")
+                        f"or the path of a SuperNI task .json file (default {d.task})")
     p.add_argument("--previous", default=None,
                    help="comma-separated earlier tasks; tau of their queries become negatives")
     p.add_argument("--method", default=d.method, choices=list(METHODS),
@@ -1032,9 +1036,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | 
     p.add_argument("--route-reg-weight", type=float, default=d.route_reg_weight,
                    help="SETA: weight of routing regularisation (the gate's outputs on earlier "
                         "tasks' queries kept)")
+    add_run_arguments(p, d)
+    return p
+
+
+def add_run_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """How a stage is trained: model, data, prompts, rehearsal, LoRA, optimisation, where and in
+    what dtype."""
     p.add_argument("--model", default=d.model,
-                   help="'smollm2-135m', 'tiny', a local directory or a hub id "
-                                                    "(e.g. meta-llama/Llama-2-7b-hf)")
+                   help="'smollm2-135m', 'tiny', a local directory or a hub id (e.g. "
+                        "meta-llama/Llama-2-7b-hf)")
     p.add_argument("--data-dir", default=None,
                    help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
     p.add_argument("--out", default=None,
@@ -1053,9 +1064,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | 
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--indicator-lr", type=rate, default=d.indicator_lr,
                    help="learning rate of the added indicator rows (MoSEs: of the task keys), or "
-                        "'adapter' "
-                        "for --lr: every indicator type learns at the adapter's rate (a fair Table "
-                        "4)")
+                        "'adapter' for --lr: every indicator type learns at the adapter's rate (a "
+                        "fair Table 4)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="global batch (gradient accumulation)")
@@ -1077,6 +1087,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | 
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing: recompute each block's activations in the "
                         "backward pass (less memory)")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | None]:
+    d = TrainConfig()
+    p = arg_parser()
     a = p.parse_args(argv)
     if a.sequence is not None and a.order:
         raise UserError("give --sequence or --order, not both")
