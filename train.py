@@ -558,8 +558,8 @@ def train(cfg: TrainConfig) -> Path:
         lora.finish_task(run.model, cfg.name)
     out = cfg.run_dir()
     if run.main:
-        print(f"trained {run.step} steps in {elapsed:.0f} s, {n_tokens / max(elapsed, 1e-9):.0f} "
-              f"tokens/s")
+        speed = n_tokens / max(elapsed, 1e-9)
+        print(f"trained {run.step} steps in {elapsed:.0f} s, {speed:.0f} tokens/s")
         trained_expert(run, lcfg, sub, keys, imprints).save(out / EXPERT_DIR)
         (out / STATE_FILE).unlink(missing_ok=True)
     if run.world > 1:
@@ -568,10 +568,10 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def setup(cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig,
-          sub: lora.SubExpertConfig | None,
-          current: list[Example], rehearsed: list[Example]) -> Run:
-    """The run's model and adapter, indicators, samples (Eq. 4), trainable parameters
-    and optimizer."""
+          sub: lora.SubExpertConfig | None, current: list[Example],
+          rehearsed: list[Example]) -> Run:
+    """The run's model and adapter, indicators, samples (Eq. 4), trainable parameters and
+    optimizer."""
     method = METHODS[cfg.method]
     rank, world = distributed()
     cuda = torch.cuda.is_available()
@@ -589,8 +589,8 @@ def setup(cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig,
     template = resolve_template(tok, cfg.template)
     if cfg.max_target < len(ind.pos if ind else []) + 2:
         raise UserError(f"--max-target {cfg.max_target} leaves no room for a response")
-    # Eq. 4; SETA's experts see only the task's own samples (its rehearsed
-    # queries go to the gate alone)
+    # Eq. 4; SETA's experts see only the task's own samples (its rehearsed queries go to the gate
+    # alone)
     learned = [] if method.gate else rehearsed
     samples = reconstruct(current, learned, tok, ind, cfg.max_source, cfg.max_target, template)
     features = seta = None
@@ -739,8 +739,8 @@ def fit(run: Run) -> tuple[float, int]:
             batch = [run.samples[i] for i in chosen]
             for group, peak in zip(run.opt.param_groups, run.peak):
                 group["lr"] = peak * lr_scale(run.step, run.total)
-            # Eq. 5 as SFT implementations compute it: the mean NLL over all
-            # target tokens of the global batch
+            # Eq. 5 as SFT implementations compute it: the mean NLL over all target tokens of the
+            # global batch
             n_targets = sum(len(s.ids) - s.start for s in batch)
             t0 = time.perf_counter()
             loss_sum, pull_sum = backward(run, chosen, n_targets)
