@@ -164,3 +164,12 @@ def test_an_unevaluated_run_is_one_line_of_error(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip() == (f"error: {tmp_path / 'run'} has no eval.json; evaluate it first "
                                   f"(without --out): python evaluate.py --run {tmp_path / 'run'}")
+
+
+def test_an_eval_json_whose_method_is_not_its_systems_is_refused(tmp_path):
+    from errors import UserError
+    run = Path(see(tmp_path, "SEE(10%)"))
+    result = json.loads((run / "eval.json").read_text())
+    (run / "eval.json").write_text(json.dumps(dict(result, method="sea")))
+    with pytest.raises(UserError, match=r"eval.json: method 'sea', but .* holds a see system"):
+        report.load_results([str(run)])
