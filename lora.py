@@ -31,9 +31,10 @@ class LoraConfig:
     targets: tuple[str, ...] = ("q_proj", "v_proj")
 
     def __post_init__(self):
-        if not isinstance(self.targets,
-                          (list, tuple)) or not all(isinstance(t, str) for t in self.targets):
-            raise UserError(f"LoRA targets must be a list of projection names, got {self.targets!r}")
+        listed = isinstance(self.targets, (list, tuple))
+        if not listed or not all(isinstance(t, str) for t in self.targets):
+            raise UserError(f"LoRA targets must be a list of projection names, "
+                            f"got {self.targets!r}")
         check_fields(dict(r=self.r, alpha=self.alpha, dropout=self.dropout), "LoRA settings", r=int,
                      alpha=NUMBER, dropout=NUMBER)
         if self.alpha <= 0:
@@ -91,7 +92,8 @@ class LoraLinear(nn.Module):
         if name is None or name == self.merged:
             return y
         A, B = self.lora_A[name], self.lora_B[name]
-        return y + B(A(self.lora_dropout[name](x.to(A.weight.dtype)))).to(y.dtype) * self.scaling[name]
+        h = self.lora_dropout[name](x.to(A.weight.dtype))
+        return y + B(A(h)).to(y.dtype) * self.scaling[name]
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
@@ -227,8 +229,8 @@ def write_adapter(state: dict[str, torch.Tensor], cfg: LoraConfig, out_dir: str 
     save_file({k: v.float().contiguous() for k, v in state.items()}, out_dir / ADAPTER_WEIGHTS,
               metadata={"format": "pt"})
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model,
-                  r=cfg.r,
-                  lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets),
+                  r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                  target_modules=list(cfg.targets),
                   bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
                   use_rslora=False)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -245,8 +247,8 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]
         plain = (c["peft_type"] == "LORA" and isinstance(c["target_modules"], list)
                  and c.get("bias", "none") == "none"
                  and not any(c.get(k) for k in ("use_rslora", "use_dora", "alpha_pattern",
-                                                "rank_pattern",
-                                                  "layers_to_transform", "modules_to_save")))
+                                                "rank_pattern", "layers_to_transform",
+                                                "modules_to_save")))
         cfg = LoraConfig(r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0),
                          targets=c["target_modules"])
     except (KeyError, TypeError, UserError) as e:
@@ -285,9 +287,10 @@ class SubExpertConfig:
     shared: int = 0  # SETA: dense low-rank experts every task uses and trains (0: MoSEs)
 
     def __post_init__(self):
-        check_fields(dict(experts=self.experts, top_k=self.top_k, sparsity=self.sparsity,
-                          shared=self.shared),
-                     "sub-expert settings", experts=int, top_k=int, sparsity=NUMBER, shared=int)
+        settings = dict(experts=self.experts, top_k=self.top_k, sparsity=self.sparsity,
+                        shared=self.shared)
+        check_fields(settings, "sub-expert settings", experts=int, top_k=int, sparsity=NUMBER,
+                     shared=int)
         if not 1 <= self.top_k <= self.experts or not 0 < self.sparsity <= 1 or self.shared < 0:
             raise UserError(f"need 1 <= top-k <= experts, 0 < sparsity <= 1 and shared >= 0, got "
                             f"experts={self.experts}, top-k={self.top_k}, "
@@ -336,19 +339,22 @@ class SubExpertLinear(nn.Module):
         for s in self.scores.values():
             nn.init.kaiming_uniform_(s.view(s.shape[0], -1), a=math.sqrt(5))
         self.dropout = nn.Dropout(cfg.dropout)
-        # weights held by a finished task's mask: their gradient is zeroed,
-        # so no later task moves them
+        # weights a finished task's mask holds get a zero gradient: no later task moves them
         for k in MASKED:
             self.register_buffer(f"used_{k}", torch.zeros_like(getattr(self, k), dtype=torch.bool))
-            getattr(self, k).register_hook(lambda g,
-                                           k=k: g.masked_fill(getattr(self, f"used_{k}"), 0))
+
+            def freeze_held(g, k=k):
+                return g.masked_fill(getattr(self, f"used_{k}"), 0)
+            getattr(self, k).register_hook(freeze_held)
         # SETA: shared experts initialised as LoRA (B = 0), and each of
         # their weights' importance so far
         S = sub.shared
-        self.register_parameter("shared_A",
-                                nn.Parameter(kaiming_stack(S, r, base.in_features, w.device)) if S else None)
-        self.register_parameter("shared_B",
-                                nn.Parameter(torch.zeros(S, base.out_features, r, device=w.device)) if S else None)
+        shared_A = shared_B = None
+        if S:
+            shared_A = nn.Parameter(kaiming_stack(S, r, base.in_features, w.device))
+            shared_B = nn.Parameter(torch.zeros(S, base.out_features, r, device=w.device))
+        self.register_parameter("shared_A", shared_A)
+        self.register_parameter("shared_B", shared_B)
         for k in SHARED if S else ():
             self.register_buffer(f"importance_{k}", torch.zeros_like(getattr(self, k)))
         self.masks: dict[str, dict[str, torch.Tensor]] = {}  # finished task -> its binary masks
@@ -376,8 +382,8 @@ class SubExpertLinear(nn.Module):
         h = torch.einsum("...i,eri->...er", self.dropout(x), A)
         out = torch.einsum("...er,eor->...o", h * weights.unsqueeze(-1), B)
         if self.shared_A is not None:  # SETA's shared experts, summed
-            out = out + torch.einsum("...sr,sor->...o",
-                                     torch.einsum("...i,sri->...sr", self.dropout(x), self.shared_A), self.shared_B)
+            h_shared = torch.einsum("...i,sri->...sr", self.dropout(x), self.shared_A)
+            out = out + torch.einsum("...sr,sor->...o", h_shared, self.shared_B)
         return y + (out * self.scaling).to(y.dtype)
 
     def finish_task(self, name: str) -> None:
@@ -498,7 +504,8 @@ def load_subexpert_state(model: nn.Module, state: dict[str, torch.Tensor],
                 p.copy_(sized(state, f"{path}.{k}", p.numel()).view_as(p))
                 importance.zero_()
                 if training:
-                    importance.copy_(sized(training, f"{path}.importance_{k}", p.numel()).view_as(p))
+                    known = sized(training, f"{path}.importance_{k}", p.numel())
+                    importance.copy_(known.view_as(p))
 
 
 def redraw_scores(model: nn.Module, generator: torch.Generator) -> None:
