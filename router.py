@@ -40,9 +40,9 @@ class Routed:
 
 
 def generate_batched(model: Llama, prompts: list[list[int]], max_new_tokens: int,
-                     eos_ids: list[int],
-                     batch_size: int = 16, prefixes: list[list[int]] | None = None,
-                     desc: str | None = None, ban: list[int] | None = None) -> list[list[int]]:
+                     eos_ids: list[int], batch_size: int = 16,
+                     prefixes: list[list[int]] | None = None, desc: str | None = None,
+                     ban: list[int] | None = None) -> list[list[int]]:
     """Greedy `generate` over many prompts, batch by batch; similar lengths share a batch."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
@@ -88,8 +88,8 @@ def sequential_route(model: Llama, experts: list[Expert], ind: Indicators, promp
         expert.use(model)
         desc = f"expert {expert.name}" if progress else None
         outs = generate_batched(model, [prompts[i] for i in pending],
-                                routing_length(ind, max_new_tokens),
-                                eos_ids, batch_size, [ind.pos, ind.neg], desc, ban=ind.added)
+                                routing_length(ind, max_new_tokens), eos_ids, batch_size,
+                                [ind.pos, ind.neg], desc, ban=ind.added)
         still = []
         for i, out in zip(pending, outs):
             outcome = ind.read(out)
@@ -106,8 +106,8 @@ def sequential_route(model: Llama, experts: list[Expert], ind: Indicators, promp
 
 
 def base_answers(model: Llama, prompts: list[list[int]], pending: list[int],
-                 answers: list[list[int]],
-                 max_new_tokens: int, eos_ids: list[int], batch_size: int, progress: bool) -> None:
+                 answers: list[list[int]], max_new_tokens: int, eos_ids: list[int],
+                 batch_size: int, progress: bool) -> None:
     """The base model answers the queries no expert claimed (answers[i] for i in pending)."""
     if pending:
         with base_model(model):
@@ -258,9 +258,9 @@ def key_route(model: Llama, keys: dict[str, torch.Tensor], prompts: list[list[in
     for t in dict.fromkeys(routes):
         idx = [i for i, r in enumerate(routes) if r == t]
         lora.set_task(model, t)
-        for i, out in zip(idx, generate_batched(model, [prompts[i] for i in idx], max_new_tokens,
-                                           eos_ids, batch_size,
-                                                desc=f"task {t}" if progress else None)):
+        outs = generate_batched(model, [prompts[i] for i in idx], max_new_tokens, eos_ids,
+                                batch_size, desc=f"task {t}" if progress else None)
+        for i, out in zip(idx, outs):
             answers[i] = out
     return answers, routes
 
