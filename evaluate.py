@@ -32,8 +32,8 @@ from checkpoint import atomic_write, load, model_tag, resolve_dtype
 from data import OOD_EVAL, TASKS, XLINGUAL, Example, load_ood, load_task
 from errors import UserError, user_errors
 from experts import (NEITHER, TEMPLATES, TRAINING_FILE, UNROUTED, Expert, Indicators, LoraExpert,
-                     SubExpert,
-                     base_model, load_expert, prompt_ids, resolve_template, setup_indicators)
+                     SubExpert, base_model, load_expert, prompt_ids, resolve_template,
+                     setup_indicators)
 from model import Llama
 from report import write_report
 from router import (BASE, EXCEPTIONS, generate_batched, key_route, match_keys, parallel_route,
@@ -163,9 +163,9 @@ def answer_all(model: Llama, expert: Expert | None, ind: Indicators | None,
                                     desc="base model" if progress else None)
     expert.use(model)
     forced = ind.pos if ind else []
+    desc = expert.name if progress else None
     return generate_batched(model, [q + forced for q in prompts], max_new_tokens, eos_ids,
-                            batch_size,
-                            desc=expert.name if progress else None, ban=ind.added if ind else None)
+                            batch_size, desc=desc, ban=ind.added if ind else None)
 
 
 def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indicators | None,
@@ -226,8 +226,8 @@ def load_system(model_name: str | None, expert_dirs: list[str], device,
     experts = [load_expert(d) for d in expert_dirs]
     bases = {e.base_model for e in experts}
     kinds = {e.indicator for e in experts}
-    if len(bases) > 1 or len(kinds) > 1 or len({(e.template, e.max_source, getattr(e, "sub", None))
-                                                for e in experts}) > 1:
+    prompts = {(e.template, e.max_source, getattr(e, "sub", None)) for e in experts}
+    if len(bases) > 1 or len(kinds) > 1 or len(prompts) > 1:
         raise UserError(f"experts disagree on base model, indicator type or prompt: "
                         f"{sorted(bases)}, {sorted(kinds)}")
     model_name = model_name or (bases.pop() if bases else "smollm2-135m")
@@ -316,8 +316,8 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
                   scores=scores, ar=average_rouge(scores),
                   bwt=backward_transfer(scores) if routed or method.continues else None,
                   routing_f1=None, per_task_routing=None, rb_acc=None, n_ood=None,
-                  routing_steps=None,
-                  routing=routing, exception_rule=exceptions if routed else None,
+                  routing_steps=None, routing=routing,
+                  exception_rule=exceptions if routed else None,
                   parameters=stage_parameters(model, experts, dirs))
     if any(Path(t).stem in XLINGUAL for t in tasks):
         result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name

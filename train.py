@@ -36,8 +36,8 @@ from checkpoint import atomic_write, load, model_tag, remove_leftovers, resolve_
 from data import ORDERS, Example, load_ood, load_task, rehearsal_sets, subsample
 from errors import UserError, user_errors
 from experts import (INDICATORS, TEMPLATES, TRAINING_FILE, UNROUTED, Expert, LoraExpert, SubExpert,
-                     TrainSample,
-                     load_expert, prompt_ids, reconstruct, resolve_template, setup_indicators)
+                     TrainSample, load_expert, prompt_ids, reconstruct, resolve_template,
+                     setup_indicators)
 from model import Llama
 from router import gate_logits, query_features
 
