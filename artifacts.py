@@ -1,6 +1,6 @@
-"""Reading the files runs and checkpoints are made of: a missing, unreadable or malformed file is one
-UserError naming it and what is wrong, never a traceback. Each artifact's own loader (experts.py,
-checkpoint.py, train.py) builds on these and checks what the fields mean."""
+"""Reading the files runs and checkpoints are made of: a missing, unreadable or malformed file is
+one UserError naming it and what is wrong, never a traceback. Each artifact's own loader
+(experts.py, checkpoint.py, train.py) builds on these and checks what the fields mean."""
 from __future__ import annotations
 
 import json
@@ -59,7 +59,8 @@ def check_fields(record: dict, path: str | Path, **types) -> None:
             raise UserError(f"{path}: no field {key!r}")
         value = record[key]
         if kind == NUMBER:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = isinstance(value,
+                            (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         else:
             ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float))
         if not ok:

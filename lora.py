@@ -1,4 +1,5 @@
-"""LoRA written out by hand: a frozen linear layer plus named low-rank adapters, saved in PEFT's layout.
+"""LoRA written out by hand: a frozen linear layer plus named low-rank
+adapters, saved in PEFT's layout.
 
 y = W x + (alpha / r) * B A dropout(x), with A (r x in) Kaiming-uniform and B (out x r) zero, so a
 fresh adapter leaves the model unchanged. Several adapters can sit on one base; one is active.
@@ -30,18 +31,22 @@ class LoraConfig:
     targets: tuple[str, ...] = ("q_proj", "v_proj")
 
     def __post_init__(self):
-        if not isinstance(self.targets, (list, tuple)) or not all(isinstance(t, str) for t in self.targets):
-            raise UserError(f"LoRA targets must be a list of projection names, got {self.targets!r}")
-        check_fields(dict(r=self.r, alpha=self.alpha, dropout=self.dropout), "LoRA settings", r=int, alpha=NUMBER,
-                     dropout=NUMBER)
+        listed = isinstance(self.targets, (list, tuple))
+        if not listed or not all(isinstance(t, str) for t in self.targets):
+            raise UserError(f"LoRA targets must be a list of projection names, "
+                            f"got {self.targets!r}")
+        check_fields(dict(r=self.r, alpha=self.alpha, dropout=self.dropout), "LoRA settings", r=int,
+                     alpha=NUMBER, dropout=NUMBER)
         if self.alpha <= 0:
             raise UserError(f"need LoRA alpha > 0, got {self.alpha}")
         self.targets = tuple(self.targets)
         unknown = set(self.targets) - set(PROJECTIONS)
         if unknown or not self.targets:
-            raise UserError(f"LoRA targets must be among {', '.join(PROJECTIONS)}, got {', '.join(self.targets)}")
+            raise UserError(f"LoRA targets must be among {', '.join(PROJECTIONS)}, got "
+                            f"{', '.join(self.targets)}")
         if self.r < 1 or not 0 <= self.dropout < 1:
-            raise UserError(f"need LoRA rank >= 1 and 0 <= dropout < 1, got r={self.r}, dropout={self.dropout}")
+            raise UserError(f"need LoRA rank >= 1 and 0 <= dropout < 1, got r={self.r}, "
+                            f"dropout={self.dropout}")
 
 
 class LoraLinear(nn.Module):
@@ -55,8 +60,8 @@ class LoraLinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active: str | None = None
         self.merged: str | None = None  # the adapter folded into base.weight, if any
-        # per-row adapters (parallel routing): A (M, r, in), B (M, out, r) and scaling (M,) stacked from
-        # M adapters, and each batch row's index into them
+        # per-row adapters (parallel routing): A (M, r, in), B (M, out, r) and scaling (M,) stacked
+        # from M adapters, and each batch row's index into them
         self.bank: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.rows: torch.Tensor | None = None
 
@@ -67,7 +72,8 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))  # PEFT's (and nn.Linear's) init for A
         nn.init.zeros_(B.weight)
         self.lora_A[name], self.lora_B[name] = A, B
-        self.lora_dropout[name] = nn.Dropout(cfg.dropout).train(self.training)  # an eval-mode model stays in eval
+        # an eval-mode model stays in eval
+        self.lora_dropout[name] = nn.Dropout(cfg.dropout).train(self.training)
         self.scaling[name] = cfg.alpha / cfg.r
 
     def delta(self, name: str) -> torch.Tensor:
@@ -76,7 +82,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.bank is not None:  # batched matmuls over each row's gathered adapter, no loop over adapters
+        # batched matmuls over each row's gathered adapter, no loop over adapters
+        if self.bank is not None:
             A, B, scaling = self.bank
             h = torch.einsum("bti,bri->btr", x.to(A.dtype), A[self.rows])
             delta = torch.einsum("btr,bor->bto", h, B[self.rows]) * scaling[self.rows, None, None]
@@ -85,7 +92,8 @@ class LoraLinear(nn.Module):
         if name is None or name == self.merged:
             return y
         A, B = self.lora_A[name], self.lora_B[name]
-        return y + B(A(self.lora_dropout[name](x.to(A.weight.dtype)))).to(y.dtype) * self.scaling[name]
+        h = self.lora_dropout[name](x.to(A.weight.dtype))
+        return y + B(A(h)).to(y.dtype) * self.scaling[name]
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
@@ -93,7 +101,8 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
 
 
 def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> None:
-    """Wrap cfg.targets in LoraLinear (once) and give each wrapped projection a fresh adapter `name`."""
+    """Wrap cfg.targets in LoraLinear (once) and give each wrapped projection a fresh
+    adapter `name`."""
     if any(name in m.lora_A for m in lora_layers(model).values()):
         raise UserError(f"adapter {name!r} already exists")
     if "." in name:
@@ -105,7 +114,8 @@ def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> None:
 
 
 def wrap_targets(model: nn.Module, targets: tuple[str, ...], wrap) -> None:
-    """Replace every plain nn.Linear named in `targets` by wrap(linear), in the linear's train/eval mode."""
+    """Replace every plain nn.Linear named in `targets` by wrap(linear), in the linear's
+    train/eval mode."""
     for parent in list(model.modules()):
         for attr in targets:
             child = getattr(parent, attr, None)
@@ -117,17 +127,20 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
     """Make `name` the active adapter everywhere (None: the bare base model)."""
     for m in lora_layers(model).values():
         if m.merged is not None and m.merged != name:
-            raise UserError(f"adapter {m.merged!r} is merged into the base weights; unmerge it first")
+            raise UserError(f"adapter {m.merged!r} is merged into the base weights; unmerge it "
+                            f"first")
         m.active = name if name in m.lora_A else None
 
 
 def stack_adapters(model: nn.Module, names: list[str]) -> None:
-    """Give every LoRA layer a bank of these adapters (smaller ranks zero-padded), so that each batch
-    row can run its own one (set_rows); unstack_adapters goes back to one active adapter."""
+    """Give every LoRA layer a bank of these adapters (smaller ranks zero-padded), so that each
+    batch row can run its own one (set_rows); unstack_adapters goes back to one active adapter."""
     for m in lora_layers(model).values():
         if m.merged is not None:
-            raise UserError(f"adapter {m.merged!r} is merged into the base weights; unmerge it first")
-        present = [n for n in names if n in m.lora_A]  # an adapter without this layer adds nothing here
+            raise UserError(f"adapter {m.merged!r} is merged into the base weights; unmerge it "
+                            f"first")
+        # an adapter without this layer adds nothing here
+        present = [n for n in names if n in m.lora_A]
         r, w = max((m.lora_A[n].weight.shape[0] for n in present), default=1), m.base.weight
         A = torch.zeros(len(names), r, m.base.in_features, dtype=w.dtype, device=w.device)
         B = torch.zeros(len(names), m.base.out_features, r, dtype=w.dtype, device=w.device)
@@ -135,8 +148,10 @@ def stack_adapters(model: nn.Module, names: list[str]) -> None:
             if n in present:
                 a, b = m.lora_A[n].weight.detach(), m.lora_B[n].weight.detach()
                 A[j, :a.shape[0]], B[j, :, :a.shape[0]] = a, b
-        # fp32 scaling, as the one-adapter path multiplies by a Python float (bf16 would round 16/12)
-        m.bank = A, B, torch.tensor([m.scaling.get(n, 0.0) for n in names], dtype=torch.float32, device=w.device)
+        # fp32 scaling, as the one-adapter path multiplies by a Python float
+        # (bf16 would round 16/12)
+        m.bank = A, B, torch.tensor([m.scaling.get(n, 0.0) for n in names], dtype=torch.float32,
+                                    device=w.device)
 
 
 def set_rows(model: nn.Module, rows: torch.Tensor) -> None:
@@ -182,12 +197,14 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
-    """Copy PEFT-keyed weights into existing adapter `name`; every key must be used, every layer filled."""
+    """Copy PEFT-keyed weights into existing adapter `name`; every key must be used, every
+    layer filled."""
     layers = {path: m for path, m in lora_layers(model).items() if name in m.lora_A}
     expected = {f"{PEFT_PREFIX}{path}.lora_{ab}.weight" for path in layers for ab in "AB"}
     if set(state) != expected:
-        raise UserError(f"adapter weights do not match the model: {len(set(state) - expected)} unexpected, "
-                        f"{len(expected - set(state))} missing (e.g. {sorted(set(state) ^ expected)[:1]})")
+        raise UserError(f"adapter weights do not match the model: {len(set(state) - expected)} "
+                        f"unexpected, {len(expected - set(state))} missing (e.g. "
+                        f"{sorted(set(state) ^ expected)[:1]})")
     with torch.no_grad():
         for path, m in layers.items():
             for ab, lin in (("A", m.lora_A[name]), ("B", m.lora_B[name])):
@@ -198,19 +215,24 @@ def load_adapter_state(model: nn.Module, name: str, state: dict[str, torch.Tenso
                 lin.weight.copy_(w)
 
 
-def save_adapter(model: nn.Module, name: str, cfg: LoraConfig, out_dir: str | Path, base_model: str) -> None:
+def save_adapter(model: nn.Module, name: str, cfg: LoraConfig, out_dir: str | Path,
+                 base_model: str) -> None:
     """Write adapter `name` as PEFT does, so that PeftModel.from_pretrained reads it."""
     write_adapter(adapter_state(model, name), cfg, out_dir, base_model)
 
 
-def write_adapter(state: dict[str, torch.Tensor], cfg: LoraConfig, out_dir: str | Path, base_model: str) -> None:
+def write_adapter(state: dict[str, torch.Tensor], cfg: LoraConfig, out_dir: str | Path,
+                  base_model: str) -> None:
     """adapter_model.safetensors (fp32) + adapter_config.json in PEFT's layout."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.float().contiguous() for k, v in state.items()}, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model, r=cfg.r,
-                  lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets),
-                  bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True, use_rslora=False)
+    save_file({k: v.float().contiguous() for k, v in state.items()}, out_dir / ADAPTER_WEIGHTS,
+              metadata={"format": "pt"})
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model,
+                  r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                  target_modules=list(cfg.targets),
+                  bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
+                  use_rslora=False)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -222,15 +244,19 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]
         raise UserError(f"{path} holds no adapter (no {' and no '.join(missing)})")
     c = read_json(path / ADAPTER_CONFIG)
     try:
-        plain = (c["peft_type"] == "LORA" and isinstance(c["target_modules"], list) and c.get("bias", "none") == "none"
-                 and not any(c.get(k) for k in ("use_rslora", "use_dora", "alpha_pattern", "rank_pattern",
-                                                  "layers_to_transform", "modules_to_save")))
-        cfg = LoraConfig(r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0), targets=c["target_modules"])
+        plain = (c["peft_type"] == "LORA" and isinstance(c["target_modules"], list)
+                 and c.get("bias", "none") == "none"
+                 and not any(c.get(k) for k in ("use_rslora", "use_dora", "alpha_pattern",
+                                                "rank_pattern", "layers_to_transform",
+                                                "modules_to_save")))
+        cfg = LoraConfig(r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0),
+                         targets=c["target_modules"])
     except (KeyError, TypeError, UserError) as e:
-        raise UserError(f"{path / ADAPTER_CONFIG}: not a LoRA adapter config ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path / ADAPTER_CONFIG}: not a LoRA adapter config ({type(e).__name__}: "
+                        f"{e})") from None
     if not plain:
-        raise UserError(f"{path}: only plain LoRA adapters can be read (a list of target modules; no bias, rsLoRA, "
-                        f"DoRA, per-layer patterns or modules_to_save)")
+        raise UserError(f"{path}: only plain LoRA adapters can be read (a list of target modules; "
+                        f"no bias, rsLoRA, DoRA, per-layer patterns or modules_to_save)")
     return cfg, read_tensors(path / ADAPTER_WEIGHTS)
 
 
@@ -247,10 +273,11 @@ def lora_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
             for p in (m.lora_A[name].weight, m.lora_B[name].weight)]
 
 
-# --- MoSEs (Mixtures of SubExperts): a pool of low-rank sub-experts behind a sparse router, seen by each
-# task through its own binary mask over their weights. Masks follow "winning subnetworks": a task keeps
-# the top-c% of each weight tensor by a learned score, and weights an earlier task kept are frozen, so
-# earlier tasks compute exactly what they did, while a new task may reuse (but not change) them.
+# --- MoSEs (Mixtures of SubExperts): a pool of low-rank sub-experts behind a sparse router, seen
+# by each task through its own binary mask over their weights. Masks follow "winning
+# subnetworks": a task keeps the top-c% of each weight tensor by a learned score, and weights an
+# earlier task kept are frozen, so earlier tasks compute exactly what they did, while a new task
+# may reuse (but not change) them.
 
 @dataclass(frozen=True)
 class SubExpertConfig:
@@ -260,11 +287,14 @@ class SubExpertConfig:
     shared: int = 0  # SETA: dense low-rank experts every task uses and trains (0: MoSEs)
 
     def __post_init__(self):
-        check_fields(dict(experts=self.experts, top_k=self.top_k, sparsity=self.sparsity, shared=self.shared),
-                     "sub-expert settings", experts=int, top_k=int, sparsity=NUMBER, shared=int)
+        settings = dict(experts=self.experts, top_k=self.top_k, sparsity=self.sparsity,
+                        shared=self.shared)
+        check_fields(settings, "sub-expert settings", experts=int, top_k=int, sparsity=NUMBER,
+                     shared=int)
         if not 1 <= self.top_k <= self.experts or not 0 < self.sparsity <= 1 or self.shared < 0:
-            raise UserError(f"need 1 <= top-k <= experts, 0 < sparsity <= 1 and shared >= 0, got experts={self.experts}, "
-                            f"top-k={self.top_k}, sparsity={self.sparsity}, shared={self.shared}")
+            raise UserError(f"need 1 <= top-k <= experts, 0 < sparsity <= 1 and shared >= 0, got "
+                            f"experts={self.experts}, top-k={self.top_k}, "
+                            f"sparsity={self.sparsity}, shared={self.shared}")
 
 
 MASKED = ("A", "B", "gate")  # the sub-expert weights a task sees through its mask
@@ -288,42 +318,55 @@ def kaiming_stack(n: int, r: int, d_in: int, device) -> torch.Tensor:
 
 
 class SubExpertLinear(nn.Module):
-    """A frozen nn.Linear plus a MoSE layer: E low-rank sub-experts B_e A_e mixed per token by a top-k
-    softmax router, every weight seen through the active task's binary mask. SETA adds S shared experts,
-    always on (as DeepSeekMoE's shared experts), that every task trains: its task-specific experts are
-    the masked sub-experts, and the task is picked per query by the unified gate (router.key_route)."""
+    """A frozen nn.Linear plus a MoSE layer: E low-rank sub-experts B_e A_e mixed per token by a
+    top-k softmax router, every weight seen through the active task's binary mask. SETA adds S
+    shared experts, always on (as DeepSeekMoE's shared experts), that every task trains: its
+    task-specific experts are the masked sub-experts, and the task is picked per query by the
+    unified gate (router.key_route)."""
 
     def __init__(self, base: nn.Linear, cfg: LoraConfig, sub: SubExpertConfig):
         super().__init__()
         self.base, self.sub, self.scaling = base, sub, cfg.alpha / cfg.r
         E, r, w = sub.experts, cfg.r, base.weight
         self.A = nn.Parameter(kaiming_stack(E, r, base.in_features, w.device))  # as LoRA's A
-        # near zero, so the layer starts close to the base model; not at zero, where a weight's mask score
-        # would get no gradient (it scales the weight) and the weight could never join a later task's mask
+        # near zero, so the layer starts close to the base model; not at zero, where a
+        # weight's mask score would get no gradient (it scales the weight) and the weight
+        # could never join a later task's mask
         self.B = nn.Parameter(torch.randn(E, base.out_features, r, device=w.device) * 1e-3)
         self.gate = nn.Parameter(torch.randn(E, base.in_features, device=w.device) * 0.02)
-        self.scores = nn.ParameterDict({k: nn.Parameter(torch.empty_like(getattr(self, k))) for k in MASKED})
+        self.scores = nn.ParameterDict({k: nn.Parameter(torch.empty_like(getattr(self, k)))
+                                        for k in MASKED})
         for s in self.scores.values():
             nn.init.kaiming_uniform_(s.view(s.shape[0], -1), a=math.sqrt(5))
         self.dropout = nn.Dropout(cfg.dropout)
-        # weights held by a finished task's mask: their gradient is zeroed, so no later task moves them
+        # weights a finished task's mask holds get a zero gradient: no later task moves them
         for k in MASKED:
             self.register_buffer(f"used_{k}", torch.zeros_like(getattr(self, k), dtype=torch.bool))
-            getattr(self, k).register_hook(lambda g, k=k: g.masked_fill(getattr(self, f"used_{k}"), 0))
-        # SETA: shared experts initialised as LoRA (B = 0), and each of their weights' importance so far
+
+            def freeze_held(g, k=k):
+                return g.masked_fill(getattr(self, f"used_{k}"), 0)
+            getattr(self, k).register_hook(freeze_held)
+        # SETA: shared experts initialised as LoRA (B = 0), and each of
+        # their weights' importance so far
         S = sub.shared
-        self.register_parameter("shared_A", nn.Parameter(kaiming_stack(S, r, base.in_features, w.device)) if S else None)
-        self.register_parameter("shared_B", nn.Parameter(torch.zeros(S, base.out_features, r, device=w.device)) if S else None)
+        shared_A = shared_B = None
+        if S:
+            shared_A = nn.Parameter(kaiming_stack(S, r, base.in_features, w.device))
+            shared_B = nn.Parameter(torch.zeros(S, base.out_features, r, device=w.device))
+        self.register_parameter("shared_A", shared_A)
+        self.register_parameter("shared_B", shared_B)
         for k in SHARED if S else ():
             self.register_buffer(f"importance_{k}", torch.zeros_like(getattr(self, k)))
         self.masks: dict[str, dict[str, torch.Tensor]] = {}  # finished task -> its binary masks
         self.task: str | None = None  # whose mask the forward pass uses; None: the bare base layer
-        self.learning = False  # True: the mask is the live top-c% of the scores (the task being trained)
+        # True: the mask is the live top-c% of the scores (the task being trained)
+        self.learning = False
 
     def mask(self, k: str) -> torch.Tensor:
         if not self.learning:
             return self.masks[self.task][k]
-        s = self.scores[k].abs()  # the live top-c%, its gradient passed straight through to the scores
+        # the live top-c%, its gradient passed straight through to the scores
+        s = self.scores[k].abs()
         return top_share(s, self.sub.sparsity) + (s - s.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -332,13 +375,15 @@ class SubExpertLinear(nn.Module):
             return y
         A, B, G = (getattr(self, k) * self.mask(k) for k in MASKED)
         x = x.to(A.dtype)
-        logits = (x @ G.T).float()  # (..., E): the router's score of each sub-expert (fp32 under autocast too)
+        # (..., E): the router's score of each sub-expert (fp32 under autocast too)
+        logits = (x @ G.T).float()
         top = logits.topk(self.sub.top_k, dim=-1)
         weights = torch.zeros_like(logits).scatter(-1, top.indices, top.values.softmax(-1))
         h = torch.einsum("...i,eri->...er", self.dropout(x), A)
         out = torch.einsum("...er,eor->...o", h * weights.unsqueeze(-1), B)
         if self.shared_A is not None:  # SETA's shared experts, summed
-            out = out + torch.einsum("...sr,sor->...o", torch.einsum("...i,sri->...sr", self.dropout(x), self.shared_A), self.shared_B)
+            h_shared = torch.einsum("...i,sri->...sr", self.dropout(x), self.shared_A)
+            out = out + torch.einsum("...sr,sor->...o", h_shared, self.shared_B)
         return y + (out * self.scaling).to(y.dtype)
 
     def finish_task(self, name: str) -> None:
@@ -361,8 +406,8 @@ def add_subexperts(model: nn.Module, cfg: LoraConfig, sub: SubExpertConfig) -> N
 
 
 def set_task(model: nn.Module, name: str | None, learning: bool = False) -> None:
-    """Run the MoSE layers with task `name`'s mask (None: the bare base model), or, learning, with the live
-    mask of the task being trained."""
+    """Run the MoSE layers with task `name`'s mask (None: the bare base model), or, learning, with
+    the live mask of the task being trained."""
     layers = subexpert_layers(model).values()
     if name is not None and not layers:
         raise UserError("the model has no sub-experts")
@@ -377,7 +422,8 @@ def finish_task(model: nn.Module, name: str) -> None:
         m.finish_task(name)
 
 
-BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1])  # a byte's bits, first entry highest (numpy.packbits' order)
+# a byte's bits, first entry highest (numpy.packbits' order)
+BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1])
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -395,9 +441,9 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
 def subexpert_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """What a finished stage keeps, in two parts, keyed by module path. For inference: the values of
     the weights some finished task holds (in order), a bit per weight saying which those are, each
-    task's mask as a bit per held weight (a mask holds no other), and SETA's shared experts. To train
-    on: the free weights and the shared experts' importance. Mask scores are not kept: each task
-    draws its own (redraw_scores)."""
+    task's mask as a bit per held weight (a mask holds no other), and SETA's shared experts. To
+    train on: the free weights and the shared experts' importance. Mask scores are not kept: each
+    task draws its own (redraw_scores)."""
     state, training = {}, {}
     for path, m in subexpert_layers(model).items():
         for k in MASKED:
@@ -429,8 +475,10 @@ def load_subexpert_state(model: nn.Module, state: dict[str, torch.Tensor],
                 for name in (k, f"{k}.used", *(f"masks.{t}.{k}" for t in tasks))}
     expected |= {f"{path}.{k}" for path, m in layers.items() if m.sub.shared for k in SHARED}
     to_train = {f"{path}.{k}.free" for path in layers for k in MASKED}
-    to_train |= {f"{path}.importance_{k}" for path, m in layers.items() if m.sub.shared for k in SHARED}
-    for what, got, keys in (("sub-expert weights", state, expected), ("sub-expert training state", training, to_train)):
+    to_train |= {f"{path}.importance_{k}" for path,
+                 m in layers.items() if m.sub.shared for k in SHARED}
+    for what, got, keys in (("sub-expert weights", state, expected),
+                            ("sub-expert training state", training, to_train)):
         if got is not None and set(got) != keys:
             raise UserError(f"{what} do not match the model: {len(set(got) - keys)} unexpected, "
                             f"{len(keys - set(got))} missing")
@@ -439,36 +487,43 @@ def load_subexpert_state(model: nn.Module, state: dict[str, torch.Tensor],
             m.task, m.learning, m.masks = None, False, {t: {} for t in tasks}
             for k in MASKED:
                 w = getattr(m, k)
-                used = unpack_bits(sized(state, f"{path}.{k}.used", -(-w.numel() // 8)), w.numel()).view(w.shape)
+                used = unpack_bits(sized(state, f"{path}.{k}.used", -(-w.numel() // 8)),
+                                   w.numel()).view(w.shape)
                 n = int(used.sum())
                 used = used.to(w.device)
                 w[used] = sized(state, f"{path}.{k}", n).to(w)
-                w[~used] = sized(training, f"{path}.{k}.free", w.numel() - n).to(w) if training else 0.0
+                w[~used] = sized(training, f"{path}.{k}.free",
+                                 w.numel() - n).to(w) if training else 0.0
                 getattr(m, f"used_{k}").copy_(used)
                 for t in tasks:
                     m.masks[t][k] = torch.zeros_like(used)
-                    m.masks[t][k][used] = unpack_bits(sized(state, f"{path}.masks.{t}.{k}", -(-n // 8)), n).to(w.device)
+                    m.masks[t][k][used] = unpack_bits(sized(state, f"{path}.masks.{t}.{k}",
+                                                            -(-n // 8)), n).to(w.device)
             for k in SHARED if m.sub.shared else ():
                 p, importance = getattr(m, k), getattr(m, f"importance_{k}")
                 p.copy_(sized(state, f"{path}.{k}", p.numel()).view_as(p))
                 importance.zero_()
                 if training:
-                    importance.copy_(sized(training, f"{path}.importance_{k}", p.numel()).view_as(p))
+                    known = sized(training, f"{path}.importance_{k}", p.numel())
+                    importance.copy_(known.view_as(p))
 
 
 def redraw_scores(model: nn.Module, generator: torch.Generator) -> None:
-    """Draw every mask score afresh (as the layer first drew them), so that a new task's live mask
-    starts as a random top-c% of all weights, the free ones included in proportion to their number."""
+    """Draw every mask score afresh (as the layer first drew them), so that a new task's
+    live mask starts as a random top-c% of all weights, the free ones included in
+    proportion to their number."""
     with torch.no_grad():
         for m in subexpert_layers(model).values():
             for s in m.scores.values():
                 init = torch.empty(s.shape)
-                nn.init.kaiming_uniform_(init.view(s.shape[0], -1), a=math.sqrt(5), generator=generator)
+                nn.init.kaiming_uniform_(init.view(s.shape[0], -1), a=math.sqrt(5),
+                                         generator=generator)
                 s.copy_(init)
 
 
 def free_share(model: nn.Module) -> float:
-    """The share of the live mask (the task being trained) that no finished task holds: what it can change."""
+    """The share of the live mask (the task being trained) that no finished task holds: what
+    it can change."""
     kept = free = 0
     for m in subexpert_layers(model).values():
         for k in MASKED:
@@ -479,26 +534,29 @@ def free_share(model: nn.Module) -> float:
 
 
 def subexpert_counts(model: nn.Module) -> dict[str, int]:
-    """Sub-expert weights in all, those some finished task holds (their values are stored), the size of each
-    task's mask, and SETA's shared-expert weights."""
+    """Sub-expert weights in all, those some finished task holds (their values are stored), the size
+    of each task's mask, and SETA's shared-expert weights."""
     layers = subexpert_layers(model).values()
     counts = dict(weights=sum(getattr(m, k).numel() for m in layers for k in MASKED),
                   used=sum(int(getattr(m, f"used_{k}").sum()) for m in layers for k in MASKED),
                   shared=sum(p.numel() for p, _ in shared_weights(model)))
     for m in layers:
         for t, masks in m.masks.items():
-            counts[f"mask_{t}"] = counts.get(f"mask_{t}", 0) + sum(int(v.sum()) for v in masks.values())
+            counts[f"mask_{t}"] = counts.get(f"mask_{t}",
+                                             0) + sum(int(v.sum()) for v in masks.values())
     return counts
 
 
 def subexpert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """What a MoSE stage trains: sub-expert weights and routers (those earlier tasks hold get zero
     gradients, see SubExpertLinear), the mask scores, and SETA's shared experts."""
-    return [p for m in subexpert_layers(model).values() for p in (m.A, m.B, m.gate, *m.scores.values())] + \
+    return [p for m in subexpert_layers(model).values()
+            for p in (m.A, m.B, m.gate, *m.scores.values())] + \
         [p for p, _ in shared_weights(model)]
 
 
 def shared_weights(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """SETA's shared-expert weights, each with its importance to the tasks learned so far (same shape)."""
+    """SETA's shared-expert weights, each with its importance to the tasks learned so far
+    (same shape)."""
     return [(getattr(m, k), getattr(m, f"importance_{k}")) for m in subexpert_layers(model).values()
             if m.sub.shared for k in SHARED]

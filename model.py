@@ -42,19 +42,23 @@ class ModelConfig:
         """Build from a Hugging Face `config.json` dict."""
         model_type = cfg.get("model_type")
         if model_type not in MODEL_TYPES:
-            raise ValueError(f"unsupported model_type {model_type!r} (supported: {', '.join(MODEL_TYPES)})")
+            raise ValueError(f"unsupported model_type {model_type!r} (supported: "
+                             f"{', '.join(MODEL_TYPES)})")
         n_heads = cfg["num_attention_heads"]
         rope = cfg.get("rope_parameters") or {}  # where transformers >= 5 writes theta and scaling
         scaling = cfg.get("rope_scaling") or (rope if "rope_type" in rope else None)
         kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
         if kind not in (None, "default", "llama3"):
             raise ValueError(f"unsupported rope_scaling {scaling}")
-        llama3_fields = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+        llama3_fields = {"factor", "low_freq_factor", "high_freq_factor",
+                         "original_max_position_embeddings"}
         if kind == "llama3" and not llama3_fields <= scaling.keys():
-            raise ValueError(f"llama3 rope_scaling needs {', '.join(sorted(llama3_fields - scaling.keys()))}")
+            raise ValueError(f"llama3 rope_scaling needs "
+                             f"{', '.join(sorted(llama3_fields - scaling.keys()))}")
         max_len = cfg.get("max_position_embeddings", 4096)
         if model_type == "mistral" and cfg.get("sliding_window"):
-            max_len = min(max_len, cfg["sliding_window"])  # no sliding-window attention here: stay inside it
+            # no sliding-window attention here: stay inside it
+            max_len = min(max_len, cfg["sliding_window"])
         return cls(
             vocab_size=cfg["vocab_size"],
             dim=cfg["hidden_size"],
@@ -86,7 +90,8 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, with Llama-3.1's long-context rescaling."""
-    steps = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device="cpu")  # even under torch.device("meta")
+    # even under torch.device("meta")
+    steps = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device="cpu")
     inv_freq = 1.0 / cfg.rope_theta ** (steps / cfg.head_dim)
     s = cfg.rope_scaling  # from_hf keeps it only for rope_type llama3
     if s is None:
@@ -96,11 +101,13 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     wavelen = 2 * math.pi / inv_freq
     smooth = ((orig / wavelen - low) / (high - low)).clamp(0, 1)
     scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    return torch.where(wavelen > orig / low, inv_freq / factor, torch.where(wavelen < orig / high, inv_freq, scaled))
+    return torch.where(wavelen > orig / low, inv_freq / factor,
+                       torch.where(wavelen < orig / high, inv_freq, scaled))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) by the angles in cos/sin (B, 1, T, D); halves layout as in HF checkpoints."""
+    """Rotate (B, H, T, D) by the angles in cos/sin (B, 1, T, D); halves layout as in HF
+    checkpoints."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -108,7 +115,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache(nn.Module):
     """Preallocated keys and values of one layer; slot i holds the i-th token of every row."""
 
-    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device):
         super().__init__()
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -122,7 +130,8 @@ class KVCache(nn.Module):
             return new
         self.k, self.v = grown(self.k), grown(self.v)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, start: int, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
@@ -187,11 +196,13 @@ class Llama(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
-        # rows added by extend_vocab, kept apart so that the base rows can stay frozen and bit-identical;
-        # (k, dim), or (batch, k, dim) to give every batch row its own rows (parallel routing)
+        # rows added by extend_vocab, kept apart so that the base rows can stay
+        # frozen and bit-identical; (k, dim), or (batch, k, dim) to give every batch
+        # row its own rows (parallel routing)
         self.extra_embed: nn.Parameter | None = None
         self.extra_head: nn.Parameter | None = None
-        # fp32 always: a plain attribute, so model.to(bfloat16) cannot round the angles of far positions
+        # fp32 always: a plain attribute, so model.to(bfloat16) cannot round
+        # the angles of far positions
         self.inv_freq = rope_frequencies(cfg)
 
     def tie_weights(self) -> None:
@@ -204,7 +215,8 @@ class Llama(nn.Module):
         return self.config.vocab_size + (0 if self.extra_embed is None else self.extra_embed.shape[-2])
 
     def extend_vocab(self, k: int) -> list[int]:
-        """Add k token rows (input and output), initialised to the mean of the base vocabulary's rows.
+        """Add k token rows (input and output), initialised to the mean of
+        the base vocabulary's rows.
 
         Existing rows are untouched and their logits are computed exactly as before (the new logits
         are concatenated after them), so every old logit stays bit-identical. Returns the new ids.
@@ -228,15 +240,18 @@ class Llama(nn.Module):
             extra = self.extra_embed[torch.arange(idx.shape[0], device=idx.device)[:, None], i]
         else:
             extra = F.embedding(i, self.extra_embed)
-        return torch.where((idx >= V).unsqueeze(-1), extra.to(base.dtype), base)  # trained rows may be fp32
+        # trained rows may be fp32
+        return torch.where((idx >= V).unsqueeze(-1), extra.to(base.dtype), base)
 
     def setup_caches(self, batch: int, max_len: int) -> None:
         dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch, max_len, self.config.n_kv_heads, self.config.head_dim, dtype, device)
+            layer.self_attn.kv_cache = KVCache(batch, max_len, self.config.n_kv_heads,
+                                               self.config.head_dim, dtype, device)
 
     def select_cache_rows(self, rows: torch.Tensor, max_len: int) -> None:
-        """Keep only these batch rows of every layer's cache, in this order, with room for max_len slots."""
+        """Keep only these batch rows of every layer's cache, in this order, with room for
+        max_len slots."""
         for layer in self.model.layers:
             layer.self_attn.kv_cache.select(rows, max_len)
 
@@ -246,11 +261,13 @@ class Llama(nn.Module):
 
     def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None, start_pos: int = 0,
                 last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, n_vocab) for tokens idx (B, T) at cache slots start_pos.. start_pos+T-1 (T = 1 if last_only)."""
+        """Logits (B, T, n_vocab) for tokens idx (B, T) at cache slots start_pos.. start_pos+T-1 (T
+        = 1 if last_only)."""
         x = self.hidden(idx, pad_mask, start_pos)
         return self.head(x[:, -1:] if last_only else x)
 
-    def hidden(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None, start_pos: int = 0) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None,
+               start_pos: int = 0) -> torch.Tensor:
         """Final hidden states (B, T, dim), normalised, before the output head.
 
         pad_mask (B, start_pos+T), True for real tokens, covers every slot so far (left padding);
@@ -259,7 +276,8 @@ class Llama(nn.Module):
         B, T = idx.shape
         if pad_mask is None:
             pos = torch.arange(start_pos, start_pos + T, device=idx.device).expand(B, T)
-            mask = None if start_pos == 0 else torch.ones(T, start_pos + T, dtype=torch.bool, device=idx.device).tril(start_pos)
+            mask = None if start_pos == 0 else torch.ones(T, start_pos + T, dtype=torch.bool,
+                                                          device=idx.device).tril(start_pos)
         else:
             pos = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:]
             slots = torch.arange(start_pos + T, device=idx.device)
@@ -297,15 +315,17 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     if top_p >= 1.0:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
-    drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # keep the smallest prefix whose mass reaches top_p
+    # keep the smallest prefix whose mass reaches top_p
+    drop = sorted_p.cumsum(-1) - sorted_p >= top_p
     choice = torch.multinomial(sorted_p.masked_fill(drop, 0.0), 1, generator=generator)
     return order.gather(-1, choice).squeeze(-1)
 
 
 def read_prefixes(tokens: list[int], prefixes: list[list[int]]) -> int | None:
-    """How many of `tokens` the prefixes rule reads, or None while it reads on: a row stops at its first
-    token that departs from every prefix, or once it completes a prefix other than the first (SEE:
-    [o_pos, o_neg]; an expert that emits o_neg or neither indicator is not decoded any further)."""
+    """How many of `tokens` the prefixes rule reads, or None while it reads on: a row
+    stops at its first token that departs from every prefix, or once it completes a prefix
+    other than the first (SEE: [o_pos, o_neg]; an expert that emits o_neg or neither
+    indicator is not decoded any further)."""
     t = len(tokens)
     for j, p in enumerate(prefixes):
         if tokens[:min(t, len(p))] == p[:t]:  # follows p so far
@@ -400,8 +420,10 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
 def main() -> None:
     from checkpoint import load  # the loader imports this module, so import it late
 
-    parser = argparse.ArgumentParser(description="Print the greedy continuation of a raw prompt (no chat template).")
-    parser.add_argument("--model", default="smollm2-135m", help="local directory, hub repo id, 'smollm2-135m' or 'tiny'")
+    parser = argparse.ArgumentParser(description="Print the greedy continuation of a raw prompt "
+                                                 "(no chat template).")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="local directory, hub repo id, 'smollm2-135m' or 'tiny'")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -410,10 +432,12 @@ def main() -> None:
     args = parser.parse_args()
     with user_errors():
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, tok = load(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
+        model, tok = load(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+                          device=device)
         gen = torch.Generator(device=device).manual_seed(args.seed)
         ids = tok.encode(args.prompt)
-        new = generate(model, [ids], args.max_new_tokens, tok.eos_ids, args.temperature, args.top_p, gen)[0]
+        new = generate(model, [ids], args.max_new_tokens, tok.eos_ids, args.temperature, args.top_p,
+                       gen)[0]
         print(tok.decode(ids + new))
 
 

@@ -1,7 +1,8 @@
-"""Sequential routing (paper Sec. 3, Inference): a query visits the experts newest to oldest; an expert
-that emits o_pos answers it, one that emits o_neg passes it to the next older expert, and "if an expert
-fails to produce an indicator, we route the query to the base model M_0", as is a query every expert
-refuses. Beside it, MoSEs' prompt-key routing: the query's feature picks a task, whose masks answer.
+"""Sequential routing (paper Sec. 3, Inference): a query visits the experts newest to oldest;
+an expert that emits o_pos answers it, one that emits o_neg passes it to the next older expert,
+and "if an expert fails to produce an indicator, we route the query to the base model M_0", as
+is a query every expert refuses. Beside it, MoSEs' prompt-key routing: the query's feature
+picks a task, whose masks answer.
 
     python router.py --run runs/see-tau0.1-qa-qg-sa-sum-trans-smollm2-135m --prompt "Translate ..."
     python router.py --run runs/see-... --task qa --index 3     # an eval query, routed step by step
@@ -31,16 +32,17 @@ EXCEPTIONS = ("base", "next")
 @dataclass
 class Routed:
     """What routing did with each query: its answer (token ids, indicator removed), the expert that
-    answered (BASE: the base model), and the experts it visited, newest first, with what each emitted
-    first (its indicator tokens, or up to the first token that spells neither)."""
+    answered (BASE: the base model), and the experts it visited, newest first, with what each
+    emitted first (its indicator tokens, or up to the first token that spells neither)."""
     answers: list[list[int]]
     routes: list[str | None]
     visits: list[list[tuple[str, list[int]]]]
 
 
-def generate_batched(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
-                     batch_size: int = 16, prefixes: list[list[int]] | None = None,
-                     desc: str | None = None, ban: list[int] | None = None) -> list[list[int]]:
+def generate_batched(model: Llama, prompts: list[list[int]], max_new_tokens: int,
+                     eos_ids: list[int], batch_size: int = 16,
+                     prefixes: list[list[int]] | None = None, desc: str | None = None,
+                     ban: list[int] | None = None) -> list[list[int]]:
     """Greedy `generate` over many prompts, batch by batch; similar lengths share a batch."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
@@ -56,7 +58,8 @@ def generate_batched(model: Llama, prompts: list[list[int]], max_new_tokens: int
 
 
 def moves_on(outcome: str, exceptions: str) -> bool:
-    """Whether a query goes on to the next older expert after this outcome (o_pos stops it anyway)."""
+    """Whether a query goes on to the next older expert after this outcome (o_pos
+    stops it anyway)."""
     if exceptions not in EXCEPTIONS:
         raise UserError(f"unknown exception rule {exceptions!r}; known: {', '.join(EXCEPTIONS)}")
     return outcome == NEG or (outcome == NEITHER and exceptions == "next")
@@ -84,8 +87,9 @@ def sequential_route(model: Llama, experts: list[Expert], ind: Indicators, promp
             break
         expert.use(model)
         desc = f"expert {expert.name}" if progress else None
-        outs = generate_batched(model, [prompts[i] for i in pending], routing_length(ind, max_new_tokens),
-                                eos_ids, batch_size, [ind.pos, ind.neg], desc, ban=ind.added)
+        outs = generate_batched(model, [prompts[i] for i in pending],
+                                routing_length(ind, max_new_tokens), eos_ids, batch_size,
+                                [ind.pos, ind.neg], desc, ban=ind.added)
         still = []
         for i, out in zip(pending, outs):
             outcome = ind.read(out)
@@ -96,12 +100,14 @@ def sequential_route(model: Llama, experts: list[Expert], ind: Indicators, promp
                 still.append(i)
         pending = still
     unclaimed = [i for i, r in enumerate(routed.routes) if r is BASE]
-    base_answers(model, prompts, unclaimed, routed.answers, max_new_tokens, eos_ids, batch_size, progress)
+    base_answers(model, prompts, unclaimed, routed.answers, max_new_tokens, eos_ids, batch_size,
+                 progress)
     return routed
 
 
-def base_answers(model: Llama, prompts: list[list[int]], pending: list[int], answers: list[list[int]],
-                 max_new_tokens: int, eos_ids: list[int], batch_size: int, progress: bool) -> None:
+def base_answers(model: Llama, prompts: list[list[int]], pending: list[int],
+                 answers: list[list[int]], max_new_tokens: int, eos_ids: list[int],
+                 batch_size: int, progress: bool) -> None:
     """The base model answers the queries no expert claimed (answers[i] for i in pending)."""
     if pending:
         with base_model(model):
@@ -185,7 +191,8 @@ def parallel_route(model: Llama, experts: list[Expert], ind: Indicators, prompts
         lora.unstack_adapters(model)
         model.extra_embed, model.extra_head = extra
     unclaimed = [i for i, r in enumerate(routed.routes) if r is BASE]
-    base_answers(model, prompts, unclaimed, routed.answers, max_new_tokens, eos_ids, batch_size, progress)
+    base_answers(model, prompts, unclaimed, routed.answers, max_new_tokens, eos_ids, batch_size,
+                 progress)
     return routed
 
 
@@ -209,16 +216,17 @@ def query_features(model: Llama, prompts: list[list[int]], batch_size: int = 16)
         real = torch.zeros(x.shape, dtype=torch.bool)
         for i, p in enumerate(chunk):
             x[i, :len(p)], real[i, :len(p)] = torch.tensor(p), True
-        h = model.hidden(x.to(device)).float()  # right padding: causal attention keeps pads out of real positions
+        # right padding: causal attention keeps pads out of real positions
+        h = model.hidden(x.to(device)).float()
         real = real.to(device).unsqueeze(-1)
         feats.append((h * real).sum(1) / real.sum(1))
     return torch.cat(feats)
 
 
-# SETA's gate is a cosine classifier with a fixed scale (as LUCIR's, for class-incremental learning). Raw
-# cosines lie in [-1, 1]: their softmax is nearly flat, and a row could claim every query by growing its
-# norm. On SmolLM2 (docs/RESULTS.md) the routing regulariser did just that with unnormalised rows: it
-# grew the oldest row until the gate sent 100% of queries to the first task.
+# SETA's gate is a cosine classifier with a fixed scale (as LUCIR's, for class-incremental
+# learning). Raw cosines lie in [-1, 1]: their softmax is nearly flat, and a row could claim every
+# query by growing its norm. On SmolLM2 (docs/RESULTS.md) the routing regulariser did just that with
+# unnormalised rows: it grew the oldest row until the gate sent 100% of queries to the first task.
 GATE_SCALE = 16.0
 
 
@@ -228,8 +236,8 @@ def gate_logits(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def match_keys(features: torch.Tensor, keys: dict[str, torch.Tensor]) -> list[str]:
-    """The task whose key (MoSEs) or gate row (SETA: the gate's choice) is most cosine-similar to each
-    feature."""
+    """The task whose key (MoSEs) or gate row (SETA: the gate's choice) is most cosine-similar to
+    each feature."""
     if not keys:
         raise UserError("no task keys to match")
     names = list(keys)
@@ -238,24 +246,31 @@ def match_keys(features: torch.Tensor, keys: dict[str, torch.Tensor]) -> list[st
 
 
 @torch.no_grad()
-def key_route(model: Llama, keys: dict[str, torch.Tensor], prompts: list[list[int]], max_new_tokens: int,
-              eos_ids: list[int], batch_size: int = 16, task: str | None = None,
-              progress: bool = False) -> tuple[list[list[int]], list[str]]:
-    """Answers and, per query, the task whose masks answered: matched by key (TaIL; SETA: the unified gate's
-    choice, answered by that task's experts and the shared ones), or `task` for all (TIL)."""
-    routes = [task] * len(prompts) if task else match_keys(query_features(model, prompts, batch_size), keys)
+def key_route(model: Llama, keys: dict[str, torch.Tensor], prompts: list[list[int]],
+              max_new_tokens: int, eos_ids: list[int], batch_size: int = 16,
+              task: str | None = None, progress: bool = False) -> tuple[list[list[int]], list[str]]:
+    """Answers and, per query, the task whose masks answered: matched by key (TaIL;
+    SETA: the unified gate's choice, answered by that task's experts and the shared
+    ones), or `task` for all (TIL)."""
+    if task:
+        routes = [task] * len(prompts)
+    else:
+        routes = match_keys(query_features(model, prompts, batch_size), keys)
     answers: list[list[int]] = [[] for _ in prompts]
     for t in dict.fromkeys(routes):
         idx = [i for i, r in enumerate(routes) if r == t]
         lora.set_task(model, t)
-        for i, out in zip(idx, generate_batched(model, [prompts[i] for i in idx], max_new_tokens, eos_ids, batch_size,
-                                                desc=f"task {t}" if progress else None)):
+        outs = generate_batched(model, [prompts[i] for i in idx], max_new_tokens, eos_ids,
+                                batch_size, desc=f"task {t}" if progress else None)
+        for i, out in zip(idx, outs):
             answers[i] = out
     return answers, routes
 
 
-def show_route(tok: Tokenizer, ind: Indicators, names: list[str], routed: Routed, exceptions: str) -> None:
-    """Print, expert by expert from the newest, what each emitted first, then who answered and what."""
+def show_route(tok: Tokenizer, ind: Indicators, names: list[str], routed: Routed,
+               exceptions: str) -> None:
+    """Print, expert by expert from the newest, what each emitted first, then who
+    answered and what."""
     then = {POS: "it answers", NEG: "the next older expert is asked",
             NEITHER: "the base model answers at once (the exception path)"}
     if exceptions == "next":
@@ -271,16 +286,22 @@ def show_route(tok: Tokenizer, ind: Indicators, names: list[str], routed: Routed
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Watch SEE's sequential routing: one query put to a run's experts, "
-                                            "newest first, with what each emitted and which model answered.")
-    p.add_argument("--run", required=True, help="a SEE system written by train.py --sequence/--order")
-    p.add_argument("--prompt", default=None, help="the query (the run's prompt template is applied)")
-    p.add_argument("--task", default=None, help="take the query from this task's eval split instead")
+    p = argparse.ArgumentParser(description="Watch SEE's sequential routing: one query put to a "
+                                            "run's experts, newest first, with what each emitted "
+                                            "and which model answered.")
+    p.add_argument("--run", required=True,
+                   help="a SEE system written by train.py --sequence/--order")
+    p.add_argument("--prompt", default=None,
+                   help="the query (the run's prompt template is applied)")
+    p.add_argument("--task", default=None,
+                   help="take the query from this task's eval split instead")
     p.add_argument("--index", type=int, default=0, help="which eval query of --task (from 0)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--exceptions", default="base", choices=EXCEPTIONS,
-                   help="neither indicator: the base model answers (the paper), or the next older expert is asked")
-    p.add_argument("--data-dir", default=None, help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
+                   help="neither indicator: the base model answers (the paper), or the next older "
+                        "expert is asked")
+    p.add_argument("--data-dir", default=None,
+                   help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
     args = p.parse_args()
     if (args.prompt is None) == (args.task is None):
         p.error("give --prompt or --task (with --index)")
@@ -292,12 +313,14 @@ def main() -> None:
         from experts import prompt_ids
         system = read_system(Path(args.run))
         if system["method"] != "see":
-            raise UserError(f"{args.run} holds {system['method']}, not SEE: only SEE routes by indicators")
+            raise UserError(f"{args.run} holds {system['method']}, not SEE: only SEE routes by "
+                            f"indicators")
         reference = None
         if args.task is not None:
             examples = load_task(args.task, "eval", args.data_dir)
             if not 0 <= args.index < len(examples):
-                raise UserError(f"--index {args.index} out of range: {args.task} has {len(examples)} eval queries")
+                raise UserError(f"--index {args.index} out of range: {args.task} has "
+                                f"{len(examples)} eval queries")
             query, reference = examples[args.index].query, examples[args.index].outputs[0]
         else:
             query = args.prompt

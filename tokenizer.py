@@ -3,8 +3,8 @@
 - sentencepiece `tokenizer.model` (Llama-2, Mistral, TinyLlama, our `tiny` model);
 - Hugging Face `tokenizers` `tokenizer.json` (Llama-3, Qwen2.5, SmolLM2), an optional extra.
 
-Tokens added with `add_tokens` (SEE's `<<pos>>`/`<<neg>>`) get ids after the model's base vocabulary,
-are matched atomically in text, and decode back to their literal form.
+Tokens added with `add_tokens` (SEE's `<<pos>>`/`<<neg>>`) get ids after the model's base
+vocabulary, are matched atomically in text, and decode back to their literal form.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from errors import UserError
 
 
 class Tokenizer:
-    def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str], base_size: int,
-                 bos_id: int | None, eos_ids: list[int], add_bos: bool):
+    def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
+                 base_size: int, bos_id: int | None, eos_ids: list[int], add_bos: bool):
         self._encode, self._decode = encode, decode
         self.base_size = base_size  # ids below this belong to the back-end
         self.bos_id, self.eos_ids, self.add_bos = bos_id, eos_ids, add_bos
@@ -36,7 +36,8 @@ class Tokenizer:
     def add_tokens(self, tokens: list[str], start: int) -> list[int]:
         """Give `tokens` the ids start, start+1, ... (start = the model's vocabulary size)."""
         if start < len(self):
-            raise ValueError(f"added ids must start after the vocabulary so far ({len(self)}), not at {start}")
+            raise ValueError(f"added ids must start after the vocabulary so far ({len(self)}), not "
+                             f"at {start}")
         repeated = sorted({t for t in tokens if t in self.added or tokens.count(t) > 1})
         if repeated:
             raise ValueError(f"tokens already added: {repeated}")
@@ -61,7 +62,8 @@ class Tokenizer:
         return ids + [self.eos_id] if eos else ids
 
     def decode(self, ids: list[int]) -> str:
-        """Text of ids (the inverse of encode: a leading BOS it added is dropped); added tokens written literally."""
+        """Text of ids (the inverse of encode: a leading BOS it added is dropped); added tokens
+        written literally."""
         if ids and self.add_bos and ids[0] == self.bos_id:
             ids = ids[1:]
         literal = {i: t for t, i in self.added.items()}
@@ -75,13 +77,15 @@ class Tokenizer:
         return "".join(parts + [self._decode(run)])
 
     def chat(self, query: str) -> str:
-        """The query as one user turn in the checkpoint's chat template, ready for the assistant's answer."""
+        """The query as one user turn in the checkpoint's chat template, ready for the
+        assistant's answer."""
         if self.chat_template is None:
             raise UserError("this checkpoint has no chat template; use the plain prompt")
         try:
             from jinja2.sandbox import ImmutableSandboxedEnvironment  # installed with torch
         except ImportError:
-            raise UserError("chat templates need jinja2 (pip install jinja2); or use the plain prompt") from None
+            raise UserError("chat templates need jinja2 (pip install jinja2); or use the plain "
+                            "prompt") from None
         def raise_exception(message):
             raise UserError(f"chat template: {message}")
         from jinja2 import TemplateError
@@ -98,13 +102,15 @@ class Tokenizer:
         """The tokenizer of a Hugging Face style checkpoint directory, with its BOS/EOS settings."""
         path = Path(path)
         tcfg = _read_json(path / "tokenizer_config.json")
-        # generation_config.json lists every stop token (Llama-3.1 instruct has three), config.json one
+        # generation_config.json lists every stop token (Llama-3.1 instruct
+        # has three), config.json one
         eos = _read_json(path / "generation_config.json").get("eos_token_id", _read_json(path / "config.json").get("eos_token_id"))
         if (path / "tokenizer.json").exists():
             try:
                 from tokenizers import Tokenizer as HFTokenizer
             except ImportError:
-                raise UserError(f"{path}/tokenizer.json needs the optional `tokenizers` package: pip install '.[gguf]'")
+                raise UserError(f"{path}/tokenizer.json needs the optional `tokenizers` package: "
+                                f"pip install '.[gguf]'")
             try:
                 tk = HFTokenizer.from_file(str(path / "tokenizer.json"))
             except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
@@ -116,8 +122,10 @@ class Tokenizer:
                 sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
             except (RuntimeError, OSError) as e:
                 raise UserError(f"{path / 'tokenizer.model'}: not a sentencepiece model ({e})") from None
-            tok = cls(sp.encode, sp.decode, sp.get_piece_size(), sp.bos_id(), _ids(eos) or [sp.eos_id()],
-                      tcfg.get("add_bos_token", True))  # LlamaTokenizer adds BOS unless told otherwise
+            tok = cls(sp.encode, sp.decode, sp.get_piece_size(), sp.bos_id(),
+                      _ids(eos) or [sp.eos_id()],
+                      # LlamaTokenizer adds BOS unless told otherwise
+                      tcfg.get("add_bos_token", True))
         else:
             raise UserError(f"no tokenizer.json or tokenizer.model in {path}")
         template = tcfg.get("chat_template")
@@ -127,19 +135,24 @@ class Tokenizer:
         return tok
 
     @classmethod
-    def from_hf(cls, tk, eos: int | list[int] | None = None, tcfg: dict | None = None) -> "Tokenizer":
+    def from_hf(cls, tk, eos: int | list[int] | None = None,
+                tcfg: dict | None = None) -> "Tokenizer":
         """Wrap a `tokenizers.Tokenizer`; BOS is added when its post-processor adds one."""
         tcfg = tcfg or {}
-        plain, full = tk.encode("a", add_special_tokens=False).ids, tk.encode("a", add_special_tokens=True).ids
+        plain, full = tk.encode("a",
+                                add_special_tokens=False).ids, tk.encode("a", add_special_tokens=True).ids
         post_bos = full[0] if len(full) > len(plain) and full[0] != plain[0] else None
         bos_tok = _content(tcfg.get("bos_token"))
-        bos_id = post_bos if post_bos is not None else (tk.token_to_id(bos_tok) if bos_tok else None)
+        bos_id = post_bos
+        if bos_id is None and bos_tok:
+            bos_id = tk.token_to_id(bos_tok)
         add_bos = tcfg.get("add_bos_token", post_bos is not None)
         eos_ids = _ids(eos)
         if not eos_ids and _content(tcfg.get("eos_token")):
             eos_ids = [tk.token_to_id(_content(tcfg["eos_token"]))]
         if not eos_ids:
-            raise UserError("the checkpoint names no EOS token (generation_config.json, config.json or tokenizer_config.json)")
+            raise UserError("the checkpoint names no EOS token (generation_config.json, "
+                            "config.json or tokenizer_config.json)")
         return cls(lambda s: tk.encode(s, add_special_tokens=False).ids,
                    lambda ids: tk.decode(ids, skip_special_tokens=False),
                    tk.get_vocab_size(with_added_tokens=True), bos_id, eos_ids, add_bos)
@@ -147,7 +160,8 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, tokens: list[str], merges: list[str], token_types: list[int], pre: str,
                   bos_id: int | None, eos_id: int, add_bos: bool) -> "Tokenizer":
-        """Rebuild a byte-level BPE tokenizer (GGUF `tokenizer.ggml.model` gpt2) from its tokens and merges."""
+        """Rebuild a byte-level BPE tokenizer (GGUF `tokenizer.ggml.model` gpt2) from its
+        tokens and merges."""
         from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
         split = {
             "gpt2": [],
@@ -155,12 +169,16 @@ class Tokenizer:
             "smollm": [pre_tokenizers.Digits(individual_digits=True)],
         }
         if pre not in split:
-            raise UserError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: {', '.join(split)})")
-        bpe = models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges])
+            raise UserError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: "
+                            f"{', '.join(split)})")
+        bpe = models.BPE({t: i for i, t in enumerate(tokens)},
+                         [tuple(m.split(" ", 1)) for m in merges])
         tk = HFTokenizer(bpe)
-        tk.pre_tokenizer = pre_tokenizers.Sequence(split[pre] + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tk.pre_tokenizer = pre_tokenizers.Sequence(split[pre]
+                                                   + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
         tk.decoder = decoders.ByteLevel()
-        control = 3  # GGUF token type CONTROL: special tokens such as <|im_end|>, matched whole in text
+        # GGUF token type CONTROL: special tokens such as <|im_end|>, matched whole in text
+        control = 3
         tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                for t, kind in zip(tokens, token_types) if kind == control])
         return cls(lambda s: tk.encode(s, add_special_tokens=False).ids,
@@ -177,4 +195,6 @@ def _content(token) -> str | None:
 
 
 def _ids(x: int | list[int] | None) -> list[int]:
-    return [] if x is None else [x] if isinstance(x, int) else list(x)
+    if x is None:
+        return []
+    return [x] if isinstance(x, int) else list(x)

@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lora  # noqa: E402
 from checkpoint import resolve_dtype  # noqa: E402
-from experts import Expert, Indicators  # noqa: E402
+from experts import Indicators, LoraExpert  # noqa: E402
 from forward_backward import SHAPES, timed  # noqa: E402
 from model import Llama, ModelConfig, generate  # noqa: E402
 from router import parallel_route, sequential_route  # noqa: E402
 
 
-def make_experts(model: Llama, m: int, device) -> list[Expert]:
+def make_experts(model: Llama, m: int, device) -> list[LoraExpert]:
     cfg = lora.LoraConfig(r=8, alpha=16, dropout=0.0)
     experts = []
     for e in range(m):
@@ -37,25 +37,31 @@ def make_experts(model: Llama, m: int, device) -> list[Expert]:
         with torch.no_grad():
             for layer in lora.lora_layers(model).values():
                 layer.lora_B[f"e{e}"].weight.normal_(0, 0.01)
-        experts.append(Expert.from_model(model, f"e{e}", f"task{e}", "random", "added", 10**6, "plain", cfg))
+        experts.append(LoraExpert.from_model(model, f"e{e}", f"task{e}", "random", "added", 10**6,
+                                             "plain", cfg))
     for e in experts:  # move to the device: the router copies rows into the model's rows
         e.rows = {k: v.to(device) for k, v in e.rows.items()}
     return experts
 
 
-def force(experts: list[Expert], hidden: list[torch.Tensor], claimer: int | None) -> None:
+def force(experts: list[LoraExpert], hidden: list[torch.Tensor], claimer: int | None) -> None:
     """Expert `claimer` (an index, or None for no one) emits o_pos first, every other one o_neg."""
     for e, (expert, h) in enumerate(zip(experts, hidden)):
-        row = 1e4 * h / h.square().sum()  # logit 1e4 for whichever indicator gets it: far above any other
+        # logit 1e4 for whichever indicator gets it: far above any other
+        row = 1e4 * h / h.square().sum()
         zero = torch.zeros_like(row)
         expert.rows["embed"] = torch.stack([row, zero] if e == claimer else [zero, row])
 
 
-def measure(shape: str, m: int, n_input: int, N: int, repeats: int, device: str, dtype: torch.dtype) -> dict:
-    """Seconds of plain generation, TTFT, TPOT, sequential and parallel routing over M = m experts, and
-    the overheads (fractions of plain) predicted by Eq. 8 and by Appendix E before its simplification."""
-    hf = {**SHAPES[shape], "tie_word_embeddings": True}  # one matrix of indicator rows, as in SmolLM2
-    prompt = torch.randint(0, hf["vocab_size"], (n_input,), generator=torch.Generator().manual_seed(0)).tolist()
+def measure(shape: str, m: int, n_input: int, N: int, repeats: int, device: str,
+            dtype: torch.dtype) -> dict:
+    """Seconds of plain generation, TTFT, TPOT, sequential and parallel routing over M =
+    m experts, and the overheads (fractions of plain) predicted by Eq. 8 and by Appendix
+    E before its simplification."""
+    # one matrix of indicator rows, as in SmolLM2
+    hf = {**SHAPES[shape], "tie_word_embeddings": True}
+    prompt = torch.randint(0, hf["vocab_size"], (n_input,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
     torch.manual_seed(0)  # the same base model for every M, with M fresh experts
     model = Llama(ModelConfig.from_hf(hf)).to(device=device, dtype=dtype).eval()
     ind = Indicators("added", *([i] for i in model.extend_vocab(2)))
@@ -74,27 +80,32 @@ def measure(shape: str, m: int, n_input: int, N: int, repeats: int, device: str,
         force(experts, hidden, claimer)
         expected = [experts[claimer].name if claimer is not None else None]
         for route in (sequential_route, parallel_route):  # the outcome is the forced one
-            assert route(model, experts, ind, [prompt], 1, [], m).routes == expected, (route.__name__, claimer)
+            assert route(model, experts, ind, [prompt], 1, [],
+                         m).routes == expected, (route.__name__, claimer)
         seq.append(timed(lambda: sequential_route(model, experts, ind, [prompt], N, [], 1), repeats))
         par.append(timed(lambda: parallel_route(model, experts, ind, [prompt], N, [], m), repeats))
-    return dict(plain=plain, ttft=ttft, tpot=tpot, sequential=statistics.mean(seq), parallel=statistics.mean(par),
+    return dict(plain=plain, ttft=ttft, tpot=tpot, sequential=statistics.mean(seq),
+                parallel=statistics.mean(par),
                 eq8=0.5 / (1 + N / (m - 1) * tpot / ttft) if m > 1 else 0.0,
                 appendix=(m - 1) / 2 / (1 + N * tpot / ttft))
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=SHAPES, default="smollm2-135m")
     p.add_argument("--experts", default="1,2,5,10", help="comma-separated numbers of experts M")
     p.add_argument("--input", type=int, default=512, help="prompt tokens")
     p.add_argument("--output", type=int, default=64, help="generated tokens")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: train.py's rule")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="default: train.py's rule")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(args.dtype, device)
-    print(f"shape {args.shape}, {device} {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"input {args.input}, output {args.output} tokens, batch 1, median of {args.repeats}")
+    print(f"shape {args.shape}, {device} {dtype}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; input {args.input}, output {args.output} tokens, "
+          f"batch 1, median of {args.repeats}")
     print(f"{'M':>3}{'plain ms':>10}{'TTFT ms':>9}{'TPOT ms':>9}{'seq ms':>9}{'seq +%':>8}{'Eq.8 +%':>9}"
           f"{'App.E +%':>10}{'par ms':>9}{'par +%':>8}")
     for m in map(int, args.experts.split(",")):

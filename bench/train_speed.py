@@ -32,12 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_backward import SHAPES  # noqa: E402
 
 
-def batches(vocab: int, micro: int, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """n right-padded micro-batches (ids, labels, attention mask): prompts of 100-400 tokens, responses of 5-60."""
+def batches(vocab: int, micro: int, n: int,
+            seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """n right-padded micro-batches (ids, labels, attention mask): prompts of 100-400 tokens,
+    responses of 5-60."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        rows = [(int(torch.randint(100, 400, (1,), generator=g)), int(torch.randint(5, 60, (1,), generator=g)))
+        rows = [(int(torch.randint(100, 400, (1,), generator=g)),
+                 int(torch.randint(5, 60, (1,), generator=g)))
                 for _ in range(micro)]
         T = max(p + r for p, r in rows)
         ids = torch.zeros(micro, T, dtype=torch.long)
@@ -51,7 +54,8 @@ def batches(vocab: int, micro: int, n: int, seed: int = 0) -> list[tuple[torch.T
     return out
 
 
-def worker(impl: str, shape: str, micro: int, steps: int, device: str, dtype: torch.dtype, checkpointed: bool) -> dict:
+def worker(impl: str, shape: str, micro: int, steps: int, device: str, dtype: torch.dtype,
+           checkpointed: bool) -> dict:
     import peft
     import transformers
 
@@ -61,7 +65,8 @@ def worker(impl: str, shape: str, micro: int, steps: int, device: str, dtype: to
     from train import checkpoint_blocks, trainable_parameters
     torch.manual_seed(0)
     cfg = SHAPES[shape]
-    with torch.device(device):  # random weights drawn where they run: a 7B shape is slow to draw on a CPU
+    # random weights drawn where they run: a 7B shape is slow to draw on a CPU
+    with torch.device(device):
         ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg),
                                                             attn_implementation="sdpa", dtype=dtype)
     data = [tuple(t.to(device) for t in b) for b in batches(cfg["vocab_size"], micro, steps + 2)]
@@ -75,14 +80,17 @@ def worker(impl: str, shape: str, micro: int, steps: int, device: str, dtype: to
         if checkpointed:
             checkpoint_blocks(model)
 
-        def loss_of(x, y, mask):  # shifted as train.collate does; right padding needs no mask under causal attention
+        # shifted as train.collate does; right padding needs no mask under causal attention
+        def loss_of(x, y, mask):
             y = y[:, 1:]
-            return F.cross_entropy(model.head(model.hidden(x[:, :-1])[y != -100]).float(), y[y != -100])
+            return F.cross_entropy(model.head(model.hidden(x[:, :-1])[y != -100]).float(),
+                                   y[y != -100])
     else:
         if checkpointed:
             ref.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
         model = peft.get_peft_model(ref, peft.LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+            r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
+                                                         task_type="CAUSAL_LM"))
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
@@ -111,16 +119,21 @@ def worker(impl: str, shape: str, micro: int, steps: int, device: str, dtype: to
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     # real (unpadded) tokens per step, the same for both implementations
-    return dict(step_s=statistics.median(times), tokens=sum(int(m.sum()) for *_, m in data[2:]) / len(times), peak=peak)
+    return dict(step_s=statistics.median(times),
+                tokens=sum(int(m.sum()) for *_, m in data[2:]) / len(times), peak=peak)
 
 
-def run(shape: str, micro: int, steps: int, rounds: int, dtype: str | None = None, checkpointed: bool = False) -> dict:
-    """{implementation: dict(tokens_per_s, peak_mib)}, the median over `rounds` child processes each."""
-    flags = ["--shape", shape, "--micro-batch", str(micro), "--steps", str(steps)] + ["--dtype", dtype] * bool(dtype)
+def run(shape: str, micro: int, steps: int, rounds: int, dtype: str | None = None,
+        checkpointed: bool = False) -> dict:
+    """{implementation: dict(tokens_per_s, peak_mib)}, the median over `rounds` child
+    processes each."""
+    flags = ["--shape", shape, "--micro-batch", str(micro), "--steps",
+             str(steps)] + ["--dtype", dtype] * bool(dtype)
     runs = {"ours": [], "transformers+peft": []}
     for _ in range(rounds):
         for impl, name in (("ours", "ours"), ("hf", "transformers+peft")):
-            out = subprocess.run([sys.executable, __file__, "--worker", impl, *flags] + ["--grad-checkpoint"] * checkpointed,
+            out = subprocess.run([sys.executable, __file__, "--worker", impl, *flags]
+                                 + ["--grad-checkpoint"] * checkpointed,
                                  capture_output=True, text=True)
             if out.returncode:
                 raise RuntimeError(f"{name} worker failed:\n{out.stderr[-3000:]}")
@@ -130,33 +143,41 @@ def run(shape: str, micro: int, steps: int, rounds: int, dtype: str | None = Non
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=SHAPES, default="smollm2-135m")
     p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=6, help="timed steps per run (after 2 warm-up steps)")
+    p.add_argument("--steps", type=int, default=6,
+                   help="timed steps per run (after 2 warm-up steps)")
     p.add_argument("--rounds", type=int, default=2, help="runs of each implementation, alternating")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: train.py's rule")
-    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing on both sides")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="default: train.py's rule")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing on both sides")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     from checkpoint import resolve_dtype
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(args.dtype, device)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.shape, args.micro_batch, args.steps, device, dtype, args.grad_checkpoint)))
+        print(json.dumps(worker(args.worker, args.shape, args.micro_batch, args.steps, device,
+                                dtype, args.grad_checkpoint)))
         return
-    result = run(args.shape, args.micro_batch, args.steps, args.rounds, args.dtype, args.grad_checkpoint)
+    result = run(args.shape, args.micro_batch, args.steps, args.rounds, args.dtype,
+                 args.grad_checkpoint)
     import peft
     import transformers
-    print(f"shape {args.shape}, {device} {dtype}, micro-batch {args.micro_batch}, LoRA r=8 on q_proj/v_proj, "
-          f"{'activation checkpointing, ' * args.grad_checkpoint}torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, peft {peft.__version__}, {torch.get_num_threads()} threads")
+    print(f"shape {args.shape}, {device} {dtype}, micro-batch {args.micro_batch}, LoRA r=8 on "
+          f"q_proj/v_proj, {'activation checkpointing, ' * args.grad_checkpoint}torch "
+          f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+          f"{torch.get_num_threads()} threads")
     print(f"{'implementation':<20}{'tokens/s':>10}{'peak MiB':>10}")
     for name, r in result.items():
         print(f"{name:<20}{r['tokens_per_s']:>10.0f}{r['peak_mib']:>10.0f}")
     ours, hf = result.values()
     print(f"ours / transformers+peft: {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x tokens/s, "
-          f"{ours['peak_mib'] / hf['peak_mib']:.2f}x peak memory (ours: output head on response positions only)")
+          f"{ours['peak_mib'] / hf['peak_mib']:.2f}x peak memory (ours: output head on response "
+          f"positions only)")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ TASKS = {
 }
 # the paper's classification tasks (Fig. 3, Table 4); the others are generation tasks
 CLASSIFICATION = ("sa", "pos")
-# tasks whose references are not English (trans: English to Spanish), scored in SuperNI's xlingual mode
+# tasks whose references are not English (trans: English to Spanish), scored
+# in SuperNI's xlingual mode
 XLINGUAL = ("trans",)
 # the paper's Table 5 (orders 1-3 of five tasks) and its 10-task order
 ORDERS = {
@@ -67,7 +68,8 @@ def data_dir(path: str | Path | None = None) -> Path:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """All records of a JSON-lines file; a malformed line is reported with its file and line number."""
+    """All records of a JSON-lines file; a malformed line is reported with its file and
+    line number."""
     return [record for _, record in _numbered_jsonl(path)]
 
 
@@ -93,7 +95,8 @@ def _numbered_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     return records
 
 
-def load_task(task: str, split: str = "train", directory: str | Path | None = None) -> list[Example]:
+def load_task(task: str, split: str = "train",
+              directory: str | Path | None = None) -> list[Example]:
     """A task's examples: an abbreviation from TASKS read from `<dir>/<task>.<split>.jsonl`, or the
     path of an official Super-NaturalInstructions task file (`Definition`, `Instances`)."""
     if split not in SPLITS:
@@ -101,7 +104,8 @@ def load_task(task: str, split: str = "train", directory: str | Path | None = No
     if task.endswith(".json"):
         return load_task_file(task, split)
     if task not in TASKS:
-        raise UserError(f"unknown task {task!r}; known: {', '.join(TASKS)} (or the path of a SuperNI task .json file)")
+        raise UserError(f"unknown task {task!r}; known: {', '.join(TASKS)} (or the path of a "
+                        f"SuperNI task .json file)")
     path = data_dir(directory) / f"{task}.{split}.jsonl"
     if split == "train" and not path.exists() and path.with_suffix(".smp01.jsonl").exists():
         # qg and sum ship only their 10% sample; say so rather than fail
@@ -111,8 +115,10 @@ def load_task(task: str, split: str = "train", directory: str | Path | None = No
     for n, r in _numbered_jsonl(path):
         output = r.get("output")
         outputs = [output] if isinstance(output, str) else output
-        if not isinstance(r.get("full_prompt"), str) or not outputs or not all(isinstance(o, str) for o in outputs):
-            raise UserError(f"{path}:{n}: need a string 'full_prompt' and an 'output' string (or list of strings)")
+        if not isinstance(r.get("full_prompt"),
+                          str) or not outputs or not all(isinstance(o, str) for o in outputs):
+            raise UserError(f"{path}:{n}: need a string 'full_prompt' and an 'output' string (or "
+                            f"list of strings)")
         examples.append(Example(str(r.get("id", f"{task}-{n}")), r["full_prompt"], outputs))
     return examples
 
@@ -133,14 +139,16 @@ def load_task_file(path: str | Path, split: str) -> list[Example]:
     except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
         raise UserError(f"{path}: not a SuperNI task file (need 'Definition' and 'Instances' "
                         f"with 'id', 'input', 'output'): {type(e).__name__} {e}") from None
-    empty = next((ex.id for ex in examples if not ex.outputs or not all(isinstance(o, str) for o in ex.outputs)), None)
+    empty = next((ex.id for ex in examples if not ex.outputs
+                  or not all(isinstance(o, str) for o in ex.outputs)), None)
     if empty is not None:
         raise UserError(f"{path}: instance {empty} has no reference output strings")
     return examples[:TASK_FILE_EVAL] if split == "eval" else examples[TASK_FILE_EVAL:]
 
 
 def subsample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
-    """n examples drawn without replacement (all of them if n is None or too large), reproducibly."""
+    """n examples drawn without replacement (all of them if n is None or too large),
+    reproducibly."""
     if n is None or n >= len(examples):
         return list(examples)
     return random.Random(seed).sample(examples, n)
@@ -148,8 +156,9 @@ def subsample(examples: list[Example], n: int | None, seed: int) -> list[Example
 
 def rehearsal(previous: dict[str, list[Example]], tau: float, seed: int,
               sizes: dict[str, int] | None = None) -> list[Example]:
-    """RandSel(tau): a random tau share of each earlier task's training examples (at least one), of
-    `sizes[task]` where given (a training set larger than the examples at hand), as many as there are.
+    """RandSel(tau): a random tau share of each earlier task's training examples (at
+    least one), of `sizes[task]` where given (a training set larger than the examples
+    at hand), as many as there are.
 
     Each task is drawn with its own seed (seed and task name), so adding a task to the sequence
     never changes what is drawn from the others.
@@ -183,7 +192,8 @@ def rehearsal_sets(tasks: list[str], tau: float, seed: int, max_train: int | Non
         else:
             examples = subsample(load_task(task, "train", directory), max_train, seed)
             samples_only = task in TASKS and not (data_dir(directory) / f"{task}.train.jsonl").is_file()
-            size = min(PAPER_TRAIN_SIZE, max_train or PAPER_TRAIN_SIZE) if samples_only else len(examples)
+            size = min(PAPER_TRAIN_SIZE,
+                       max_train or PAPER_TRAIN_SIZE) if samples_only else len(examples)
             chosen = rehearsal({task: examples}, tau, seed, {task: size})
             asked = max(1, round(tau * size)) if tau else 0
             short = f" ({asked} asked, only {len(examples)} ship)" if asked > len(examples) else ""
@@ -192,12 +202,15 @@ def rehearsal_sets(tasks: list[str], tau: float, seed: int, max_train: int | Non
     return drawn, sources
 
 
-def load_ood(path: str | Path | None = None, directory: str | Path | None = None, split: str = "eval") -> list[Example]:
-    """Queries of no task: LIMA's instructions (`instruction`, optional `input`), by default the lima.jsonl
-    beside the SuperNI directory. Its first OOD_EVAL ("eval") test how often such queries fall back to
-    the base model (RB-Acc); the rest ("train") may serve as pseudo-negatives (paper Table 3)."""
+def load_ood(path: str | Path | None = None, directory: str | Path | None = None,
+             split: str = "eval") -> list[Example]:
+    """Queries of no task: LIMA's instructions (`instruction`, optional `input`), by default the
+    lima.jsonl beside the SuperNI directory. Its first OOD_EVAL ("eval") test how often such
+    queries fall back to the base model (RB-Acc); the rest ("train") may serve as
+    pseudo-negatives (paper Table 3)."""
     if split not in ("eval", "train"):
-        raise UserError(f"unknown split {split!r} of the out-of-distribution queries; known: eval, train")
+        raise UserError(f"unknown split {split!r} of the out-of-distribution queries; known: eval, "
+                        f"train")
     path = Path(path) if path else data_dir(directory).parent / "lima.jsonl"
     examples = []
     for n, r in _numbered_jsonl(path):

@@ -10,11 +10,13 @@ from safetensors.torch import load_file
 
 from checkpoint import load_dir, make_tiny
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hubs are unreachable here: fail at once, not after retries
+# hubs are unreachable here: fail at once, not after retries
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=[
-    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU tier: -m cuda)")])])
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                         reason="needs a CUDA GPU (the GPU tier: -m cuda)")])])
 def device(request, monkeypatch):
     """Each test that takes it runs on the CPU and, where there is one, on the GPU. train.py and
     evaluate.py take the GPU whenever there is one, so the cpu case hides it from them."""
@@ -25,7 +27,8 @@ def device(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """The `tiny` checkpoint (random Llama + sentencepiece trained on SuperNI), written once per run."""
+    """The `tiny` checkpoint (random Llama + sentencepiece trained on SuperNI), written
+    once per run."""
     return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
@@ -39,8 +42,10 @@ def tiny(tiny_dir):
 def separable_run(tiny_dir, tmp_path_factory):
     """A tiny expert for `sa` that saw `pe` queries as negatives: two tasks easy to tell apart."""
     from train import TrainConfig, train
-    cfg = TrainConfig(task="sa", previous=["pe"], model=str(tiny_dir), out=str(tmp_path_factory.mktemp("runs") / "sa"),
-                      tau=1.0, max_train=32, epochs=4, batch_size=16, micro_batch=16, lr=1e-2, max_source=96, max_target=8)
+    cfg = TrainConfig(task="sa", previous=["pe"], model=str(tiny_dir),
+                      out=str(tmp_path_factory.mktemp("runs") / "sa"),
+                      tau=1.0, max_train=32, epochs=4, batch_size=16, micro_batch=16, lr=1e-2,
+                      max_source=96, max_target=8)
     return cfg, train(cfg)
 
 
@@ -57,14 +62,17 @@ def synthetic_tasks(tmp_path_factory):
     rng = random.Random(0)
     words = "the a house river city dog small old new with under over near".split()
     for name, (definition, answer) in SYNTHETIC.items():
-        instances = [dict(id=f"{name}-{i}", input=" ".join(rng.choices(words, k=8)), output=[answer]) for i in range(140)]
-        (root / f"{name}.json").write_text(json.dumps(dict(Definition=[definition], Instances=instances)))
+        instances = [dict(id=f"{name}-{i}", input=" ".join(rng.choices(words, k=8)),
+                          output=[answer]) for i in range(140)]
+        (root / f"{name}.json").write_text(json.dumps(dict(Definition=[definition],
+                                                           Instances=instances)))
     return [str(root / f"{name}.json") for name in SYNTHETIC]
 
 
 @pytest.fixture(scope="session")
 def eval_queries():
-    """queries(tok, tasks, n=10): the first n eval prompts of each task (96 source tokens), and each one's task."""
+    """queries(tok, tasks, n=10): the first n eval prompts of each task (96 source tokens), and
+    each one's task."""
     from pathlib import Path
 
     from data import load_task
@@ -81,7 +89,8 @@ def eval_queries():
 
 @pytest.fixture(scope="session")
 def check_stage_parameters():
-    """check(run, params, extra): a MoSEs/SETA run's parameters per stage (evaluate.py) against its files."""
+    """check(run, params, extra): a MoSEs/SETA run's parameters per stage (evaluate.py)
+    against its files."""
     from experts import TRAINING_FILE
 
     def stored(run, i):
@@ -90,8 +99,10 @@ def check_stage_parameters():
         state, training = load_file(d / "subexperts.safetensors"), load_file(d / TRAINING_FILE)
 
         def bits(prefix):
-            return sum(int(numpy.unpackbits(v.numpy()).sum()) for k, v in state.items() if re.search(prefix, k))
-        return dict(held=bits(r"\.(A|B|gate)\.used$"), mask=bits(rf"\.masks\.{d.parent.name.split('-', 1)[1]}\."),
+            return sum(int(numpy.unpackbits(v.numpy()).sum()) for k,
+                       v in state.items() if re.search(prefix, k))
+        return dict(held=bits(r"\.(A|B|gate)\.used$"),
+                    mask=bits(rf"\.masks\.{d.parent.name.split('-', 1)[1]}\."),
                     weights=sum(v.numel() for k, v in {**state, **training}.items()
                                 if re.search(r"\.(A|B|gate)(\.free)?$", k) and ".masks." not in k),
                     free=sum(v.numel() for k, v in training.items() if k.endswith(".free")),
@@ -99,14 +110,15 @@ def check_stage_parameters():
                     training_bytes=(d / TRAINING_FILE).stat().st_size)
 
     def check_stage_parameters(run, params, extra):
-        """evaluate's parameters per stage against the stored files: what a stage trains is the free weights
-        the stage before left (all, at stage 1), a score per weight, and `extra`; held, mask and trainable
-        share from the bits numpy unpacks; bytes from the files' sizes."""
+        """evaluate's parameters per stage against the stored files: what a stage trains is the free
+        weights the stage before left (all, at stage 1), a score per weight, and `extra`; held, mask
+        and trainable share from the bits numpy unpacks; bytes from the files' sizes."""
         files = [stored(run, i) for i in (1, 2, 3)]
         free_before = [files[0]["weights"], files[0]["free"], files[1]["free"]]
         for i, (p, f) in enumerate(zip(params, files)):
             assert p["trainable"] == free_before[i] + f["weights"] + extra(i), i
-            assert (p["held"], p["mask"], p["bytes"], p["training_bytes"]) == (f["held"], f["mask"], f["bytes"], f["training_bytes"])
+            assert (p["held"], p["mask"], p["bytes"],
+                    p["training_bytes"]) == (f["held"], f["mask"], f["bytes"], f["training_bytes"])
             assert p["trainable_share"] == pytest.approx((f["held"] - (files[i - 1]["held"] if i else 0)) / f["mask"])
             assert p["lora_bytes"] == (i + 1) * params[0]["lora_bytes"]
     return check_stage_parameters

@@ -1,6 +1,6 @@
-"""Damaged or missing run and checkpoint files, and impossible settings: one `error:` line (exit 2), no
-traceback, nothing written. The commands run in-process through their real entry points (main() with
-sys.argv set), which is what `python train.py ...` runs, without a process start per case."""
+"""Damaged or missing run and checkpoint files, and impossible settings: one `error:` line (exit 2),
+no traceback, nothing written. The commands run in-process through their real entry points (main()
+with sys.argv set), which is what `python train.py ...` runs, without a process start per case."""
 import json
 import os
 import shutil
@@ -18,19 +18,23 @@ import evaluate
 import train as train_mod
 from checkpoint import atomic_dir, atomic_write, load_dir
 from errors import UserError
-from experts import Expert
+from experts import load_expert
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_TRAINING = ["--max-train", "8", "--epochs", "1", "--batch-size", "8", "--micro-batch", "8", "--max-source", "48",
-                 "--max-target", "6", "--tau", "0.5"]
+TINY_TRAINING = ["--max-train", "8", "--epochs", "1", "--batch-size", "8", "--micro-batch", "8",
+                 "--max-source", "48", "--max-target", "6", "--tau", "0.5"]
 EVAL = ["--max-eval", "2", "--max-new-tokens", "2", "--max-ood", "2"]
-# what reads a file of a finished run; every other file (system.json, the experts) is read by evaluate.py --run
-READERS = {"eval.json": "report", "eval.predictions.jsonl": "report", "config.json": "train", "log.jsonl": "train",
-           "training-state.safetensors": "continue"}  # MoSEs: read by a next stage, not by inference
+# what reads a file of a finished run; every other file (system.json, the
+# experts) is read by evaluate.py --run
+READERS = {"eval.json": "report", "eval.predictions.jsonl": "report", "config.json": "train",
+           "log.jsonl": "train",
+           # MoSEs: read by a next stage, not by inference
+           "training-state.safetensors": "continue"}
 
 
 def cli(main, args, capsys, monkeypatch) -> tuple[int, list[str]]:
-    """Run a command's main() as `python <command> args` would: its exit status and its stderr lines."""
+    """Run a command's main() as `python <command> args` would: its exit status and its
+    stderr lines."""
     monkeypatch.setattr(sys, "argv", ["prog", *map(str, args)])
     capsys.readouterr()
     try:
@@ -54,14 +58,16 @@ def one_error_line(code, err, *names):
 
 @pytest.fixture(scope="module")
 def finished_runs(tiny_dir, tmp_path_factory):
-    """A SEE and a MoSEs sequence (sa, pe) on the tiny model, trained and evaluated by the CLI; with the
-    train.py arguments that resume each."""
+    """A SEE and a MoSEs sequence (sa, pe) on the tiny model, trained and evaluated by the CLI; with
+    the train.py arguments that resume each."""
     root = tmp_path_factory.mktemp("finished")
     mp = pytest.MonkeyPatch()
     runs = {}
     for method in ("see", "moses"):
-        args = ["--sequence", "sa,pe", "--method", method, "--model", tiny_dir, *TINY_TRAINING, "--out", root / method]
-        for main, argv in ((train_mod.main, args), (evaluate.main, ["--run", root / method, *EVAL])):
+        args = ["--sequence", "sa,pe", "--method", method, "--model", tiny_dir, *TINY_TRAINING,
+                "--out", root / method]
+        for main, argv in ((train_mod.main, args),
+                           (evaluate.main, ["--run", root / method, *EVAL])):
             mp.setattr(sys, "argv", ["prog", *map(str, argv)])
             main()
         runs[method] = (root / method, args)
@@ -83,7 +89,8 @@ def corrupt(path: Path, how: str) -> None:
 def test_every_damaged_file_of_a_finished_run_is_one_line_of_error(finished_runs, method, tmp_path, capsys, monkeypatch):
     run, train_args = finished_runs[method]
     cases, failures = [], []
-    for path in sorted(files(run)):  # damaged in place, and restored: a moved run is one of other settings
+    # damaged in place, and restored: a moved run is one of other settings
+    for path in sorted(files(run)):
         rel, original = path.relative_to(run), path.read_bytes()
         reader = READERS.get(rel.name, "evaluate")
         for how in ("delete", "truncate", "garbage"):
@@ -93,7 +100,8 @@ def test_every_damaged_file_of_a_finished_run_is_one_line_of_error(finished_runs
             elif reader == "report":
                 command = (evaluate.main, ["--report", run, "--out", out / "report.md"])
             elif reader == "continue":  # a new task learned from this stage
-                command = (train_mod.main, ["--task", "qa", "--init", path.parent, *train_args[2:-2],
+                command = (train_mod.main,
+                           ["--task", "qa", "--init", path.parent, *train_args[2:-2],
                                             "--out", out / "next"])
             else:
                 command = (train_mod.main, train_args)
@@ -116,10 +124,11 @@ def test_every_damaged_file_of_a_finished_run_is_one_line_of_error(finished_runs
 
 @pytest.fixture(scope="module")
 def cut_template(tiny_dir, tmp_path_factory):
-    """A one-stage run interrupted one step past its checkpoint at step 2 (log.jsonl holds steps 1-3, state.pt
-    step 2), and the train.py arguments that resume it but for the run directory."""
+    """A one-stage run interrupted one step past its checkpoint at step 2 (log.jsonl holds steps
+    1-3, state.pt step 2), and the train.py arguments that resume it but for the run directory."""
     run = tmp_path_factory.mktemp("cut") / "run"
-    args = ["--task", "sa", "--previous", "pe", "--model", tiny_dir, *TINY_TRAINING, "--batch-size", "2",
+    args = ["--task", "sa", "--previous", "pe", "--model", tiny_dir, *TINY_TRAINING, "--batch-size",
+            "2",
             "--micro-batch", "2", "--save-every", "2", "--out"]  # 6 steps
     real_scale = train_mod.lr_scale
 
@@ -154,12 +163,16 @@ def test_every_damaged_file_of_an_unfinished_run_is_one_line_of_error(cut_run, t
             corrupt(copy / path.name, how)
             before = files(tmp_path)
             code, err = cli(train_mod.main, [*args[:-1], copy], capsys, monkeypatch)
-            # a missing checkpoint is a run killed before its first one: it starts over, as it should
+            # a missing checkpoint is a run killed before its first one: it
+            # starts over, as it should
             expected_restart = (path.name, how) == ("state.pt", "delete")
-            problem = (None if code == 0 else f"exit {code}") if expected_restart else one_error_line(code, err, path.name)
+            problem = one_error_line(code, err, path.name)
+            if expected_restart:
+                problem = None if code == 0 else f"exit {code}"
             if problem is None and not expected_restart and files(tmp_path) - before:
                 problem = f"wrote {sorted(map(str, files(tmp_path) - before))}"
-            cases.append(f"unfinished {path.name} {how} (train): {problem or ('started over' if expected_restart else err[0])}")
+            cases.append(f"unfinished {path.name} {how} (train): "
+                         f"{problem or ('started over' if expected_restart else err[0])}")
             if problem:
                 failures.append(cases[-1])
     print("\n".join(cases))
@@ -180,7 +193,8 @@ def test_a_log_that_ends_before_the_checkpoint_is_refused(cut_run, capsys, monke
     args, run = cut_run
     (run / "log.jsonl").write_text((run / "log.jsonl").read_text().splitlines()[0] + "\n")
     code, err = cli(train_mod.main, args, capsys, monkeypatch)
-    assert one_error_line(code, err, "log.jsonl", "ends at step 1, before the checkpoint's step 2") is None, err
+    assert one_error_line(code, err, "log.jsonl",
+                          "ends at step 1, before the checkpoint's step 2") is None, err
 
 
 class Pickled:  # what a hostile state.pt could carry instead of tensors
@@ -233,7 +247,8 @@ def test_a_failed_write_leaves_neither_file_nor_temporary(tmp_path):
     def torch_full_disk(path):  # torch.save reports a failed write so
         path.write_bytes(b"half")
         raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
-    with pytest.raises(UserError, match="could not write .*state.pt: PytorchStreamWriter failed writing"):
+    with pytest.raises(UserError,
+                       match="could not write .*state.pt: PytorchStreamWriter failed writing"):
         atomic_write(tmp_path / "state.pt", torch_full_disk)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"] and (tmp_path / "state.pt").read_bytes() == b"old"
 
@@ -243,9 +258,12 @@ def sequence_args(tiny_dir, out, *extra):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--task", "sa", "--lr", "-1"], "need finite learning rates > 0 and weights >= 0, got --lr -1.0"),
-    (["--task", "sa", "--lr", "nan"], "need finite learning rates > 0 and weights >= 0, got --lr nan"),
-    (["--task", "sa", "--lr", "inf"], "need finite learning rates > 0 and weights >= 0, got --lr inf"),
+    (["--task", "sa", "--lr", "-1"],
+     "need finite learning rates > 0 and weights >= 0, got --lr -1.0"),
+    (["--task", "sa", "--lr", "nan"],
+     "need finite learning rates > 0 and weights >= 0, got --lr nan"),
+    (["--task", "sa", "--lr", "inf"],
+     "need finite learning rates > 0 and weights >= 0, got --lr inf"),
     (["--task", "sa", "--indicator-lr", "-5"], "got --indicator-lr -5.0"),
     (["--task", "sa", "--alpha", "-16"], "need LoRA alpha > 0, got -16.0"),
     (["--task", "sa", "--max-train", "0"], "need positive counts, got --max-train 0"),
@@ -257,7 +275,8 @@ def sequence_args(tiny_dir, out, *extra):
 ])
 def test_impossible_settings_are_refused_before_the_model_loads(tiny_dir, tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.setattr(train_mod, "load", lambda *a, **k: pytest.fail("the model was loaded"))
-    code, err = cli(train_mod.main, sequence_args(tiny_dir, tmp_path / "r", *args), capsys, monkeypatch)
+    code, err = cli(train_mod.main, sequence_args(tiny_dir, tmp_path / "r", *args), capsys,
+                    monkeypatch)
     assert one_error_line(code, err, message) is None, err
     assert list(tmp_path.iterdir()) == []
 
@@ -268,38 +287,49 @@ def write_task_file(path: Path, n: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("data", ["empty train file", "task file of 100 instances", "non-UTF-8 task file"])
+@pytest.mark.parametrize("data",
+                         ["empty train file", "task file of 100 instances", "non-UTF-8 task file"])
 def test_a_task_without_training_examples_or_unreadable_is_refused(tiny_dir, tmp_path, capsys, monkeypatch, data):
     monkeypatch.setattr(train_mod, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "data").mkdir()
     if data == "empty train file":
         (tmp_path / "data" / "sa.train.jsonl").write_text("")
-        args, message = ["--task", "sa", "--data-dir", tmp_path / "data"], "task sa has no training examples"
+        args, message = ["--task", "sa", "--data-dir",
+                         tmp_path / "data"], "task sa has no training examples"
     elif data == "task file of 100 instances":  # all of them are the eval split
         task = write_task_file(tmp_path / "data" / "yes.json", 100)
         args, message = ["--task", task], f"task {task} has no training examples"
     else:
-        (tmp_path / "data" / "sa.train.jsonl").write_bytes(b'{"full_prompt": "caf\xe9", "output": "x"}\n')
-        args, message = ["--task", "sa", "--data-dir", tmp_path / "data"], "sa.train.jsonl: not UTF-8 text (byte 20)"
-    code, err = cli(train_mod.main, sequence_args(tiny_dir, tmp_path / "r", *args), capsys, monkeypatch)
+        (tmp_path / "data" / "sa.train.jsonl").write_bytes(b'{"full_prompt": "caf\xe9", "output": '
+                                                           b'"x"}\n')
+        args, message = ["--task", "sa", "--data-dir",
+                         tmp_path / "data"], "sa.train.jsonl: not UTF-8 text (byte 20)"
+    code, err = cli(train_mod.main, sequence_args(tiny_dir, tmp_path / "r", *args), capsys,
+                    monkeypatch)
     assert one_error_line(code, err, message) is None, err
     assert not (tmp_path / "r").exists()
 
 
 def test_an_unwritable_out_is_refused_before_the_model_loads(tiny_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train_mod, "load", lambda *a, **k: pytest.fail("the model was loaded"))
-    (tmp_path / "file").write_text("")  # a directory cannot be made inside a file (a read-only disk as root)
-    code, err = cli(train_mod.main, sequence_args(tiny_dir, tmp_path / "file" / "run", "--task", "sa"), capsys, monkeypatch)
-    assert one_error_line(code, err, f"cannot write {tmp_path / 'file' / 'run'}", "is not a directory") is None, err
+    # a directory cannot be made inside a file (a read-only disk as root)
+    (tmp_path / "file").write_text("")
+    code, err = cli(train_mod.main,
+                    sequence_args(tiny_dir, tmp_path / "file" / "run", "--task", "sa"), capsys,
+                    monkeypatch)
+    assert one_error_line(code, err, f"cannot write {tmp_path / 'file' / 'run'}",
+                          "is not a directory") is None, err
 
 
 def evaluate_args(tiny_dir, out, *extra):
-    return ["--task", "sa", "--model", tiny_dir, "--max-eval", "2", "--max-new-tokens", "2", "--out", out, *extra]
+    return ["--task", "sa", "--model", tiny_dir, "--max-eval", "2", "--max-new-tokens", "2",
+            "--out", out, *extra]
 
 
 @pytest.mark.parametrize("flag", ["--max-new-tokens", "--max-source"])
 def test_zero_lengths_at_evaluation_are_refused(tiny_dir, tmp_path, capsys, monkeypatch, flag):
-    code, err = cli(evaluate.main, evaluate_args(tiny_dir, tmp_path / "eval-sa.json", flag, "0"), capsys, monkeypatch)
+    code, err = cli(evaluate.main, evaluate_args(tiny_dir, tmp_path / "eval-sa.json", flag, "0"),
+                    capsys, monkeypatch)
     assert one_error_line(code, err, f"{flag} 0") is None, err
     assert list(tmp_path.iterdir()) == []
 
@@ -309,16 +339,21 @@ def test_a_result_of_other_settings_is_not_overwritten(tiny_dir, tmp_path, capsy
     code, err = cli(evaluate.main, evaluate_args(tiny_dir, out), capsys, monkeypatch)
     assert code == 0, err
     written = out.read_text()
-    monkeypatch.setattr(evaluate, "evaluate_task", lambda *a, **k: pytest.fail("generation started"))
-    code, err = cli(evaluate.main, evaluate_args(tiny_dir, out, "--max-new-tokens", "3"), capsys, monkeypatch)
-    assert one_error_line(code, err, "holds results of other settings (max_new_tokens: 2 -> 3)") is None, err
+    monkeypatch.setattr(evaluate, "evaluate_task", lambda *a,
+                        **k: pytest.fail("generation started"))
+    code, err = cli(evaluate.main, evaluate_args(tiny_dir, out, "--max-new-tokens", "3"), capsys,
+                    monkeypatch)
+    assert one_error_line(code, err,
+                          "holds results of other settings (max_new_tokens: 2 -> 3)") is None, err
     assert out.read_text() == written
 
 
 def test_an_unwritable_result_is_refused_before_generation(tiny_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(evaluate, "evaluate_task", lambda *a, **k: pytest.fail("generation started"))
+    monkeypatch.setattr(evaluate, "evaluate_task", lambda *a,
+                        **k: pytest.fail("generation started"))
     (tmp_path / "file").write_text("")
-    code, err = cli(evaluate.main, evaluate_args(tiny_dir, tmp_path / "file" / "eval-sa.json"), capsys, monkeypatch)
+    code, err = cli(evaluate.main, evaluate_args(tiny_dir, tmp_path / "file" / "eval-sa.json"),
+                    capsys, monkeypatch)
     assert one_error_line(code, err, "is not a directory") is None, err
 
 
@@ -328,37 +363,45 @@ def rewrite_json(path: Path, **changes) -> None:
 
 @pytest.mark.parametrize("change,message", [
     (dict(experts=[]), "'experts' must list 2 expert directories, got []"),
-    (dict(experts=["1-sa/expert", "../../elsewhere/expert"]), "'../../elsewhere/expert' points outside"),
+    (dict(experts=["1-sa/expert", "../../elsewhere/expert"]),
+     "'../../elsewhere/expert' points outside"),
     (dict(settings={"tau": "ten"}), "field 'tau' is 'ten', expected a finite number"),
     (dict(tasks="sa,pe"), "field 'tasks' is 'sa,pe', expected list"),
 ])
-def test_a_hostile_system_json_is_refused(finished_runs, tmp_path, capsys, monkeypatch, change, message):
+def test_a_hostile_system_json_is_refused(finished_runs, tmp_path, capsys, monkeypatch, change,
+                                          message):
     run = shutil.copytree(finished_runs["see"][0], tmp_path / "run")
     rewrite_json(run / "system.json", **change)
-    code, err = cli(evaluate.main, ["--run", run, *EVAL, "--out", tmp_path / "out.json"], capsys, monkeypatch)
+    code, err = cli(evaluate.main, ["--run", run, *EVAL, "--out", tmp_path / "out.json"], capsys,
+                    monkeypatch)
     assert one_error_line(code, err, "system.json", message) is None, err
 
 
 def test_an_adapter_config_with_a_string_for_a_number_is_refused(finished_runs, tmp_path, capsys, monkeypatch):
     run = shutil.copytree(finished_runs["see"][0], tmp_path / "run")
     rewrite_json(run / "1-sa" / "expert" / "adapter_config.json", lora_alpha="16")
-    code, err = cli(evaluate.main, ["--run", run, *EVAL, "--out", tmp_path / "out.json"], capsys, monkeypatch)
-    assert one_error_line(code, err, "adapter_config.json", "field 'alpha' is '16', expected a finite number") is None, err
+    code, err = cli(evaluate.main, ["--run", run, *EVAL, "--out", tmp_path / "out.json"], capsys,
+                    monkeypatch)
+    assert one_error_line(code, err, "adapter_config.json",
+                          "field 'alpha' is '16', expected a finite number") is None, err
 
 
-def test_indicator_rows_of_the_wrong_shape_are_refused(finished_runs, tmp_path, capsys, monkeypatch):
+def test_indicator_rows_of_the_wrong_shape_are_refused(finished_runs, tmp_path, capsys,
+                                                       monkeypatch):
     run = shutil.copytree(finished_runs["see"][0], tmp_path / "run")
     rows = run / "2-pe" / "expert" / "indicators.safetensors"
     save_file({k: torch.zeros(3, 5) for k in load_file(rows)}, rows)
-    code, err = cli(evaluate.main, ["--run", run, *EVAL, "--out", tmp_path / "out.json"], capsys, monkeypatch)
+    code, err = cli(evaluate.main, ["--run", run, *EVAL, "--out", tmp_path / "out.json"], capsys,
+                    monkeypatch)
     assert one_error_line(code, err, "indicators.safetensors", "(3, 5)") is None, err
 
 
-def test_an_expert_without_its_indicator_rows_is_refused(finished_runs, capsys, monkeypatch, tmp_path):
+def test_an_expert_without_its_indicator_rows_is_refused(finished_runs, capsys, monkeypatch,
+                                                         tmp_path):
     run = shutil.copytree(finished_runs["see"][0], tmp_path / "run")
     (run / "1-sa" / "expert" / "indicators.safetensors").unlink()
     with pytest.raises(UserError, match="indicators.safetensors not found"):
-        Expert.load(run / "1-sa" / "expert")
+        load_expert(run / "1-sa" / "expert")
 
 
 # --- model checkpoint files
@@ -385,17 +428,22 @@ def shard_index(weight_map):
     ("model.safetensors", halve, "model.safetensors: not a readable safetensors file"),
     ("model.safetensors", b"\xff" * 64, "model.safetensors: not a readable safetensors file"),
     ("config.json", b'{"model_type": "llama", "hidden_size": ', "config.json: malformed JSON"),
-    ("config.json", lambda p: rewrite_json(p, hidden_size="64"), "config.json: field 'hidden_size' is '64', expected int"),
-    ("config.json", lambda p: rewrite_json(p, rms_norm_eps=None, rope_theta="1e4"), "field 'rope_theta' is '1e4'"),
-    ("config.json", lambda p: rewrite_json(p, num_hidden_layers=0), "config.json: sizes must be positive"),
+    ("config.json", lambda p: rewrite_json(p, hidden_size="64"),
+     "config.json: field 'hidden_size' is '64', expected int"),
+    ("config.json", lambda p: rewrite_json(p, rms_norm_eps=None, rope_theta="1e4"),
+     "field 'rope_theta' is '1e4'"),
+    ("config.json", lambda p: rewrite_json(p, num_hidden_layers=0),
+     "config.json: sizes must be positive"),
     ("tokenizer.model", halve, "tokenizer.model: not a sentencepiece model"),
     ("tokenizer_config.json", b"\xff\xfe", "tokenizer_config.json: not UTF-8 text"),
     ("x", shard_index(["model.safetensors"]), "need a 'weight_map' of tensor names to file names"),
-    ("x", shard_index({"lm_head.weight": "../../outside.safetensors"}), "'../../outside.safetensors' points outside"),
+    ("x", shard_index({"lm_head.weight": "../../outside.safetensors"}),
+     "'../../outside.safetensors' points outside"),
 ])
 def test_a_damaged_checkpoint_is_one_clear_error(tiny_dir, tmp_path, name, content, message):
     ckpt = damaged_checkpoint(tiny_dir, tmp_path, name, content)
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+    with pytest.raises(UserError,
+                       match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         load_dir(ckpt)
 
 
@@ -415,16 +463,18 @@ def test_a_broken_or_hostile_chat_template_is_one_clear_error(tiny_dir, tmp_path
 
 
 def train_cli(tiny_dir, out):
-    args = ["--task", "sa", "--previous", "pe", "--model", tiny_dir, "--max-train", "16", "--epochs", "3",
-            "--batch-size", "2", "--micro-batch", "2", "--max-source", "48", "--max-target", "6", "--tau", "0.5",
-            "--save-every", "1", "--out", out]
+    args = ["--task", "sa", "--previous", "pe", "--model", tiny_dir, "--max-train", "16",
+            "--epochs", "3",
+            "--batch-size", "2", "--micro-batch", "2", "--max-source", "48", "--max-target", "6",
+            "--tau", "0.5", "--save-every", "1", "--out", out]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def expert_tensors(run):
-    return {**load_file(run / "expert" / "adapter_model.safetensors"), **load_file(run / "expert" / "indicators.safetensors")}
+    return {**load_file(run / "expert" / "adapter_model.safetensors"),
+            **load_file(run / "expert" / "indicators.safetensors")}
 
 
 def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_uninterrupted_expert(tiny_dir, tmp_path):
@@ -439,4 +489,5 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_uninterrupted_ex
     a, b = expert_tensors(tmp_path / "whole"), expert_tensors(tmp_path / "killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     logs = [(tmp_path / r / "log.jsonl").read_text() for r in ("whole", "killed")]
-    assert [json.loads(x)["loss"] for x in logs[0].splitlines()] == [json.loads(x)["loss"] for x in logs[1].splitlines()]
+    assert [json.loads(x)["loss"]
+            for x in logs[0].splitlines()] == [json.loads(x)["loss"] for x in logs[1].splitlines()]

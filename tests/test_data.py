@@ -1,4 +1,5 @@
-"""SuperNI tasks by abbreviation or task file, one-line errors for bad input, and RandSel rehearsal."""
+"""SuperNI tasks by abbreviation or task file, one-line errors for bad
+input, and RandSel rehearsal."""
 import json
 
 import pytest
@@ -20,7 +21,9 @@ def test_tasks_without_a_full_train_split_fall_back_to_their_sample(capsys):
 
 
 def test_unknown_task_names_the_known_ones():
-    with pytest.raises(UserError, match="unknown task 'qq'; known: qa, qg, sa, sum, trans, dsg, expl, para, pe, pos"):
+    with pytest.raises(UserError,
+                       match="unknown task 'qq'; known: qa, qg, sa, sum, trans, dsg, expl, para, "
+                             "pe, pos"):
         load_task("qq")
 
 
@@ -45,7 +48,8 @@ def test_missing_data_directory_is_a_user_error(tmp_path):
 
 
 def test_an_official_superni_task_file_is_read_with_all_references(tmp_path):
-    instances = [{"id": f"t-{i}", "input": f"input {i}", "output": [f"a{i}", f"b{i}"]} for i in range(130)]
+    instances = [{"id": f"t-{i}", "input": f"input {i}", "output": [f"a{i}", f"b{i}"]}
+                 for i in range(130)]
     path = tmp_path / "task999_demo.json"
     path.write_text(json.dumps({"Definition": ["Do the thing."], "Instances": instances}))
     evaluation, train = load_task(str(path), "eval"), load_task(str(path), "train")
@@ -65,7 +69,8 @@ def examples(task, n):
 
 def test_rehearsal_draws_tau_of_each_earlier_task():
     drawn = rehearsal({"a": examples("a", 200), "b": examples("b", 50)}, 0.1, seed=0)
-    assert sum(e.id.startswith("a-") for e in drawn) == 20 and sum(e.id.startswith("b-") for e in drawn) == 5
+    assert sum(e.id.startswith("a-")
+               for e in drawn) == 20 and sum(e.id.startswith("b-") for e in drawn) == 5
     assert len({e.id for e in drawn}) == 25, "without replacement"
     assert len(rehearsal({"a": examples("a", 20)}, 0.01, seed=0)) == 1, "at least one per task"
     assert rehearsal({"a": examples("a", 20)}, 0.0, seed=0) == []
@@ -76,16 +81,19 @@ def test_rehearsal_is_reproducible_per_seed_and_per_task():
     assert rehearsal(prev, 0.1, seed=3) == rehearsal(prev, 0.1, seed=3)
     assert rehearsal(prev, 0.1, seed=3) != rehearsal(prev, 0.1, seed=4)
     with_c = rehearsal({**prev, "c": examples("c", 200)}, 0.1, seed=3)
-    assert with_c[:40] == rehearsal(prev, 0.1, seed=3), "a new task does not change the others' draw"
+    assert with_c[:40] == rehearsal(prev, 0.1,
+                                    seed=3), "a new task does not change the others' draw"
 
 
 def test_rehearsal_of_tasks_that_ship_only_samples_is_sized_as_the_papers_2000():
     drawn, sources = rehearsal_sets(["qg", "sum"], 0.1, seed=0)
-    assert sum(e.id.startswith("task074") for e in drawn) == 200 and len(drawn) == 400, "tau x 2000 each, not x 200"
+    assert sum(e.id.startswith("task074")
+               for e in drawn) == 200 and len(drawn) == 400, "tau x 2000 each, not x 200"
     assert sources == ["qg: 200 from qg.train.smp01.jsonl", "sum: 200 from sum.train.smp01.jsonl"]
     assert {e.id for e in rehearsal_sets(["qg"], 0.05, seed=0)[0]} == {e.id for e in load_task("qg", "train.smp005")}
     drawn, sources = rehearsal_sets(["qg"], 0.2, seed=0)
-    assert len(drawn) == 200 and sources == ["qg: 200 of 200 drawn at random (400 asked, only 200 ship)"]
+    assert len(drawn) == 200 and sources == ["qg: 200 of 200 drawn at random (400 asked, only 200 "
+                                             "ship)"]
 
 
 def test_rehearsal_takes_the_fixed_sample_file_for_tau_and_draws_otherwise():
@@ -107,6 +115,7 @@ def test_out_of_distribution_queries_come_from_lima(tmp_path):
     test, rest = load_ood(), load_ood(split="train")
     assert len(test) == OOD_EVAL and len(rest) == 1029 - OOD_EVAL and all(ex.query for ex in test + rest)
     assert not {ex.query for ex in test} & {ex.query for ex in rest}, "pseudo-negatives never meet RB-Acc's queries"
-    (tmp_path / "ood.jsonl").write_text('{"instruction": "Write a poem.", "input": "about rain"}\n{"input": "x"}\n')
+    (tmp_path / "ood.jsonl").write_text('{"instruction": "Write a poem.", "input": "about '
+                                        'rain"}\n{"input": "x"}\n')
     with pytest.raises(UserError, match="ood.jsonl:2: need a string 'instruction'"):
         load_ood(tmp_path / "ood.jsonl")

@@ -1,4 +1,5 @@
-"""evaluate.py: SuperNI's ROUGE-L, scores written as JSON, and whole continual runs: SEE against the baselines."""
+"""evaluate.py: SuperNI's ROUGE-L, scores written as JSON, and whole continual
+runs: SEE against the baselines."""
 import json
 import os
 import subprocess
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
-from evaluate import rouge_l
+from evaluate import evaluate_run, rouge_l
+from train import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
     ("the cats were running home", ["A cat runs home"]),  # stemming: cats/cat, running/runs
     ("Positive", ["Negative"]),
     ("", ["something"]),
-    ("They are on vacation in France", ["They are tourists .", "They are on a vacation with others in France ."]),
+    ("They are on vacation in France",
+     ["They are tourists .", "They are on a vacation with others in France ."]),
 ])
 def test_rouge_l_is_the_best_rougeL_f_measure_over_references_times_100(prediction, references):
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -30,13 +33,16 @@ def test_rouge_l_is_the_best_rougeL_f_measure_over_references_times_100(predicti
 def test_rouge_l_on_worked_examples():
     assert rouge_l("running dogs", ["runs dog"]) == 100.0, "stemming is on"
     # the cat were run home / a cat run home: LCS 3, P 3/5, R 3/4
-    assert rouge_l("the cats were running home", ["A cat runs home"]) == pytest.approx(100 * 2 * 0.6 * 0.75 / 1.35)
-    assert rouge_l("Positive", ["Negative", "positive"]) == 100.0, "best reference, case-insensitive"
+    assert rouge_l("the cats were running home",
+                   ["A cat runs home"]) == pytest.approx(100 * 2 * 0.6 * 0.75 / 1.35)
+    assert rouge_l("Positive",
+                   ["Negative", "positive"]) == 100.0, "best reference, case-insensitive"
 
 
 def run_cli(args, tiny_dir):
     env = {**os.environ, "SEE_CACHE": str(tiny_dir.parent)}
-    return subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("task,by_expert", [("sa", 1.0), ("pe", 0.0)])
@@ -44,14 +50,15 @@ def test_an_expert_answers_its_task_and_leaves_the_other_to_the_base_model(separ
     cfg, run_dir = separable_run
     out = tmp_path / "eval.json"
     # queries are cut to the expert's own training length (96 tokens) without being told
-    res = run_cli(["--expert", str(run_dir / "expert"), "--task", task, "--max-eval", "12", "--max-new-tokens", "4",
-                   "--out", str(out)], tiny_dir)
+    res = run_cli(["--expert", str(run_dir / "expert"), "--task", task, "--max-eval", "12",
+                   "--max-new-tokens", "4", "--out", str(out)], tiny_dir)
     assert res.returncode == 0, res.stderr
     result = json.loads(out.read_text())
     records = [json.loads(line) for line in Path(result["predictions"]).read_text().splitlines()]
     assert result["n"] == len(records) == 12 and result["answered_by_experts"] == by_expert
     assert {r["route"] for r in records} == {"sa" if by_expert else "base"}
-    assert result["rougeL"] == pytest.approx(sum(rouge_l(r["prediction"], r["references"]) for r in records) / 12)
+    assert result["rougeL"] == pytest.approx(sum(rouge_l(r["prediction"], r["references"])
+                                                 for r in records) / 12)
     assert f"{result['rougeL']:.2f}" in res.stdout
 
 
@@ -70,14 +77,17 @@ def test_a_missing_expert_is_one_line_of_error(tiny_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def continual_runs(tiny_dir, synthetic_tasks, tmp_path_factory):
-    """SEE(100%) and non-rehearsal over the same three synthetic tasks, each scored after every stage."""
+    """SEE(100%) and non-rehearsal over the same three synthetic tasks, each scored after
+    every stage."""
     from evaluate import evaluate_run
     from train import TrainConfig, train_sequence
     root = tmp_path_factory.mktemp("continual")
-    cfg = TrainConfig(model=str(tiny_dir), tau=1.0, max_train=32, epochs=20, batch_size=16, micro_batch=16, lr=3e-2,
-                      indicator_lr=1e-2, max_source=96, max_target=8)
-    runs = {m: train_sequence(replace(cfg, method=m, out=str(root / m)), synthetic_tasks) for m in ("see", "non-rehearsal")}
-    return runs, {m: evaluate_run(run, max_eval=8, max_new_tokens=6, max_ood=8)[0] for m, run in runs.items()}
+    cfg = TrainConfig(model=str(tiny_dir), tau=1.0, max_train=32, epochs=20, batch_size=16,
+                      micro_batch=16, lr=3e-2, indicator_lr=1e-2, max_source=96, max_target=8)
+    runs = {m: train_sequence(replace(cfg, method=m, out=str(root / m)), synthetic_tasks)
+            for m in ("see", "non-rehearsal")}
+    return runs, {m: evaluate_run(run, max_eval=8, max_new_tokens=6, max_ood=8)[0] for m,
+                  run in runs.items()}
 
 
 def test_see_routes_every_query_to_its_expert_and_does_not_forget(continual_runs):
@@ -87,7 +97,8 @@ def test_see_routes_every_query_to_its_expert_and_does_not_forget(continual_runs
     assert see["ar"] == average_rouge(see["scores"]) and see["bwt"] == backward_transfer(see["scores"])
     assert see["routing_f1"] >= 0.95 and see["bwt"] == pytest.approx(0, abs=1.0)
     assert all(r["f1"] >= 0.95 for r in see["per_task_routing"].values())
-    assert see["n_ood"] == {"lima": 8, "superni": 8 * 10}, "all ten SuperNI tasks are held out of a synthetic sequence"
+    assert see["n_ood"] == {"lima": 8,
+                            "superni": 8 * 10}, "all ten SuperNI tasks are held out of a synthetic sequence"
 
 
 def test_non_rehearsal_forgets_earlier_tasks(continual_runs):
@@ -98,12 +109,12 @@ def test_non_rehearsal_forgets_earlier_tasks(continual_runs):
 
 def test_the_run_cli_prints_the_papers_table_and_writes_json(continual_runs, tiny_dir, tmp_path):
     runs, results = continual_runs
-    res = run_cli(["--run", str(runs["see"]), "--run", str(runs["non-rehearsal"]), "--max-eval", "8",
-                   "--max-new-tokens", "6", "--max-ood", "8"], tiny_dir)
+    res = run_cli(["--run", str(runs["see"]), "--run", str(runs["non-rehearsal"]), "--max-eval",
+                   "8", "--max-new-tokens", "6", "--max-ood", "8"], tiny_dir)
     assert res.returncode == 0, res.stderr
     header, *rows = res.stdout.strip().splitlines()[-5:-2]
-    assert header.split() == ["method", "colour", "count", "mood", "AR", "BWT", "R-F1", "RB-LIMA", "RB-SNI", "steps",
-                              "prefill", "except"]
+    assert header.split() == ["method", "colour", "count", "mood", "AR", "BWT", "R-F1", "RB-LIMA",
+                              "RB-SNI", "steps", "prefill", "except"]
     assert rows[0].startswith("SEE(100%)") and rows[1].startswith("Non-rehearsal")
     for run, row in zip(runs.values(), rows):
         written = json.loads((run / "eval.json").read_text())
@@ -113,7 +124,8 @@ def test_the_run_cli_prints_the_papers_table_and_writes_json(continual_runs, tin
 
 def test_a_run_reports_exceptions_and_prefills_per_query(continual_runs):
     see = continual_runs[1]["see"]
-    assert set(see["exceptions"]) == {"tasks", "lima", "superni"} and see["exception_rule"] == "base"
+    assert set(see["exceptions"]) == {"tasks", "lima",
+                                      "superni"} and see["exception_rule"] == "base"
     assert 1 <= see["routing_steps"] <= 3 and see["routing_steps"] <= see["prefills"] <= see["routing_steps"] + 1
 
 
@@ -123,15 +135,16 @@ def test_routing_none_scores_each_task_by_its_own_expert_with_o_pos_forced(conti
     result, predictions = evaluate_run(runs["see"], max_eval=8, max_new_tokens=6, routing="none")
     assert result["label"] == "SEE-AE(100%)" and [len(row) for row in result["scores"]] == [3]
     assert result["bwt"] is None and result["routing_f1"] is None and result["rb_acc"] is None
-    assert {p["task"]: p["route"] for p in predictions} == {t: Path(t).stem for t in result["tasks"]}
+    assert {p["task"]: p["route"] for p in predictions} == {t: Path(t).stem
+                                                            for t in result["tasks"]}
     # the experts claim their own queries, so forcing o_pos answers them as routing did
     assert result["scores"][0] == results["see"]["scores"][-1]
 
 
 def test_routing_none_lets_the_named_expert_answer_every_query(separable_run, tiny_dir, tmp_path):
     _, run_dir = separable_run
-    res = run_cli(["--expert", str(run_dir / "expert"), "--task", "pe", "--max-eval", "4", "--max-new-tokens", "3",
-                   "--routing", "none"], tiny_dir)
+    res = run_cli(["--expert", str(run_dir / "expert"), "--task", "pe", "--max-eval", "4",
+                   "--max-new-tokens", "3", "--routing", "none"], tiny_dir)
     assert res.returncode == 0, res.stderr
     result = json.loads((run_dir / "eval-pe-expert-only.json").read_text())
     assert result["answered_by_experts"] == 1.0 and result["routing"] == "none", "routed, the sa expert refuses pe"
@@ -142,12 +155,44 @@ def test_routing_none_lets_the_named_expert_answer_every_query(separable_run, ti
 def test_mtl_and_stl_give_one_row_and_no_bwt(tiny_dir, tmp_path, method):
     from evaluate import evaluate_run
     from train import TrainConfig, train_sequence
-    cfg = TrainConfig(model=str(tiny_dir), method=method, out=str(tmp_path / method), max_train=8, epochs=1,
-                      batch_size=8, micro_batch=8, max_source=64, max_target=6)
-    result, predictions = evaluate_run(train_sequence(cfg, ["sa", "pe"]), max_eval=3, max_new_tokens=2)
+    cfg = TrainConfig(model=str(tiny_dir), method=method, out=str(tmp_path / method), max_train=8,
+                      epochs=1, batch_size=8, micro_batch=8, max_source=64, max_target=6)
+    result, predictions = evaluate_run(train_sequence(cfg, ["sa", "pe"]), max_eval=3,
+                                       max_new_tokens=2)
     assert [len(row) for row in result["scores"]] == [2] and result["bwt"] is None
     routes = {p["task"]: p["route"] for p in predictions}
     assert routes == ({"sa": "pe", "pe": "pe"} if method == "mtl" else {"sa": "sa", "pe": "pe"}), "which adapter answered"
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_in_the_table_trains_and_evaluates_as_its_facts_say(tiny_dir, tmp_path, name):
+    from evaluate import method_label
+    from experts import SubExpert, load_expert
+    from train import TrainConfig, train_sequence
+    method = METHODS[name]
+    cfg = TrainConfig(model=str(tiny_dir), method=name, out=str(tmp_path / name), tau=1.0,
+                      max_train=4, epochs=1,
+                      batch_size=4, micro_batch=4, max_source=64, max_target=8)
+    run = train_sequence(cfg, ["sa", "pe"])
+    system = json.loads((run / "system.json").read_text())
+    stages = [json.loads((run / e).parent.joinpath("config.json").read_text())
+              for e in system["experts"]]
+    assert len(stages) == (1 if method.joint else 2)
+    if not method.joint:
+        assert (stages[1]["previous"] == ["sa"]) == method.rehearses and bool(stages[1]["init"]) == method.continues
+    assert all(isinstance(load_expert(run / e), SubExpert) == method.sparse
+               for e in system["experts"])
+    log = json.loads((run / system["experts"][-1]).parent.joinpath("log.jsonl").read_text().splitlines()[-1])
+    assert ("pull" in log, "gate" in log) == (method.pull,
+                                              method.gate), "the method's own loss terms are logged"
+    result, predictions = evaluate_run(run, max_eval=2, max_new_tokens=2, max_ood=2)
+    assert result["label"] == method_label(system)
+    assert len(result["scores"]) == (2 if method.continues or method.routes else 1)
+    assert (result["bwt"] is None) == (len(result["scores"]) == 1)
+    assert (result["routing_f1"] is not None) == (method.routes
+                                                  or method.sparse), "routing or task identification"
+    assert ("til_ar" in result) == method.sparse and (result["rb_acc"] is not None) == method.routes
+    assert len(predictions) == 4 and all(("perplexity" in p) != method.sparse for p in predictions)
 
 
 def test_run_and_task_are_exclusive(tiny_dir, tmp_path):
@@ -162,8 +207,8 @@ def test_parallel_routing_scores_as_sequential_routing(separable_run, tiny_dir, 
     predictions = {}
     for routing in ("sequential", "parallel"):
         out = tmp_path / f"{routing}.json"
-        res = run_cli(["--expert", str(run_dir / "expert"), "--task", "sa", "--max-eval", "6", "--max-new-tokens", "4",
-                       "--routing", routing, "--out", str(out)], tiny_dir)
+        res = run_cli(["--expert", str(run_dir / "expert"), "--task", "sa", "--max-eval", "6",
+                       "--max-new-tokens", "4", "--routing", routing, "--out", str(out)], tiny_dir)
         assert res.returncode == 0, res.stderr
         predictions[routing] = Path(json.loads(out.read_text())["predictions"]).read_text()
     assert predictions["parallel"] == predictions["sequential"]
@@ -198,7 +243,9 @@ def test_response_perplexity_scores_the_response_and_eos_after_the_prefix_as_tra
             for j in range(len(prompt) + len(prefix), len(ids)):
                 nll.append(-model(torch.tensor([ids[:j]]))[0, -1].log_softmax(-1)[ids[j]].item())
         return math.exp(sum(nll) / len(nll))
-    assert response_perplexity(model, tok, prompt, prefix, response) == pytest.approx(by_hand(words + [tok.eos_id]), rel=1e-4)
+    assert response_perplexity(model, tok, prompt, prefix,
+                               response) == pytest.approx(by_hand(words + [tok.eos_id]), rel=1e-4)
     cut = len(prefix) + 3  # max_target holds the prefix, two response tokens and EOS
-    assert response_perplexity(model, tok, prompt, prefix, response, max_target=cut) == pytest.approx(
+    assert response_perplexity(model, tok, prompt, prefix, response,
+                               max_target=cut) == pytest.approx(
         by_hand(words[:2] + [tok.eos_id]), rel=1e-4)

@@ -1,16 +1,18 @@
-"""Task reconstruction (Eq. 4), the loss mask (Eq. 5), indicator types, and an expert's directory."""
+"""Task reconstruction (Eq. 4), the loss mask (Eq. 5), indicator types, and
+an expert's directory."""
 import pytest
 import torch
 
 import lora
 from data import Example, rehearsal
 from errors import UserError
-from experts import PROMPT, Expert, base_model, prompt_ids, reconstruct, resolve_template, setup_indicators
+from experts import PROMPT, LoraExpert, base_model, load_expert, prompt_ids, reconstruct, resolve_template, setup_indicators
 from train import collate
 
 
 def examples(task, n, response="the answer"):
-    return [Example(f"{task}-{i}", f"Definition of {task}.\n\nInput {i}", [response]) for i in range(n)]
+    return [Example(f"{task}-{i}", f"Definition of {task}.\n\nInput {i}", [response])
+            for i in range(n)]
 
 
 def test_added_indicators_are_two_new_tokens(tiny):
@@ -32,7 +34,8 @@ def test_in_vocabulary_indicators_add_nothing(tiny, kind, pos):
 
 
 def test_unknown_indicator_type_is_a_user_error(tiny):
-    with pytest.raises(UserError, match="unknown indicator type 'maybe'; known: added, non-semantic, semantic"):
+    with pytest.raises(UserError,
+                       match="unknown indicator type 'maybe'; known: added, non-semantic, semantic"):
         setup_indicators(*tiny, "maybe")
 
 
@@ -54,7 +57,8 @@ def test_reconstruction_makes_positives_and_query_only_negatives(tiny):
 def test_without_indicators_every_sample_is_query_and_response_and_rehearsal_is_replayed_in_full(tiny):
     _, tok = tiny
     current, rehearsed = examples("a", 3), examples("b", 2, "an old answer")
-    samples = reconstruct(current, rehearsed, tok, None)  # the baselines: non-rehearsal, replay, MTL, STL
+    # the baselines: non-rehearsal, replay, MTL, STL
+    samples = reconstruct(current, rehearsed, tok, None)
     assert len(samples) == 5
     for s, ex in zip(samples, current + rehearsed):
         assert s.ids[:s.start] == prompt_ids(tok, ex.query, 1024)
@@ -65,7 +69,8 @@ def test_without_indicators_every_sample_is_query_and_response_and_rehearsal_is_
 def test_tau_sets_the_number_of_negatives(tiny, tau, negatives):
     model, tok = tiny
     ind = setup_indicators(model, tok)
-    previous = {"b": examples("b", 30), "c": examples("c", 20)}  # 1% rounds up to one query per task
+    # 1% rounds up to one query per task
+    previous = {"b": examples("b", 30), "c": examples("c", 20)}
     samples = reconstruct(examples("a", 40), rehearsal(previous, tau, seed=0), tok, ind)
     assert sum(s.ids[s.start:] == ind.neg for s in samples) == negatives
     assert sum(s.ids[s.start] == ind.pos[0] for s in samples) == 40
@@ -89,7 +94,8 @@ def test_long_queries_and_responses_are_cut_to_the_limits(tiny):
     long = Example("x", "word " * 2000, ["word " * 1000])
     [s] = reconstruct([long], [], tok, ind, max_source=100, max_target=30)
     assert s.start == 100 and len(s.ids) == 130
-    assert s.ids[:s.start][-3:] == tok.encode(PROMPT.split("{query}")[1], bos=False)[-3:], "the answer cue survives"
+    assert s.ids[:s.start][-3:] == tok.encode(PROMPT.split("{query}")[1],
+                                              bos=False)[-3:], "the answer cue survives"
     assert s.ids[s.start] == ind.pos[0] and s.ids[-1] == tok.eos_id
 
 
@@ -118,14 +124,15 @@ def test_an_expert_saved_and_loaded_runs_the_same_function(tiny, tiny_dir, tmp_p
     lora.set_adapter(model, "qa")
     x = torch.tensor([prompt_ids(tok, "Definition.\n\nInput", 64)])
     expected = model(x)
-    Expert.from_model(model, "qa", "qa", str(tiny_dir), "added", 64, "plain", cfg).save(tmp_path / "e")
+    LoraExpert.from_model(model, "qa", "qa", str(tiny_dir), "added", 64, "plain",
+                          cfg).save(tmp_path / "e")
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "expert.json", "indicators.safetensors"]
 
     from checkpoint import load_dir
     fresh, fresh_tok = load_dir(tiny_dir)
     setup_indicators(fresh, fresh_tok)
-    expert = Expert.load(tmp_path / "e")
+    expert = load_expert(tmp_path / "e")
     expert.attach(fresh)
     expert.use(fresh)
     assert torch.equal(fresh(x), expected)
@@ -144,10 +151,11 @@ def test_a_tied_model_trains_and_stores_one_set_of_indicator_rows(tmp_path):
     lora.add_adapter(model, "a", cfg)
     trainable = trainable_parameters(model, "a", indicator_rows=True)
     assert "extra_embed" in trainable and "extra_head" not in trainable and model.extra_head is model.extra_embed
-    expert = Expert.from_model(model, "a", "a", "random", "added", 64, "plain", cfg)
+    expert = LoraExpert.from_model(model, "a", "a", "random", "added", 64, "plain", cfg)
     assert set(expert.rows) == {"embed"}
     expert.rows["embed"] = torch.randn_like(expert.rows["embed"])
     lora.add_adapter(model, "b", cfg)
     expert.name = "b"
     expert.use(model)
-    assert torch.equal(model.extra_head, expert.rows["embed"]) and torch.equal(model.extra_embed, expert.rows["embed"])
+    assert torch.equal(model.extra_head,
+                       expert.rows["embed"]) and torch.equal(model.extra_embed, expert.rows["embed"])

@@ -1,4 +1,5 @@
-"""Hand-written LoRA: a no-op at init, merge/unmerge, several adapters, and PEFT's file layout (peft is the oracle)."""
+"""Hand-written LoRA: a no-op at init, merge/unmerge, several adapters, and PEFT's file
+layout (peft is the oracle)."""
 import json
 
 import peft
@@ -98,19 +99,22 @@ def test_peft_loads_what_we_save_with_identical_outputs(pair, tmp_path):
     lora.save_adapter(model, "a", CFG, tmp_path, base_model="random")
     peft_model = peft.PeftModel.from_pretrained(ref, tmp_path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(tokens()), peft_model(tokens()).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.eval()(tokens()), peft_model(tokens()).logits, rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_we_load_what_peft_saves_with_identical_outputs(pair, tmp_path):
     ref, model = pair
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                             init_lora_weights=False)
     peft_model = peft.get_peft_model(ref, config).eval()
     peft_model.save_pretrained(tmp_path)
     cfg = lora.load_adapter(model, "theirs", tmp_path)
     assert (cfg.r, cfg.alpha, set(cfg.targets)) == (4, 8, {"q_proj", "v_proj", "down_proj"})
     lora.set_adapter(model, "theirs")
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(tokens()), peft_model(tokens()).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.eval()(tokens()), peft_model(tokens()).logits, rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_an_adapter_for_another_model_is_refused(pair, tmp_path):

@@ -36,11 +36,13 @@ def test_perfect_routing_scores_one():
 
 
 def test_routing_cost_counts_visits_prefills_and_exceptions():
-    # newest first: claimed by the newest; by the second; refused by all three; an exception at the second
+    # newest first: claimed by the newest; by the second; refused by all
+    # three; an exception at the second
     outcomes = [[POS], [NEG, POS], [NEG, NEG, NEG], [NEG, NEITHER]]
     to_base = [False, False, True, True]
     seq = routing_cost(outcomes, to_base, "sequential")
-    assert seq == pytest.approx(dict(visited=(1 + 2 + 3 + 2) / 4, prefills=(1 + 2 + 4 + 3) / 4, exceptions=1))
+    assert seq == pytest.approx(dict(visited=(1 + 2 + 3 + 2) / 4, prefills=(1 + 2 + 4 + 3) / 4,
+                                     exceptions=1))
     par = routing_cost(outcomes, to_base, "parallel")
     assert par["prefills"] == pytest.approx((1 + 1 + 2 + 2) / 4), "one prefill for all experts, one for the base"
 
@@ -63,6 +65,7 @@ def test_xlingual_rouge_uses_the_bpe_tokenizer_it_is_given(tmp_path, monkeypatch
     bpe.save(str(tmp_path / "tokenizer.json"))
     monkeypatch.setenv(evaluate.XLINGUAL_ENV, str(tmp_path / "tokenizer.json"))
     tokens = evaluate.XlingualTokens()
-    assert tokens.tokenize("el más grande") == [t.lstrip("Ġ") for t in bpe.encode("el más grande").tokens]
+    assert tokens.tokenize("el más grande") == [t.lstrip("Ġ")
+                                                for t in bpe.encode("el más grande").tokens]
     assert tokens.name == str(tmp_path / "tokenizer.json")
     assert "más" not in tokens.tokenize("más"), "byte-level: accented letters are byte pairs, as GPT-2's are"

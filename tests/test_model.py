@@ -7,37 +7,45 @@ from checkpoint import build
 from errors import UserError
 from model import ModelConfig, generate
 
-BASE = dict(model_type="llama", vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, intermediate_size=112, max_position_embeddings=256, rms_norm_eps=1e-5,
-            rope_theta=10000.0, tie_word_embeddings=False)
+BASE = dict(model_type="llama", vocab_size=96, hidden_size=64, num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4, intermediate_size=112, max_position_embeddings=256,
+            rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
 CASES = {
     "multi-head": {},
     "grouped-query": dict(num_key_value_heads=2),
     "tied-embeddings": dict(tie_word_embeddings=True, num_key_value_heads=2),
     # a short original context puts the rotary frequencies in all three bands of the rescaling
-    "llama3-rope": dict(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                                high_freq_factor=4.0, original_max_position_embeddings=100)),
+    "llama3-rope": dict(rope_theta=500000.0,
+                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                                high_freq_factor=4.0,
+                                          original_max_position_embeddings=100)),
     "qwen2-bias": dict(model_type="qwen2", num_key_value_heads=2, tie_word_embeddings=True),
     "mistral": dict(model_type="mistral", num_key_value_heads=1, sliding_window=None),
 }
 
 
-def reference_pair(overrides: dict, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """A transformers model with random weights (norms and biases included) and ours holding the same tensors."""
+def reference_pair(overrides: dict, seed: int = 0, device: str = "cpu",
+                   dtype: torch.dtype = torch.float32):
+    """A transformers model with random weights (norms and biases included) and ours holding the
+    same tensors."""
     cfg = {**BASE, **overrides}
     torch.manual_seed(seed)
-    ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg), attn_implementation="eager")
+    ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg),
+                                                        attn_implementation="eager")
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.2)
-    ours = build(ModelConfig.from_hf(cfg), {k: v.clone() for k, v in ref.state_dict().items()}, dtype, device)
+    ours = build(ModelConfig.from_hf(cfg), {k: v.clone() for k, v in ref.state_dict().items()},
+                 dtype, device)
     return ref.to(device=device, dtype=dtype).eval(), ours
 
 
 def logits_error(case: str, device: str, dtype: torch.dtype) -> float:
     """The largest logit difference between ours and transformers, relative to the largest logit."""
     ref, ours = reference_pair(CASES[case], device=device, dtype=dtype)
-    idx = torch.randint(0, BASE["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(1)).to(device)
+    idx = torch.randint(0, BASE["vocab_size"], (3, 40),
+                        generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         expected, got = ref(idx).logits.float(), ours(idx).float()
     return ((got - expected).abs().max() / expected.abs().max()).item()
@@ -51,8 +59,8 @@ def test_logits_match_transformers(case, device):
 
 @pytest.mark.parametrize("case", ["grouped-query", "tied-embeddings"])
 def test_bfloat16_logits_match_transformers_in_bfloat16(case, device):
-    # both round to bf16 (8 significant bits) at different points: 2e-2 is about 5 bf16 ulps of the largest logit;
-    # on CPU it is 0.7-1.0e-2; MLP outputs 5% too large give 2.7e-2
+    # both round to bf16 (8 significant bits) at different points: 2e-2 is about 5 bf16 ulps of the
+    # largest logit; on CPU it is 0.7-1.0e-2; MLP outputs 5% too large give 2.7e-2
     rel = logits_error(case, device, torch.bfloat16)
     assert rel < 2e-2, f"{case}: relative error {rel:.2e}"
 
@@ -71,7 +79,8 @@ def test_config_errors_name_the_problem():
         ModelConfig.from_hf({**BASE, "model_type": "gpt2"})
     with pytest.raises(ValueError, match="rope_scaling"):
         ModelConfig.from_hf({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
-    with pytest.raises(ValueError, match="llama3 rope_scaling needs high_freq_factor, low_freq_factor"):
+    with pytest.raises(ValueError,
+                       match="llama3 rope_scaling needs high_freq_factor, low_freq_factor"):
         ModelConfig.from_hf({**BASE, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
                                                       "original_max_position_embeddings": 8192}})
 
@@ -157,7 +166,8 @@ def test_extend_vocab_keeps_old_logits_bit_identical(case):
         mixed = model(torch.cat([idx, torch.tensor([new, new])], dim=1))
     assert new == [96, 97] and model.n_vocab == 98
     assert after.shape == (2, 20, 98) and torch.equal(after[..., :96], before)
-    assert torch.equal(mixed[:, :20, :96], before), "a new token later in the sequence changes nothing before it"
+    assert torch.equal(mixed[:, :20, :96],
+                       before), "a new token later in the sequence changes nothing before it"
     mean = model.model.embed_tokens.weight.mean(0)
     assert torch.allclose(model.extra_embed, mean.expand(2, -1))
     assert (model.extra_head is model.extra_embed) == (case == "tied-embeddings")
@@ -165,7 +175,8 @@ def test_extend_vocab_keeps_old_logits_bit_identical(case):
 
 def test_mistral_context_is_capped_at_its_sliding_window():
     """No sliding-window attention is implemented, so generation must stay inside the window."""
-    cfg = ModelConfig.from_hf({**BASE, "model_type": "mistral", "max_position_embeddings": 32768, "sliding_window": 4096})
+    cfg = ModelConfig.from_hf({**BASE, "model_type": "mistral", "max_position_embeddings": 32768,
+                               "sliding_window": 4096})
     assert cfg.max_seq_len == 4096
 
 
@@ -197,6 +208,8 @@ def test_generate_stops_a_row_that_completes_a_later_prefix_and_one_that_departs
     [greedy] = generate(model, [prompt], 6, [])
     other = (greedy[1] + 1) % model.n_vocab
     # SEE's [o_pos, o_neg]: only the first decodes on; the second is read to its end, then stops
-    assert generate(model, [prompt], 6, [], prefixes=[[greedy[0], other], greedy[:2]]) == [greedy[:2]]
+    assert generate(model, [prompt], 6, [],
+                    prefixes=[[greedy[0], other], greedy[:2]]) == [greedy[:2]]
     assert generate(model, [prompt], 6, [], prefixes=[[other], greedy[:3]]) == [greedy[:3]]
-    assert generate(model, [prompt], 6, [], prefixes=[[greedy[0], other], [greedy[0], other, 1]]) == [greedy[:2]]
+    assert generate(model, [prompt], 6, [],
+                    prefixes=[[greedy[0], other], [greedy[0], other, 1]]) == [greedy[:2]]

@@ -1,4 +1,5 @@
-"""MoSEs: per-task masks over sparse sub-experts, earlier tasks frozen, prompt keys pick the task."""
+"""MoSEs: per-task masks over sparse sub-experts, earlier tasks frozen,
+prompt keys pick the task."""
 import json
 import shutil
 from dataclasses import replace
@@ -13,7 +14,7 @@ from checkpoint import load_dir
 from data import load_task
 from errors import UserError
 from evaluate import evaluate_run
-from experts import TRAINING_FILE, Expert, prompt_ids
+from experts import TRAINING_FILE, load_expert, prompt_ids
 from router import key_route, match_keys, query_features
 from train import TrainConfig, train, train_sequence
 
@@ -40,7 +41,8 @@ def test_weights_an_earlier_mask_holds_never_move(device):
     before = {k: getattr(m, k).detach().clone() for k in lora.MASKED}
     m.learning = True
     # as train.py builds it: fused on CUDA
-    opt = torch.optim.AdamW(lora.subexpert_parameters(m), lr=0.1, weight_decay=0.0, fused=device == "cuda")
+    opt = torch.optim.AdamW(lora.subexpert_parameters(m), lr=0.1, weight_decay=0.0,
+                            fused=device == "cuda")
     for _ in range(3):
         opt.zero_grad()
         m(torch.randn(4, 16, device=device)).square().sum().backward()
@@ -66,11 +68,13 @@ def test_held_weights_stay_put_through_the_training_loop(moses_runs, tiny_dir):
             held = getattr(m, f"used_{k}")
             assert torch.equal(getattr(m, k)[held], getattr(second[path], k)[held]), (path, k)
             assert torch.equal(m.masks["colour"][k], second[path].masks["colour"][k])
-    assert any(not torch.equal(getattr(m, k), getattr(second[p], k)) for p, m in first.items() for k in lora.MASKED)
+    assert any(not torch.equal(getattr(m, k), getattr(second[p], k)) for p,
+               m in first.items() for k in lora.MASKED)
 
 
 def test_a_new_tasks_mask_has_trainable_room_from_its_first_step(moses_runs):
-    for i in (2, 3):  # log line 1 holds the share of the live mask that is free, before the first update
+    # log line 1 holds the share of the live mask that is free, before the first update
+    for i in (2, 3):
         run = next(moses_runs[0.1].glob(f"{i}-*"))
         first = json.loads((run / "log.jsonl").read_text().splitlines()[0])
         assert first["mask_trainable"] > 0.3, f"stage {i}: the new mask starts almost wholly held"
@@ -83,7 +87,8 @@ def test_redrawn_scores_put_free_weights_in_a_new_tasks_mask_in_proportion():
     before = lora.free_share(m)
     lora.redraw_scores(m, torch.Generator().manual_seed(1))
     assert before == 0.0, "carried scores: the new mask is the last task's, all held"
-    assert lora.free_share(m) == pytest.approx(0.7, abs=0.1), "a fresh draw: 70% of the weights are free"
+    assert lora.free_share(m) == pytest.approx(0.7,
+                                               abs=0.1), "a fresh draw: 70% of the weights are free"
 
 
 def test_bit_packing_round_trips_and_matches_numpy():
@@ -104,13 +109,14 @@ def test_without_a_task_the_layer_is_the_base_layer():
 def moses_runs(tiny_dir, synthetic_tasks, tmp_path_factory):
     """MoSEs over the three synthetic tasks, with the pull constraint on and off."""
     root = tmp_path_factory.mktemp("moses")
-    cfg = TrainConfig(model=str(tiny_dir), method="moses", max_train=32, epochs=20, batch_size=16, micro_batch=16,
-                      lr=3e-2, max_source=96, max_target=8)
-    return {w: train_sequence(replace(cfg, pull_weight=w, out=str(root / f"pull{w}")), synthetic_tasks) for w in (0.1, 0.0)}
+    cfg = TrainConfig(model=str(tiny_dir), method="moses", max_train=32, epochs=20, batch_size=16,
+                      micro_batch=16, lr=3e-2, max_source=96, max_target=8)
+    return {w: train_sequence(replace(cfg, pull_weight=w, out=str(root / f"pull{w}")),
+                              synthetic_tasks) for w in (0.1, 0.0)}
 
 
 def stage(run, i):
-    return Expert.load(next(run.glob(f"{i}-*")) / "expert")
+    return load_expert(next(run.glob(f"{i}-*")) / "expert")
 
 
 def test_an_earlier_tasks_outputs_are_bit_identical_after_later_tasks(moses_runs, tiny_dir, synthetic_tasks):
@@ -118,7 +124,8 @@ def test_an_earlier_tasks_outputs_are_bit_identical_after_later_tasks(moses_runs
     model, tok = load_dir(tiny_dir)
     first, last = stage(run, 1), stage(run, 3)
     first.attach(model)
-    xs = [torch.tensor([prompt_ids(tok, ex.query, 96)]) for ex in load_task(synthetic_tasks[0], "eval")[:4]]
+    xs = [torch.tensor([prompt_ids(tok, ex.query, 96)])
+          for ex in load_task(synthetic_tasks[0], "eval")[:4]]
     outputs = []
     for e in (first, last):  # the system after stage 1, then after stage 3, both given task 1 (TIL)
         e.use(model)
@@ -126,7 +133,8 @@ def test_an_earlier_tasks_outputs_are_bit_identical_after_later_tasks(moses_runs
         outputs.append([model(x) for x in xs])
     assert all(torch.equal(a, b) for a, b in zip(*outputs))
     lora.set_task(model, last.name)
-    assert not torch.equal(model(xs[0]), outputs[0][0]), "another task's masks compute something else"
+    assert not torch.equal(model(xs[0]),
+                           outputs[0][0]), "another task's masks compute something else"
 
 
 def key_accuracy(run, tiny_dir, tasks, eval_queries):
@@ -138,13 +146,16 @@ def key_accuracy(run, tiny_dir, tasks, eval_queries):
     return sum(r == g for r, g in zip(match_keys(query_features(model, prompts), last.keys), gold)) / len(gold)
 
 
-def test_the_pull_constraint_aligns_keys_with_their_tasks(moses_runs, tiny_dir, synthetic_tasks, eval_queries):
-    assert key_accuracy(moses_runs[0.0], tiny_dir, synthetic_tasks, eval_queries) < 0.9, "random keys: task identification degrades"
+def test_the_pull_constraint_aligns_keys_with_their_tasks(moses_runs, tiny_dir, synthetic_tasks,
+                                                          eval_queries):
+    assert key_accuracy(moses_runs[0.0], tiny_dir, synthetic_tasks,
+                        eval_queries) < 0.9, "random keys: task identification degrades"
     assert key_accuracy(moses_runs[0.1], tiny_dir, synthetic_tasks, eval_queries) >= 0.95
 
 
 def inference_bytes(run, i):
-    return sum(f.stat().st_size for f in (next(run.glob(f"{i}-*")) / "expert").iterdir() if f.name != TRAINING_FILE)
+    return sum(f.stat().st_size
+               for f in (next(run.glob(f"{i}-*")) / "expert").iterdir() if f.name != TRAINING_FILE)
 
 
 def one_lora_bytes(tiny_dir, tmp_path):
@@ -156,7 +167,8 @@ def one_lora_bytes(tiny_dir, tmp_path):
 
 
 def test_bytes_on_disk_grow_sublinearly_against_a_lora_per_task(moses_runs, tiny_dir, tmp_path):
-    lora_size, sizes = one_lora_bytes(tiny_dir, tmp_path), [inference_bytes(moses_runs[0.1], i) for i in (1, 2, 3)]
+    lora_size, sizes = one_lora_bytes(tiny_dir, tmp_path), [inference_bytes(moses_runs[0.1], i)
+                                                  for i in (1, 2, 3)]
     assert all(size < (i + 1) * lora_size for i, size in enumerate(sizes)), (sizes, lora_size)
     growth = [b - a for a, b in zip(sizes, sizes[1:])]
     assert 0 < growth[1] < growth[0] < lora_size, f"each task adds less than the last: {growth}"
@@ -171,13 +183,14 @@ def test_a_dropped_training_state_leaves_inference_alone_and_refuses_a_next_stag
     model, tok = load_dir(tiny_dir)
     prompts = [prompt_ids(tok, ex.query, 96) for ex in load_task(synthetic_tasks[0], "eval")[:4]]
     answers = []
-    for e in (Expert.load(kept), Expert.load(dropped)):
+    for e in (load_expert(kept), load_expert(dropped)):
         if not answers:
             e.attach(model)
         e.use(model)
         answers.append(key_route(model, e.keys, prompts, 3, tok.eos_ids))
     assert answers[0] == answers[1]
-    cfg = TrainConfig(model=str(tiny_dir), method="moses", task=synthetic_tasks[2], init=str(dropped), out=str(tmp_path / "3"))
+    cfg = TrainConfig(model=str(tiny_dir), method="moses", task=synthetic_tasks[2],
+                      init=str(dropped), out=str(tmp_path / "3"))
     with pytest.raises(UserError, match=TRAINING_FILE):
         train(cfg)
 
@@ -188,5 +201,6 @@ def test_evaluation_reports_til_tail_and_parameters_per_stage(moses_runs, tiny_d
     assert result["til_bwt"] == 0.0, "TIL: the earlier tasks' masks and weights are untouched"
     assert result["task_id_accuracy"] == pytest.approx(
         sum(p["route"] == Path(p["task"]).stem for p in predictions) / len(predictions))
-    check_stage_parameters(moses_runs[0.1], result["parameters"], extra=lambda i: 64)  # the key: one row of dim 64
+    # the key: one row of dim 64
+    check_stage_parameters(moses_runs[0.1], result["parameters"], extra=lambda i: 64)
     assert result["parameters"][0]["lora_bytes"] == one_lora_bytes(tiny_dir, tmp_path)

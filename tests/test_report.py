@@ -1,4 +1,5 @@
-"""evaluate.py --report: the paper's tables and figures rendered from evaluated runs (here hand-made ones)."""
+"""evaluate.py --report: the paper's tables and figures rendered from evaluated
+runs (here hand-made ones)."""
 import json
 import os
 import subprocess
@@ -13,18 +14,20 @@ ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["qa", "sa"]
 
 
-def fake_run(root: Path, name: str, method: str, scores, tau=0.1, negatives="tasks", indicator="added",
-             predictions=(), tasks=TASKS, **extra) -> str:
+def fake_run(root: Path, name: str, method: str, scores, tau=0.1, negatives="tasks",
+             indicator="added", predictions=(), tasks=TASKS, **extra) -> str:
     """A run directory as train.py and evaluate.py --run leave it, with made-up results."""
     run = root / name
     run.mkdir()
-    settings = dict(tau=tau, negatives=negatives, indicator=indicator, max_train=64, seed=0, epochs=3, batch_size=16,
-                    lr=1e-3, max_source=512, max_target=128, sparsity=0.3)
+    settings = dict(tau=tau, negatives=negatives, indicator=indicator, max_train=64, seed=0,
+                    epochs=3, batch_size=16, lr=1e-3, max_source=512, max_target=128, sparsity=0.3)
     experts = [f"{i + 1}-{t}/expert" for i, t in enumerate(tasks[:1] if method == "mtl" else tasks)]
-    (run / "system.json").write_text(json.dumps(dict(method=method, model="tiny", tasks=tasks, experts=experts,
-                                                     settings=settings)))
-    result = dict(run=str(run), method=method, label=name, tasks=tasks, scores=scores, ar=sum(scores[-1]) / len(scores[-1]),
-                  bwt=None, routing_f1=None, rb_acc=None, routing_steps=None, parameters=[], max_eval=20, max_new_tokens=64)
+    (run / "system.json").write_text(json.dumps(dict(method=method, model="tiny", tasks=tasks,
+                                                     experts=experts, settings=settings)))
+    result = dict(run=str(run), method=method, label=name, tasks=tasks, scores=scores,
+                  ar=sum(scores[-1]) / len(scores[-1]),
+                  bwt=None, routing_f1=None, rb_acc=None, routing_steps=None, parameters=[],
+                  max_eval=20, max_new_tokens=64)
     result.update(extra)
     (run / "eval.json").write_text(json.dumps(result))
     (run / "eval.predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
@@ -32,14 +35,17 @@ def fake_run(root: Path, name: str, method: str, scores, tau=0.1, negatives="tas
 
 
 def pred(task, prediction, reference, perplexity):
-    return dict(task=task, id=f"{task}-x", prediction=prediction, references=[reference], perplexity=perplexity)
+    return dict(task=task, id=f"{task}-x", prediction=prediction, references=[reference],
+                perplexity=perplexity)
 
 
-def see(root, name, tau=0.1, negatives="tasks", indicator="added", ar_scores=(10.0, 50.0), f1=0.9, sa_hits=1, ppl=2.0):
+def see(root, name, tau=0.1, negatives="tasks", indicator="added", ar_scores=(10.0, 50.0), f1=0.9,
+        sa_hits=1, ppl=2.0):
     preds = [pred("qa", "an answer", "the answer", ppl), pred("qa", "x", "y", 2 * ppl)]
-    preds += [pred("sa", "Positive " if i < sa_hits else "negative", "positive", ppl) for i in range(2)]
-    return fake_run(root, name, "see", [[12.0], list(ar_scores)], tau, negatives, indicator, preds, bwt=-2.0,
-                    routing_f1=f1, rb_acc=dict(lima=0.6, superni=0.3), routing_steps=1.5,
+    preds += [pred("sa", "Positive " if i < sa_hits else "negative", "positive", ppl)
+              for i in range(2)]
+    return fake_run(root, name, "see", [[12.0], list(ar_scores)], tau, negatives, indicator, preds,
+                    bwt=-2.0, routing_f1=f1, rb_acc=dict(lima=0.6, superni=0.3), routing_steps=1.5,
                     n_ood=dict(lima=50, superni=100))
 
 
@@ -48,14 +54,16 @@ def runs(tmp_path):
     return [see(tmp_path, "SEE(10%)"), see(tmp_path, "SEE(1%)", tau=0.01, f1=0.7),
             see(tmp_path, "pseudo", negatives="lima", f1=0.5),
             see(tmp_path, "semantic", indicator="semantic", sa_hits=0),
-            fake_run(tmp_path, "MTL", "mtl", [[20.0, 60.0]], predictions=[pred("qa", "a", "b", 9.0), pred("sa", "a", "b", 7.0)]),
+            fake_run(tmp_path, "MTL", "mtl", [[20.0, 60.0]],
+                     predictions=[pred("qa", "a", "b", 9.0), pred("sa", "a", "b", 7.0)]),
             fake_run(tmp_path, "AvgSTL", "stl", [[18.0, 70.0]])]
 
 
 def section(text: str, title: str) -> list[str]:
     """The table rows under the heading that starts with `title`."""
     block = text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
-    return [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| method")
+    return [line for line in block.splitlines() if line.startswith("| ")
+            and not line.startswith("| method")
             and not line.startswith("| tau") and not line.startswith("| indicator")]
 
 
@@ -69,7 +77,8 @@ def test_final_scores_have_a_row_per_run_with_ar_and_bwt(runs, tmp_path):
 
 def test_table_1_gives_ar_and_bwt_per_task_order_and_their_average(tmp_path):
     runs = [see(tmp_path, "SEE(10%)"), fake_run(tmp_path, "MTL", "mtl", [[20.0, 60.0]]),
-            fake_run(tmp_path, "SEE(10%) again", "see", [[0.0], [10.0, 30.0]], bwt=-4.0, tasks=["sa", "qa"])]
+            fake_run(tmp_path, "SEE(10%) again", "see", [[0.0], [10.0, 30.0]], bwt=-4.0,
+                     tasks=["sa", "qa"])]
     (Path(runs[2]) / "eval.json").write_text((Path(runs[2]) / "eval.json").read_text().replace("SEE(10%) again", "SEE(10%)"))
     rows = section(report.write_report(runs, tmp_path / "r.md"), "Table 1")
     assert rows == ["| SEE(10%) | 30.00 | -2.00 | 20.00 | -4.00 | 25.00 | -3.00 |",
@@ -89,13 +98,15 @@ def test_routing_f1_is_given_per_task_for_each_routed_run(tmp_path):
 
 def test_table_3_sets_pseudo_negatives_beside_the_same_tau_with_task_negatives(runs, tmp_path):
     rows = section(report.write_report(runs, tmp_path / "r.md"), "Table 3")
-    assert rows == ["| SEE(10%) | 60.00 | 30.00 | 30.00 | 90.00 |", "| pseudo | 60.00 | 30.00 | 30.00 | 50.00 |"]
+    assert rows == ["| SEE(10%) | 60.00 | 30.00 | 30.00 | 90.00 |",
+                    "| pseudo | 60.00 | 30.00 | 30.00 | 50.00 |"]
 
 
 def test_table_4_scores_generation_by_rouge_and_classification_by_exact_match(runs, tmp_path):
     rows = section(report.write_report(runs, tmp_path / "r.md"), "Table 4")
     # generation: qa's final ROUGE-L; classification: sa, where "Positive " matches "positive"
-    assert rows == ["| added | 10% | added rows at lr 0.01 (10x the adapter's) | 10.00 | 50.00 | 90.00 |",
+    assert rows == ["| added | 10% | added rows at lr 0.01 (10x the adapter's) | 10.00 | 50.00 | "
+                    "90.00 |",
                     "| semantic | 10% | through the adapter (lr 0.001) | 10.00 | 0.00 | 90.00 |"], \
         "only tau values run with two indicator types"
 
@@ -114,7 +125,8 @@ def test_table_4_states_how_the_indicators_learned(runs, tmp_path):
 
 def test_the_tau_sweep_lists_see_runs_in_order_of_tau(runs, tmp_path):
     rows = section(report.write_report(runs, tmp_path / "r.md"), "Fig. 6")
-    assert [r.split(" | ")[0] for r in rows] == ["| 1", "| 10"], "in order of tau; pseudo-negative and semantic runs stay out"
+    assert [r.split(" | ")[0] for r in rows] == ["| 1",
+                                                 "| 10"], "in order of tau; pseudo-negative and semantic runs stay out"
 
 
 def test_the_perplexity_table_gives_medians_per_task_and_overall(runs, tmp_path):
@@ -146,18 +158,29 @@ def test_without_matplotlib_the_report_says_so_and_draws_nothing(runs, tmp_path,
 def test_runs_of_different_settings_get_their_own_tables(runs, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
-    text = report.write_report([runs[1], see(other, "SEE(10%)", ar_scores=(1.0, 2.0))], tmp_path / "r.md")
+    text = report.write_report([runs[1], see(other, "SEE(10%)", ar_scores=(1.0, 2.0))],
+                               tmp_path / "r.md")
     assert text.count("## Table 1") == text.count("## Final ROUGE-L") == 1, "same setting, one table"
     system = json.loads((other / "SEE(10%)" / "system.json").read_text())
     system["settings"]["max_train"] = 32
     (other / "SEE(10%)" / "system.json").write_text(json.dumps(system))
-    assert report.write_report([runs[1], str(other / "SEE(10%)")], tmp_path / "r.md").count("## Table 1") == 2
+    assert report.write_report([runs[1], str(other / "SEE(10%)")],
+                               tmp_path / "r.md").count("## Table 1") == 2
 
 
 def test_an_unevaluated_run_is_one_line_of_error(tmp_path):
     (tmp_path / "run").mkdir()
-    res = subprocess.run([sys.executable, "evaluate.py", "--report", str(tmp_path / "run")], cwd=ROOT,
-                         env=dict(os.environ), capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "evaluate.py", "--report", str(tmp_path / "run")],
+                         cwd=ROOT, env=dict(os.environ), capture_output=True, text=True)
     assert res.returncode == 2
-    assert res.stderr.strip() == (f"error: {tmp_path / 'run'} has no eval.json; evaluate it first (without --out): "
-                                  f"python evaluate.py --run {tmp_path / 'run'}")
+    assert res.stderr.strip() == (f"error: {tmp_path / 'run'} has no eval.json; evaluate it first "
+                                  f"(without --out): python evaluate.py --run {tmp_path / 'run'}")
+
+
+def test_an_eval_json_whose_method_is_not_its_systems_is_refused(tmp_path):
+    from errors import UserError
+    run = Path(see(tmp_path, "SEE(10%)"))
+    result = json.loads((run / "eval.json").read_text())
+    (run / "eval.json").write_text(json.dumps(dict(result, method="sea")))
+    with pytest.raises(UserError, match=r"eval.json: method 'sea', but .* holds a see system"):
+        report.load_results([str(run)])

@@ -1,5 +1,5 @@
-"""Sequential routing: newest expert first; o_pos answers, o_neg passes the query on, neither indicator
-sends it to the base model at once, as does every expert refusing it."""
+"""Sequential routing: newest expert first; o_pos answers, o_neg passes the query on, neither
+indicator sends it to the base model at once, as does every expert refusing it."""
 import copy
 from dataclasses import replace
 
@@ -8,7 +8,7 @@ import torch
 
 from checkpoint import load_dir
 from data import load_task
-from experts import NEITHER, Expert, base_model, prompt_ids, setup_indicators
+from experts import NEITHER, base_model, load_expert, prompt_ids, setup_indicators
 from model import generate
 from router import BASE, Routed, parallel_route, sequential_route
 from train import train
@@ -16,21 +16,25 @@ from train import train
 
 @pytest.fixture(scope="module")
 def system(separable_run, tiny_dir, tmp_path_factory):
-    """The tiny base model with two experts attached: sa (trained first, pe as negatives) and pe (sa as negatives)."""
+    """The tiny base model with two experts attached: sa (trained first, pe as negatives) and pe (sa
+    as negatives)."""
     sa_cfg, sa_run = separable_run
-    pe_run = train(replace(sa_cfg, task="pe", previous=["sa"], out=str(tmp_path_factory.mktemp("runs") / "pe")))
+    pe_run = train(replace(sa_cfg, task="pe", previous=["sa"],
+                           out=str(tmp_path_factory.mktemp("runs") / "pe")))
     model, tok = load_dir(tiny_dir)
     ind = setup_indicators(model, tok)
-    experts = [Expert.load(sa_run / "expert"), Expert.load(pe_run / "expert")]
+    experts = [load_expert(sa_run / "expert"), load_expert(pe_run / "expert")]
     for e in experts:
         e.attach(model)
-    queries = {t: [prompt_ids(tok, ex.query, sa_cfg.max_source) for ex in load_task(t, "eval")[:6]] for t in ("sa", "pe", "qa")}
+    queries = {t: [prompt_ids(tok, ex.query, sa_cfg.max_source) for ex in load_task(t, "eval")[:6]]
+               for t in ("sa", "pe", "qa")}
     return model, tok, ind, experts, queries
 
 
 def route(system, experts, prompts, batch_size=16, exceptions="base") -> Routed:
     model, tok, ind, _, _ = system
-    return sequential_route(model, experts, ind, prompts, 4, tok.eos_ids, batch_size, exceptions=exceptions)
+    return sequential_route(model, experts, ind, prompts, 4, tok.eos_ids, batch_size,
+                            exceptions=exceptions)
 
 
 def test_each_query_reaches_the_expert_of_its_task(system):
@@ -52,7 +56,8 @@ def test_a_claimed_answer_is_the_experts_own_continuation_after_o_pos(system):
     model, tok, ind, experts, queries = system
     answers = route(system, experts, queries["pe"][:2]).answers
     experts[1].use(model)
-    own = generate(model, queries["pe"][:2], 4 + len(ind.pos), tok.eos_ids, prefixes=[ind.pos], ban=ind.added)
+    own = generate(model, queries["pe"][:2], 4 + len(ind.pos), tok.eos_ids, prefixes=[ind.pos],
+                   ban=ind.added)
     assert [o[:len(ind.pos)] for o in own] == [ind.pos] * 2 and answers == [o[len(ind.pos):] for o in own]
 
 
@@ -60,14 +65,16 @@ def test_an_answer_never_holds_the_added_indicator_tokens(system):
     model, tok, ind, experts, queries = system
     loud = replace(experts[1], name="loud", rows={k: v.clone() for k, v in experts[1].rows.items()})
     for v in loud.rows.values():
-        v[0] *= 50  # o_pos's row dominates every position: the expert claims all and would repeat it
+        # o_pos's row dominates every position: the expert claims all and would repeat it
+        v[0] *= 50
     loud.attach(model)
     loud.use(model)
     k = len(ind.pos)
     unguarded = generate(model, queries["sa"], 4 + k, tok.eos_ids)
     assert all(o[:k] == ind.pos and set(o[k:]) & set(ind.added) for o in unguarded)
     routed = sequential_route(model, [loud], ind, queries["sa"], 4, tok.eos_ids)
-    assert routed.routes == ["loud"] * 6 and all(a and not set(a) & set(ind.added) for a in routed.answers)
+    assert routed.routes == ["loud"] * 6 and all(a and not set(a) & set(ind.added)
+                                                 for a in routed.answers)
     assert parallel_route(model, [loud], ind, queries["sa"], 4, tok.eos_ids) == routed
 
 
@@ -83,7 +90,8 @@ def test_unclaimed_queries_reach_the_base_model(system):
 def mute(system):
     """The sa expert with its indicator rows zeroed: on these queries it emits neither indicator."""
     model, _, _, experts, _ = system
-    zeroed = replace(experts[0], name="mute", rows={k: torch.zeros_like(v) for k, v in experts[0].rows.items()})
+    zeroed = replace(experts[0], name="mute",
+                     rows={k: torch.zeros_like(v) for k, v in experts[0].rows.items()})
     zeroed.attach(model)
     return zeroed
 
@@ -105,7 +113,8 @@ def test_parallel_routing_takes_the_exception_path_as_sequential_does(system, mu
     chain = [experts[0], mute, experts[1]]  # pe refuses sa queries, then mute emits neither
     mixed = mixed_queries(queries)
     parallel = parallel_route(model, chain, ind, mixed, 4, tok.eos_ids, 5, exceptions=exceptions)
-    assert parallel == sequential_route(model, chain, ind, mixed, 4, tok.eos_ids, 5, exceptions=exceptions)
+    assert parallel == sequential_route(model, chain, ind, mixed, 4, tok.eos_ids, 5,
+                                        exceptions=exceptions)
     reached_older = any(r == "sa" for r in parallel.routes)
     assert reached_older == (exceptions == "next")
 
@@ -115,7 +124,8 @@ def test_batched_routing_equals_routing_one_query_at_a_time(system):
     mixed = [q for pair in zip(queries["sa"], queries["pe"], queries["qa"]) for q in pair]
     batched = route(system, experts, mixed, batch_size=4)
     alone = [route(system, experts, [q]) for q in mixed]
-    assert batched == Routed(*([getattr(a, f)[0] for a in alone] for f in ("answers", "routes", "visits")))
+    assert batched == Routed(*([getattr(a, f)[0] for a in alone]
+                               for f in ("answers", "routes", "visits")))
 
 
 def mixed_queries(queries):
@@ -136,8 +146,10 @@ def test_parallel_routing_equals_sequential_on_random_adapters(system, device):
     gen = torch.Generator().manual_seed(0)
     noisy = []
     for j, e in enumerate(experts * 2):  # four experts: the trained ones, perturbed at random
-        adapter = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=gen) for k, v in e.adapter.items()}
-        rows = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=gen) for k, v in e.rows.items()}
+        adapter = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=gen) for k,
+                   v in e.adapter.items()}
+        rows = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=gen) for k,
+                v in e.rows.items()}
         noisy.append(replace(e, name=f"noisy{j}", adapter=adapter, rows=rows))
         noisy[-1].attach(model)
     model = copy.deepcopy(model).to(device)  # with every attached adapter
@@ -155,12 +167,14 @@ def test_router_cli_shows_each_expert_step_and_who_answered(system, tmp_path, ca
     for e in experts:  # a SEE system directory: system.json and one expert per stage
         (run / e.name).mkdir(parents=True)
         e.save(run / e.name / "expert")
-    (run / "system.json").write_text(json.dumps(dict(method="see", model="tiny", tasks=["sa", "pe"], settings=dict(tau=1.0),
+    (run / "system.json").write_text(json.dumps(dict(method="see", model="tiny", tasks=["sa", "pe"],
+                                                     settings=dict(tau=1.0),
                                                      experts=["sa/expert", "pe/expert"])))
     monkeypatch.setattr("sys.argv", ["router.py", "--run", str(run), "--task", "sa", "--index", "0",
                                      "--max-new-tokens", "3"])
     router.main()
     lines = capsys.readouterr().out.splitlines()
     steps = [line.split() for line in lines if line.startswith("  expert")]
-    assert [(s[2], s[4], s[5]) for s in steps] == [("pe", "'<<neg>>'", "o_neg"), ("sa", "'<<pos>>'", "o_pos")]
+    assert [(s[2], s[4], s[5]) for s in steps] == [("pe", "'<<neg>>'", "o_neg"),
+                                                   ("sa", "'<<pos>>'", "o_pos")]
     assert "answered by: sa" in lines and any(line.startswith("reference: ") for line in lines)

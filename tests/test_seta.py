@@ -15,7 +15,7 @@ from checkpoint import load_dir
 from data import load_task
 from errors import UserError
 from evaluate import evaluate_run
-from experts import Expert, prompt_ids, reconstruct
+from experts import load_expert, prompt_ids, reconstruct
 from router import GATE_SCALE, gate_logits, key_route, match_keys, query_features
 from train import TrainConfig, importance, routing_regulariser, train, train_sequence, trainable_parameters, training_data
 
@@ -26,24 +26,27 @@ WEIGHTS = {"both": (1.0, 1.0), "no-anchor": (0.0, 1.0), "no-route-reg": (1.0, 0.
 def seta_runs(tiny_dir, synthetic_tasks, tmp_path_factory):
     """SETA over the three synthetic tasks: with both regularisers, and with each one off."""
     root = tmp_path_factory.mktemp("seta")
-    cfg = TrainConfig(model=str(tiny_dir), method="seta", max_train=32, epochs=20, batch_size=16, micro_batch=16,
-                      lr=3e-2, max_source=96, max_target=8, tau=0.25)
-    return {name: train_sequence(replace(cfg, anchor_weight=a, route_reg_weight=r, out=str(root / name)), synthetic_tasks)
+    cfg = TrainConfig(model=str(tiny_dir), method="seta", max_train=32, epochs=20, batch_size=16,
+                      micro_batch=16, lr=3e-2, max_source=96, max_target=8, tau=0.25)
+    return {name: train_sequence(replace(cfg, anchor_weight=a, route_reg_weight=r,
+                                         out=str(root / name)), synthetic_tasks)
             for name, (a, r) in WEIGHTS.items()}
 
 
 def stage(run, i):
-    return Expert.load(next(run.glob(f"{i}-*")) / "expert")
+    return load_expert(next(run.glob(f"{i}-*")) / "expert")
 
 
 def shared(expert, kind=""):
-    """The shared experts' weights (kind "") or their importance (kind "importance_", in the training state), by key."""
+    """The shared experts' weights (kind "") or their importance (kind "importance_", in the
+    training state), by key."""
     state = expert.training if kind else expert.adapter
     return {k: v for k, v in state.items() if k.endswith(tuple(f".{kind}{s}" for s in lora.SHARED))}
 
 
 def weighted_drift(run) -> float:
-    """sum F (theta - theta*)^2 of the shared experts from stage 1 to stage 2, F their importance to task 1."""
+    """sum F (theta - theta*)^2 of the shared experts from stage 1 to stage 2, F their
+    importance to task 1."""
     first, second = stage(run, 1), stage(run, 2)
     weights, importance = shared(first), shared(first, "importance_")
     return sum(float((importance[k.replace(".shared_", ".importance_shared_")] * (second.adapter[k] - w) ** 2).sum())
@@ -54,23 +57,28 @@ def test_elastic_anchoring_keeps_the_important_shared_weights_near_their_earlier
     anchored, free = weighted_drift(seta_runs["both"]), weighted_drift(seta_runs["no-anchor"])
     assert anchored < 0.1 * free
     first, second = stage(seta_runs["both"], 1), stage(seta_runs["both"], 2)
-    assert any(not torch.equal(v, second.adapter[k]) for k, v in shared(first).items()), "anchored, not frozen"
+    assert any(not torch.equal(v, second.adapter[k]) for k,
+               v in shared(first).items()), "anchored, not frozen"
 
 
 def test_routing_regularisation_keeps_the_gates_outputs_on_earlier_tasks_nearer_what_they_were(
         seta_runs, tiny_dir, synthetic_tasks, eval_queries):
     model, tok = load_dir(tiny_dir)
-    feats = query_features(model, eval_queries(tok, synthetic_tasks[:2])[0])  # the first two tasks' queries
-    def drift(run):  # KL(after stage 2 || after stage 3) of the gate's outputs on them (stage 3's on the old rows)
+    # the first two tasks' queries
+    feats = query_features(model, eval_queries(tok, synthetic_tasks[:2])[0])
+    # KL(after stage 2 || after stage 3) of the gate's outputs on them (stage 3's on the old rows)
+    def drift(run):
         before, after = (torch.stack(list(stage(run, i).keys.values())) for i in (2, 3))
-        return float(routing_regulariser(after, feats, F.softmax(gate_logits(feats, before), dim=-1)))
+        return float(routing_regulariser(after, feats,
+                                         F.softmax(gate_logits(feats, before), dim=-1)))
     assert drift(seta_runs["both"]) < 0.8 * drift(seta_runs["no-route-reg"])
 
 
 def gate_accuracy(rows, tiny_dir, tasks, eval_queries):
     model, tok = load_dir(tiny_dir)
     prompts, gold = eval_queries(tok, tasks)
-    return sum(r == g for r, g in zip(match_keys(query_features(model, prompts), rows), gold)) / len(gold)
+    routes = match_keys(query_features(model, prompts), rows)
+    return sum(r == g for r, g in zip(routes, gold)) / len(gold)
 
 
 def test_the_trained_gate_picks_tasks_at_least_as_well_as_its_imprinted_start(seta_runs, tiny_dir, synthetic_tasks,
@@ -78,14 +86,17 @@ def test_the_trained_gate_picks_tasks_at_least_as_well_as_its_imprinted_start(se
     last = stage(seta_runs["both"], 3)
     assert list(last.imprints) == list(last.keys) and any(not torch.equal(last.imprints[t], last.keys[t]) for t in last.keys)
     trained = gate_accuracy(last.keys, tiny_dir, synthetic_tasks, eval_queries)
-    assert trained >= gate_accuracy(last.imprints, tiny_dir, synthetic_tasks, eval_queries) and trained >= 0.95
-    # its cross-entropy over every task's rows holds earlier tasks' queries even without routing regularisation
+    assert trained >= gate_accuracy(last.imprints, tiny_dir, synthetic_tasks,
+                                    eval_queries) and trained >= 0.95
+    # its cross-entropy over every task's rows holds earlier tasks' queries even
+    # without routing regularisation
     unregularised = stage(seta_runs["no-route-reg"], 3)
     assert gate_accuracy(unregularised.keys, tiny_dir, synthetic_tasks, eval_queries) >= \
         gate_accuracy(unregularised.imprints, tiny_dir, synthetic_tasks, eval_queries)
 
 
-def test_the_gates_choice_decides_which_experts_answer(seta_runs, tiny_dir, synthetic_tasks, eval_queries):
+def test_the_gates_choice_decides_which_experts_answer(seta_runs, tiny_dir, synthetic_tasks,
+                                                       eval_queries):
     model, tok = load_dir(tiny_dir)
     last = stage(seta_runs["both"], 3)
     last.attach(model)
@@ -93,16 +104,18 @@ def test_the_gates_choice_decides_which_experts_answer(seta_runs, tiny_dir, synt
     prompts, _ = eval_queries(tok, synthetic_tasks, n=4)
     mean = F.normalize(query_features(model, prompts), dim=-1).mean(0)
     side = F.normalize(torch.randn(mean.shape, generator=torch.Generator().manual_seed(0)), dim=0)
-    rows = {"colour": -mean, "count": mean, "mood": side}  # the middle task: neither first nor newest
+    # the middle task: neither the first nor the newest
+    rows = {"colour": -mean, "count": mean, "mood": side}
     answers, routes = key_route(model, rows, prompts, 2, tok.eos_ids)
     assert set(routes) == {"count"}
     assert answers == key_route(model, rows, prompts, 2, tok.eos_ids, task="count")[0]
-    assert answers != key_route(model, rows, prompts, 2, tok.eos_ids, task="colour")[0], "the tasks answer differently"
+    assert answers != key_route(model, rows, prompts, 2, tok.eos_ids,
+                                task="colour")[0], "the tasks answer differently"
 
 
 def test_a_gate_rows_norm_cannot_claim_queries():
-    """The gate is a cosine classifier: on SmolLM2 a plain linear gate let the routing regulariser grow
-    the oldest row until it took every query (README)."""
+    """The gate is a cosine classifier: on SmolLM2 a plain linear gate let the routing regulariser
+    grow the oldest row until it took every query (README)."""
     features = torch.tensor([[1.0, 0.1], [1.0, -0.1]])  # as alike as SmolLM2's query features
     rows = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
     assert gate_logits(features, rows).argmax(-1).tolist() == [0, 1]
@@ -115,14 +128,16 @@ def test_a_gate_rows_norm_cannot_claim_queries():
 def test_routing_regulariser_is_the_kl_of_the_old_outputs_to_the_new_ones_on_remembered_queries():
     memory, old_rows = torch.eye(2), torch.eye(2)
     old = F.softmax(gate_logits(memory, old_rows), dim=-1)
-    assert routing_regulariser(old_rows, memory, old) == pytest.approx(0.0, abs=1e-7), "nothing changed"
+    nothing = routing_regulariser(old_rows, memory, old)
+    assert nothing == pytest.approx(0.0, abs=1e-7), "nothing changed"
     between = torch.cat([old_rows, torch.ones(1, 2)])  # a new row at 45 degrees to both queries
     s, c = GATE_SCALE, GATE_SCALE * math.cos(math.pi / 4)
     p_old = torch.softmax(torch.tensor([s, 0.0]), 0)
     p_new = torch.softmax(torch.tensor([s, 0.0, c]), 0)[:2]
     expected = float((p_old * (p_old.log() - p_new.log())).sum())
     assert routing_regulariser(between, memory, old).item() == pytest.approx(expected, rel=1e-4)
-    claiming = torch.cat([old_rows, torch.tensor([[1.0, 0.2]])])  # nearer the first query than its own row
+    # a new row nearer the first query than that query's own row
+    claiming = torch.cat([old_rows, torch.tensor([[1.0, 0.2]])])
     assert routing_regulariser(claiming, memory, old) > routing_regulariser(between, memory, old)
 
 
@@ -132,7 +147,8 @@ def test_importance_is_the_fisher_a_weight_that_cannot_change_the_loss_has_none(
     lora.set_task(model, "colour", learning=True)
     trainable_parameters(model, None, False)
     samples = reconstruct(load_task(synthetic_tasks[0], "train")[:8], [], tok, None, 96, 8)
-    imp = importance(model, model.hidden, samples, TrainConfig(batch_size=8), "cpu", contextlib.nullcontext())
+    imp = importance(model, model.hidden, samples, TrainConfig(batch_size=8), "cpu",
+                     contextlib.nullcontext())
     by_kind = {k: [f for f, (p, _) in zip(imp, lora.shared_weights(model)) if p is getattr(m, k)]
                for m in lora.subexpert_layers(model).values() for k in lora.SHARED}
     # shared experts start with B = 0, so no change of A changes the loss, while B's gradient is A x
@@ -157,9 +173,12 @@ def test_earlier_tasks_masks_and_held_weights_stay_frozen(seta_runs, tiny_dir):
 
 def test_remembered_queries_reach_the_gate_but_never_the_experts_loss(seta_runs, tiny_dir, synthetic_tasks, tmp_path,
                                                                      monkeypatch):
-    cfg = TrainConfig(model=str(tiny_dir), method="seta", task=synthetic_tasks[1], previous=synthetic_tasks[:1],
-                      init=str(next(seta_runs["both"].glob("1-*")) / "expert"), max_train=32, epochs=1, batch_size=16,
-                      micro_batch=16, max_source=96, max_target=8, tau=0.25, out=str(tmp_path / "count"))
+    cfg = TrainConfig(model=str(tiny_dir), method="seta", task=synthetic_tasks[1],
+                      previous=synthetic_tasks[:1],
+                      init=str(next(seta_runs["both"].glob("1-*")) / "expert"), max_train=32,
+                      epochs=1, batch_size=16,
+                      micro_batch=16, max_source=96, max_target=8, tau=0.25,
+                      out=str(tmp_path / "count"))
     _, tok = load_dir(tiny_dir)
     remembered = [prompt_ids(tok, ex.query, 96) for ex in training_data(cfg)[1]]
     seen, nll = [], train_mod.target_nll
@@ -183,7 +202,8 @@ def test_a_stage_stores_its_shared_experts_importance_and_one_gate_row_per_task(
     with pytest.raises(UserError, match="missing"):
         lora.load_subexpert_state(model, moses_state)
     with pytest.raises(UserError, match="missing"):
-        lora.load_subexpert_state(model, last.adapter, {k: v for k, v in last.training.items() if "importance" not in k})
+        lora.load_subexpert_state(model, last.adapter,
+                                  {k: v for k, v in last.training.items() if "importance" not in k})
 
 
 def test_evaluation_reports_gate_accuracy_and_what_each_stage_trains(seta_runs, check_stage_parameters):
@@ -195,4 +215,5 @@ def test_evaluation_reports_gate_accuracy_and_what_each_stage_trains(seta_runs, 
     shared_weights = sum(v.numel() for v in shared(stage(seta_runs["both"], 1)).values())
     assert result["parameters"][0]["shared"] == shared_weights > 0
     # a stage trains the shared experts and one gate row (of dim 64) per task so far
-    check_stage_parameters(seta_runs["both"], result["parameters"], extra=lambda i: shared_weights + (i + 1) * 64)
+    check_stage_parameters(seta_runs["both"], result["parameters"],
+                           extra=lambda i: shared_weights + (i + 1) * 64)

@@ -1,4 +1,5 @@
-"""Our tokenizer against transformers' on SuperNI text, for sentencepiece and for SmolLM2's GGUF BPE."""
+"""Our tokenizer against transformers' on SuperNI text, for sentencepiece
+and for SmolLM2's GGUF BPE."""
 import itertools
 
 import pytest
@@ -23,10 +24,12 @@ def superni_lines(n: int = 300) -> list[str]:
 def smollm2_tokenizers():
     path = smollm2_path()
     ref = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    # transformers' GGUF import reads tokens, merges and specials but ignores `tokenizer.ggml.pre`; give it the
-    # pre-tokenizer of SmolLM2's own tokenizer.json (= llama.cpp's "smollm"): single digits, then GPT-2's split
+    # transformers' GGUF import reads tokens, merges and specials but ignores
+    # `tokenizer.ggml.pre`; give it the pre-tokenizer of SmolLM2's own tokenizer.json (=
+    # llama.cpp's "smollm"): single digits, then GPT-2's split
     ref.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        [pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False)])
     return load_gguf_tokenizer(path), ref
 
 
@@ -42,7 +45,8 @@ def test_sentencepiece_matches_transformers(tiny_dir):
 
 def test_smollm2_matches_transformers(smollm2_tokenizers):
     ours, ref = smollm2_tokenizers
-    for line in superni_lines() + ["Numbers 12345 and 3.14159, x=42", "<|im_start|>user\nHi<|im_end|>"]:
+    for line in superni_lines() + ["Numbers 12345 and 3.14159, x=42",
+                                   "<|im_start|>user\nHi<|im_end|>"]:
         assert ours.encode(line) == ref(line).input_ids, line[:80]
         assert ours.decode(ours.encode(line)) == line
 
@@ -70,7 +74,8 @@ def test_added_tokens_are_atomic_and_decode_literally(which, tiny_dir, smollm2_t
 
 def test_added_ids_cannot_overlap_earlier_ids(tiny_dir):
     tok = Tokenizer.from_dir(tiny_dir)
-    with pytest.raises(ValueError, match="start after the vocabulary so far \\(1024\\), not at 1023"):
+    with pytest.raises(ValueError,
+                       match="start after the vocabulary so far \\(1024\\), not at 1023"):
         tok.add_tokens(["<<pos>>"], tok.base_size - 1)
     tok.add_tokens(["<<pos>>"], 1024)
     with pytest.raises(ValueError, match="not at 1024"):
@@ -88,7 +93,8 @@ def test_new_tokens_reach_the_new_model_rows(tiny):
 
 
 def test_tokenizer_json_directory(tmp_path, smollm2_tokenizers):
-    """The tokenizer.json back-end, as transformers saves it, gives the GGUF tokenizer's ids and stop tokens."""
+    """The tokenizer.json back-end, as transformers saves it, gives the GGUF tokenizer's ids and
+    stop tokens."""
     ours, ref = smollm2_tokenizers
     ref.save_pretrained(tmp_path)
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": [2, 0]}')
@@ -99,11 +105,13 @@ def test_tokenizer_json_directory(tmp_path, smollm2_tokenizers):
 
 
 def test_bos_added_by_a_tokenizer_json_post_processor_is_detected(tmp_path, smollm2_tokenizers):
-    """Llama-3's tokenizer.json adds <|begin_of_text|> in its post-processor; we add it the same way."""
+    """Llama-3's tokenizer.json adds <|begin_of_text|> in its post-processor; we add it
+    the same way."""
     from tokenizers import Tokenizer as HFTokenizer, processors
     smollm2_tokenizers[1].save_pretrained(tmp_path)
     backend = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                           special_tokens=[("<|im_start|>", 1)])
     backend.save(str(tmp_path / "tokenizer.json"))
     tok = Tokenizer.from_dir(tmp_path)
     assert tok.add_bos and tok.bos_id == 1

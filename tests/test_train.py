@@ -1,4 +1,5 @@
-"""train.py: an expert learns to claim its task, only adapter and indicator rows learn, runs resume or refuse."""
+"""train.py: an expert learns to claim its task, only adapter and indicator rows
+learn, runs resume or refuse."""
 import dataclasses
 import json
 import os
@@ -16,7 +17,7 @@ import train as train_mod
 from checkpoint import load_dir
 from data import load_ood, load_task
 from errors import UserError
-from experts import Expert, prompt_ids, setup_indicators
+from experts import load_expert, prompt_ids, setup_indicators
 from router import generate_batched
 from train import TrainConfig, train, train_sequence, trainable_parameters, training_data
 
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def first_tokens(run_dir, tiny_dir, task, max_source):
     model, tok = load_dir(tiny_dir)
     ind = setup_indicators(model, tok)
-    expert = Expert.load(run_dir / "expert")
+    expert = load_expert(run_dir / "expert")
     expert.attach(model)
     expert.use(model)
     queries = [prompt_ids(tok, ex.query, max_source) for ex in load_task(task, "eval")[:20]]
@@ -59,18 +60,22 @@ def test_only_the_adapter_and_indicator_rows_are_trainable(tiny):
     trainable = trainable_parameters(model, "a", indicator_rows=True)
     adapter = {id(p) for p in lora.lora_parameters(model, "a")}
     assert {id(p) for p in trainable.values()} == adapter | {id(model.extra_embed), id(model.extra_head)}
-    assert all(p.requires_grad == (id(p) in {id(q) for q in trainable.values()}) for p in model.parameters())
+    assert all(p.requires_grad == (id(p) in {id(q) for q in trainable.values()})
+               for p in model.parameters())
     model(torch.tensor([[1, 5, 7]])).sum().backward()
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
 
 
 def small(tiny_dir, out, **kw):
-    return TrainConfig(task="sa", previous=["pe"], model=str(tiny_dir), out=str(out), tau=0.5, max_train=16, epochs=2,
-                       batch_size=8, micro_batch=4, lr=1e-3, max_source=64, max_target=8, save_every=2, **kw)
+    return TrainConfig(task="sa", previous=["pe"], model=str(tiny_dir), out=str(out), tau=0.5,
+                       max_train=16, epochs=2,
+                       batch_size=8, micro_batch=4, lr=1e-3, max_source=64, max_target=8,
+                       save_every=2, **kw)
 
 
 def expert_tensors(run_dir):
-    return {**load_file(run_dir / "expert" / "adapter_model.safetensors"), **load_file(run_dir / "expert" / "indicators.safetensors")}
+    return {**load_file(run_dir / "expert" / "adapter_model.safetensors"),
+            **load_file(run_dir / "expert" / "indicators.safetensors")}
 
 
 def test_an_interrupted_run_resumes_to_the_same_expert(tiny_dir, tmp_path, monkeypatch, device):
@@ -88,7 +93,8 @@ def test_an_interrupted_run_resumes_to_the_same_expert(tiny_dir, tmp_path, monke
     monkeypatch.setattr(train_mod, "lr_scale", real_scale)
     resumed = train(small(tiny_dir, tmp_path / "cut"))
     a, b = expert_tensors(whole), expert_tensors(resumed)
-    # bit for bit on the CPU; CUDA's embedding backward adds its rows' gradients atomically, in no fixed order
+    # bit for bit on the CPU; CUDA's embedding backward adds its rows'
+    # gradients atomically, in no fixed order
     same = torch.equal if device == "cpu" else lambda x, y: torch.allclose(x, y, rtol=0, atol=1e-6)
     assert a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     logged = [json.loads(line)["step"] for line in (resumed / "log.jsonl").read_text().splitlines()]
@@ -108,13 +114,16 @@ def test_a_finished_run_or_other_settings_are_refused(tiny_dir, tmp_path):
 def test_bfloat16_autocast_keeps_the_trained_weights_in_float32(tiny_dir, tmp_path, device):
     run = train(replace(small(tiny_dir, tmp_path / "bf16", dtype="bfloat16"), epochs=1))
     assert all(t.dtype == torch.float32 for t in expert_tensors(run).values())
-    assert any(t.abs().sum() > 0 for k, t in expert_tensors(run).items() if "lora_B" in k), "B moved off zero"
+    assert any(t.abs().sum() > 0 for k,
+               t in expert_tensors(run).items() if "lora_B" in k), "B moved off zero"
 
 
 def test_one_bfloat16_autocast_step_follows_the_float32_step(tiny_dir, tmp_path, device):
-    # one optimizer step (8 positives + 4 negatives in one batch): the same loss, and Adam moves the
-    # adapter's B (from zero) and the indicator rows the same way, up to bf16's rounding of the gradients
-    runs = {d: train(replace(small(tiny_dir, tmp_path / d, dtype=d, dropout=0.0), epochs=1, max_train=8, batch_size=12))
+    # one optimizer step (8 positives + 4 negatives in one batch): the same loss, and
+    # Adam moves the adapter's B (from zero) and the indicator rows the same way, up to
+    # bf16's rounding of the gradients
+    runs = {d: train(replace(small(tiny_dir, tmp_path / d, dtype=d, dropout=0.0), epochs=1,
+                             max_train=8, batch_size=12))
             for d in ("float32", "bfloat16")}
     model, tok = load_dir(tiny_dir)
     setup_indicators(model, tok)
@@ -123,7 +132,8 @@ def test_one_bfloat16_autocast_step_follows_the_float32_step(tiny_dir, tmp_path,
     moved = {d: torch.cat([t.flatten() for k, t in expert_tensors(run).items() if "lora_B" in k]
                           + [(load_file(run / "expert" / "indicators.safetensors")["embed"] - model.extra_embed).flatten()])
              for d, run in runs.items()}
-    cosine = torch.nn.functional.cosine_similarity(moved["float32"], moved["bfloat16"], dim=0).item()
+    cosine = torch.nn.functional.cosine_similarity(moved["float32"], moved["bfloat16"],
+                                                   dim=0).item()
     assert cosine > 0.9, f"cosine of the two updates {cosine:.3f}"
 
 
@@ -157,8 +167,10 @@ def test_activation_checkpointing_gives_the_plain_paths_gradients(tiny_dir, devi
         model.train()
         samples = reconstruct(examples[:4], examples[4:], tok, ind, 64, 8)
         saved = []  # the elements of every tensor the forward pass keeps for the backward pass
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            loss = train_mod.target_nll(model, model.hidden, samples, device, torch.autocast(device, enabled=False))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
+                                                      lambda t: t):
+            loss = train_mod.target_nll(model, model.hidden, samples, device,
+                                        torch.autocast(device, enabled=False))
         loss.backward()
         grads.append({k: p.grad for k, p in trainable.items()})
         kept.append(sum(saved))
@@ -170,14 +182,16 @@ def test_activation_checkpointing_gives_the_plain_paths_gradients(tiny_dir, devi
 
 def test_adapter_and_indicator_rows_have_their_own_learning_rates(tiny_dir, tmp_path):
     # one step of Adam moves every parameter with a gradient by about its learning rate
-    cfg = replace(small(tiny_dir, tmp_path / "one"), epochs=1, max_train=8, batch_size=12, lr=1e-3, indicator_lr=3e-2)
+    cfg = replace(small(tiny_dir, tmp_path / "one"), epochs=1, max_train=8, batch_size=12, lr=1e-3,
+                  indicator_lr=3e-2)
     run = train(cfg)
     model, tok = load_dir(tiny_dir)
     setup_indicators(model, tok)
     rows = load_file(run / "expert" / "indicators.safetensors")
     assert (rows["embed"] - model.extra_embed).abs().max().item() == pytest.approx(3e-2, rel=1e-3)
     B = [t for k, t in expert_tensors(run).items() if "lora_B" in k]
-    assert max(t.abs().max().item() for t in B) == pytest.approx(1e-3, rel=1e-3), "B moved from zero by lr"
+    assert max(t.abs().max().item()
+               for t in B) == pytest.approx(1e-3, rel=1e-3), "B moved from zero by lr"
 
 
 def test_a_sequence_resumes_at_its_unfinished_stage_and_ends_as_an_uninterrupted_one(tiny_dir, tmp_path, monkeypatch):
@@ -206,9 +220,12 @@ def test_a_sequence_resumes_at_its_unfinished_stage_and_ends_as_an_uninterrupted
 
 @pytest.mark.parametrize("method,stages", [
     # (stage directory, task, rehearsed tasks, the stage whose LoRA it starts from)
-    ("see", [("1-sa", "sa", [], None), ("2-pe", "pe", ["sa"], None), ("3-qa", "qa", ["sa", "pe"], None)]),
-    ("non-rehearsal", [("1-sa", "sa", [], None), ("2-pe", "pe", [], "1-sa"), ("3-qa", "qa", [], "2-pe")]),
-    ("replay", [("1-sa", "sa", [], None), ("2-pe", "pe", ["sa"], "1-sa"), ("3-qa", "qa", ["sa", "pe"], "2-pe")]),
+    ("see", [("1-sa", "sa", [], None), ("2-pe", "pe", ["sa"], None),
+             ("3-qa", "qa", ["sa", "pe"], None)]),
+    ("non-rehearsal", [("1-sa", "sa", [], None), ("2-pe", "pe", [], "1-sa"),
+                       ("3-qa", "qa", [], "2-pe")]),
+    ("replay", [("1-sa", "sa", [], None), ("2-pe", "pe", ["sa"], "1-sa"),
+                ("3-qa", "qa", ["sa", "pe"], "2-pe")]),
     ("mtl", [("1-mtl", "qa", ["sa", "pe"], None)]),
     ("stl", [("1-sa", "sa", [], None), ("2-pe", "pe", [], None), ("3-qa", "qa", [], None)]),
 ])
@@ -219,20 +236,26 @@ def test_each_method_arranges_its_stages(tmp_path, monkeypatch, method, stages):
         seen.append(cfg)
         (Path(cfg.out) / "expert").mkdir(parents=True)
     monkeypatch.setattr(train_mod, "train", record)
-    root = train_sequence(TrainConfig(method=method, out=str(tmp_path / method)), ["sa", "pe", "qa"])
-    assert [(Path(c.out).name, c.task, c.previous, c.init and Path(c.init).parent.name) for c in seen] == stages
+    root = train_sequence(TrainConfig(method=method, out=str(tmp_path / method)),
+                          ["sa", "pe", "qa"])
+    assert [(Path(c.out).name, c.task, c.previous, c.init and Path(c.init).parent.name)
+            for c in seen] == stages
     assert json.loads((root / "system.json").read_text())["experts"] == [f"{s[0]}/expert" for s in stages]
-    assert all(c.tau == (1.0 if method == "mtl" else 0.1) for c in seen), "MTL replays every earlier example"
+    assert all(c.tau == (1.0 if method == "mtl" else 0.1)
+               for c in seen), "MTL replays every earlier example"
 
 
 def test_a_continued_lora_starts_from_the_previous_stage_and_has_no_indicators(tiny_dir, tmp_path):
     cfg = replace(small(tiny_dir, tmp_path / "sa"), method="non-rehearsal", previous=[])
-    first = Expert.load(train(cfg) / "expert")
-    # with lr 1e-30 (an lr must be > 0) the second stage moves no weight by more than 1e-30: its LoRA is where it started
-    second = Expert.load(train(replace(cfg, task="pe", lr=1e-30, init=str(tmp_path / "sa" / "expert"),
+    first = load_expert(train(cfg) / "expert")
+    # with lr 1e-30 (an lr must be > 0) the second stage moves no weight by more than
+    # 1e-30: its LoRA is where it started
+    second = load_expert(train(replace(cfg, task="pe", lr=1e-30,
+                                       init=str(tmp_path / "sa" / "expert"),
                                        out=str(tmp_path / "pe"))) / "expert")
     assert first.adapter.keys() == second.adapter.keys() and any(v.abs().max() > 0 for v in first.adapter.values())
-    assert all(torch.allclose(first.adapter[k], second.adapter[k], rtol=0, atol=1e-25) for k in first.adapter)
+    assert all(torch.allclose(first.adapter[k], second.adapter[k], rtol=0, atol=1e-25)
+               for k in first.adapter)
     assert second.indicator == "none" and second.rows == {}
 
 
@@ -242,7 +265,8 @@ def test_pseudo_negatives_are_as_many_lima_queries_as_rehearsal_would_draw():
     _, pseudo, sources = training_data(replace(cfg, negatives="lima"))
     lima = {ex.query for ex in load_ood(split="train")}
     assert len(pseudo) == len(negatives) == 8 and all(ex.query in lima for ex in pseudo)
-    assert sources == ["LIMA: 8 pseudo-negatives in place of sa: 4 of 40 drawn at random; pe: 4 of 40 drawn at random"]
+    assert sources == ["LIMA: 8 pseudo-negatives in place of sa: 4 of 40 drawn at random; pe: 4 of "
+                       "40 drawn at random"]
     with pytest.raises(UserError, match="for --method see only"):
         train(replace(cfg, negatives="lima", method="replay"))
     with pytest.raises(UserError, match="LIMA has only 829 to spare"):
@@ -261,22 +285,29 @@ def test_a_run_written_before_a_setting_existed_resumes_with_its_default(tiny_di
 
 def run_cli(args, tiny_dir):
     env = {**os.environ, "SEE_CACHE": str(tiny_dir.parent)}
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("args,message", [
     (["--task", "qq"], "error: unknown task 'qq'; known: qa, qg, sa"),
-    (["--task", "sa", "--batch-size", "30", "--micro-batch", "4"], "error: --batch-size 30 must be a multiple of --micro-batch 4"),
-    (["--task", "sa", "--max-source", "2000", "--max-target", "512"], "error: --max-source 2000 + --max-target 512 exceed"),
+    (["--task", "sa", "--batch-size", "30", "--micro-batch", "4"],
+     "error: --batch-size 30 must be a multiple of --micro-batch 4"),
+    (["--task", "sa", "--max-source", "2000", "--max-target", "512"],
+     "error: --max-source 2000 + --max-target 512 exceed"),
     (["--task", "sa", "--micro-batch", "0"], "error: need positive counts, got --micro-batch 0"),
     (["--task", "sa", "--previous", "pe,sa"], "error: task 'sa' cannot also be an earlier task"),
     (["--task", "sa", "--max-target", "2"], "error: --max-target 2 leaves no room for a response"),
-    (["--task", "sa", "--method", "moses", "--sparsity", "1.5"], "error: need 1 <= top-k <= experts, 0 < sparsity <= 1"),
+    (["--task", "sa", "--method", "moses", "--sparsity", "1.5"],
+     "error: need 1 <= top-k <= experts, 0 < sparsity <= 1"),
     (["--order", "1", "--init", "x"], "error: --init is for one stage"),
     (["--task", "sa", "--method", "moses", "--previous", "pe"], "error: MoSEs rehearses nothing"),
-    (["--task", "sa", "--method", "seta", "--anchor-weight", "-1"], "error: need finite learning rates > 0 and weights >= 0, got --anchor-weight -1"),
-    (["--task", "sa", "--method", "seta", "--shared-experts", "0"], "error: SETA needs --shared-experts >= 1"),
-    (["--task", "sa", "--method", "seta", "--previous", "pe"], "error: SETA with --previous needs --init"),
+    (["--task", "sa", "--method", "seta", "--anchor-weight", "-1"],
+     "error: need finite learning rates > 0 and weights >= 0, got --anchor-weight -1"),
+    (["--task", "sa", "--method", "seta", "--shared-experts", "0"],
+     "error: SETA needs --shared-experts >= 1"),
+    (["--task", "sa", "--method", "seta", "--previous", "pe"],
+     "error: SETA with --previous needs --init"),
 ])
 def test_bad_arguments_are_one_line_of_error(tiny_dir, tmp_path, args, message):
     out = run_cli(["--model", "tiny", "--out", str(tmp_path / "r"), *args], tiny_dir)
@@ -288,7 +319,8 @@ def test_bad_arguments_are_one_line_of_error(tiny_dir, tmp_path, args, message):
 def per_token_nll(model, batch):
     from train import collate
     x, y = collate(batch, "cpu")
-    nll = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+    nll = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(),
+                                            reduction="none").view(y.shape)
     return [nll[i][y[i] != -100] for i in range(len(batch))]
 
 
@@ -297,38 +329,48 @@ def test_length_grouped_micro_batches_leave_every_tokens_loss_as_alone(tiny):
     model, tok = tiny
     ind = setup_indicators(model, tok)
     examples = load_task("sa", "train")[:6] + load_task("pe", "train")[:6]
-    samples = sorted(reconstruct(examples[:8], examples[8:], tok, ind, 96, 8), key=lambda s: len(s.ids))
+    samples = sorted(reconstruct(examples[:8], examples[8:], tok, ind, 96, 8),
+                     key=lambda s: len(s.ids))
     assert len({len(s.ids) for s in samples}) > 3, "lengths differ, so the batch is padded"
     with torch.no_grad():
-        together, alone = per_token_nll(model, samples), [per_token_nll(model, [s])[0] for s in samples]
+        together, alone = per_token_nll(model,
+                                        samples), [per_token_nll(model, [s])[0] for s in samples]
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(together, alone))
 
 
 def test_compiled_training_learns_the_same_expert(tiny_dir, tmp_path, device):
     # without dropout: compiled code draws its dropout masks from another generator
     plain = expert_tensors(train(small(tiny_dir, tmp_path / "plain", dropout=0.0)))
-    compiled = expert_tensors(train(small(tiny_dir, tmp_path / "compiled", dropout=0.0, compile=True)))
+    compiled = expert_tensors(train(small(tiny_dir, tmp_path / "compiled", dropout=0.0,
+                                          compile=True)))
     assert all(torch.allclose(plain[k], compiled[k], atol=1e-5) for k in plain)
 
 
 def test_two_processes_under_torchrun_train_the_expert_one_process_does(tiny_dir, tmp_path):
-    args = ["--model", "tiny", "--task", "sa", "--previous", "pe", "--tau", "0.5", "--max-train", "16", "--epochs", "2",
-            "--batch-size", "8", "--micro-batch", "2", "--max-source", "64", "--max-target", "8", "--lr", "1e-2",
+    args = ["--model", "tiny", "--task", "sa", "--previous", "pe", "--tau", "0.5", "--max-train",
+            "16", "--epochs", "2",
+            "--batch-size", "8", "--micro-batch", "2", "--max-source", "64", "--max-target", "8",
+            "--lr", "1e-2",
             "--dropout", "0"]  # no dropout: each process draws its own masks
     env = {**os.environ, "SEE_CACHE": str(tiny_dir.parent), "OMP_NUM_THREADS": "1"}
     one = run_cli([*args, "--out", str(tmp_path / "one")], tiny_dir)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *args,
-                          "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "train.py", *args,
+                          "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True,
+                         text=True)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     a, b = expert_tensors(tmp_path / "one"), expert_tensors(tmp_path / "two")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k), "it did train"
     logs = [(tmp_path / r / "log.jsonl").read_text().splitlines() for r in ("one", "two")]
-    assert [json.loads(x)["loss"] for x in logs[0]] == pytest.approx([json.loads(x)["loss"] for x in logs[1]], rel=1e-5)
+    assert [json.loads(x)["loss"]
+            for x in logs[0]] == pytest.approx([json.loads(x)["loss"] for x in logs[1]], rel=1e-5)
 
 
 def test_the_micro_batch_size_does_not_change_what_is_learned(tiny_dir, tmp_path):
     # one sequence per forward pass against length-ordered, padded micro-batches of the whole batch
-    one = expert_tensors(train(replace(small(tiny_dir, tmp_path / "one", dropout=0.0), micro_batch=1)))
-    eight = expert_tensors(train(replace(small(tiny_dir, tmp_path / "eight", dropout=0.0), micro_batch=8)))
+    one = expert_tensors(train(replace(small(tiny_dir, tmp_path / "one", dropout=0.0),
+                                       micro_batch=1)))
+    eight = expert_tensors(train(replace(small(tiny_dir, tmp_path / "eight", dropout=0.0),
+                                         micro_batch=8)))
     assert all(torch.allclose(one[k], eight[k], atol=1e-5) for k in one)
