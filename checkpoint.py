@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import os
+import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -68,6 +69,19 @@ def resolve_dtype(name: str | None, device: str | torch.device) -> torch.dtype:
         return getattr(torch, name)
     bf16 = torch.device(device).type == "cuda" or native_bf16()
     return torch.bfloat16 if bf16 else torch.float32
+
+
+def device_name(device: str | torch.device) -> str:
+    """What a run computed on, for its results: the GPU's name, or the CPU's and its threads."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.is_file():  # Linux names the model there, platform does not
+        lines = info.read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"{cpu} ({torch.get_num_threads()} threads)"
 
 
 def model_tag(name: str) -> str:

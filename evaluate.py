@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import lora
 from artifacts import check_writable, read_json
-from checkpoint import atomic_write, load, model_tag, resolve_dtype
+from checkpoint import atomic_write, device_name, load, model_tag, resolve_dtype
 from data import OOD_EVAL, TASKS, XLINGUAL, Example, load_ood, load_task
 from errors import UserError, user_errors
 from experts import (NEITHER, TEMPLATES, TRAINING_FILE, UNROUTED, Expert, Indicators, LoraExpert,
@@ -39,7 +39,7 @@ from report import write_report
 from router import (BASE, EXCEPTIONS, generate_batched, key_route, match_keys, parallel_route,
                     query_features, sequential_route)
 from tokenizer import Tokenizer
-from train import METHODS, Method, read_system
+from train import LOG_FILE, METHODS, Method, read_log, read_system
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 ROUTERS = {"sequential": sequential_route, "parallel": parallel_route}  # same decisions and answers
@@ -669,11 +669,13 @@ def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
     for out in outs:
         check_result(out, settings)
     for run, out in zip(args.run, outs):
+        t0 = time.perf_counter()
         result, predictions = evaluate_run(run, args.max_eval, args.max_new_tokens, args.batch_size,
                                            args.max_ood,
                                            args.data_dir, device, dtype, progress=True,
                                            routing=args.routing, exceptions=args.exceptions)
-        result.update(settings, dtype=str(dtype).removeprefix("torch."))
+        result.update(settings, dtype=str(dtype).removeprefix("torch."), device=device_name(device),
+                      eval_seconds=time.perf_counter() - t0, train_seconds=train_seconds(Path(run)))
         out.parent.mkdir(parents=True, exist_ok=True)
         preds = out.with_suffix(".predictions.jsonl")
         atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n"
@@ -683,6 +685,16 @@ def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
         results.append(result)
         print(f"{result['label']}: results {out}, final-stage predictions {preds}")
     print_table(results)
+
+
+def train_seconds(run_dir: Path) -> float | None:
+    """The wall time of a system's training: its stages' logged step times, summed (None for logs
+    written before steps were timed)."""
+    stages = [run_dir / Path(e).parent for e in read_system(run_dir)["experts"]]
+    records = [json.loads(line) for d in stages for line in read_log(d / LOG_FILE, None)]
+    if not records or any("seconds" not in r for r in records):
+        return None
+    return sum(r["seconds"] for r in records)
 
 
 def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:

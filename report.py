@@ -92,6 +92,10 @@ def table(header: list[str], rows: list[list]) -> str:
                      + ["| " + " | ".join(map(cell, row)) + " |" for row in rows]) + "\n"
 
 
+def minutes(seconds: float | None) -> str | None:
+    return None if seconds is None else f"{seconds / 60:.1f} min"
+
+
 def pct(v: float | None) -> float | None:
     return None if v is None else 100 * v
 
@@ -124,14 +128,17 @@ def render(results: list[dict], figures: Path | None) -> str:
     """The report's markdown; figures are written into `figures` (None: no plots)."""
     out = ["# Results\n", "## Runs\n"]
     out.append(table(["method", "run", "model", "tasks", "train/task", "seed", "epochs", "batch",
-                      "lr", "eval/task", "new tokens", "out-of-distribution queries"],
+                      "lr", "eval/task", "new tokens", "out-of-distribution queries", "device",
+                      "train time", "eval time"],
                      [[r["label"], r["run"], r["settings"].get("model"),
                        ",".join(map(task_name, r["tasks"])),
                        r["settings"].get("max_train") or "all", r["settings"].get("seed"),
                        r["settings"].get("epochs"),
                        r["settings"].get("batch_size"), f"{r['settings'].get('lr'):g}",
                        r.get("max_eval") or "all", r.get("max_new_tokens"),
-                       " + ".join(f"{n} {k}" for k, n in (r.get("n_ood") or {}).items()) or None]
+                       " + ".join(f"{n} {k}" for k, n in (r.get("n_ood") or {}).items()) or None,
+                       r.get("device"), minutes(r.get("train_seconds")),
+                       minutes(r.get("eval_seconds"))]
                       for r in results]))
     for n, same in enumerate(grouped(results, setting)):
         model = same[0]["settings"].get("model")

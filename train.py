@@ -760,7 +760,8 @@ def fit(run: Run) -> tuple[float, int]:
             n_tokens += tokens
             rec = dict(step=run.step, steps=run.total, epoch=epoch, loss=loss_sum / n_targets,
                        lr=run.opt.param_groups[0]["lr"],
-                       tokens_per_s=tokens / (time.perf_counter() - t0), **extra)
+                       tokens_per_s=tokens / (time.perf_counter() - t0),
+                       seconds=time.perf_counter() - t0, **extra)
             if run.main:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()

@@ -122,6 +122,19 @@ def test_the_run_cli_prints_the_papers_table_and_writes_json(continual_runs, tin
         assert written["scores"] == results[written["method"]]["scores"], "the CLI scores as evaluate_run does"
 
 
+def test_the_written_results_say_where_and_how_long_it_ran(continual_runs, tiny_dir):
+    runs, _ = continual_runs
+    res = run_cli(["--run", str(runs["non-rehearsal"]), "--max-eval", "8", "--max-new-tokens", "6",
+                   "--max-ood", "8"], tiny_dir)
+    assert res.returncode == 0, res.stderr
+    written = json.loads((runs["non-rehearsal"] / "eval.json").read_text())
+    logged = [json.loads(line) for log in sorted(runs["non-rehearsal"].glob("*/log.jsonl"))
+              for line in log.read_text().splitlines()]
+    assert len(logged) > 1 and all(r["seconds"] > 0 for r in logged)
+    assert written["train_seconds"] == pytest.approx(sum(r["seconds"] for r in logged))
+    assert written["eval_seconds"] > 0 and "threads" in written["device"]
+
+
 def test_a_run_reports_exceptions_and_prefills_per_query(continual_runs):
     see = continual_runs[1]["see"]
     assert set(see["exceptions"]) == {"tasks", "lima",

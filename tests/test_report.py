@@ -85,6 +85,17 @@ def test_table_1_gives_ar_and_bwt_per_task_order_and_their_average(tmp_path):
                     "| MTL | 40.00 | – | 40.00 | – | 40.00 | – |"], "MTL does not depend on the order: repeated"
 
 
+def test_the_runs_table_gives_device_and_wall_times(tmp_path):
+    timed = fake_run(tmp_path, "MTL", "mtl", [[20.0, 60.0]], device="AMD EPYC (2 threads)",
+                     train_seconds=5400.0, eval_seconds=90.0)
+    untimed = fake_run(tmp_path, "AvgSTL", "stl", [[18.0, 70.0]])
+    text = report.write_report([timed, untimed], tmp_path / "r.md")
+    rows = [line for line in text.split("## Runs", 1)[1].split("\n## ", 1)[0].splitlines()
+            if line.startswith("| MTL") or line.startswith("| AvgSTL")]
+    assert rows[0].endswith("| AMD EPYC (2 threads) | 90.0 min | 1.5 min |")
+    assert rows[1].endswith("| – | – | – |"), "results written before runs were timed"
+
+
 def test_routing_f1_is_given_per_task_for_each_routed_run(tmp_path):
     per_task = dict(qa=dict(precision=1.0, recall=0.5, f1=2 / 3), sa=dict(precision=0.5, recall=1.0, f1=2 / 3))
     routed = fake_run(tmp_path, "SEE(10%)", "see", [[12.0], [10.0, 50.0]], routing_f1=0.5,
