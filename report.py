@@ -20,7 +20,7 @@ from artifacts import NUMBER, check_fields, read_json
 from checkpoint import atomic_write
 from data import CLASSIFICATION, ORDERS, TASKS, read_jsonl
 from errors import UserError
-from train import METHODS, read_system
+from train import METHODS, TrainConfig, read_system
 
 TRAINING = ("model", "template", "rank", "alpha", "dropout", "targets", "max_train", "seed",
             "epochs", "batch_size", "lr", "max_source", "max_target")
@@ -208,9 +208,9 @@ def routing_per_task(rs: list[dict], title: str, tasks: list[str]) -> list[str]:
     routed = [r for r in rs if r.get("per_task_routing")]
     if not routed:
         return []
+    names = [TrainConfig(task=t).name for t in tasks]  # the experts' names, as per_task_routing's
     rows = []
     for r in routed:
-        names = [Path(t).stem.replace(".", "_") for t in tasks]  # as TrainConfig.name names experts
         f1 = [pct(r["per_task_routing"].get(n, {}).get("f1")) for n in names]
         rows.append([r["label"], r.get("exception_rule"), *f1])
     return [f"\n## Fig. 7 ({title}): routing F1 per task\n",
