@@ -18,6 +18,7 @@ import os
 import re
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,7 +316,7 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
     result = dict(run=str(run_dir), method=system["method"], label=label, tasks=tasks,
                   scores=scores, ar=average_rouge(scores),
                   bwt=backward_transfer(scores) if routed or method.continues else None,
-                  routing_f1=None, per_task_routing=None, rb_acc=None, n_ood=None,
+                  routing_f1=None, per_task_routing=None, rb_acc=None, ood_routes=None, n_ood=None,
                   routing_steps=None, routing=routing,
                   exception_rule=exceptions if routed else None,
                   parameters=stage_parameters(model, experts, dirs))
@@ -421,21 +422,22 @@ def see_routing(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indica
                 template: str, batch_size: int, routing: str, exceptions: str,
                 progress: bool) -> dict:
     """RB-Acc on each out-of-distribution set (only the routing decision matters, so one token of
-    answer is enough), and the routing cost (routing_cost) on the sequence's own queries ("tasks"),
-    on each such set, and on all of them together."""
+    answer is enough) with who answered its queries, and the routing cost (routing_cost) on the
+    sequence's own queries ("tasks"), on each such set, and on all of them together."""
     outcomes = {"tasks": [[o for _, o in p["visits"]] for p in predictions]}
     to_base = {"tasks": [p["route"] == "base" for p in predictions]}
-    rb_acc = {}
+    rb_acc, ood_routes = {}, {}
     for name, examples in heldout.items():
         prompts = [prompt_ids(tok, ex.query, max_source, template) for ex in examples]
         r = ROUTERS[routing](model, experts, ind, prompts, 1, tok.eos_ids, batch_size, progress,
                              exceptions)
         rb_acc[name] = routing_scores(r.routes, [None] * len(r.routes))["rb_acc"]
+        ood_routes[name] = dict(Counter("base" if route is BASE else route for route in r.routes))
         outcomes[name] = [[ind.read(t) for _, t in v] for v in r.visits]
         to_base[name] = [route is BASE for route in r.routes]
     cost = {name: routing_cost(outcomes[name], to_base[name], routing) for name in outcomes}
     everything = routing_cost(sum(outcomes.values(), []), sum(to_base.values(), []), routing)
-    return dict(rb_acc=rb_acc, n_ood={k: len(v) for k, v in heldout.items()},
+    return dict(rb_acc=rb_acc, ood_routes=ood_routes, n_ood={k: len(v) for k, v in heldout.items()},
                 exceptions={name: c["exceptions"] for name, c in cost.items()},
                 routing_steps=everything["visited"], prefills=everything["prefills"])
 

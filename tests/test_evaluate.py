@@ -142,6 +142,15 @@ def test_a_run_reports_exceptions_and_prefills_per_query(continual_runs):
     assert 1 <= see["routing_steps"] <= 3 and see["routing_steps"] <= see["prefills"] <= see["routing_steps"] + 1
 
 
+def test_a_run_says_who_answered_each_out_of_distribution_set(continual_runs):
+    see = continual_runs[1]["see"]
+    assert set(see["ood_routes"]) == set(see["n_ood"])
+    for name, routes in see["ood_routes"].items():
+        assert set(routes) <= {"base", *(Path(t).stem for t in see["tasks"])}
+        assert sum(routes.values()) == see["n_ood"][name]
+        assert routes.get("base", 0) / see["n_ood"][name] == pytest.approx(see["rb_acc"][name])
+
+
 def test_routing_none_scores_each_task_by_its_own_expert_with_o_pos_forced(continual_runs):
     from evaluate import evaluate_run
     runs, results = continual_runs
