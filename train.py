@@ -758,10 +758,10 @@ def fit(run: Run) -> tuple[float, int]:
             run.step += 1
             tokens = sum(len(s.ids) - 1 for s in batch)
             n_tokens += tokens
+            seconds = time.perf_counter() - t0
             rec = dict(step=run.step, steps=run.total, epoch=epoch, loss=loss_sum / n_targets,
-                       lr=run.opt.param_groups[0]["lr"],
-                       tokens_per_s=tokens / (time.perf_counter() - t0),
-                       seconds=time.perf_counter() - t0, **extra)
+                       lr=run.opt.param_groups[0]["lr"], tokens_per_s=tokens / seconds,
+                       seconds=seconds, **extra)
             if run.main:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()

@@ -11,7 +11,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from evaluate import evaluate_run, rouge_l
-from train import METHODS
+from train import METHODS, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +80,7 @@ def continual_runs(tiny_dir, synthetic_tasks, tmp_path_factory):
     """SEE(100%) and non-rehearsal over the same three synthetic tasks, each scored after
     every stage."""
     from evaluate import evaluate_run
-    from train import TrainConfig, train_sequence
+    from train import train_sequence
     root = tmp_path_factory.mktemp("continual")
     cfg = TrainConfig(model=str(tiny_dir), tau=1.0, max_train=32, epochs=20, batch_size=16,
                       micro_batch=16, lr=3e-2, indicator_lr=1e-2, max_source=96, max_target=8)
@@ -146,7 +146,7 @@ def test_a_run_says_who_answered_each_out_of_distribution_set(continual_runs):
     see = continual_runs[1]["see"]
     assert set(see["ood_routes"]) == set(see["n_ood"])
     for name, routes in see["ood_routes"].items():
-        assert set(routes) <= {"base", *(Path(t).stem for t in see["tasks"])}
+        assert set(routes) <= {"base", *(TrainConfig(task=t).name for t in see["tasks"])}
         assert sum(routes.values()) == see["n_ood"][name]
         assert routes.get("base", 0) / see["n_ood"][name] == pytest.approx(see["rb_acc"][name])
 
@@ -176,7 +176,7 @@ def test_routing_none_lets_the_named_expert_answer_every_query(separable_run, ti
 @pytest.mark.parametrize("method", ["mtl", "stl"])
 def test_mtl_and_stl_give_one_row_and_no_bwt(tiny_dir, tmp_path, method):
     from evaluate import evaluate_run
-    from train import TrainConfig, train_sequence
+    from train import train_sequence
     cfg = TrainConfig(model=str(tiny_dir), method=method, out=str(tmp_path / method), max_train=8,
                       epochs=1, batch_size=8, micro_batch=8, max_source=64, max_target=6)
     result, predictions = evaluate_run(train_sequence(cfg, ["sa", "pe"]), max_eval=3,
@@ -190,7 +190,7 @@ def test_mtl_and_stl_give_one_row_and_no_bwt(tiny_dir, tmp_path, method):
 def test_every_method_in_the_table_trains_and_evaluates_as_its_facts_say(tiny_dir, tmp_path, name):
     from evaluate import method_label
     from experts import SubExpert, load_expert
-    from train import TrainConfig, train_sequence
+    from train import train_sequence
     method = METHODS[name]
     cfg = TrainConfig(model=str(tiny_dir), method=name, out=str(tmp_path / name), tau=1.0,
                       max_train=4, epochs=1,
