@@ -151,6 +151,7 @@ def render(results: list[dict], figures: Path | None) -> str:
             out.append(table(["method", *tasks, "AR", "BWT"],
                              [[r["label"], *r["scores"][-1], r["ar"], r["bwt"]] for r in rs]))
             out += routing(rs, title) + routing_per_task(rs, title, rs[0]["tasks"])
+            out += ood_claimants(rs, title, rs[0]["tasks"])
             out += pseudo_negatives(rs, title) + indicator_types(rs, title, rs[0]["tasks"])
             out += tau_sweep(rs, title, figures, tag) + per_task(rs, title, tasks, figures, tag)
             out += perplexity(rs, title, tasks, figures, tag) + sparse(rs, title)
@@ -215,6 +216,19 @@ def routing_per_task(rs: list[dict], title: str, tasks: list[str]) -> list[str]:
         rows.append([r["label"], r.get("exception_rule"), *f1])
     return [f"\n## Fig. 7 ({title}): routing F1 per task\n",
             table(["method", "rule", *map(task_name, tasks)], rows)]
+
+
+def ood_claimants(rs: list[dict], title: str, tasks: list[str]) -> list[str]:
+    """Who answered the queries of no task in the sequence (RB-Acc's): the base model, as the
+    paper expects, or the expert that claimed them, oldest first."""
+    routed = [r for r in rs if r.get("ood_routes")]
+    if not routed:
+        return []
+    names = [TrainConfig(task=t).name for t in tasks]  # the experts' names, as ood_routes'
+    rows = [[r["label"], name, r["n_ood"][name], *(counts.get(k, 0) for k in ["base", *names])]
+            for r in routed for name, counts in r["ood_routes"].items()]
+    return [f"\n## Out-of-distribution queries by who answered them ({title})\n",
+            table(["method", "set", "queries", "base", *map(task_name, tasks)], rows)]
 
 
 def exception_counts(r: dict) -> str | None:

@@ -107,6 +107,16 @@ def test_routing_f1_is_given_per_task_for_each_routed_run(tmp_path):
     assert rows == ["| SEE(10%) | base | 66.67 | 33.33 |", "| SETA | – | 66.67 | 66.67 |"]
 
 
+def test_out_of_distribution_queries_are_counted_by_who_answered_them(tmp_path):
+    routes = dict(lima=dict(base=3, qa=2), superni=dict(sa=4))
+    routed = fake_run(tmp_path, "SEE(10%)", "see", [[12.0], [10.0, 50.0]], routing_f1=0.5,
+                      ood_routes=routes, n_ood=dict(lima=5, superni=4))
+    earlier = fake_run(tmp_path, "SEE(1%)", "see", [[12.0], [10.0, 50.0]], routing_f1=0.5)
+    rows = section(report.write_report([routed, earlier], tmp_path / "r.md"),
+                   "Out-of-distribution queries")
+    assert rows == ["| SEE(10%) | lima | 5 | 3 | 2 | 0 |", "| SEE(10%) | superni | 4 | 0 | 0 | 4 |"]
+
+
 def test_table_3_sets_pseudo_negatives_beside_the_same_tau_with_task_negatives(runs, tmp_path):
     rows = section(report.write_report(runs, tmp_path / "r.md"), "Table 3")
     assert rows == ["| SEE(10%) | 60.00 | 30.00 | 30.00 | 90.00 |",
