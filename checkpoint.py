@@ -91,7 +91,8 @@ def model_tag(name: str) -> str:
 
 def _is_repo_id(name: str) -> bool:
     parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(parts[0]).exists()
+    looks_local = name.startswith((".", "~")) or Path(parts[0]).exists()
+    return len(parts) == 2 and all(parts) and not looks_local
 
 
 def download(repo_id: str) -> Path:
@@ -171,7 +172,8 @@ def build(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, 
         state.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
     expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_embeddings
                                                         and k == "lm_head.weight")}
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k,
              s in expected.items() if k in state and state[k].shape != s]
     if missing or unexpected or wrong:
@@ -222,7 +224,8 @@ def _read_gguf(path: str | Path):
     try:
         from gguf import GGUFReader
     except ImportError:
-        raise UserError("GGUF import needs the optional `gguf` package: pip install '.[gguf]'") from None
+        raise UserError("GGUF import needs the optional `gguf` package: "
+                        "pip install '.[gguf]'") from None
     if not Path(path).is_file():
         raise UserError(f"GGUF file {path} not found")
     r = GGUFReader(str(path))
@@ -272,7 +275,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
         tie_word_embeddings=all(t.name != "output.weight" for t in r.tensors)))
     state = {}
     for t in r.tensors:
-        w = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)]).copy())
+        shape = [int(d) for d in reversed(t.shape)]
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(shape).copy())
         name = _param_name(t.name)
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             w = _unpermute(w, n_heads if name.endswith("q_proj.weight") else n_kv)
@@ -331,6 +335,11 @@ def make_tiny(out_dir: str | Path | None = None, texts: list[str] | None = None,
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
+def write_failed(path: Path, e: BaseException) -> UserError:
+    """The one-line error for a write that failed (a full disk, no permission)."""
+    return UserError(f"could not write {path}: {getattr(e, 'strerror', None) or e}")
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """write(temporary path), then rename it over `path`: a crash never leaves a half-written file,
     and a failed write (a full disk) leaves neither that nor the temporary file."""
@@ -342,7 +351,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, WRITE_ERRORS):
-            raise UserError(f"could not write {path}: {getattr(e, 'strerror', None) or e}") from None
+            raise write_failed(path, e) from None
         raise
 
 
@@ -364,7 +373,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, WRITE_ERRORS):
-            raise UserError(f"could not write {path}: {getattr(e, 'strerror', None) or e}") from None
+            raise write_failed(path, e) from None
         raise
 
 

@@ -5,7 +5,8 @@ best over the references, x100; and whole continual runs with the paper's metric
 
     python evaluate.py --expert runs/qa-smollm2-135m/expert --task qa --max-eval 100
     python evaluate.py --task qa --max-eval 100          # the base model alone, for comparison
-    python evaluate.py --run runs/see-tau0.1-qa-qg-sa-sum-trans-smollm2-135m --run runs/non-rehearsal-...
+    python evaluate.py --run runs/see-tau0.1-qa-qg-sa-sum-trans-smollm2-135m \
+                       --run runs/non-rehearsal-qa-qg-sa-sum-trans-smollm2-135m
     python evaluate.py --report runs/see-tau0.1-... runs/non-rehearsal-... --out docs/report.md
 """
 from __future__ import annotations

@@ -85,7 +85,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in fp32, then cast back before the weight, as the reference implementation does
         xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -97,7 +98,8 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     if s is None:
         return inv_freq
     # long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated
-    factor, low, high, orig = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    orig = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
     smooth = ((orig / wavelen - low) / (high - low)).clamp(0, 1)
     scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
@@ -212,7 +214,8 @@ class Llama(nn.Module):
     @property
     def n_vocab(self) -> int:
         """Base vocabulary plus the rows added by extend_vocab."""
-        return self.config.vocab_size + (0 if self.extra_embed is None else self.extra_embed.shape[-2])
+        added = 0 if self.extra_embed is None else self.extra_embed.shape[-2]
+        return self.config.vocab_size + added
 
     def extend_vocab(self, k: int) -> list[int]:
         """Add k token rows (input and output), initialised to the mean of
@@ -228,7 +231,8 @@ class Llama(nn.Module):
             return nn.Parameter(rows.clone() if old is None else torch.cat([old.detach(), rows]))
         self.extra_embed = grow(self.extra_embed, self.model.embed_tokens.weight)
         # tied checkpoints share one matrix for input and output, so the new rows are shared too
-        self.extra_head = self.extra_embed if self.config.tie_embeddings else grow(self.extra_head, self.lm_head.weight)
+        tied = self.config.tie_embeddings
+        self.extra_head = self.extra_embed if tied else grow(self.extra_head, self.lm_head.weight)
         return list(range(old_n, old_n + k))
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
@@ -300,8 +304,9 @@ class Llama(nn.Module):
         """Logits over the base vocabulary, then the added rows."""
         logits = self.lm_head(x)
         if self.extra_head is not None:
-            extra = (torch.einsum("btd,bkd->btk", x, self.extra_head.to(x.dtype)) if self.extra_head.dim() == 3
-                     else F.linear(x, self.extra_head))
+            head = self.extra_head
+            extra = (torch.einsum("btd,bkd->btk", x, head.to(x.dtype)) if head.dim() == 3
+                     else F.linear(x, head))
             logits = torch.cat([logits, extra], dim=-1)
         return logits
 

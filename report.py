@@ -296,9 +296,10 @@ def indicator_types(rs: list[dict], title: str, tasks: list[str]) -> list[str]:
             for r in sorted(see, key=lambda r: (r["settings"]["tau"],
                                            r["settings"].get("indicator", "added")))]
     fair = all(r["settings"].get("indicator_lr") == "adapter" for r in see)
-    note = ("every indicator type learned at the adapter's rate (--indicator-lr adapter)" if fair else
-            "the added indicators' rows learned at their own rate: the types differ in learning "
-            "rate as well as in kind (run with --indicator-lr adapter for a fair comparison)")
+    shared = "every indicator type learned at the adapter's rate (--indicator-lr adapter)"
+    own = ("the added indicators' rows learned at their own rate: the types differ in learning "
+           "rate as well as in kind (run with --indicator-lr adapter for a fair comparison)")
+    note = shared if fair else own
     return [f"\n## Table 4 ({title}): indicator types (generation: "
             f"{','.join(task_name(tasks[i]) for i in gen)}; classification: "
             f"{','.join(cls) or 'none'})\n",

@@ -50,7 +50,8 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
         """Ids of text; BOS as the checkpoint says unless `bos` is given, EOS only if asked."""
-        ids = [self.bos_id] if (self.add_bos if bos is None else bos) and self.bos_id is not None else []
+        with_bos = (self.add_bos if bos is None else bos) and self.bos_id is not None
+        ids = [self.bos_id] if with_bos else []
         pos = 0
         for m in self._added_re.finditer(text) if self._added_re else ():
             if m.start() > pos:
@@ -92,8 +93,9 @@ class Tokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         try:  # BOS comes from encode(), as for any other text
-            return env.from_string(self.chat_template).render(messages=[{"role": "user", "content": query}],
-                                                              add_generation_prompt=True, bos_token="", eos_token="")
+            template = env.from_string(self.chat_template)
+            return template.render(messages=[{"role": "user", "content": query}],
+                                   add_generation_prompt=True, bos_token="", eos_token="")
         except TemplateError as e:  # a syntax error, or what the sandbox refused
             raise UserError(f"chat template: {type(e).__name__}: {e}") from None
 
@@ -104,7 +106,8 @@ class Tokenizer:
         tcfg = _read_json(path / "tokenizer_config.json")
         # generation_config.json lists every stop token (Llama-3.1 instruct
         # has three), config.json one
-        eos = _read_json(path / "generation_config.json").get("eos_token_id", _read_json(path / "config.json").get("eos_token_id"))
+        eos = _read_json(path / "config.json").get("eos_token_id")
+        eos = _read_json(path / "generation_config.json").get("eos_token_id", eos)
         if (path / "tokenizer.json").exists():
             try:
                 from tokenizers import Tokenizer as HFTokenizer
@@ -121,7 +124,8 @@ class Tokenizer:
             try:
                 sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
             except (RuntimeError, OSError) as e:
-                raise UserError(f"{path / 'tokenizer.model'}: not a sentencepiece model ({e})") from None
+                raise UserError(f"{path / 'tokenizer.model'}: not a sentencepiece model "
+                                f"({e})") from None
             tok = cls(sp.encode, sp.decode, sp.get_piece_size(), sp.bos_id(),
                       _ids(eos) or [sp.eos_id()],
                       # LlamaTokenizer adds BOS unless told otherwise
@@ -139,8 +143,8 @@ class Tokenizer:
                 tcfg: dict | None = None) -> "Tokenizer":
         """Wrap a `tokenizers.Tokenizer`; BOS is added when its post-processor adds one."""
         tcfg = tcfg or {}
-        plain, full = tk.encode("a",
-                                add_special_tokens=False).ids, tk.encode("a", add_special_tokens=True).ids
+        plain = tk.encode("a", add_special_tokens=False).ids
+        full = tk.encode("a", add_special_tokens=True).ids
         post_bos = full[0] if len(full) > len(plain) and full[0] != plain[0] else None
         bos_tok = _content(tcfg.get("bos_token"))
         bos_id = post_bos
@@ -162,7 +166,8 @@ class Tokenizer:
                   bos_id: int | None, eos_id: int, add_bos: bool) -> "Tokenizer":
         """Rebuild a byte-level BPE tokenizer (GGUF `tokenizer.ggml.model` gpt2) from its
         tokens and merges."""
-        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
         split = {
             "gpt2": [],
             # llama.cpp's smollm pre-tokenizer: every digit on its own, then the GPT-2 split
@@ -174,8 +179,8 @@ class Tokenizer:
         bpe = models.BPE({t: i for i, t in enumerate(tokens)},
                          [tuple(m.split(" ", 1)) for m in merges])
         tk = HFTokenizer(bpe)
-        tk.pre_tokenizer = pre_tokenizers.Sequence(split[pre]
-                                                   + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.pre_tokenizer = pre_tokenizers.Sequence(split[pre] + [byte_level])
         tk.decoder = decoders.ByteLevel()
         # GGUF token type CONTROL: special tokens such as <|im_end|>, matched whole in text
         control = 3

@@ -191,7 +191,8 @@ def rehearsal_sets(tasks: list[str], tau: float, seed: int, max_train: int | Non
             sources.append(f"{task}: {len(chosen)} from {task}.{split}.jsonl")
         else:
             examples = subsample(load_task(task, "train", directory), max_train, seed)
-            samples_only = task in TASKS and not (data_dir(directory) / f"{task}.train.jsonl").is_file()
+            full_file = data_dir(directory) / f"{task}.train.jsonl"
+            samples_only = task in TASKS and not full_file.is_file()
             size = min(PAPER_TRAIN_SIZE,
                        max_train or PAPER_TRAIN_SIZE) if samples_only else len(examples)
             chosen = rehearsal({task: examples}, tau, seed, {task: size})
