@@ -3,9 +3,10 @@ evaluate.py --report RUN [RUN ...]`.
 
 Reads each run's eval.json and predictions (written by `evaluate.py --run` into the run
 directory) and renders Table 1 (AR, BWT per method and task order), then per task sequence: final
-ROUGE-L per task, the routing metrics, Table 3 (pseudo-negatives), Table 4 (indicator types), the
-tau sweep (Fig. 6), per-task ROUGE-L of SEE, MTL and AvgSTL (Fig. 3), the perplexity of SEE and
-MTL (Fig. 5) and MoSEs/SETA's task identification. A table compares only runs of one setting
+ROUGE-L per task, each method's AR against SEE's with a bootstrap interval, the routing metrics
+and who answered the out-of-distribution queries, Table 3 (pseudo-negatives), Table 4 (indicator
+types), the tau sweep (Fig. 6), per-task ROUGE-L of SEE, MTL and AvgSTL (Fig. 3), the perplexity
+of SEE and MTL (Fig. 5) and MoSEs/SETA's task identification. A table compares only runs of one setting
 (model, prompt, adapter, training subsample and schedule, evaluation size). Plots need
 matplotlib, an optional extra.
 """
@@ -15,6 +16,8 @@ import importlib.util
 import json
 import statistics
 from pathlib import Path
+
+import numpy as np
 
 from artifacts import NUMBER, check_fields, read_json
 from checkpoint import atomic_write
@@ -150,6 +153,7 @@ def render(results: list[dict], figures: Path | None) -> str:
             out.append(f"\n## Final ROUGE-L per task ({title})\n")
             out.append(table(["method", *tasks, "AR", "BWT"],
                              [[r["label"], *r["scores"][-1], r["ar"], r["bwt"]] for r in rs]))
+            out += against_see(rs, title)
             out += routing(rs, title) + routing_per_task(rs, title, rs[0]["tasks"])
             out += ood_claimants(rs, title, rs[0]["tasks"])
             out += pseudo_negatives(rs, title) + indicator_types(rs, title, rs[0]["tasks"])
@@ -179,6 +183,44 @@ def table_1(rs: list[dict], title: str) -> list[str]:
               "avg BWT"]
     return [f"\n## Table 1 ({title}): AR (Eq. 6) and BWT (Eq. 7) per task order\n",
             table(header, rows)]
+
+
+def paired_difference(a: dict, b: dict, reps: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float] | None:
+    """b's AR minus a's, and a 95% interval from a paired bootstrap: each task's eval queries
+    resampled, the same draw for both runs. None where the runs' final predictions are not
+    of the same queries."""
+    def by_query(r: dict) -> dict:
+        return {(task_name(p["task"]), p["id"]): p["rougeL"] for p in r["predictions"]
+                if "rougeL" in p}
+    ra, rb = by_query(a), by_query(b)
+    if not ra or ra.keys() != rb.keys():
+        return None
+    tasks = sorted({t for t, _ in ra})
+    diffs = [np.array([rb[k] - ra[k] for k in ra if k[0] == t]) for t in tasks]
+    rng = np.random.default_rng(seed)
+    # AR is the mean over tasks of each task's mean: resample within tasks, then average them
+    boot = np.mean([d[rng.integers(0, len(d), (reps, len(d)))].mean(1) for d in diffs], axis=0)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return float(np.mean([d.mean() for d in diffs])), float(low), float(high)
+
+
+def against_see(rs: list[dict], title: str) -> list[str]:
+    """Each method's AR beside SEE's (SEE(10%) where it ran), with the difference's bootstrap
+    interval: at a few dozen queries per task, whether a gap is more than the draw of queries."""
+    routed = [r for r in rs if is_see(r) and r.get("routing") != "none"]
+    if not routed or len(rs) < 2:
+        return []
+    ref = next((r for r in routed if r["settings"].get("tau") == 0.1), routed[0])
+    rows = []
+    for r in rs:
+        if r is ref:
+            continue
+        diff = paired_difference(ref, r)
+        rows.append([r["label"], r["ar"], *(diff or [None] * 3)])
+    return [f"\n## AR against {ref['label']} ({title}): the difference (method minus "
+            f"{ref['label']}) and its 95% paired bootstrap interval over the eval queries\n",
+            table(["method", "AR", "difference", "2.5%", "97.5%"], rows)]
 
 
 def routing(rs: list[dict], title: str) -> list[str]:

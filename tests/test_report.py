@@ -117,6 +117,32 @@ def test_out_of_distribution_queries_are_counted_by_who_answered_them(tmp_path):
     assert rows == ["| SEE(10%) | lima | 5 | 3 | 2 | 0 |", "| SEE(10%) | superni | 4 | 0 | 0 | 4 |"]
 
 
+def scored(task, n, rouge):
+    return dict(task=task, id=f"{task}-{n}", prediction="p", references=["r"], rougeL=rouge)
+
+
+def test_ar_is_compared_with_see_over_the_same_queries(tmp_path):
+    see_preds = [scored("qa", 0, 10.0), scored("qa", 1, 30.0), scored("sa", 0, 50.0),
+                 scored("sa", 1, 50.0)]
+    # +5 on each qa query, -10 on each sa query: AR -2.5 whichever queries are drawn
+    mtl_preds = [scored("qa", 0, 15.0), scored("qa", 1, 35.0), scored("sa", 0, 40.0),
+                 scored("sa", 1, 40.0)]
+    runs = [fake_run(tmp_path, "SEE(10%)", "see", [[20.0], [20.0, 50.0]], predictions=see_preds),
+            fake_run(tmp_path, "MTL", "mtl", [[25.0, 40.0]], predictions=mtl_preds),
+            fake_run(tmp_path, "AvgSTL", "stl", [[20.0, 50.0]], predictions=see_preds[:2])]
+    rows = section(report.write_report(runs, tmp_path / "r.md"), "AR against SEE(10%)")
+    assert rows == ["| MTL | 32.50 | -2.50 | -2.50 | -2.50 |",
+                    "| AvgSTL | 35.00 | – | – | – |"], "AvgSTL answered other queries"
+
+
+def test_the_bootstrap_interval_holds_the_difference_and_is_reproducible():
+    see_run = dict(predictions=[scored("qa", n, 20.0) for n in range(20)])
+    other = dict(predictions=[scored("qa", n, 20.0 + (n % 5) * 4) for n in range(20)])
+    diff, low, high = report.paired_difference(see_run, other)
+    assert diff == pytest.approx(8.0) and low < diff < high
+    assert report.paired_difference(see_run, other) == (diff, low, high), "a fixed seed"
+
+
 def test_table_3_sets_pseudo_negatives_beside_the_same_tau_with_task_negatives(runs, tmp_path):
     rows = section(report.write_report(runs, tmp_path / "r.md"), "Table 3")
     assert rows == ["| SEE(10%) | 60.00 | 30.00 | 30.00 | 90.00 |",
