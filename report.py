@@ -6,8 +6,8 @@ directory) and renders Table 1 (AR, BWT per method and task order), then per tas
 ROUGE-L per task, each method's AR against SEE's with a bootstrap interval, the routing metrics
 and who answered the out-of-distribution queries, Table 3 (pseudo-negatives), Table 4 (indicator
 types), the tau sweep (Fig. 6), per-task ROUGE-L of SEE, MTL and AvgSTL (Fig. 3), the perplexity
-of SEE and MTL (Fig. 5) and MoSEs/SETA's task identification. A table compares only runs of one setting
-(model, prompt, adapter, training subsample and schedule, evaluation size). Plots need
+of SEE and MTL (Fig. 5) and MoSEs/SETA's task identification. A table compares only runs of one
+setting (model, prompt, adapter, training subsample and schedule, evaluation size). Plots need
 matplotlib, an optional extra.
 """
 from __future__ import annotations
