@@ -119,6 +119,7 @@ def check_stage_parameters():
             assert p["trainable"] == free_before[i] + f["weights"] + extra(i), i
             assert (p["held"], p["mask"], p["bytes"],
                     p["training_bytes"]) == (f["held"], f["mask"], f["bytes"], f["training_bytes"])
-            assert p["trainable_share"] == pytest.approx((f["held"] - (files[i - 1]["held"] if i else 0)) / f["mask"])
+            assert p["trainable_share"] == pytest.approx(
+                (f["held"] - (files[i - 1]["held"] if i else 0)) / f["mask"])
             assert p["lora_bytes"] == (i + 1) * params[0]["lora_bytes"]
     return check_stage_parameters

@@ -51,7 +51,8 @@ def files(root: Path) -> set[Path]:
 
 def one_error_line(code, err, *names):
     """Exit 2 and exactly one line, `error: ...`, naming each of `names`; else what went wrong."""
-    if code == 2 and len(err) == 1 and err[0].startswith("error: ") and all(n in err[0] for n in names):
+    if (code == 2 and len(err) == 1 and err[0].startswith("error: ")
+            and all(n in err[0] for n in names)):
         return None
     return f"exit {code}: " + " | ".join(err[-3:])
 
@@ -86,7 +87,8 @@ def corrupt(path: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("method", ["see", "moses"])
-def test_every_damaged_file_of_a_finished_run_is_one_line_of_error(finished_runs, method, tmp_path, capsys, monkeypatch):
+def test_every_damaged_file_of_a_finished_run_is_one_line_of_error(finished_runs, method, tmp_path,
+                                                                   capsys, monkeypatch):
     run, train_args = finished_runs[method]
     cases, failures = [], []
     # damaged in place, and restored: a moved run is one of other settings
@@ -153,7 +155,8 @@ def cut_run(cut_template, tmp_path):
     return [*args, copy], copy
 
 
-def test_every_damaged_file_of_an_unfinished_run_is_one_line_of_error(cut_run, tmp_path, capsys, monkeypatch):
+def test_every_damaged_file_of_an_unfinished_run_is_one_line_of_error(cut_run, tmp_path, capsys,
+                                                                      monkeypatch):
     args, run = cut_run
     cases, failures = [], []
     for path in sorted(files(run)):
@@ -207,7 +210,8 @@ def test_a_pickled_or_truncated_checkpoint_is_refused(cut_run, capsys, monkeypat
     if damage == "pickle":
         torch.save({"step": 2, "x": Pickled()}, run / "state.pt")
     else:
-        (run / "state.pt").write_bytes((run / "state.pt").read_bytes()[:1000 if damage == "truncate" else 0])
+        (run / "state.pt").write_bytes(
+            (run / "state.pt").read_bytes()[:1000 if damage == "truncate" else 0])
     before = files(run)
     code, err = cli(train_mod.main, args, capsys, monkeypatch)
     assert one_error_line(code, err, "state.pt", "not a checkpoint of train.py") is None, err
@@ -250,7 +254,8 @@ def test_a_failed_write_leaves_neither_file_nor_temporary(tmp_path):
     with pytest.raises(UserError,
                        match="could not write .*state.pt: PytorchStreamWriter failed writing"):
         atomic_write(tmp_path / "state.pt", torch_full_disk)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"] and (tmp_path / "state.pt").read_bytes() == b"old"
+    assert (sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+            and (tmp_path / "state.pt").read_bytes() == b"old")
 
 
 def sequence_args(tiny_dir, out, *extra):
@@ -273,7 +278,8 @@ def sequence_args(tiny_dir, out, *extra):
     (["--sequence", "sa,pe", "--task", "qa"], "--task and --previous are for one stage"),
     (["--order", "1", "--previous", "qa"], "--task and --previous are for one stage"),
 ])
-def test_impossible_settings_are_refused_before_the_model_loads(tiny_dir, tmp_path, capsys, monkeypatch, args, message):
+def test_impossible_settings_are_refused_before_the_model_loads(tiny_dir, tmp_path, capsys,
+                                                                monkeypatch, args, message):
     monkeypatch.setattr(train_mod, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     code, err = cli(train_mod.main, sequence_args(tiny_dir, tmp_path / "r", *args), capsys,
                     monkeypatch)
@@ -289,7 +295,8 @@ def write_task_file(path: Path, n: int) -> Path:
 
 @pytest.mark.parametrize("data",
                          ["empty train file", "task file of 100 instances", "non-UTF-8 task file"])
-def test_a_task_without_training_examples_or_unreadable_is_refused(tiny_dir, tmp_path, capsys, monkeypatch, data):
+def test_a_task_without_training_examples_or_unreadable_is_refused(tiny_dir, tmp_path, capsys,
+                                                                   monkeypatch, data):
     monkeypatch.setattr(train_mod, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "data").mkdir()
     if data == "empty train file":
@@ -310,7 +317,8 @@ def test_a_task_without_training_examples_or_unreadable_is_refused(tiny_dir, tmp
     assert not (tmp_path / "r").exists()
 
 
-def test_an_unwritable_out_is_refused_before_the_model_loads(tiny_dir, tmp_path, capsys, monkeypatch):
+def test_an_unwritable_out_is_refused_before_the_model_loads(tiny_dir, tmp_path, capsys,
+                                                             monkeypatch):
     monkeypatch.setattr(train_mod, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     # a directory cannot be made inside a file (a read-only disk as root)
     (tmp_path / "file").write_text("")
@@ -377,7 +385,8 @@ def test_a_hostile_system_json_is_refused(finished_runs, tmp_path, capsys, monke
     assert one_error_line(code, err, "system.json", message) is None, err
 
 
-def test_an_adapter_config_with_a_string_for_a_number_is_refused(finished_runs, tmp_path, capsys, monkeypatch):
+def test_an_adapter_config_with_a_string_for_a_number_is_refused(finished_runs, tmp_path, capsys,
+                                                                 monkeypatch):
     run = shutil.copytree(finished_runs["see"][0], tmp_path / "run")
     rewrite_json(run / "1-sa" / "expert" / "adapter_config.json", lora_alpha="16")
     code, err = cli(evaluate.main, ["--run", run, *EVAL, "--out", tmp_path / "out.json"], capsys,
@@ -421,7 +430,8 @@ def halve(path: Path) -> None:
 
 
 def shard_index(weight_map):
-    return lambda path: path.with_name("model.safetensors.index.json").write_text(json.dumps(dict(weight_map=weight_map)))
+    return lambda path: path.with_name("model.safetensors.index.json").write_text(
+        json.dumps(dict(weight_map=weight_map)))
 
 
 @pytest.mark.parametrize("name,content,message", [
@@ -451,7 +461,8 @@ def test_a_damaged_checkpoint_is_one_clear_error(tiny_dir, tmp_path, name, conte
     ("{% for m in messages %}{{ m.content }", "chat template: TemplateSyntaxError"),
     ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "chat template: SecurityError"),
 ])
-def test_a_broken_or_hostile_chat_template_is_one_clear_error(tiny_dir, tmp_path, template, message):
+def test_a_broken_or_hostile_chat_template_is_one_clear_error(tiny_dir, tmp_path, template,
+                                                              message):
     ckpt = shutil.copytree(tiny_dir, tmp_path / "ckpt")
     (ckpt / "chat_template.jinja").write_text(template)
     _, tok = load_dir(ckpt)
@@ -477,14 +488,16 @@ def expert_tensors(run):
             **load_file(run / "expert" / "indicators.safetensors")}
 
 
-def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_uninterrupted_expert(tiny_dir, tmp_path):
+def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_uninterrupted_expert(tiny_dir,
+                                                                                     tmp_path):
     assert train_cli(tiny_dir, tmp_path / "whole").wait() == 0
     killed = train_cli(tiny_dir, tmp_path / "killed")
     while not (tmp_path / "killed" / "state.pt").exists() and killed.poll() is None:
         time.sleep(0.002)
     killed.send_signal(signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL
-    assert (tmp_path / "killed" / "state.pt").exists() and not (tmp_path / "killed" / "expert").exists()
+    assert ((tmp_path / "killed" / "state.pt").exists()
+            and not (tmp_path / "killed" / "expert").exists())
     assert train_cli(tiny_dir, tmp_path / "killed").wait() == 0
     a, b = expert_tensors(tmp_path / "whole"), expert_tensors(tmp_path / "killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

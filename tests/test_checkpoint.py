@@ -38,7 +38,8 @@ def test_local_directory_as_transformers_writes_it(tmp_path, tiny_dir, case):
 
 def test_sharded_safetensors(tmp_path, tiny_dir):
     ref = save_reference(tmp_path, "grouped-query", tiny_dir, max_shard_size="20KB")
-    assert (tmp_path / "model.safetensors.index.json").exists() and not (tmp_path / "model.safetensors").exists()
+    assert ((tmp_path / "model.safetensors.index.json").exists()
+            and not (tmp_path / "model.safetensors").exists())
     assert_same_logits(ref, load_dir(tmp_path)[0])
 
 

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from data import ORDERS, TASK_FILE_EVAL, TASKS, Example, data_dir, load_task, rehearsal, rehearsal_sets, subsample
+from data import (ORDERS, TASK_FILE_EVAL, TASKS, Example, data_dir, load_task, rehearsal,
+                  rehearsal_sets, subsample)
 from errors import UserError
 
 
@@ -90,7 +91,8 @@ def test_rehearsal_of_tasks_that_ship_only_samples_is_sized_as_the_papers_2000()
     assert sum(e.id.startswith("task074")
                for e in drawn) == 200 and len(drawn) == 400, "tau x 2000 each, not x 200"
     assert sources == ["qg: 200 from qg.train.smp01.jsonl", "sum: 200 from sum.train.smp01.jsonl"]
-    assert {e.id for e in rehearsal_sets(["qg"], 0.05, seed=0)[0]} == {e.id for e in load_task("qg", "train.smp005")}
+    assert ({e.id for e in rehearsal_sets(["qg"], 0.05, seed=0)[0]}
+            == {e.id for e in load_task("qg", "train.smp005")})
     drawn, sources = rehearsal_sets(["qg"], 0.2, seed=0)
     assert len(drawn) == 200 and sources == ["qg: 200 of 200 drawn at random (400 asked, only 200 "
                                              "ship)"]
@@ -98,10 +100,12 @@ def test_rehearsal_of_tasks_that_ship_only_samples_is_sized_as_the_papers_2000()
 
 def test_rehearsal_takes_the_fixed_sample_file_for_tau_and_draws_otherwise():
     drawn, sources = rehearsal_sets(["qa"], 0.01, seed=0)
-    assert [e.id for e in drawn] == [e.id for e in load_task("qa", "train.smp001")] and len(drawn) == 20
+    assert ([e.id for e in drawn] == [e.id for e in load_task("qa", "train.smp001")]
+            and len(drawn) == 20)
     assert len(rehearsal_sets(["qa"], 0.2, seed=0)[0]) == 400, "no sample file: tau of the 2000"
     drawn, sources = rehearsal_sets(["qa", "qg"], 0.1, seed=0, max_train=64)
-    assert len(drawn) == 12 and sources[1] == "qg: 6 of 64 drawn at random", "a cut training set: tau of the cut"
+    assert (len(drawn) == 12
+            and sources[1] == "qg: 6 of 64 drawn at random"), "a cut training set: tau of the cut"
 
 
 def test_subsample_is_seeded_and_keeps_everything_when_asked_for_more():
@@ -113,8 +117,10 @@ def test_subsample_is_seeded_and_keeps_everything_when_asked_for_more():
 def test_out_of_distribution_queries_come_from_lima(tmp_path):
     from data import OOD_EVAL, load_ood
     test, rest = load_ood(), load_ood(split="train")
-    assert len(test) == OOD_EVAL and len(rest) == 1029 - OOD_EVAL and all(ex.query for ex in test + rest)
-    assert not {ex.query for ex in test} & {ex.query for ex in rest}, "pseudo-negatives never meet RB-Acc's queries"
+    assert (len(test) == OOD_EVAL and len(rest) == 1029 - OOD_EVAL
+            and all(ex.query for ex in test + rest))
+    assert not ({ex.query for ex in test}
+                & {ex.query for ex in rest}), "pseudo-negatives never meet RB-Acc's queries"
     (tmp_path / "ood.jsonl").write_text('{"instruction": "Write a poem.", "input": "about '
                                         'rain"}\n{"input": "x"}\n')
     with pytest.raises(UserError, match="ood.jsonl:2: need a string 'instruction'"):

@@ -46,7 +46,8 @@ def run_cli(args, tiny_dir):
 
 
 @pytest.mark.parametrize("task,by_expert", [("sa", 1.0), ("pe", 0.0)])
-def test_an_expert_answers_its_task_and_leaves_the_other_to_the_base_model(separable_run, tiny_dir, tmp_path, task, by_expert):
+def test_an_expert_answers_its_task_and_leaves_the_other_to_the_base_model(
+        separable_run, tiny_dir, tmp_path, task, by_expert):
     cfg, run_dir = separable_run
     out = tmp_path / "eval.json"
     # queries are cut to the expert's own training length (96 tokens) without being told
@@ -72,7 +73,8 @@ def test_without_experts_the_base_model_answers(tiny_dir, tmp_path):
 
 def test_a_missing_expert_is_one_line_of_error(tiny_dir, tmp_path):
     res = run_cli(["--expert", str(tmp_path / "nope"), "--task", "sa"], tiny_dir)
-    assert res.returncode == 2 and res.stderr.strip() == f"error: {tmp_path / 'nope'} is not an expert directory (no expert.json)"
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"error: {tmp_path / 'nope'} is not an expert directory (no expert.json)")
 
 
 @pytest.fixture(scope="module")
@@ -94,17 +96,19 @@ def test_see_routes_every_query_to_its_expert_and_does_not_forget(continual_runs
     from evaluate import average_rouge, backward_transfer
     see = continual_runs[1]["see"]
     assert [len(row) for row in see["scores"]] == [1, 2, 3], "a_i after stage j, for i <= j"
-    assert see["ar"] == average_rouge(see["scores"]) and see["bwt"] == backward_transfer(see["scores"])
+    assert (see["ar"] == average_rouge(see["scores"])
+            and see["bwt"] == backward_transfer(see["scores"]))
     assert see["routing_f1"] >= 0.95 and see["bwt"] == pytest.approx(0, abs=1.0)
     assert all(r["f1"] >= 0.95 for r in see["per_task_routing"].values())
-    assert see["n_ood"] == {"lima": 8,
-                            "superni": 8 * 10}, "all ten SuperNI tasks are held out of a synthetic sequence"
+    assert see["n_ood"] == {"lima": 8, "superni": 8 * 10}, (
+        "all ten SuperNI tasks are held out of a synthetic sequence")
 
 
 def test_non_rehearsal_forgets_earlier_tasks(continual_runs):
     see, plain = continual_runs[1]["see"], continual_runs[1]["non-rehearsal"]
     assert plain["bwt"] < -10 and plain["bwt"] < see["bwt"] - 10
-    assert plain["routing_f1"] is None and plain["rb_acc"] is None, "one adapter answers everything: nothing is routed"
+    assert (plain["routing_f1"] is None
+            and plain["rb_acc"] is None), "one adapter answers everything: nothing is routed"
 
 
 def test_the_run_cli_prints_the_papers_table_and_writes_json(continual_runs, tiny_dir, tmp_path):
@@ -119,7 +123,8 @@ def test_the_run_cli_prints_the_papers_table_and_writes_json(continual_runs, tin
     for run, row in zip(runs.values(), rows):
         written = json.loads((run / "eval.json").read_text())
         assert f"{written['ar']:.2f}" in row and f"{written['bwt']:.2f}" in row
-        assert written["scores"] == results[written["method"]]["scores"], "the CLI scores as evaluate_run does"
+        assert (written["scores"]
+                == results[written["method"]]["scores"]), "the CLI scores as evaluate_run does"
 
 
 def test_the_written_results_say_where_and_how_long_it_ran(continual_runs, tiny_dir):
@@ -139,7 +144,8 @@ def test_a_run_reports_exceptions_and_prefills_per_query(continual_runs):
     see = continual_runs[1]["see"]
     assert set(see["exceptions"]) == {"tasks", "lima",
                                       "superni"} and see["exception_rule"] == "base"
-    assert 1 <= see["routing_steps"] <= 3 and see["routing_steps"] <= see["prefills"] <= see["routing_steps"] + 1
+    assert (1 <= see["routing_steps"] <= 3
+            and see["routing_steps"] <= see["prefills"] <= see["routing_steps"] + 1)
 
 
 def test_a_run_says_who_answered_each_out_of_distribution_set(continual_runs):
@@ -169,7 +175,8 @@ def test_routing_none_lets_the_named_expert_answer_every_query(separable_run, ti
                    "--max-new-tokens", "3", "--routing", "none"], tiny_dir)
     assert res.returncode == 0, res.stderr
     result = json.loads((run_dir / "eval-pe-expert-only.json").read_text())
-    assert result["answered_by_experts"] == 1.0 and result["routing"] == "none", "routed, the sa expert refuses pe"
+    assert (result["answered_by_experts"] == 1.0
+            and result["routing"] == "none"), "routed, the sa expert refuses pe"
     assert not (run_dir / "eval-pe.json").exists(), "a result measured otherwise is not overwritten"
 
 
@@ -183,7 +190,8 @@ def test_mtl_and_stl_give_one_row_and_no_bwt(tiny_dir, tmp_path, method):
                                        max_new_tokens=2)
     assert [len(row) for row in result["scores"]] == [2] and result["bwt"] is None
     routes = {p["task"]: p["route"] for p in predictions}
-    assert routes == ({"sa": "pe", "pe": "pe"} if method == "mtl" else {"sa": "sa", "pe": "pe"}), "which adapter answered"
+    assert routes == ({"sa": "pe", "pe": "pe"} if method == "mtl"
+                      else {"sa": "sa", "pe": "pe"}), "which adapter answered"
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -201,18 +209,20 @@ def test_every_method_in_the_table_trains_and_evaluates_as_its_facts_say(tiny_di
               for e in system["experts"]]
     assert len(stages) == (1 if method.joint else 2)
     if not method.joint:
-        assert (stages[1]["previous"] == ["sa"]) == method.rehearses and bool(stages[1]["init"]) == method.continues
+        assert ((stages[1]["previous"] == ["sa"]) == method.rehearses
+                and bool(stages[1]["init"]) == method.continues)
     assert all(isinstance(load_expert(run / e), SubExpert) == method.sparse
                for e in system["experts"])
-    log = json.loads((run / system["experts"][-1]).parent.joinpath("log.jsonl").read_text().splitlines()[-1])
+    log = json.loads(
+        (run / system["experts"][-1]).parent.joinpath("log.jsonl").read_text().splitlines()[-1])
     assert ("pull" in log, "gate" in log) == (method.pull,
                                               method.gate), "the method's own loss terms are logged"
     result, predictions = evaluate_run(run, max_eval=2, max_new_tokens=2, max_ood=2)
     assert result["label"] == method_label(system)
     assert len(result["scores"]) == (2 if method.continues or method.routes else 1)
     assert (result["bwt"] is None) == (len(result["scores"]) == 1)
-    assert (result["routing_f1"] is not None) == (method.routes
-                                                  or method.sparse), "routing or task identification"
+    assert ((result["routing_f1"] is not None)
+            == (method.routes or method.sparse)), "routing or task identification"
     assert ("til_ar" in result) == method.sparse and (result["rb_acc"] is not None) == method.routes
     assert len(predictions) == 4 and all(("perplexity" in p) != method.sparse for p in predictions)
 
@@ -221,7 +231,8 @@ def test_run_and_task_are_exclusive(tiny_dir, tmp_path):
     res = run_cli(["--run", str(tmp_path), "--task", "sa"], tiny_dir)
     assert res.returncode == 2 and "give --task" in res.stderr
     res = run_cli(["--run", str(tmp_path)], tiny_dir)
-    assert res.returncode == 2 and res.stderr.strip() == f"error: {tmp_path} holds no system (no system.json); train one with train.py --sequence"
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"error: {tmp_path} holds no system (no system.json); train one with train.py --sequence")
 
 
 def test_parallel_routing_scores_as_sequential_routing(separable_run, tiny_dir, tmp_path):
@@ -249,14 +260,16 @@ def test_perplexity_is_the_answering_experts_after_its_indicator(continual_runs)
         assert max(ppl["see"][task]) < 0.7 * min(ppl["non-rehearsal"][task])
 
 
-def test_response_perplexity_scores_the_response_and_eos_after_the_prefix_as_training_cuts_them(tiny):
+def test_response_perplexity_scores_the_response_and_eos_after_the_prefix_as_training_cuts_them(
+        tiny):
     import math
 
     import torch
 
     from evaluate import response_perplexity
     model, tok = tiny
-    prompt, prefix, response = tok.encode("Name the colour.\nOutput:"), tok.encode("yes", bos=False), "a red house by the river"
+    prompt, prefix, response = (tok.encode("Name the colour.\nOutput:"),
+                                tok.encode("yes", bos=False), "a red house by the river")
     words = tok.encode(response, bos=False)
 
     def by_hand(target):  # one forward per scored token, each from the sequence before it

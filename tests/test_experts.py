@@ -6,7 +6,8 @@ import torch
 import lora
 from data import Example, rehearsal
 from errors import UserError
-from experts import PROMPT, LoraExpert, base_model, load_expert, prompt_ids, reconstruct, resolve_template, setup_indicators
+from experts import (PROMPT, LoraExpert, base_model, load_expert, prompt_ids, reconstruct,
+                     resolve_template, setup_indicators)
 from train import collate
 
 
@@ -34,8 +35,9 @@ def test_in_vocabulary_indicators_add_nothing(tiny, kind, pos):
 
 
 def test_unknown_indicator_type_is_a_user_error(tiny):
-    with pytest.raises(UserError,
-                       match="unknown indicator type 'maybe'; known: added, non-semantic, semantic"):
+    with pytest.raises(
+            UserError,
+            match="unknown indicator type 'maybe'; known: added, non-semantic, semantic"):
         setup_indicators(*tiny, "maybe")
 
 
@@ -54,7 +56,8 @@ def test_reconstruction_makes_positives_and_query_only_negatives(tiny):
         assert s.ids[s.start:] == ind.neg, "(q, o_neg): no response, no EOS"
 
 
-def test_without_indicators_every_sample_is_query_and_response_and_rehearsal_is_replayed_in_full(tiny):
+def test_without_indicators_every_sample_is_query_and_response_and_rehearsal_is_replayed_in_full(
+        tiny):
     _, tok = tiny
     current, rehearsed = examples("a", 3), examples("b", 2, "an old answer")
     # the baselines: non-rehearsal, replay, MTL, STL
@@ -83,8 +86,10 @@ def test_the_loss_mask_covers_only_indicator_and_response(tiny):
     x, y = collate(samples, "cpu")
     pos, neg = samples
     assert (y[0] != -100).sum() == len(pos.ids) - pos.start and (y[1] != -100).sum() == len(ind.neg)
-    assert y[0, pos.start - 1:len(pos.ids) - 1].tolist() == pos.ids[pos.start:], "position j predicts token j+1"
-    assert (y[0, :pos.start - 1] == -100).all() and (y[1, len(neg.ids) - 1:] == -100).all(), "query and padding masked"
+    assert (y[0, pos.start - 1:len(pos.ids) - 1].tolist()
+            == pos.ids[pos.start:]), "position j predicts token j+1"
+    assert ((y[0, :pos.start - 1] == -100).all()
+            and (y[1, len(neg.ids) - 1:] == -100).all()), "query and padding masked"
     assert x[0, :len(pos.ids) - 1].tolist() == pos.ids[:-1]
 
 
@@ -102,13 +107,14 @@ def test_long_queries_and_responses_are_cut_to_the_limits(tiny):
 def test_the_chat_template_frames_the_query_and_auto_falls_back_to_plain(tiny):
     model, tok = tiny
     assert resolve_template(tok, "auto") == "plain", "tiny has no chat template"
-    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</>{% endfor %}" \
-                        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</>{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
     assert resolve_template(tok, "auto") == "chat"
     ids = prompt_ids(tok, "Say hi.", 1024, "chat")
     assert tok.decode(ids) == "<user>Say hi.</><assistant>"
     cut = prompt_ids(tok, "word " * 500, 40, "chat")
-    assert len(cut) == 40 and tok.decode(cut).endswith("</><assistant>"), "the template's tail survives the cut"
+    assert (len(cut) == 40
+            and tok.decode(cut).endswith("</><assistant>")), "the template's tail survives the cut"
 
 
 def test_an_expert_saved_and_loaded_runs_the_same_function(tiny, tiny_dir, tmp_path):
@@ -137,7 +143,8 @@ def test_an_expert_saved_and_loaded_runs_the_same_function(tiny, tiny_dir, tmp_p
     expert.use(fresh)
     assert torch.equal(fresh(x), expected)
     with base_model(fresh):
-        assert fresh(x).shape[-1] == fresh.config.vocab_size, "the base model has no indicator tokens"
+        assert (fresh(x).shape[-1]
+                == fresh.config.vocab_size), "the base model has no indicator tokens"
     with pytest.raises(UserError, match="already exists"):
         expert.save(tmp_path / "e")
 
@@ -150,12 +157,13 @@ def test_a_tied_model_trains_and_stores_one_set_of_indicator_rows(tmp_path):
     cfg = lora.LoraConfig(r=2)
     lora.add_adapter(model, "a", cfg)
     trainable = trainable_parameters(model, "a", indicator_rows=True)
-    assert "extra_embed" in trainable and "extra_head" not in trainable and model.extra_head is model.extra_embed
+    assert ("extra_embed" in trainable and "extra_head" not in trainable
+            and model.extra_head is model.extra_embed)
     expert = LoraExpert.from_model(model, "a", "a", "random", "added", 64, "plain", cfg)
     assert set(expert.rows) == {"embed"}
     expert.rows["embed"] = torch.randn_like(expert.rows["embed"])
     lora.add_adapter(model, "b", cfg)
     expert.name = "b"
     expert.use(model)
-    assert torch.equal(model.extra_head,
-                       expert.rows["embed"]) and torch.equal(model.extra_embed, expert.rows["embed"])
+    assert (torch.equal(model.extra_head, expert.rows["embed"])
+            and torch.equal(model.extra_embed, expert.rows["embed"]))

@@ -44,13 +44,15 @@ def test_routing_cost_counts_visits_prefills_and_exceptions():
     assert seq == pytest.approx(dict(visited=(1 + 2 + 3 + 2) / 4, prefills=(1 + 2 + 4 + 3) / 4,
                                      exceptions=1))
     par = routing_cost(outcomes, to_base, "parallel")
-    assert par["prefills"] == pytest.approx((1 + 1 + 2 + 2) / 4), "one prefill for all experts, one for the base"
+    assert (par["prefills"]
+            == pytest.approx((1 + 1 + 2 + 2) / 4)), "one prefill for all experts, one for the base"
 
 
 def test_xlingual_rouge_keeps_accented_letters_and_case():
     # rouge-score's default tokenizer keeps [a-z0-9] only: "más" becomes "m s" and matches "mós"
     assert rouge_l("el más grande", ["el mós grande"]) == pytest.approx(100.0)
-    assert rouge_l("el más grande", ["el mós grande"], xlingual=True) == pytest.approx(100 * 2 / 3)
+    assert (rouge_l("el más grande", ["el mós grande"], xlingual=True)
+            == pytest.approx(100 * 2 / 3))
     assert rouge_l("el más grande", ["el más grande"], xlingual=True) == pytest.approx(100.0)
     assert rouge_l("Qué", ["qué"], xlingual=True) == 0.0, "SuperNI's xlingual tokens keep case"
 
@@ -61,11 +63,13 @@ def test_xlingual_rouge_uses_the_bpe_tokenizer_it_is_given(tmp_path, monkeypatch
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(["el más grande de los años"] * 20, trainers.BpeTrainer(vocab_size=300))
+    bpe.train_from_iterator(["el más grande de los años"] * 20,
+                            trainers.BpeTrainer(vocab_size=300))
     bpe.save(str(tmp_path / "tokenizer.json"))
     monkeypatch.setenv(evaluate.XLINGUAL_ENV, str(tmp_path / "tokenizer.json"))
     tokens = evaluate.XlingualTokens()
     assert tokens.tokenize("el más grande") == [t.lstrip("Ġ")
                                                 for t in bpe.encode("el más grande").tokens]
     assert tokens.name == str(tmp_path / "tokenizer.json")
-    assert "más" not in tokens.tokenize("más"), "byte-level: accented letters are byte pairs, as GPT-2's are"
+    assert "más" not in tokens.tokenize("más"), (
+        "byte-level: accented letters are byte pairs, as GPT-2's are")

@@ -70,7 +70,8 @@ def test_llama3_rope_scaling_changes_the_frequencies():
     plain = ModelConfig.from_hf({**BASE, "rope_theta": 500000.0})
     from model import rope_frequencies
     ratio = rope_frequencies(plain) / rope_frequencies(scaled)
-    assert ratio[0] == 1 and ratio[-1] == pytest.approx(8), "high frequencies kept, low ones divided by factor"
+    assert (ratio[0] == 1
+            and ratio[-1] == pytest.approx(8)), "high frequencies kept, low ones divided by factor"
     assert ((ratio > 1.01) & (ratio < 7.99)).any(), "and the band between interpolated"
 
 
@@ -90,7 +91,8 @@ def recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
-            ids.append(int(model(torch.tensor([ids], device=model.lm_head.weight.device))[0, -1].argmax()))
+            ids.append(int(model(
+                torch.tensor([ids], device=model.lm_head.weight.device))[0, -1].argmax()))
     return ids[len(prompt):]
 
 

@@ -119,7 +119,8 @@ def stage(run, i):
     return load_expert(next(run.glob(f"{i}-*")) / "expert")
 
 
-def test_an_earlier_tasks_outputs_are_bit_identical_after_later_tasks(moses_runs, tiny_dir, synthetic_tasks):
+def test_an_earlier_tasks_outputs_are_bit_identical_after_later_tasks(moses_runs, tiny_dir,
+                                                                      synthetic_tasks):
     run = moses_runs[0.1]
     model, tok = load_dir(tiny_dir)
     first, last = stage(run, 1), stage(run, 3)
@@ -143,7 +144,8 @@ def key_accuracy(run, tiny_dir, tasks, eval_queries):
     last.attach(model)
     last.use(model)
     prompts, gold = eval_queries(tok, tasks)
-    return sum(r == g for r, g in zip(match_keys(query_features(model, prompts), last.keys), gold)) / len(gold)
+    return sum(r == g for r, g in zip(match_keys(query_features(model, prompts), last.keys),
+                                      gold)) / len(gold)
 
 
 def test_the_pull_constraint_aligns_keys_with_their_tasks(moses_runs, tiny_dir, synthetic_tasks,
@@ -174,8 +176,8 @@ def test_bytes_on_disk_grow_sublinearly_against_a_lora_per_task(moses_runs, tiny
     assert 0 < growth[1] < growth[0] < lora_size, f"each task adds less than the last: {growth}"
 
 
-def test_a_dropped_training_state_leaves_inference_alone_and_refuses_a_next_stage(moses_runs, tiny_dir, tmp_path,
-                                                                                  synthetic_tasks):
+def test_a_dropped_training_state_leaves_inference_alone_and_refuses_a_next_stage(
+        moses_runs, tiny_dir, tmp_path, synthetic_tasks):
     kept = next(moses_runs[0.1].glob("2-*")) / "expert"
     dropped = tmp_path / "expert"
     shutil.copytree(kept, dropped)
@@ -195,9 +197,11 @@ def test_a_dropped_training_state_leaves_inference_alone_and_refuses_a_next_stag
         train(cfg)
 
 
-def test_evaluation_reports_til_tail_and_parameters_per_stage(moses_runs, tiny_dir, tmp_path, check_stage_parameters):
+def test_evaluation_reports_til_tail_and_parameters_per_stage(moses_runs, tiny_dir, tmp_path,
+                                                              check_stage_parameters):
     result, predictions = evaluate_run(moses_runs[0.1], max_eval=4, max_new_tokens=3)
-    assert [len(row) for row in result["til_scores"]] == [len(row) for row in result["scores"]] == [1, 2, 3]
+    assert ([len(row) for row in result["til_scores"]] == [len(row) for row in result["scores"]]
+            == [1, 2, 3])
     assert result["til_bwt"] == 0.0, "TIL: the earlier tasks' masks and weights are untouched"
     assert result["task_id_accuracy"] == pytest.approx(
         sum(p["route"] == Path(p["task"]).stem for p in predictions) / len(predictions))

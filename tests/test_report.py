@@ -79,10 +79,12 @@ def test_table_1_gives_ar_and_bwt_per_task_order_and_their_average(tmp_path):
     runs = [see(tmp_path, "SEE(10%)"), fake_run(tmp_path, "MTL", "mtl", [[20.0, 60.0]]),
             fake_run(tmp_path, "SEE(10%) again", "see", [[0.0], [10.0, 30.0]], bwt=-4.0,
                      tasks=["sa", "qa"])]
-    (Path(runs[2]) / "eval.json").write_text((Path(runs[2]) / "eval.json").read_text().replace("SEE(10%) again", "SEE(10%)"))
+    (Path(runs[2]) / "eval.json").write_text(
+        (Path(runs[2]) / "eval.json").read_text().replace("SEE(10%) again", "SEE(10%)"))
     rows = section(report.write_report(runs, tmp_path / "r.md"), "Table 1")
     assert rows == ["| SEE(10%) | 30.00 | -2.00 | 20.00 | -4.00 | 25.00 | -3.00 |",
-                    "| MTL | 40.00 | – | 40.00 | – | 40.00 | – |"], "MTL does not depend on the order: repeated"
+                    "| MTL | 40.00 | – | 40.00 | – | 40.00 | – |"], (
+        "MTL does not depend on the order: repeated")
 
 
 def test_the_runs_table_gives_device_and_wall_times(tmp_path):
@@ -97,11 +99,13 @@ def test_the_runs_table_gives_device_and_wall_times(tmp_path):
 
 
 def test_routing_f1_is_given_per_task_for_each_routed_run(tmp_path):
-    per_task = dict(qa=dict(precision=1.0, recall=0.5, f1=2 / 3), sa=dict(precision=0.5, recall=1.0, f1=2 / 3))
+    per_task = dict(qa=dict(precision=1.0, recall=0.5, f1=2 / 3),
+                    sa=dict(precision=0.5, recall=1.0, f1=2 / 3))
     routed = fake_run(tmp_path, "SEE(10%)", "see", [[12.0], [10.0, 50.0]], routing_f1=0.5,
                       per_task_routing=dict(per_task, sa=dict(precision=0.2, recall=1.0, f1=1 / 3)),
                       exception_rule="base")
-    sparse = fake_run(tmp_path, "SETA", "seta", [[12.0], [10.0, 50.0]], routing_f1=2 / 3, per_task_routing=per_task)
+    sparse = fake_run(tmp_path, "SETA", "seta", [[12.0], [10.0, 50.0]], routing_f1=2 / 3,
+                      per_task_routing=per_task)
     unrouted = fake_run(tmp_path, "MTL", "mtl", [[20.0, 60.0]])
     rows = section(report.write_report([routed, sparse, unrouted], tmp_path / "r.md"), "Fig. 7")
     assert rows == ["| SEE(10%) | base | 66.67 | 33.33 |", "| SETA | – | 66.67 | 66.67 |"]
@@ -172,8 +176,8 @@ def test_table_4_states_how_the_indicators_learned(runs, tmp_path):
 
 def test_the_tau_sweep_lists_see_runs_in_order_of_tau(runs, tmp_path):
     rows = section(report.write_report(runs, tmp_path / "r.md"), "Fig. 6")
-    assert [r.split(" | ")[0] for r in rows] == ["| 1",
-                                                 "| 10"], "in order of tau; pseudo-negative and semantic runs stay out"
+    assert [r.split(" | ")[0] for r in rows] == ["| 1", "| 10"], (
+        "in order of tau; pseudo-negative and semantic runs stay out")
 
 
 def test_the_perplexity_table_gives_medians_per_task_and_overall(runs, tmp_path):
@@ -182,10 +186,12 @@ def test_the_perplexity_table_gives_medians_per_task_and_overall(runs, tmp_path)
 
 
 def test_runs_without_perplexities_are_named(runs, tmp_path):
-    lines = (Path(runs[0]) / "eval.predictions.jsonl").read_text().replace(', "perplexity": 2.0', "")
+    lines = (Path(runs[0]) / "eval.predictions.jsonl").read_text().replace(
+        ', "perplexity": 2.0', "")
     (Path(runs[0]) / "eval.predictions.jsonl").write_text(lines.replace(', "perplexity": 4.0', ""))
     text = report.write_report(runs, tmp_path / "r.md")
-    assert "No perplexities for SEE(10%): evaluated before" in text and "| SEE(10%) | 3.00" not in text
+    assert ("No perplexities for SEE(10%): evaluated before" in text
+            and "| SEE(10%) | 3.00" not in text)
 
 
 def test_plots_are_written_beside_the_report_and_linked(runs, tmp_path):
@@ -199,7 +205,8 @@ def test_plots_are_written_beside_the_report_and_linked(runs, tmp_path):
 def test_without_matplotlib_the_report_says_so_and_draws_nothing(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(report.importlib.util, "find_spec", lambda name: None)
     text = report.write_report(runs, tmp_path / "r.md")
-    assert "Plots skipped: matplotlib is not installed" in text and not (tmp_path / "r-figures").exists()
+    assert ("Plots skipped: matplotlib is not installed" in text
+            and not (tmp_path / "r-figures").exists())
 
 
 def test_runs_of_different_settings_get_their_own_tables(runs, tmp_path):
@@ -207,7 +214,8 @@ def test_runs_of_different_settings_get_their_own_tables(runs, tmp_path):
     other.mkdir()
     text = report.write_report([runs[1], see(other, "SEE(10%)", ar_scores=(1.0, 2.0))],
                                tmp_path / "r.md")
-    assert text.count("## Table 1") == text.count("## Final ROUGE-L") == 1, "same setting, one table"
+    assert text.count("## Table 1") == text.count("## Final ROUGE-L") == 1, (
+        "same setting, one table")
     system = json.loads((other / "SEE(10%)" / "system.json").read_text())
     system["settings"]["max_train"] = 32
     (other / "SEE(10%)" / "system.json").write_text(json.dumps(system))

@@ -58,7 +58,8 @@ def test_a_claimed_answer_is_the_experts_own_continuation_after_o_pos(system):
     experts[1].use(model)
     own = generate(model, queries["pe"][:2], 4 + len(ind.pos), tok.eos_ids, prefixes=[ind.pos],
                    ban=ind.added)
-    assert [o[:len(ind.pos)] for o in own] == [ind.pos] * 2 and answers == [o[len(ind.pos):] for o in own]
+    assert ([o[:len(ind.pos)] for o in own] == [ind.pos] * 2
+            and answers == [o[len(ind.pos):] for o in own])
 
 
 def test_an_answer_never_holds_the_added_indicator_tokens(system):
@@ -101,7 +102,8 @@ def test_an_expert_that_emits_neither_indicator_sends_the_query_to_the_base_mode
     older = experts[0]  # the sa expert, which would claim these queries
     routed = route(system, [older, mute], queries["sa"])
     assert [[ind.read(t) for _, t in v] for v in routed.visits] == [[NEITHER]] * 6, "precondition"
-    assert routed.routes == [BASE] * 6, "the paper's rule: straight to the base model, the older expert unasked"
+    assert routed.routes == [BASE] * 6, (
+        "the paper's rule: straight to the base model, the older expert unasked")
     with base_model(model):
         assert routed.answers == generate(model, queries["sa"], 4, tok.eos_ids)
     assert route(system, [older, mute], queries["sa"], exceptions="next").routes == ["sa"] * 6
@@ -156,7 +158,8 @@ def test_parallel_routing_equals_sequential_on_random_adapters(system, device):
     mixed = mixed_queries(queries)
     parallel = parallel_route(model, noisy, ind, mixed, 6, tok.eos_ids, 8)
     assert parallel == sequential_route(model, noisy, ind, mixed, 6, tok.eos_ids, 8)
-    assert len(set(parallel.routes)) >= 2, "queries the newest expert refuses fall through to older ones"
+    assert len(set(parallel.routes)) >= 2, (
+        "queries the newest expert refuses fall through to older ones")
 
 
 def test_router_cli_shows_each_expert_step_and_who_answered(system, tmp_path, capsys, monkeypatch):

@@ -18,7 +18,8 @@ from errors import UserError
 from evaluate import evaluate_run
 from experts import load_expert, prompt_ids, reconstruct
 from router import GATE_SCALE, gate_logits, key_route, match_keys, query_features
-from train import TrainConfig, gate_loss, importance, routing_regulariser, train, train_sequence, trainable_parameters, training_data
+from train import (TrainConfig, gate_loss, importance, routing_regulariser, train, train_sequence,
+                   trainable_parameters, training_data)
 
 WEIGHTS = {"both": (1.0, 1.0), "no-anchor": (0.0, 1.0), "no-route-reg": (1.0, 0.0)}
 
@@ -50,7 +51,8 @@ def weighted_drift(run) -> float:
     importance to task 1."""
     first, second = stage(run, 1), stage(run, 2)
     weights, importance = shared(first), shared(first, "importance_")
-    return sum(float((importance[k.replace(".shared_", ".importance_shared_")] * (second.adapter[k] - w) ** 2).sum())
+    return sum(float((importance[k.replace(".shared_", ".importance_shared_")]
+                      * (second.adapter[k] - w) ** 2).sum())
                for k, w in weights.items())
 
 
@@ -106,10 +108,11 @@ def gate_accuracy(rows, tiny_dir, tasks, eval_queries):
     return sum(r == g for r, g in zip(routes, gold)) / len(gold)
 
 
-def test_the_trained_gate_picks_tasks_at_least_as_well_as_its_imprinted_start(seta_runs, tiny_dir, synthetic_tasks,
-                                                                               eval_queries):
+def test_the_trained_gate_picks_tasks_at_least_as_well_as_its_imprinted_start(
+        seta_runs, tiny_dir, synthetic_tasks, eval_queries):
     last = stage(seta_runs["both"], 3)
-    assert list(last.imprints) == list(last.keys) and any(not torch.equal(last.imprints[t], last.keys[t]) for t in last.keys)
+    assert (list(last.imprints) == list(last.keys)
+            and any(not torch.equal(last.imprints[t], last.keys[t]) for t in last.keys))
     trained = gate_accuracy(last.keys, tiny_dir, synthetic_tasks, eval_queries)
     assert trained >= gate_accuracy(last.imprints, tiny_dir, synthetic_tasks,
                                     eval_queries) and trained >= 0.95
@@ -166,7 +169,8 @@ def test_routing_regulariser_is_the_kl_of_the_old_outputs_to_the_new_ones_on_rem
     assert routing_regulariser(claiming, memory, old) > routing_regulariser(between, memory, old)
 
 
-def test_importance_is_the_fisher_a_weight_that_cannot_change_the_loss_has_none(tiny, synthetic_tasks):
+def test_importance_is_the_fisher_a_weight_that_cannot_change_the_loss_has_none(tiny,
+                                                                                synthetic_tasks):
     model, tok = tiny
     lora.add_subexperts(model, lora.LoraConfig(), lora.SubExpertConfig(shared=1))
     lora.set_task(model, "colour", learning=True)
@@ -196,8 +200,8 @@ def test_earlier_tasks_masks_and_held_weights_stay_frozen(seta_runs, tiny_dir):
             assert torch.equal(getattr(m, k)[held], getattr(layers[1][path], k)[held]), (path, k)
 
 
-def test_remembered_queries_reach_the_gate_but_never_the_experts_loss(seta_runs, tiny_dir, synthetic_tasks, tmp_path,
-                                                                     monkeypatch):
+def test_remembered_queries_reach_the_gate_but_never_the_experts_loss(
+        seta_runs, tiny_dir, synthetic_tasks, tmp_path, monkeypatch):
     cfg = TrainConfig(model=str(tiny_dir), method="seta", task=synthetic_tasks[1],
                       previous=synthetic_tasks[:1],
                       init=str(next(seta_runs["both"].glob("1-*")) / "expert"), max_train=32,
@@ -215,7 +219,8 @@ def test_remembered_queries_reach_the_gate_but_never_the_experts_loss(seta_runs,
     assert remembered and seen and not any(q in remembered for q in seen)
 
 
-def test_a_stage_stores_its_shared_experts_importance_and_one_gate_row_per_task(seta_runs, tiny_dir):
+def test_a_stage_stores_its_shared_experts_importance_and_one_gate_row_per_task(seta_runs,
+                                                                                tiny_dir):
     last = stage(seta_runs["both"], 3)
     assert list(last.keys) == ["colour", "count", "mood"]
     model, _ = load_dir(tiny_dir)
@@ -231,9 +236,11 @@ def test_a_stage_stores_its_shared_experts_importance_and_one_gate_row_per_task(
                                   {k: v for k, v in last.training.items() if "importance" not in k})
 
 
-def test_evaluation_reports_gate_accuracy_and_what_each_stage_trains(seta_runs, check_stage_parameters):
+def test_evaluation_reports_gate_accuracy_and_what_each_stage_trains(seta_runs,
+                                                                     check_stage_parameters):
     result, predictions = evaluate_run(seta_runs["both"], max_eval=4, max_new_tokens=3)
-    assert result["label"] == "SETA(c=0.3)" and [len(row) for row in result["til_scores"]] == [1, 2, 3]
+    assert (result["label"] == "SETA(c=0.3)"
+            and [len(row) for row in result["til_scores"]] == [1, 2, 3])
     assert result["task_id_accuracy"] == pytest.approx(
         sum(p["route"] == Path(p["task"]).stem for p in predictions) / len(predictions))
     assert 0 <= result["imprinted_accuracy"] <= 1

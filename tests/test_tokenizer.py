@@ -14,8 +14,9 @@ from tokenizer import Tokenizer
 
 def superni_lines(n: int = 300) -> list[str]:
     """Prompts and outputs of several tasks: prose, dialogue, Spanish, digits, lists, newlines."""
-    records = itertools.chain.from_iterable(read_jsonl(data_dir() / f"{t}.extra.jsonl") for t in
-                                            ("qa", "trans", "pe", "dsg", "sum", "pos", "para", "sa"))
+    records = itertools.chain.from_iterable(
+        read_jsonl(data_dir() / f"{t}.extra.jsonl")
+        for t in ("qa", "trans", "pe", "dsg", "sum", "pos", "para", "sa"))
     texts = itertools.chain.from_iterable((r["full_prompt"], r["output"]) for r in records)
     return list(itertools.islice(texts, n))
 
@@ -115,5 +116,6 @@ def test_bos_added_by_a_tokenizer_json_post_processor_is_detected(tmp_path, smol
     backend.save(str(tmp_path / "tokenizer.json"))
     tok = Tokenizer.from_dir(tmp_path)
     assert tok.add_bos and tok.bos_id == 1
-    assert tok.encode("Hello") == backend.encode("Hello").ids == [1] + tok.encode("Hello", bos=False)
+    assert (tok.encode("Hello") == backend.encode("Hello").ids
+            == [1] + tok.encode("Hello", bos=False))
     assert tok.decode(tok.encode("Hello")) == "Hello"

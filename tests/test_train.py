@@ -48,7 +48,8 @@ def test_the_run_directory_holds_config_log_and_expert(separable_run):
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 17)), "64 samples / batch 16 x 4 epochs"
     assert log[-1]["loss"] < log[0]["loss"]
-    assert log[0]["lr"] == cfg.lr and log[-1]["lr"] < cfg.lr / 10, "cosine decay from lr, no warm-up"
+    assert (log[0]["lr"] == cfg.lr
+            and log[-1]["lr"] < cfg.lr / 10), "cosine decay from lr, no warm-up"
     assert not (run_dir / "state.pt").exists(), "the resume state goes once the expert is written"
 
 
@@ -59,7 +60,8 @@ def test_only_the_adapter_and_indicator_rows_are_trainable(tiny):
     lora.set_adapter(model, "a")
     trainable = trainable_parameters(model, "a", indicator_rows=True)
     adapter = {id(p) for p in lora.lora_parameters(model, "a")}
-    assert {id(p) for p in trainable.values()} == adapter | {id(model.extra_embed), id(model.extra_head)}
+    assert ({id(p) for p in trainable.values()}
+            == adapter | {id(model.extra_embed), id(model.extra_head)})
     assert all(p.requires_grad == (id(p) in {id(q) for q in trainable.values()})
                for p in model.parameters())
     model(torch.tensor([[1, 5, 7]])).sum().backward()
@@ -106,7 +108,8 @@ def test_a_finished_run_or_other_settings_are_refused(tiny_dir, tmp_path):
     with pytest.raises(UserError, match="already holds a trained expert"):
         train(small(tiny_dir, tmp_path / "r"))
     (tmp_path / "s").mkdir()
-    (tmp_path / "s" / "config.json").write_text(json.dumps({**json.loads((tmp_path / "r" / "config.json").read_text()), "tau": 0.2}))
+    (tmp_path / "s" / "config.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "r" / "config.json").read_text()), "tau": 0.2}))
     with pytest.raises(UserError, match=r"other settings \(tau: 0.2 -> 0.5\)"):
         train(small(tiny_dir, tmp_path / "s"))
 
@@ -130,14 +133,16 @@ def test_one_bfloat16_autocast_step_follows_the_float32_step(tiny_dir, tmp_path,
     losses = {d: json.loads((run / "log.jsonl").read_text())["loss"] for d, run in runs.items()}
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=1e-3)
     moved = {d: torch.cat([t.flatten() for k, t in expert_tensors(run).items() if "lora_B" in k]
-                          + [(load_file(run / "expert" / "indicators.safetensors")["embed"] - model.extra_embed).flatten()])
+                          + [(load_file(run / "expert" / "indicators.safetensors")["embed"]
+                              - model.extra_embed).flatten()])
              for d, run in runs.items()}
     cosine = torch.nn.functional.cosine_similarity(moved["float32"], moved["bfloat16"],
                                                    dim=0).item()
     assert cosine > 0.9, f"cosine of the two updates {cosine:.3f}"
 
 
-def test_the_dtype_defaults_to_bfloat16_where_the_cpu_has_it_and_config_records_it(tiny_dir, tmp_path, monkeypatch, device):
+def test_the_dtype_defaults_to_bfloat16_where_the_cpu_has_it_and_config_records_it(
+        tiny_dir, tmp_path, monkeypatch, device):
     from checkpoint import resolve_dtype
     for flags, expected in (({"avx512_bf16": True}, "bfloat16"), ({"amx_bf16": True}, "bfloat16"),
                             ({"avx2": True}, "bfloat16" if device == "cuda" else "float32")):
@@ -145,7 +150,8 @@ def test_the_dtype_defaults_to_bfloat16_where_the_cpu_has_it_and_config_records_
         assert resolve_dtype(None, device) == getattr(torch, expected), flags
     assert resolve_dtype("float32", "cuda") == torch.float32, "a dtype given is kept"
     run = train(replace(small(tiny_dir, tmp_path / "r"), epochs=1))
-    assert json.loads((run / "config.json").read_text())["dtype"] == expected, "the dtype the run computed in"
+    assert (json.loads((run / "config.json").read_text())["dtype"]
+            == expected), "the dtype the run computed in"
 
 
 def test_activation_checkpointing_gives_the_plain_paths_gradients(tiny_dir, device):
@@ -194,10 +200,12 @@ def test_adapter_and_indicator_rows_have_their_own_learning_rates(tiny_dir, tmp_
                for t in B) == pytest.approx(1e-3, rel=1e-3), "B moved from zero by lr"
 
 
-def test_a_sequence_resumes_at_its_unfinished_stage_and_ends_as_an_uninterrupted_one(tiny_dir, tmp_path, monkeypatch):
+def test_a_sequence_resumes_at_its_unfinished_stage_and_ends_as_an_uninterrupted_one(
+        tiny_dir, tmp_path, monkeypatch):
     cfg = replace(small(tiny_dir, tmp_path / "whole"), previous=[])
     whole = train_sequence(cfg, ["sa", "pe"])  # stage 1: 4 steps; stage 2 (sa rehearsed): 6 steps
-    assert json.loads((whole / "system.json").read_text())["experts"] == ["1-sa/expert", "2-pe/expert"]
+    assert (json.loads((whole / "system.json").read_text())["experts"]
+            == ["1-sa/expert", "2-pe/expert"])
     assert json.loads((whole / "2-pe" / "config.json").read_text())["previous"] == ["sa"]
     calls, real_scale = [], train_mod.lr_scale
 
@@ -240,7 +248,8 @@ def test_each_method_arranges_its_stages(tmp_path, monkeypatch, method, stages):
                           ["sa", "pe", "qa"])
     assert [(Path(c.out).name, c.task, c.previous, c.init and Path(c.init).parent.name)
             for c in seen] == stages
-    assert json.loads((root / "system.json").read_text())["experts"] == [f"{s[0]}/expert" for s in stages]
+    assert (json.loads((root / "system.json").read_text())["experts"]
+            == [f"{s[0]}/expert" for s in stages])
     assert all(c.tau == (1.0 if method == "mtl" else 0.1)
                for c in seen), "MTL replays every earlier example"
 
@@ -253,7 +262,8 @@ def test_a_continued_lora_starts_from_the_previous_stage_and_has_no_indicators(t
     second = load_expert(train(replace(cfg, task="pe", lr=1e-30,
                                        init=str(tmp_path / "sa" / "expert"),
                                        out=str(tmp_path / "pe"))) / "expert")
-    assert first.adapter.keys() == second.adapter.keys() and any(v.abs().max() > 0 for v in first.adapter.values())
+    assert (first.adapter.keys() == second.adapter.keys()
+            and any(v.abs().max() > 0 for v in first.adapter.values()))
     assert all(torch.allclose(first.adapter[k], second.adapter[k], rtol=0, atol=1e-25)
                for k in first.adapter)
     assert second.indicator == "none" and second.rows == {}
@@ -276,9 +286,11 @@ def test_pseudo_negatives_are_as_many_lima_queries_as_rehearsal_would_draw():
 def test_a_run_written_before_a_setting_existed_resumes_with_its_default(tiny_dir, tmp_path):
     cfg = small(tiny_dir, tmp_path / "old")
     (tmp_path / "old").mkdir()
-    written = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("method", "negatives", "init")}
+    written = {k: v for k, v in dataclasses.asdict(cfg).items()
+               if k not in ("method", "negatives", "init")}
     (tmp_path / "old" / "config.json").write_text(json.dumps(written))
-    assert train_mod.resume_state(cfg) is None, "same settings, no checkpoint yet: a fresh start, not a refusal"
+    assert train_mod.resume_state(cfg) is None, (
+        "same settings, no checkpoint yet: a fresh start, not a refusal")
     with pytest.raises(UserError, match="method: see -> replay"):
         train_mod.resume_state(replace(cfg, method="replay"))
 
