@@ -91,8 +91,8 @@ def model_tag(name: str) -> str:
 
 def _is_repo_id(name: str) -> bool:
     parts = name.split("/")
-    looks_local = name.startswith((".", "~")) or Path(parts[0]).exists()
-    return len(parts) == 2 and all(parts) and not looks_local
+    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+            and not Path(parts[0]).exists())
 
 
 def download(repo_id: str) -> Path:

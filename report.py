@@ -107,6 +107,11 @@ def task_name(t: str) -> str:
     return Path(t).stem
 
 
+def expert_names(tasks: list[str]) -> list[str]:
+    """The names train.py gives the tasks' experts, as per_task_routing and ood_routes key them."""
+    return [TrainConfig(task=t).name for t in tasks]
+
+
 def is_see(r: dict, negatives: str = "tasks", indicator: str = "added") -> bool:
     """A SEE run with these negatives and indicator type (default: rehearsed task queries,
     added tokens)."""
@@ -251,7 +256,7 @@ def routing_per_task(rs: list[dict], title: str, tasks: list[str]) -> list[str]:
     routed = [r for r in rs if r.get("per_task_routing")]
     if not routed:
         return []
-    names = [TrainConfig(task=t).name for t in tasks]  # the experts' names, as per_task_routing's
+    names = expert_names(tasks)
     rows = []
     for r in routed:
         f1 = [pct(r["per_task_routing"].get(n, {}).get("f1")) for n in names]
@@ -266,7 +271,7 @@ def ood_claimants(rs: list[dict], title: str, tasks: list[str]) -> list[str]:
     routed = [r for r in rs if r.get("ood_routes")]
     if not routed:
         return []
-    names = [TrainConfig(task=t).name for t in tasks]  # the experts' names, as ood_routes'
+    names = expert_names(tasks)
     rows = [[r["label"], name, r["n_ood"][name], *(counts.get(k, 0) for k in ["base", *names])]
             for r in routed for name, counts in r["ood_routes"].items()]
     return [f"\n## Out-of-distribution queries by who answered them ({title})\n",
