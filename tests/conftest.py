@@ -8,10 +8,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 from checkpoint import load_dir, make_tiny
 
 # hubs are unreachable here: fail at once, not after retries
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch):
+    """The default dtype follows the host (bf16 on CPUs with native bf16), and the machines the tests
+    run on differ: every test runs as on a CPU without it, so none depends on the machine. Tests of
+    the bf16 path ask for dtype="bfloat16"; test_train's dtype tests set the detection both ways."""
+    monkeypatch.setattr(checkpoint, "native_bf16", lambda: False)
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=[

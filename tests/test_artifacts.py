@@ -477,7 +477,7 @@ def train_cli(tiny_dir, out):
     args = ["--task", "sa", "--previous", "pe", "--model", tiny_dir, "--max-train", "16",
             "--epochs", "3",
             "--batch-size", "2", "--micro-batch", "2", "--max-source", "48", "--max-target", "6",
-            "--tau", "0.5", "--save-every", "1", "--out", out]
+            "--tau", "0.5", "--save-every", "1", "--dtype", "float32", "--out", out]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

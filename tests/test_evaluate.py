@@ -40,7 +40,10 @@ def test_rouge_l_on_worked_examples():
 
 
 def run_cli(args, tiny_dir):
+    """evaluate.py in a child process, in fp32 unless args say otherwise: the child's default dtype
+    follows the host CPU, which conftest's pin does not reach."""
     env = {**os.environ, "SEE_CACHE": str(tiny_dir.parent)}
+    args = [*args, "--dtype", "float32"] if "--dtype" not in args else args
     return subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True)
 
@@ -113,8 +116,9 @@ def test_non_rehearsal_forgets_earlier_tasks(continual_runs):
 
 def test_the_run_cli_prints_the_papers_table_and_writes_json(continual_runs, tiny_dir, tmp_path):
     runs, results = continual_runs
+    # fp32, as evaluate_run scored them, on a CPU with native bf16 too
     res = run_cli(["--run", str(runs["see"]), "--run", str(runs["non-rehearsal"]), "--max-eval",
-                   "8", "--max-new-tokens", "6", "--max-ood", "8"], tiny_dir)
+                   "8", "--max-new-tokens", "6", "--max-ood", "8", "--dtype", "float32"], tiny_dir)
     assert res.returncode == 0, res.stderr
     header, *rows = res.stdout.strip().splitlines()[-5:-2]
     assert header.split() == ["method", "colour", "count", "mood", "AR", "BWT", "R-F1", "RB-LIMA",

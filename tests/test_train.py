@@ -13,9 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import lora
 import train as train_mod
 from checkpoint import load_dir
+from checkpoint import native_bf16 as detect_native_bf16  # bound before conftest pins it
 from data import load_ood, load_task
 from errors import UserError
 from experts import load_expert, prompt_ids, setup_indicators
@@ -70,10 +72,12 @@ def test_only_the_adapter_and_indicator_rows_are_trainable(tiny):
 
 
 def small(tiny_dir, out, **kw):
+    """A tiny run in fp32 (unless kw says otherwise): the tests that compare two runs check exact
+    arithmetic identities, which bf16's rounding would blur."""
     return TrainConfig(task="sa", previous=["pe"], model=str(tiny_dir), out=str(out), tau=0.5,
                        max_train=16, epochs=2,
                        batch_size=8, micro_batch=4, lr=1e-3, max_source=64, max_target=8,
-                       save_every=2, **kw)
+                       save_every=2, **{"dtype": "float32", **kw})
 
 
 def expert_tensors(run_dir):
@@ -142,15 +146,22 @@ def test_one_bfloat16_autocast_step_follows_the_float32_step(tiny_dir, tmp_path,
     assert cosine > 0.9, f"cosine of the two updates {cosine:.3f}"
 
 
-def test_the_dtype_defaults_to_bfloat16_where_the_cpu_has_it_and_config_records_it(
-        tiny_dir, tmp_path, monkeypatch, device):
-    from checkpoint import resolve_dtype
-    for flags, expected in (({"avx512_bf16": True}, "bfloat16"), ({"amx_bf16": True}, "bfloat16"),
-                            ({"avx2": True}, "bfloat16" if device == "cuda" else "float32")):
+def test_native_bf16_is_read_from_the_cpus_capabilities(monkeypatch):
+    for flags, expected in (({"avx512_bf16": True}, True), ({"amx_bf16": True}, True),
+                            ({"bf16": True}, True), ({"avx2": True, "avx512_bf16": False}, False)):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
-        assert resolve_dtype(None, device) == getattr(torch, expected), flags
-    assert resolve_dtype("float32", "cuda") == torch.float32, "a dtype given is kept"
-    run = train(replace(small(tiny_dir, tmp_path / "r"), epochs=1))
+        assert detect_native_bf16() == expected, flags
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
+def test_the_default_dtype_follows_the_cpu_and_config_records_it(tiny_dir, tmp_path, monkeypatch,
+                                                                 device, native):
+    from checkpoint import resolve_dtype
+    monkeypatch.setattr(checkpoint, "native_bf16", lambda: native)
+    expected = "bfloat16" if native or device == "cuda" else "float32"
+    assert resolve_dtype(None, device) == getattr(torch, expected)
+    assert resolve_dtype("float32", device) == torch.float32, "a dtype given is kept"
+    run = train(replace(small(tiny_dir, tmp_path / "r", dtype=None), epochs=1))
     assert (json.loads((run / "config.json").read_text())["dtype"]
             == expected), "the dtype the run computed in"
 
@@ -297,7 +308,10 @@ def test_a_run_written_before_a_setting_existed_resumes_with_its_default(tiny_di
 
 
 def run_cli(args, tiny_dir):
+    """train.py in a child process, in fp32 unless args say otherwise: the child's default dtype
+    follows the host CPU, which conftest's pin does not reach."""
     env = {**os.environ, "SEE_CACHE": str(tiny_dir.parent)}
+    args = [*args, "--dtype", "float32"] if "--dtype" not in args else args
     return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True)
 
@@ -377,7 +391,7 @@ def test_two_processes_under_torchrun_train_the_expert_one_process_does(tiny_dir
     args = ["--model", "tiny", "--task", "sa", "--previous", "pe", "--tau", "0.5", "--max-train",
             "16", "--epochs", "2",
             "--batch-size", "8", "--micro-batch", "2", "--max-source", "64", "--max-target", "8",
-            "--lr", "1e-2",
+            "--lr", "1e-2", "--dtype", "float32",  # compared to 1e-6: fp32 on every CPU
             "--dropout", "0"]  # no dropout: each process draws its own masks
     one = run_cli([*args, "--out", str(tmp_path / "one")], tiny_dir)
     two = torchrun([*args, "--out", str(tmp_path / "two")], tiny_dir)
