@@ -15,12 +15,16 @@ from checkpoint import load_dir, make_tiny
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True)
-def cpu_without_native_bf16(monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def cpu_without_native_bf16():
     """The default dtype follows the host (bf16 on CPUs with native bf16), and the machines the tests
-    run on differ: every test runs as on a CPU without it, so none depends on the machine. Tests of
-    the bf16 path ask for dtype="bfloat16"; test_train's dtype tests set the detection both ways."""
-    monkeypatch.setattr(checkpoint, "native_bf16", lambda: False)
+    run on differ: every test and fixture runs as on a CPU without it, so none depends on the
+    machine. Tests of the bf16 path ask for dtype="bfloat16"; test_train's dtype tests set the
+    detection both ways. Child processes (train.py, evaluate.py run as commands) are not reached:
+    the tests that start them pass --dtype."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint, "native_bf16", lambda: False)
+        yield
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=[

@@ -22,7 +22,8 @@ from experts import load_expert
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_TRAINING = ["--max-train", "8", "--epochs", "1", "--batch-size", "8", "--micro-batch", "8",
-                 "--max-source", "48", "--max-target", "6", "--tau", "0.5"]
+                 "--max-source", "48", "--max-target", "6", "--tau", "0.5",
+                 "--dtype", "float32"]  # as in-process runs resolve it (conftest), on every CPU
 EVAL = ["--max-eval", "2", "--max-new-tokens", "2", "--max-ood", "2"]
 # what reads a file of a finished run; every other file (system.json, the
 # experts) is read by evaluate.py --run
