@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -30,24 +29,21 @@ from tqdm import tqdm
 
 import lora
 from artifacts import check_writable, read_json
-from checkpoint import atomic_write, device_name, load, model_tag, resolve_dtype
+from checkpoint import atomic_write, device_name, model_tag, resolve_dtype
 from data import OOD_EVAL, TASKS, XLINGUAL, Example, load_ood, load_task
 from errors import UserError, user_errors
-from experts import (NEITHER, TEMPLATES, TRAINING_FILE, UNROUTED, Expert, Indicators, LoraExpert,
-                     SubExpert, base_model, load_expert, prompt_ids, resolve_template,
-                     setup_indicators)
+from experts import (NEITHER, TEMPLATES, Expert, Indicators, SubExpert,
+                     base_model, load_system, prompt_ids, resolve_template)
 from model import Llama
 from report import write_report
-from router import (BASE, EXCEPTIONS, generate_batched, key_route, match_keys, parallel_route,
-                    query_features, sequential_route)
+from router import BASE, generate_batched, key_route, sequential_route
 from tokenizer import Tokenizer
-from train import LOG_FILE, METHODS, Method, read_log, read_system
+from runs import LOG_FILE, METHODS, Method, read_log, read_system
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-ROUTERS = {"sequential": sequential_route, "parallel": parallel_route}  # same decisions and answers
 # --routing none: no routing, one expert answers every query with its o_pos
 # forced (paper Fig. 4, SEE-AE)
-ROUTINGS = (*ROUTERS, "none")
+ROUTINGS = ("sequential", "none")
 XLINGUAL_ENV = "SEE_XLINGUAL_TOKENIZER"  # a tokenizer.json to use instead of GPT-2's from the hub
 # GPT-2's pre-tokenizer (words, numbers, other symbols, each with its
 # leading space), for Unicode text
@@ -141,16 +137,14 @@ def routing_scores(routes: list[str | None], gold: list[str | None]) -> dict:
                 rb_acc=sum(r is None for r in ood) / len(ood) if ood else None)
 
 
-def routing_cost(outcomes: list[list[str]], to_base: list[bool], routing: str) -> dict:
+def routing_cost(outcomes: list[list[str]], to_base: list[bool]) -> dict:
     """Given what each visited expert emitted per query (newest first) and whether the
     base model answered it: experts visited and prefills per query (Appendix E; a
     base-model answer is one more), and how many queries met an expert that emitted
     neither indicator (the exception path)."""
     n = max(len(outcomes), 1)
     visited = sum(map(len, outcomes))
-    # parallel: one for all experts
-    prefills = visited if routing == "sequential" else len(outcomes)
-    return dict(visited=visited / n, prefills=(prefills + sum(to_base)) / n,
+    return dict(visited=visited / n, prefills=(visited + sum(to_base)) / n,
                 exceptions=sum(NEITHER in o for o in outcomes))
 
 
@@ -174,7 +168,7 @@ def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indi
                   examples: list[Example], max_source: int = 1024, max_new_tokens: int = 512,
                   batch_size: int = 16, template: str = "plain", progress: bool = False,
                   task: str | None = None, routing: str = "sequential",
-                  exceptions: str = "base", xlingual: bool = False) -> tuple[dict, list[dict]]:
+                  xlingual: bool = False) -> tuple[dict, list[dict]]:
     """Answer every example (SEE: routed through the experts, base model last; a
     baseline, or routing "none": one adapter), greedy-decode, and score (xlingual:
     as SuperNI scores non-English).
@@ -196,8 +190,8 @@ def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indi
                              batch_size, progress)
         routes = [experts[0].name] * len(prompts)
     elif experts:
-        routed = ROUTERS[routing](model, experts, ind, prompts, max_new_tokens, tok.eos_ids,
-                                  batch_size, progress, exceptions)
+        routed = sequential_route(model, experts, ind, prompts, max_new_tokens, tok.eos_ids,
+                                  batch_size, progress)
         answers, routes = routed.answers, routed.routes
     else:
         answers = answer_all(model, None, ind, prompts, max_new_tokens, tok.eos_ids, batch_size,
@@ -218,27 +212,8 @@ def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indi
                    seconds=seconds, generated_tokens_per_s=sum(map(len, answers)) / seconds)
     if routed is not None:
         outcomes = [[ind.read(t) for _, t in v] for v in routed.visits]
-        summary.update(routing_cost(outcomes, [r is BASE for r in routed.routes], routing))
+        summary.update(routing_cost(outcomes, [r is BASE for r in routed.routes]))
     return summary, records
-
-
-def load_system(model_name: str | None, expert_dirs: list[str], device,
-                dtype) -> tuple[Llama, Tokenizer, list[Expert], Indicators | None, str]:
-    """The base model with the given experts attached (in training order)."""
-    experts = [load_expert(d) for d in expert_dirs]
-    bases = {e.base_model for e in experts}
-    kinds = {e.indicator for e in experts}
-    prompts = {(e.template, e.max_source, getattr(e, "sub", None)) for e in experts}
-    if len(bases) > 1 or len(kinds) > 1 or len(prompts) > 1:
-        raise UserError(f"experts disagree on base model, indicator type or prompt: "
-                        f"{sorted(bases)}, {sorted(kinds)}")
-    model_name = model_name or (bases.pop() if bases else "smollm2-135m")
-    model, tok = load(model_name, dtype=dtype, device=device)
-    kind = kinds.pop() if experts else UNROUTED
-    ind = setup_indicators(model, tok, kind) if kind != UNROUTED else None
-    for e in experts:
-        e.attach(model)
-    return model, tok, experts, ind, model_name
 
 
 def method_label(system: dict) -> str:
@@ -265,7 +240,6 @@ class Scoring:
     max_new_tokens: int
     batch_size: int
     routing: str
-    exceptions: str
     progress: bool
 
     @property
@@ -280,7 +254,7 @@ class Scoring:
 def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_tokens: int = 512,
                  batch_size: int = 16, max_ood: int = OOD_EVAL, data_dir: str | None = None,
                  device="cpu", dtype=torch.float32, progress: bool = False,
-                 routing: str = "sequential", exceptions: str = "base") -> tuple[dict, list[dict]]:
+                 routing: str = "sequential") -> tuple[dict, list[dict]]:
     """Score a system written by train.py --sequence, and return the results and
     the final stage's predictions.
 
@@ -301,7 +275,7 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
     model, tok, experts, ind, _ = load_system(None, [str(d) for d in dirs], device, dtype)
     evals = {t: load_task(t, "eval", data_dir)[:max_eval] for t in tasks}
     s = Scoring(model, tok, experts, ind, tasks, evals, max_new_tokens, batch_size, routing,
-                exceptions, progress)
+                progress)
     routed = method.routes and routing != "none"
     # queries of no task in the sequence, for RB-Acc (read now: a missing file fails early)
     if routed:
@@ -319,8 +293,7 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
                   bwt=backward_transfer(scores) if routed or method.continues else None,
                   routing_f1=None, per_task_routing=None, rb_acc=None, ood_routes=None, n_ood=None,
                   routing_steps=None, routing=routing,
-                  exception_rule=exceptions if routed else None,
-                  parameters=stage_parameters(model, experts, dirs))
+                  parameters=stage_parameters(experts))
     if any(Path(t).stem in XLINGUAL for t in tasks):
         result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name
     if method.sparse:
@@ -364,7 +337,6 @@ def score_matrix(s: Scoring, cells: dict[tuple[int, int], list[Expert]],
         summary, records = evaluate_task(s.model, s.tok, experts, s.ind, s.evals[task],
                                          s.max_source, s.max_new_tokens, s.batch_size, s.template,
                                          task=s.experts[i].name if til else None, routing=s.routing,
-                                         exceptions=s.exceptions,
                                          xlingual=Path(task).stem in XLINGUAL)
         scores[j].append(summary["rougeL"])
         if j == last:
@@ -397,7 +369,7 @@ def routing_metrics(s: Scoring, heldout: dict[str, list[Example]], predictions: 
     scored = routing_scores(routes, gold_routes(s, predictions))
     return dict(routing_f1=scored["f1"], per_task_routing=scored["per_task"],
                 **see_routing(s.model, s.tok, s.experts, s.ind, heldout, predictions, s.max_source,
-                              s.template, s.batch_size, s.routing, s.exceptions, s.progress))
+                              s.template, s.batch_size, s.progress))
 
 
 def add_perplexities(model: Llama, tok: Tokenizer, ind: Indicators | None, predictions: list[dict],
@@ -420,8 +392,7 @@ def add_perplexities(model: Llama, tok: Tokenizer, ind: Indicators | None, predi
 
 def see_routing(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indicators,
                 heldout: dict[str, list[Example]], predictions: list[dict], max_source: int,
-                template: str, batch_size: int, routing: str, exceptions: str,
-                progress: bool) -> dict:
+                template: str, batch_size: int, progress: bool) -> dict:
     """RB-Acc on each out-of-distribution set (only the routing decision matters, so one token of
     answer is enough) with who answered its queries, and the routing cost (routing_cost) on the
     sequence's own queries ("tasks"), on each such set, and on all of them together."""
@@ -430,14 +401,13 @@ def see_routing(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indica
     rb_acc, ood_routes = {}, {}
     for name, examples in heldout.items():
         prompts = [prompt_ids(tok, ex.query, max_source, template) for ex in examples]
-        r = ROUTERS[routing](model, experts, ind, prompts, 1, tok.eos_ids, batch_size, progress,
-                             exceptions)
+        r = sequential_route(model, experts, ind, prompts, 1, tok.eos_ids, batch_size, progress)
         rb_acc[name] = routing_scores(r.routes, [None] * len(r.routes))["rb_acc"]
         ood_routes[name] = dict(Counter("base" if route is BASE else route for route in r.routes))
         outcomes[name] = [[ind.read(t) for _, t in v] for v in r.visits]
         to_base[name] = [route is BASE for route in r.routes]
-    cost = {name: routing_cost(outcomes[name], to_base[name], routing) for name in outcomes}
-    everything = routing_cost(sum(outcomes.values(), []), sum(to_base.values(), []), routing)
+    cost = {name: routing_cost(outcomes[name], to_base[name]) for name in outcomes}
+    everything = routing_cost(sum(outcomes.values(), []), sum(to_base.values(), []))
     return dict(rb_acc=rb_acc, ood_routes=ood_routes, n_ood={k: len(v) for k, v in heldout.items()},
                 exceptions={name: c["exceptions"] for name, c in cost.items()},
                 routing_steps=everything["visited"], prefills=everything["prefills"])
@@ -454,61 +424,19 @@ def imprinted_accuracy(model: Llama, tok: Tokenizer, last: Expert, predictions: 
     queries = {(t, ex.id): ex.query for t, examples in evals.items() for ex in examples}
     prompts = [prompt_ids(tok, queries[p["task"], p["id"]], max_source, template)
                for p in predictions]
-    routes = match_keys(query_features(model, prompts, batch_size), last.imprints)
+    routes = lora.match_keys(lora.query_features(model, prompts, batch_size), last.imprints)
     return sum(r == g for r, g in zip(routes, gold)) / len(gold)
 
 
-def disk_bytes(directory: Path, leave_out: tuple[str, ...] = ()) -> int:
-    """Bytes of the files in a directory, but those named in leave_out."""
-    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file()
-               and f.name not in leave_out)
-
-
-def lora_bytes(model: Llama, expert: Expert) -> int:
-    """Bytes on disk of one LoRA adapter (PEFT layout, fp32, as train.py writes
-    them) of the expert's rank on the projections its sub-experts sit on: what a
-    LoRA per task stores per task."""
-    r = expert.lora.r
-    state = {f"{lora.PEFT_PREFIX}{path}.lora_{ab}.weight": torch.zeros(shape)
-             for path, m in lora.subexpert_layers(model).items()
-             for ab, shape in (("A", (r, m.base.in_features)), ("B", (m.base.out_features, r)))}
-    with tempfile.TemporaryDirectory() as tmp:
-        lora.write_adapter(state, expert.lora, tmp, expert.base_model)
-        return disk_bytes(Path(tmp))
-
-
-def stage_parameters(model: Llama, experts: list[Expert],
-                     dirs: list[Path] | None = None) -> list[dict]:
-    """Trainable parameters of each stage; MoSEs: everything its optimizer may change (free
-    sub-expert weights, all mask scores, the key), the mask scores alone, the weights its task's
-    mask keeps, those no earlier task held (new), their share of the mask (trainable_share: what the
-    task could change), and the weights held by some task so far (held). SETA also trains its shared
-    experts and every row of its gate. With the stages' directories: bytes on disk per stage, what
-    inference needs (bytes) and the training state a next stage needs (training_bytes), beside as
-    many per-task LoRA adapters'."""
-    out, held = [], 0
-    for i, e in enumerate(experts):
-        if isinstance(e, LoraExpert):
-            weights = (*e.adapter.values(), *e.rows.values())
-            out.append(dict(trainable=sum(v.numel() for v in weights)))
-            continue
-        e.use(model)
-        counts = lora.subexpert_counts(model)
-        # weights and their scores, less what earlier tasks froze, the shared
-        # experts, and the key (the gate's rows)
-        rows = len(e.keys) if e.sub.shared else 1
-        out.append(dict(trainable=2 * counts["weights"] - held + counts["shared"]
-                        + rows * model.config.dim,
-                        scores=counts["weights"], mask=counts[f"mask_{e.name}"],
-                        new=counts["used"] - held,
-                        trainable_share=(counts["used"] - held) / counts[f"mask_{e.name}"],
-                        held=counts["used"], shared=counts["shared"]))
-        if dirs is not None:
-            inference = disk_bytes(dirs[i], (TRAINING_FILE,))
-            out[-1].update(bytes=inference, training_bytes=disk_bytes(dirs[i]) - inference,
-                           lora_bytes=(i + 1) * lora_bytes(model, e))
-        held = counts["used"]
-    return out
+def stage_parameters(experts: list[Expert]) -> list[dict]:
+    """What each stage trained, as train.py recorded it in expert.json: its trainable parameters;
+    MoSEs/SETA: everything its optimizer may change (free sub-expert weights, all mask scores, the
+    key; SETA: its shared experts and every row of its gate), the mask scores alone, the weights its
+    task's mask keeps, those no earlier task held (new), their share of the mask (trainable_share:
+    what the task could change), the weights held by some task so far (held), the bytes on disk of
+    what inference needs (bytes) and of the training state a next stage needs (training_bytes),
+    beside as many per-task LoRA adapters' (lora_bytes)."""
+    return [e.counts for e in experts]
 
 
 def print_table(results: list[dict]) -> None:
@@ -599,20 +527,15 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=512, help="the paper's target length")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--routing", default="sequential", choices=ROUTINGS,
-                   help="SEE: experts one after another (the readable reference), all in one "
-                        "batched pass, or none: one expert answers every query with its o_pos "
-                        "forced (--run: each task by its own expert, the paper's SEE-AE)")
-    p.add_argument("--exceptions", default="base", choices=EXCEPTIONS,
-                   help="an expert that emits neither indicator sends the query to the base model "
-                        "(the paper's rule), or on to the next older expert, as if it had emitted "
-                        "o_neg")
+                   help="SEE: experts newest first (the paper's sequential routing), or none: one "
+                        "expert answers every query with its o_pos forced (--run: each task by its "
+                        "own expert)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weights and compute; default as train.py: bfloat16 on CUDA and on CPUs "
                         "with native bf16, else float32")
     p.add_argument("--out", default=None,
                    help="result JSON (default: beside the first expert, or runs/base-<model>/; "
-                        "with --run: <run>/eval.json, eval-expert-only.json for --routing none, "
-                        "eval-exceptions-next.json for --exceptions next)")
+                        "with --run: <run>/eval.json, eval-expert-only.json for --routing none)")
     args = p.parse_args()
     if args.report:
         if args.run or args.task or args.expert:
@@ -635,8 +558,7 @@ def main() -> None:
 def variant(args: argparse.Namespace) -> str:
     """The result file's suffix for settings that change what is measured, so no result is
     overwritten by one measured otherwise."""
-    suffix = "-expert-only" if args.routing == "none" else ""
-    return suffix + ("-exceptions-next" if args.exceptions == "next" else "")
+    return "-expert-only" if args.routing == "none" else ""
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -676,7 +598,7 @@ def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
         result, predictions = evaluate_run(run, args.max_eval, args.max_new_tokens, args.batch_size,
                                            args.max_ood,
                                            args.data_dir, device, dtype, progress=True,
-                                           routing=args.routing, exceptions=args.exceptions)
+                                           routing=args.routing)
         result.update(settings, dtype=str(dtype).removeprefix("torch."), device=device_name(device),
                       eval_seconds=time.perf_counter() - t0, train_seconds=train_seconds(Path(run)))
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -717,12 +639,12 @@ def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
     settings = dict(task=args.task, split=args.split, model=model_name, experts=args.expert,
                     template=template, max_source=max_source, max_eval=args.max_eval,
                     max_new_tokens=args.max_new_tokens,
-                    routing=args.routing, exception_rule=args.exceptions)
+                    routing=args.routing)
     check_result(out, settings)
     summary, records = evaluate_task(model, tok, experts, ind, examples, max_source,
                                      args.max_new_tokens,
                                      args.batch_size, template, progress=True, routing=args.routing,
-                                     exceptions=args.exceptions, xlingual=task in XLINGUAL)
+                                     xlingual=task in XLINGUAL)
     out.parent.mkdir(parents=True, exist_ok=True)
     preds = out.with_suffix(".predictions.jsonl")
     atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in records)))

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import lora
 from artifacts import check_fields, read_json, read_tensors
-from checkpoint import atomic_dir
+from checkpoint import atomic_dir, load
 from data import Example
 from errors import UserError
 from model import Llama
@@ -157,17 +157,20 @@ class LoraExpert:
     adapter: dict[str, torch.Tensor]  # PEFT-keyed LoRA weights
     # "embed" (and "head" if untied): o_pos, o_neg rows
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)  # what it trained, recorded by train.py
 
     @classmethod
     def from_model(cls, model: Llama, name: str, task: str, base_model: str, indicator: str,
-                   max_source: int, template: str, cfg: lora.LoraConfig) -> "LoraExpert":
+                   max_source: int, template: str, cfg: lora.LoraConfig,
+                   counts: dict | None = None) -> "LoraExpert":
         rows = {}
         if indicator == "added":
             rows["embed"] = model.extra_embed.detach().float().clone()
             if not model.config.tie_embeddings:
                 rows["head"] = model.extra_head.detach().float().clone()
         adapter = {k: v.float().clone() for k, v in lora.adapter_state(model, name).items()}
-        return cls(name, task, base_model, indicator, max_source, template, cfg, adapter, rows)
+        return cls(name, task, base_model, indicator, max_source, template, cfg, adapter, rows,
+                   dict(counts or {}))
 
     def save(self, path: str | Path) -> None:
         """Write the expert to `path` atomically (a temporary directory, then a rename)."""
@@ -186,7 +189,7 @@ class LoraExpert:
         if meta["indicator"] == "added" and ("embed" not in rows or set(rows) - {"embed", "head"}):
             raise UserError(f"{path / ROWS_FILE}: need the tensors 'embed' (and 'head'), "
                             f"got {', '.join(rows) or 'none'}")
-        return cls(*[meta[k] for k in EXPERT_FIELDS], cfg, adapter, rows)
+        return cls(*[meta[k] for k in EXPERT_FIELDS], cfg, adapter, rows, meta["counts"])
 
     def attach(self, model: Llama) -> None:
         """Add this expert's adapter to the model (the indicator rows are put in place by `use`)."""
@@ -233,15 +236,17 @@ class SubExpert:
     training: dict[str, torch.Tensor] | None = None
     # SETA: task -> its gate row as imprinted
     imprints: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)  # what it trained and holds, recorded by train.py
 
     @classmethod
     def from_model(cls, model: Llama, name: str, task: str, base_model: str, indicator: str,
                    max_source: int, template: str, cfg: lora.LoraConfig, sub: lora.SubExpertConfig,
                    keys: dict[str, torch.Tensor] | None = None,
-                   imprints: dict[str, torch.Tensor] | None = None) -> "SubExpert":
+                   imprints: dict[str, torch.Tensor] | None = None,
+                   counts: dict | None = None) -> "SubExpert":
         state, training = lora.subexpert_state(model)
         return cls(name, task, base_model, indicator, max_source, template, cfg, state, sub,
-                   dict(keys or {}), training, dict(imprints or {}))
+                   dict(keys or {}), training, dict(imprints or {}), dict(counts or {}))
 
     def save(self, path: str | Path) -> None:
         """Write the expert to `path` atomically (a temporary directory, then a rename)."""
@@ -253,6 +258,9 @@ class SubExpert:
                 training = {**self.training,
                             **{f"imprints.{t}": v for t, v in self.imprints.items()}}
                 save_file({k: v.contiguous() for k, v in training.items()}, tmp / TRAINING_FILE)
+            # bytes on disk of what inference needs, and of what only a next stage needs
+            self.counts.update(bytes=(tmp / SUBEXPERTS_FILE).stat().st_size,
+                               training_bytes=sum(f.stat().st_size for f in tmp.glob(TRAINING_FILE)))
             write_meta(self, tmp,
                        dict(lora=dataclasses.asdict(self.lora), sub=dataclasses.asdict(self.sub)))
 
@@ -273,7 +281,8 @@ class SubExpert:
                         v in training.items() if k.startswith("imprints.")}
             training = {k: v for k, v in training.items() if not k.startswith("imprints.")}
         adapter = {k: v for k, v in state.items() if not k.startswith("keys.")}
-        return cls(*[meta[k] for k in EXPERT_FIELDS], cfg, adapter, sub, keys, training, imprints)
+        return cls(*[meta[k] for k in EXPERT_FIELDS], cfg, adapter, sub, keys, training, imprints,
+                   meta["counts"])
 
     def attach(self, model: Llama) -> None:
         """Add the sub-expert layers to the model, once for all stages (each stage's weights are put
@@ -297,7 +306,7 @@ Expert = LoraExpert | SubExpert
 
 def write_meta(expert: Expert, directory: Path, extra: dict) -> None:
     """expert.json: what both kinds of expert record about themselves, and `extra`."""
-    meta = {k: getattr(expert, k) for k in EXPERT_FIELDS}
+    meta = {k: getattr(expert, k) for k in (*EXPERT_FIELDS, "counts")}
     (directory / EXPERT_FILE).write_text(json.dumps({**meta, **extra}, indent=2) + "\n")
 
 
@@ -309,13 +318,32 @@ def load_expert(path: str | Path) -> Expert:
         raise UserError(f"{path} is not an expert directory (no {EXPERT_FILE})")
     meta = read_json(path / EXPERT_FILE)
     check_fields(meta, path / EXPERT_FILE, name=str, task=str, base_model=str, indicator=str,
-                 max_source=int, template=str)
+                 max_source=int, template=str, counts=dict)
     if meta["indicator"] not in (*INDICATORS, UNROUTED) or meta["template"] not in TEMPLATES \
             or meta["max_source"] < 1:
         raise UserError(f"{path / EXPERT_FILE}: unknown indicator {meta['indicator']!r} or "
                         f"template {meta['template']!r}, or max_source {meta['max_source']} < 1")
     kind = SubExpert if "sub" in meta else LoraExpert
     return kind.load(path, meta)
+
+
+def load_system(model_name: str | None, expert_dirs: list[str], device,
+                dtype) -> tuple[Llama, Tokenizer, list[Expert], Indicators | None, str]:
+    """The base model with the given experts attached (in training order)."""
+    experts = [load_expert(d) for d in expert_dirs]
+    bases = {e.base_model for e in experts}
+    kinds = {e.indicator for e in experts}
+    prompts = {(e.template, e.max_source, getattr(e, "sub", None)) for e in experts}
+    if len(bases) > 1 or len(kinds) > 1 or len(prompts) > 1:
+        raise UserError(f"experts disagree on base model, indicator type or prompt: "
+                        f"{sorted(bases)}, {sorted(kinds)}")
+    model_name = model_name or (bases.pop() if bases else "smollm2-135m")
+    model, tok = load(model_name, dtype=dtype, device=device)
+    kind = kinds.pop() if experts else UNROUTED
+    ind = setup_indicators(model, tok, kind) if kind != UNROUTED else None
+    for e in experts:
+        e.attach(model)
+    return model, tok, experts, ind, model_name
 
 
 @contextlib.contextmanager

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from artifacts import NUMBER, check_fields, read_json, read_tensors
@@ -59,11 +61,6 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.active: str | None = None
-        self.merged: str | None = None  # the adapter folded into base.weight, if any
-        # per-row adapters (parallel routing): A (M, r, in), B (M, out, r) and scaling (M,) stacked
-        # from M adapters, and each batch row's index into them
-        self.bank: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.rows: torch.Tensor | None = None
 
     def add(self, name: str, cfg: LoraConfig) -> None:
         w = self.base.weight
@@ -76,20 +73,10 @@ class LoraLinear(nn.Module):
         self.lora_dropout[name] = nn.Dropout(cfg.dropout).train(self.training)
         self.scaling[name] = cfg.alpha / cfg.r
 
-    def delta(self, name: str) -> torch.Tensor:
-        """The adapter's weight update scaling * B A, shaped like the base weight."""
-        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        # batched matmuls over each row's gathered adapter, no loop over adapters
-        if self.bank is not None:
-            A, B, scaling = self.bank
-            h = torch.einsum("bti,bri->btr", x.to(A.dtype), A[self.rows])
-            delta = torch.einsum("btr,bor->bto", h, B[self.rows]) * scaling[self.rows, None, None]
-            return y + delta.to(y.dtype)
         name = self.active
-        if name is None or name == self.merged:
+        if name is None:
             return y
         A, B = self.lora_A[name], self.lora_B[name]
         h = self.lora_dropout[name](x.to(A.weight.dtype))
@@ -126,64 +113,7 @@ def wrap_targets(model: nn.Module, targets: tuple[str, ...], wrap) -> None:
 def set_adapter(model: nn.Module, name: str | None) -> None:
     """Make `name` the active adapter everywhere (None: the bare base model)."""
     for m in lora_layers(model).values():
-        if m.merged is not None and m.merged != name:
-            raise UserError(f"adapter {m.merged!r} is merged into the base weights; unmerge it "
-                            f"first")
         m.active = name if name in m.lora_A else None
-
-
-def stack_adapters(model: nn.Module, names: list[str]) -> None:
-    """Give every LoRA layer a bank of these adapters (smaller ranks zero-padded), so that each
-    batch row can run its own one (set_rows); unstack_adapters goes back to one active adapter."""
-    for m in lora_layers(model).values():
-        if m.merged is not None:
-            raise UserError(f"adapter {m.merged!r} is merged into the base weights; unmerge it "
-                            f"first")
-        # an adapter without this layer adds nothing here
-        present = [n for n in names if n in m.lora_A]
-        r, w = max((m.lora_A[n].weight.shape[0] for n in present), default=1), m.base.weight
-        A = torch.zeros(len(names), r, m.base.in_features, dtype=w.dtype, device=w.device)
-        B = torch.zeros(len(names), m.base.out_features, r, dtype=w.dtype, device=w.device)
-        for j, n in enumerate(names):
-            if n in present:
-                a, b = m.lora_A[n].weight.detach(), m.lora_B[n].weight.detach()
-                A[j, :a.shape[0]], B[j, :, :a.shape[0]] = a, b
-        # fp32 scaling, as the one-adapter path multiplies by a Python float
-        # (bf16 would round 16/12)
-        m.bank = A, B, torch.tensor([m.scaling.get(n, 0.0) for n in names], dtype=torch.float32,
-                                    device=w.device)
-
-
-def set_rows(model: nn.Module, rows: torch.Tensor) -> None:
-    """Batch row i runs the bank's adapter rows[i]."""
-    for m in lora_layers(model).values():
-        m.rows = rows.to(m.bank[0].device)
-
-
-def unstack_adapters(model: nn.Module) -> None:
-    for m in lora_layers(model).values():
-        m.bank = m.rows = None
-
-
-def merge(model: nn.Module, name: str) -> None:
-    """Fold adapter `name` into the base weights and make it the active one (faster inference);
-    unmerge() takes it out again (up to rounding)."""
-    set_adapter(model, name)
-    with torch.no_grad():
-        for m in lora_layers(model).values():
-            if m.merged is not None:
-                raise UserError(f"adapter {m.merged!r} is already merged; unmerge it first")
-            if name in m.lora_A:
-                m.base.weight += m.delta(name).to(m.base.weight.dtype)
-                m.merged = name
-
-
-def unmerge(model: nn.Module) -> None:
-    with torch.no_grad():
-        for m in lora_layers(model).values():
-            if m.merged is not None:
-                m.base.weight -= m.delta(m.merged).to(m.base.weight.dtype)
-                m.merged = None
 
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -213,12 +143,6 @@ def load_adapter_state(model: nn.Module, name: str, state: dict[str, torch.Tenso
                     raise UserError(f"adapter weight {path}.lora_{ab} has shape {tuple(w.shape)}, "
                                     f"expected {tuple(lin.weight.shape)}")
                 lin.weight.copy_(w)
-
-
-def save_adapter(model: nn.Module, name: str, cfg: LoraConfig, out_dir: str | Path,
-                 base_model: str) -> None:
-    """Write adapter `name` as PEFT does, so that PeftModel.from_pretrained reads it."""
-    write_adapter(adapter_state(model, name), cfg, out_dir, base_model)
 
 
 def write_adapter(state: dict[str, torch.Tensor], cfg: LoraConfig, out_dir: str | Path,
@@ -258,14 +182,6 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]
         raise UserError(f"{path}: only plain LoRA adapters can be read (a list of target modules; "
                         f"no bias, rsLoRA, DoRA, per-layer patterns or modules_to_save)")
     return cfg, read_tensors(path / ADAPTER_WEIGHTS)
-
-
-def load_adapter(model: nn.Module, name: str, path: str | Path) -> LoraConfig:
-    """Add a saved adapter to the model under `name`."""
-    cfg, state = read_adapter(path)
-    add_adapter(model, name, cfg)
-    load_adapter_state(model, name, state)
-    return cfg
 
 
 def lora_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
@@ -547,6 +463,19 @@ def subexpert_counts(model: nn.Module) -> dict[str, int]:
     return counts
 
 
+def lora_bytes(model: nn.Module, cfg: LoraConfig, base_model: str) -> int:
+    """Bytes on disk of one LoRA adapter (PEFT layout, fp32, as train.py writes
+    them) of rank cfg.r on the projections the sub-experts sit on: what a
+    LoRA per task stores per task."""
+    r = cfg.r
+    state = {f"{PEFT_PREFIX}{path}.lora_{ab}.weight": torch.zeros(shape)
+             for path, m in subexpert_layers(model).items()
+             for ab, shape in (("A", (r, m.base.in_features)), ("B", (m.base.out_features, r)))}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_adapter(state, cfg, tmp, base_model)
+        return sum(f.stat().st_size for f in Path(tmp).iterdir())
+
+
 def subexpert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """What a MoSE stage trains: sub-expert weights and routers (those earlier tasks hold get zero
     gradients, see SubExpertLinear), the mask scores, and SETA's shared experts."""
@@ -560,3 +489,81 @@ def shared_weights(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
     (same shape)."""
     return [(getattr(m, k), getattr(m, f"importance_{k}")) for m in subexpert_layers(model).values()
             if m.sub.shared for k in SHARED]
+
+
+# --- what picks a task at inference: the query's feature from the frozen base model, matched to
+# MoSEs' prompt keys or to the rows of SETA's unified gate
+
+@torch.no_grad()
+def query_features(model: nn.Module, prompts: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+    """f(x): the frozen base model's final hidden states averaged over the query's tokens, (n, dim).
+
+    From the base model, with no sub-expert active, so that a query's feature, and hence its task,
+    never depends on what was learned after its key (as L2P uses the frozen pretrained encoder);
+    averaged, because a decoder has no [CLS] token that sees the whole query.
+    """
+    set_task(model, None)  # callers set the task they want afterwards
+    device = model.lm_head.weight.device
+    feats = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s:s + batch_size]
+        x = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
+        real = torch.zeros(x.shape, dtype=torch.bool)
+        for i, p in enumerate(chunk):
+            x[i, :len(p)], real[i, :len(p)] = torch.tensor(p), True
+        # right padding: causal attention keeps pads out of real positions
+        h = model.hidden(x.to(device)).float()
+        real = real.to(device).unsqueeze(-1)
+        feats.append((h * real).sum(1) / real.sum(1))
+    return torch.cat(feats)
+
+
+# SETA's gate is a cosine classifier with a fixed scale (as LUCIR's, for class-incremental
+# learning). Raw cosines lie in [-1, 1]: their softmax is nearly flat, and a row could claim every
+# query by growing its norm. On SmolLM2 (docs/RESULTS.md) the routing regulariser did just that with
+# unnormalised rows: it grew the oldest row until the gate sent 100% of queries to the first task.
+GATE_SCALE = 16.0
+
+
+def gate_logits(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """SETA's unified gate: GATE_SCALE times the cosine of the query feature and each task's row."""
+    return GATE_SCALE * F.normalize(features, dim=-1) @ F.normalize(rows, dim=-1).T
+
+
+def match_keys(features: torch.Tensor, keys: dict[str, torch.Tensor]) -> list[str]:
+    """The task whose key (MoSEs) or gate row (SETA: the gate's choice) is most cosine-similar to
+    each feature."""
+    if not keys:
+        raise UserError("no task keys to match")
+    names = list(keys)
+    scores = gate_logits(features, torch.stack([keys[n] for n in names]).to(features))
+    return [names[i] for i in scores.argmax(-1).tolist()]
+
+
+# --- SETA's training terms on the gate and the shared experts
+
+def elastic_anchor(pairs: list[tuple[torch.Tensor, torch.Tensor]],
+                   anchors: list[torch.Tensor]) -> torch.Tensor:
+    """SETA's elastic anchoring (EWC's penalty): 1/2 sum_i F_i (theta_i - theta*_i)^2 over
+    the shared-expert weights theta, with theta* their values after the earlier tasks and F
+    their importance to those tasks."""
+    return sum((imp * (p - a) ** 2).sum() for (p, imp), a in zip(pairs, anchors)) / 2
+
+
+def routing_regulariser(rows: torch.Tensor, memory: torch.Tensor,
+                        old: torch.Tensor) -> torch.Tensor:
+    """SETA's routing-aware regulariser: KL(old || new) of the gate's outputs on earlier
+    tasks' queries, the mean over queries. The new task's output is not in `old`, so mass it
+    takes from them is penalised."""
+    new = F.log_softmax(gate_logits(memory, rows), dim=-1)[:, :old.shape[1]]
+    return (old * (old.clamp_min(1e-12).log() - new)).sum(-1).mean()
+
+
+def gate_loss(rows: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """SETA's gate objective: each query's cross-entropy against its task's row, averaged
+    per task and then over the tasks present, so that a task's few remembered queries
+    weigh as much as the batch."""
+    per_query = F.cross_entropy(gate_logits(features, rows), labels, reduction="none")
+    count = torch.bincount(labels, minlength=len(rows))
+    per_task = torch.zeros(len(rows), device=rows.device).index_add(0, labels, per_query)
+    return (per_task[count > 0] / count[count > 0]).mean()

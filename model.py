@@ -1,22 +1,17 @@
 """A self-contained Llama (Llama-2/3, Mistral, Qwen2, SmolLM2) in plain PyTorch.
 
 Module names mirror Hugging Face's (`model.layers.0.self_attn.q_proj`, ...) so that safetensors
-checkpoints load as they are and LoRA adapters can be saved in the PEFT layout.
-
-    python model.py --model smollm2-135m --prompt "The capital of France is"
+checkpoints load as they are and LoRA adapters can be saved in the PEFT layout. It imports nothing
+of the project: checkpoint.py loads it, router.py generates with it.
 """
 from __future__ import annotations
 
-import argparse
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from errors import UserError, user_errors
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -124,14 +119,6 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def select(self, rows: torch.Tensor, max_len: int) -> None:
-        """Keep these rows, in this order, with room for max_len slots."""
-        def grown(x: torch.Tensor) -> torch.Tensor:
-            new = x.new_zeros(len(rows), x.shape[1], max_len, x.shape[3])
-            new[:, :, :x.shape[2]] = x[rows]
-            return new
-        self.k, self.v = grown(self.k), grown(self.v)
-
     def update(self, start: int, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
@@ -198,9 +185,8 @@ class Llama(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
-        # rows added by extend_vocab, kept apart so that the base rows can stay
-        # frozen and bit-identical; (k, dim), or (batch, k, dim) to give every batch
-        # row its own rows (parallel routing)
+        # rows added by extend_vocab (k, dim), kept apart so that the base rows can stay frozen
+        # and bit-identical
         self.extra_embed: nn.Parameter | None = None
         self.extra_head: nn.Parameter | None = None
         # fp32 always: a plain attribute, so model.to(bfloat16) cannot round
@@ -214,7 +200,7 @@ class Llama(nn.Module):
     @property
     def n_vocab(self) -> int:
         """Base vocabulary plus the rows added by extend_vocab."""
-        added = 0 if self.extra_embed is None else self.extra_embed.shape[-2]
+        added = 0 if self.extra_embed is None else len(self.extra_embed)
         return self.config.vocab_size + added
 
     def extend_vocab(self, k: int) -> list[int]:
@@ -239,11 +225,8 @@ class Llama(nn.Module):
         if self.extra_embed is None:
             return self.model.embed_tokens(idx)
         V = self.config.vocab_size  # ids past the extra rows still fail, in the second lookup
-        base, i = self.model.embed_tokens(idx.clamp(max=V - 1)), (idx - V).clamp(min=0)
-        if self.extra_embed.dim() == 3:
-            extra = self.extra_embed[torch.arange(idx.shape[0], device=idx.device)[:, None], i]
-        else:
-            extra = F.embedding(i, self.extra_embed)
+        base = self.model.embed_tokens(idx.clamp(max=V - 1))
+        extra = F.embedding((idx - V).clamp(min=0), self.extra_embed)
         # trained rows may be fp32
         return torch.where((idx >= V).unsqueeze(-1), extra.to(base.dtype), base)
 
@@ -252,12 +235,6 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(batch, max_len, self.config.n_kv_heads,
                                                self.config.head_dim, dtype, device)
-
-    def select_cache_rows(self, rows: torch.Tensor, max_len: int) -> None:
-        """Keep only these batch rows of every layer's cache, in this order, with room for
-        max_len slots."""
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache.select(rows, max_len)
 
     def clear_caches(self) -> None:
         for layer in self.model.layers:
@@ -304,26 +281,8 @@ class Llama(nn.Module):
         """Logits over the base vocabulary, then the added rows."""
         logits = self.lm_head(x)
         if self.extra_head is not None:
-            head = self.extra_head
-            extra = (torch.einsum("btd,bkd->btk", x, head.to(x.dtype)) if head.dim() == 3
-                     else F.linear(x, head))
-            logits = torch.cat([logits, extra], dim=-1)
+            logits = torch.cat([logits, F.linear(x, self.extra_head)], dim=-1)
         return logits
-
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token per row of logits (B, V): greedy at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p >= 1.0:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    # keep the smallest prefix whose mass reaches top_p
-    drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-    choice = torch.multinomial(sorted_p.masked_fill(drop, 0.0), 1, generator=generator)
-    return order.gather(-1, choice).squeeze(-1)
 
 
 def read_prefixes(tokens: list[int], prefixes: list[list[int]]) -> int | None:
@@ -357,32 +316,21 @@ def trim(row: list[int], eos_ids: list[int], prefixes: list[list[int]] | None = 
 
 @torch.no_grad()
 def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
-             temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
              prefixes: list[list[int]] | None = None,
-             choose: Callable[[torch.Tensor], torch.Tensor] | None = None,
              ban: list[int] | None = None) -> list[list[int]]:
     """Continue each prompt (a list of ids) in one left-padded batch with the KV cache.
 
     Each row stops at its first EOS (not included in the result) or after max_new_tokens. With
     `prefixes`, a row also stops where read_prefixes says (the tokens read are kept): only rows that
-    complete the first prefix decode on. With `choose` too, once the longest prefix's length of
-    tokens are out (or every row has stopped), choose(those tokens, (B, t)) names the rows to go on
-    with: the batch shrinks to them, their caches grow from t new slots to all of them, and only
-    their results are returned, in that order. Tokens in `ban` are never generated after the first
+    complete the first prefix decode on. Tokens in `ban` are never generated after the first
     prefix (SEE's added indicator tokens: routing signals, not response text).
     """
-    if choose is not None and not prefixes:
-        raise UserError("choose needs prefixes")
     if not prompts or min(len(p) for p in prompts) == 0:
-        raise UserError("cannot generate from an empty prompt")
-    if max_new_tokens < 1 or not 0 < top_p <= 1 or temperature < 0:
-        raise UserError(f"need max_new_tokens >= 1, 0 < top_p <= 1, temperature >= 0 "
-                        f"(got {max_new_tokens}, {top_p}, {temperature})")
+        raise ValueError("cannot generate from an empty prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"need max_new_tokens >= 1, got {max_new_tokens}")
     device = model.lm_head.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
-    if P + max_new_tokens > model.config.max_seq_len:
-        raise UserError(f"prompt ({P} tokens) + {max_new_tokens} new tokens exceed the model's "
-                        f"context of {model.config.max_seq_len}")
     idx = torch.zeros(B, P, dtype=torch.long, device=device)
     pad_mask = torch.ones(B, P + max_new_tokens, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
@@ -393,8 +341,7 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     held = max(map(len, prefixes)) if prefixes else 0  # steps during which the prefixes rule reads
-    # with choose, only the rows kept after the prefixes get caches for the whole length
-    model.setup_caches(B, P + (min(held, max_new_tokens) if choose is not None else max_new_tokens))
+    model.setup_caches(B, P + max_new_tokens)
     try:
         logits = model(idx, pad_mask[:, :P] if padded else None, 0, last_only=True)
         banned = torch.tensor(ban or [], dtype=torch.long, device=device)
@@ -403,17 +350,12 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
             step = logits[:, -1]
             if len(banned) and t >= ban_from:
                 step = step.index_fill(-1, banned, float("-inf"))
-            tok = sample(step, temperature, top_p, generator)
+            tok = step.argmax(-1)  # greedy, as the paper decodes
             out[:, t] = tok
             done |= torch.isin(tok, eos)
             if t < held:
                 read = [read_prefixes(row, prefixes) for row in out[:, :t + 1].tolist()]
                 done |= torch.tensor([r is not None for r in read], device=device)
-            if choose is not None and (t == held - 1 or bool(done.all())):
-                rows = choose(out[:, :t + 1]).to(device)
-                out, done, tok, pad_mask = out[rows], done[rows], tok[rows], pad_mask[rows]
-                model.select_cache_rows(rows, P + max_new_tokens)
-                choose = None
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
             logits = model(tok[:, None], pad_mask[:, :P + t + 1] if padded else None, P + t)
@@ -421,30 +363,3 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
         model.clear_caches()
     return [trim(row, eos_ids, prefixes) for row in out.tolist()]
 
-
-def main() -> None:
-    from checkpoint import load  # the loader imports this module, so import it late
-
-    parser = argparse.ArgumentParser(description="Print the greedy continuation of a raw prompt "
-                                                 "(no chat template).")
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="local directory, hub repo id, 'smollm2-135m' or 'tiny'")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    with user_errors():
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, tok = load(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
-                          device=device)
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        ids = tok.encode(args.prompt)
-        new = generate(model, [ids], args.max_new_tokens, tok.eos_ids, args.temperature, args.top_p,
-                       gen)[0]
-        print(tok.decode(ids + new))
-
-
-if __name__ == "__main__":
-    main()

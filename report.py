@@ -23,7 +23,7 @@ from artifacts import NUMBER, check_fields, read_json
 from checkpoint import atomic_write
 from data import CLASSIFICATION, ORDERS, TASKS, read_jsonl
 from errors import UserError
-from train import METHODS, TrainConfig, read_system
+from runs import METHODS, read_system, task_name as expert_name
 
 TRAINING = ("model", "template", "rank", "alpha", "dropout", "targets", "max_train", "seed",
             "epochs", "batch_size", "lr", "max_source", "max_target")
@@ -109,7 +109,7 @@ def task_name(t: str) -> str:
 
 def expert_names(tasks: list[str]) -> list[str]:
     """The names train.py gives the tasks' experts, as per_task_routing and ood_routes key them."""
-    return [TrainConfig(task=t).name for t in tasks]
+    return [expert_name(t) for t in tasks]
 
 
 def is_see(r: dict, negatives: str = "tasks", indicator: str = "added") -> bool:
@@ -240,10 +240,10 @@ def routing(rs: list[dict], title: str) -> list[str]:
             "answer counted "
             "(Appendix E); exceptions: queries that met an expert emitting neither indicator "
             "(sequence / "
-            "LIMA / held-out SuperNI), sent to the base model under the paper's rule; task id.: "
+            "LIMA / held-out SuperNI), sent to the base model (paper Sec. 3); task id.: "
             "the share routed to their own task.\n",
-            table(["method", "rule", "R-F1", "RB-LIMA", "RB-SNI", "steps", "prefills", "exceptions",
-                   "task id. acc."], [[r["label"], r.get("exception_rule"), pct(r["routing_f1"]),
+            table(["method", "R-F1", "RB-LIMA", "RB-SNI", "steps", "prefills", "exceptions",
+                   "task id. acc."], [[r["label"], pct(r["routing_f1"]),
                     pct((r.get("rb_acc") or {}).get("lima")),
                     pct((r.get("rb_acc") or {}).get("superni")), r.get("routing_steps"),
                     r.get("prefills"), exception_counts(r), pct(r.get("task_id_accuracy"))]
@@ -260,9 +260,9 @@ def routing_per_task(rs: list[dict], title: str, tasks: list[str]) -> list[str]:
     rows = []
     for r in routed:
         f1 = [pct(r["per_task_routing"].get(n, {}).get("f1")) for n in names]
-        rows.append([r["label"], r.get("exception_rule"), *f1])
+        rows.append([r["label"], *f1])
     return [f"\n## Fig. 7 ({title}): routing F1 per task\n",
-            table(["method", "rule", *map(task_name, tasks)], rows)]
+            table(["method", *map(task_name, tasks)], rows)]
 
 
 def ood_claimants(rs: list[dict], title: str, tasks: list[str]) -> list[str]:

@@ -8,7 +8,7 @@ of the paper's Appendix E (expert i claims the query, or none does and the base 
 beside predictions from the measured TTFT and TPOT: the paper's Eq. 8 as printed, and Appendix E
 before its last simplification, (M-1)/2 / (1 + N TPOT/TTFT), which Eq. 8 does not equal. Here a
 query no expert claims costs M prefills and the base model's, not the (M+1)/2 Appendix E assumes,
-and parallel routing's time includes stacking the adapters. Weights are random; each
+and parallel routing's time includes stacking the adapters (bench/parallel.py). Weights are random; each
 outcome is forced by setting the experts' indicator rows from their own hidden state at the end
 of the prompt. Batch of one query, greedy, no EOS. A benchmark, not a test.
 """
@@ -26,7 +26,8 @@ from checkpoint import resolve_dtype  # noqa: E402
 from experts import Indicators, LoraExpert  # noqa: E402
 from forward_backward import SHAPES, timed  # noqa: E402
 from model import Llama, ModelConfig, generate  # noqa: E402
-from router import parallel_route, sequential_route  # noqa: E402
+from parallel import parallel_route  # noqa: E402
+from router import sequential_route  # noqa: E402
 
 
 def make_experts(model: Llama, m: int, device) -> list[LoraExpert]:

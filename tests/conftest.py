@@ -119,7 +119,7 @@ def check_stage_parameters():
                     weights=sum(v.numel() for k, v in {**state, **training}.items()
                                 if re.search(r"\.(A|B|gate)(\.free)?$", k) and ".masks." not in k),
                     free=sum(v.numel() for k, v in training.items() if k.endswith(".free")),
-                    bytes=sum(f.stat().st_size for f in d.iterdir() if f.name != TRAINING_FILE),
+                    bytes=(d / "subexperts.safetensors").stat().st_size,
                     training_bytes=(d / TRAINING_FILE).stat().st_size)
 
     def check_stage_parameters(run, params, extra):

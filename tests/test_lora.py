@@ -1,4 +1,4 @@
-"""Hand-written LoRA: a no-op at init, merge/unmerge, several adapters, and PEFT's file
+"""Hand-written LoRA: a no-op at init, several adapters, and PEFT's file
 layout (peft is the oracle)."""
 import json
 
@@ -47,26 +47,6 @@ def test_only_the_targeted_projections_are_wrapped(pair):
     assert len(lora.lora_layers(model)) == 3 * model.config.n_layers
 
 
-def test_merged_and_unmerged_outputs_agree(pair):
-    _, model = pair
-    lora.add_adapter(model, "a", CFG)
-    randomize(model, "a")
-    lora.set_adapter(model, "a")
-    model.eval()
-    base_q = model.model.layers[0].self_attn.q_proj.base.weight.clone()
-    with torch.no_grad():
-        unmerged = model(tokens())
-        lora.merge(model, "a")
-        merged = model(tokens())
-        lora.unmerge(model)
-    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
-    lora.merge(model, "a")
-    with pytest.raises(UserError, match="merged into the base weights"):
-        lora.set_adapter(model, None)
-    lora.unmerge(model)
-    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.base.weight, base_q)
-
-
 def test_the_active_adapter_selects_the_function(pair):
     _, model = pair
     with torch.no_grad():
@@ -96,11 +76,19 @@ def test_peft_loads_what_we_save_with_identical_outputs(pair, tmp_path):
     lora.add_adapter(model, "a", CFG)
     randomize(model, "a")
     lora.set_adapter(model, "a")
-    lora.save_adapter(model, "a", CFG, tmp_path, base_model="random")
+    lora.write_adapter(lora.adapter_state(model, "a"), CFG, tmp_path, "random")
     peft_model = peft.PeftModel.from_pretrained(ref, tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(tokens()), peft_model(tokens()).logits, rtol=1e-5,
                                    atol=1e-5)
+
+
+def load_adapter(model, name, path):
+    """Add a saved adapter (ours or PEFT's) to the model under `name`."""
+    cfg, state = lora.read_adapter(path)
+    lora.add_adapter(model, name, cfg)
+    lora.load_adapter_state(model, name, state)
+    return cfg
 
 
 def test_we_load_what_peft_saves_with_identical_outputs(pair, tmp_path):
@@ -109,7 +97,7 @@ def test_we_load_what_peft_saves_with_identical_outputs(pair, tmp_path):
                              init_lora_weights=False)
     peft_model = peft.get_peft_model(ref, config).eval()
     peft_model.save_pretrained(tmp_path)
-    cfg = lora.load_adapter(model, "theirs", tmp_path)
+    cfg = load_adapter(model, "theirs", tmp_path)
     assert (cfg.r, cfg.alpha, set(cfg.targets)) == (4, 8, {"q_proj", "v_proj", "down_proj"})
     lora.set_adapter(model, "theirs")
     with torch.no_grad():
@@ -120,10 +108,10 @@ def test_we_load_what_peft_saves_with_identical_outputs(pair, tmp_path):
 def test_an_adapter_for_another_model_is_refused(pair, tmp_path):
     _, model = pair
     lora.add_adapter(model, "a", CFG)
-    lora.save_adapter(model, "a", CFG, tmp_path, base_model="random")
+    lora.write_adapter(lora.adapter_state(model, "a"), CFG, tmp_path, "random")
     _, other = reference_pair({"num_hidden_layers": 1})
     with pytest.raises(UserError, match="do not match the model"):
-        lora.load_adapter(other, "a", tmp_path)
+        load_adapter(other, "a", tmp_path)
 
 
 def test_an_adapter_added_to_an_eval_model_runs_without_dropout(pair):
@@ -139,7 +127,7 @@ def test_an_adapter_added_to_an_eval_model_runs_without_dropout(pair):
 def test_peft_features_we_do_not_implement_are_refused(pair, tmp_path):
     _, model = pair
     lora.add_adapter(model, "a", CFG)
-    lora.save_adapter(model, "a", CFG, tmp_path, base_model="random")
+    lora.write_adapter(lora.adapter_state(model, "a"), CFG, tmp_path, "random")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(UserError, match="only plain LoRA adapters"):

@@ -40,12 +40,8 @@ def test_routing_cost_counts_visits_prefills_and_exceptions():
     # three; an exception at the second
     outcomes = [[POS], [NEG, POS], [NEG, NEG, NEG], [NEG, NEITHER]]
     to_base = [False, False, True, True]
-    seq = routing_cost(outcomes, to_base, "sequential")
-    assert seq == pytest.approx(dict(visited=(1 + 2 + 3 + 2) / 4, prefills=(1 + 2 + 4 + 3) / 4,
-                                     exceptions=1))
-    par = routing_cost(outcomes, to_base, "parallel")
-    assert (par["prefills"]
-            == pytest.approx((1 + 1 + 2 + 2) / 4)), "one prefill for all experts, one for the base"
+    assert routing_cost(outcomes, to_base) == pytest.approx(
+        dict(visited=(1 + 2 + 3 + 2) / 4, prefills=(1 + 2 + 4 + 3) / 4, exceptions=1))
 
 
 def test_xlingual_rouge_keeps_accented_letters_and_case():

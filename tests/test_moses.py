@@ -15,7 +15,8 @@ from data import load_task
 from errors import UserError
 from evaluate import evaluate_run
 from experts import TRAINING_FILE, load_expert, prompt_ids
-from router import key_route, match_keys, query_features
+from lora import match_keys, query_features
+from router import key_route
 from train import TrainConfig, train, train_sequence
 
 
@@ -164,7 +165,8 @@ def one_lora_bytes(tiny_dir, tmp_path):
     """Bytes on disk of a real LoRA adapter of the runs' rank and targets on the tiny model."""
     model, _ = load_dir(tiny_dir)
     lora.add_adapter(model, "one", lora.LoraConfig())
-    lora.save_adapter(model, "one", lora.LoraConfig(), tmp_path / "one", str(tiny_dir))
+    lora.write_adapter(lora.adapter_state(model, "one"), lora.LoraConfig(), tmp_path / "one",
+                       str(tiny_dir))
     return sum(f.stat().st_size for f in (tmp_path / "one").iterdir())
 
 

@@ -102,13 +102,12 @@ def test_routing_f1_is_given_per_task_for_each_routed_run(tmp_path):
     per_task = dict(qa=dict(precision=1.0, recall=0.5, f1=2 / 3),
                     sa=dict(precision=0.5, recall=1.0, f1=2 / 3))
     routed = fake_run(tmp_path, "SEE(10%)", "see", [[12.0], [10.0, 50.0]], routing_f1=0.5,
-                      per_task_routing=dict(per_task, sa=dict(precision=0.2, recall=1.0, f1=1 / 3)),
-                      exception_rule="base")
+                      per_task_routing=dict(per_task, sa=dict(precision=0.2, recall=1.0, f1=1 / 3)))
     sparse = fake_run(tmp_path, "SETA", "seta", [[12.0], [10.0, 50.0]], routing_f1=2 / 3,
                       per_task_routing=per_task)
     unrouted = fake_run(tmp_path, "MTL", "mtl", [[20.0, 60.0]])
     rows = section(report.write_report([routed, sparse, unrouted], tmp_path / "r.md"), "Fig. 7")
-    assert rows == ["| SEE(10%) | base | 66.67 | 33.33 |", "| SETA | – | 66.67 | 66.67 |"]
+    assert rows == ["| SEE(10%) | 66.67 | 33.33 |", "| SETA | 66.67 | 66.67 |"]
 
 
 def test_out_of_distribution_queries_are_counted_by_who_answered_them(tmp_path):

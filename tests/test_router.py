@@ -10,7 +10,9 @@ from checkpoint import load_dir
 from data import load_task
 from experts import NEITHER, base_model, load_expert, prompt_ids, setup_indicators
 from model import generate
-from router import BASE, Routed, parallel_route, sequential_route
+from errors import UserError
+from bench.parallel import parallel_route
+from router import BASE, Routed, generate_batched, sequential_route
 from train import train
 
 
@@ -31,10 +33,9 @@ def system(separable_run, tiny_dir, tmp_path_factory):
     return model, tok, ind, experts, queries
 
 
-def route(system, experts, prompts, batch_size=16, exceptions="base") -> Routed:
+def route(system, experts, prompts, batch_size=16) -> Routed:
     model, tok, ind, _, _ = system
-    return sequential_route(model, experts, ind, prompts, 4, tok.eos_ids, batch_size,
-                            exceptions=exceptions)
+    return sequential_route(model, experts, ind, prompts, 4, tok.eos_ids, batch_size)
 
 
 def test_each_query_reaches_the_expert_of_its_task(system):
@@ -106,19 +107,15 @@ def test_an_expert_that_emits_neither_indicator_sends_the_query_to_the_base_mode
         "the paper's rule: straight to the base model, the older expert unasked")
     with base_model(model):
         assert routed.answers == generate(model, queries["sa"], 4, tok.eos_ids)
-    assert route(system, [older, mute], queries["sa"], exceptions="next").routes == ["sa"] * 6
 
 
-@pytest.mark.parametrize("exceptions", ["base", "next"])
-def test_parallel_routing_takes_the_exception_path_as_sequential_does(system, mute, exceptions):
+def test_parallel_routing_takes_the_exception_path_as_sequential_does(system, mute):
     model, tok, ind, experts, queries = system
     chain = [experts[0], mute, experts[1]]  # pe refuses sa queries, then mute emits neither
     mixed = mixed_queries(queries)
-    parallel = parallel_route(model, chain, ind, mixed, 4, tok.eos_ids, 5, exceptions=exceptions)
-    assert parallel == sequential_route(model, chain, ind, mixed, 4, tok.eos_ids, 5,
-                                        exceptions=exceptions)
-    reached_older = any(r == "sa" for r in parallel.routes)
-    assert reached_older == (exceptions == "next")
+    parallel = parallel_route(model, chain, ind, mixed, 4, tok.eos_ids, 5)
+    assert parallel == sequential_route(model, chain, ind, mixed, 4, tok.eos_ids, 5)
+    assert not any(r == "sa" for r in parallel.routes), "the older sa expert is never asked"
 
 
 def test_batched_routing_equals_routing_one_query_at_a_time(system):
@@ -181,3 +178,9 @@ def test_router_cli_shows_each_expert_step_and_who_answered(system, tmp_path, ca
     assert [(s[2], s[4], s[5]) for s in steps] == [("pe", "'<<neg>>'", "o_neg"),
                                                    ("sa", "'<<pos>>'", "o_pos")]
     assert "answered by: sa" in lines and any(line.startswith("reference: ") for line in lines)
+
+
+def test_generation_refuses_sequences_longer_than_the_context(tiny):
+    model, _ = tiny
+    with pytest.raises(UserError, match="exceed the model's context of 2048"):
+        generate_batched(model, [[1] * 2040], 10, eos_ids=[2])

@@ -17,9 +17,9 @@ from data import load_task
 from errors import UserError
 from evaluate import evaluate_run
 from experts import load_expert, prompt_ids, reconstruct
-from router import GATE_SCALE, gate_logits, key_route, match_keys, query_features
-from train import (TrainConfig, gate_loss, importance, routing_regulariser, train, train_sequence,
-                   trainable_parameters, training_data)
+from lora import GATE_SCALE, gate_logits, gate_loss, match_keys, query_features, routing_regulariser
+from router import key_route
+from train import TrainConfig, importance, train, train_sequence, trainable_parameters, training_data
 
 WEIGHTS = {"both": (1.0, 1.0), "no-anchor": (0.0, 1.0), "no-route-reg": (1.0, 0.0)}
 
@@ -210,11 +210,11 @@ def test_remembered_queries_reach_the_gate_but_never_the_experts_loss(
                       out=str(tmp_path / "count"))
     _, tok = load_dir(tiny_dir)
     remembered = [prompt_ids(tok, ex.query, 96) for ex in training_data(cfg)[1]]
-    seen, nll = [], train_mod.target_nll
+    seen, loss = [], train_mod.eq5_loss
     def recording(model, hidden, batch, *args):
         seen.extend(s.ids[:s.start] for s in batch)
-        return nll(model, hidden, batch, *args)
-    monkeypatch.setattr(train_mod, "target_nll", recording)
+        return loss(model, hidden, batch, *args)
+    monkeypatch.setattr(train_mod, "eq5_loss", recording)
     train(cfg)
     assert remembered and seen and not any(q in remembered for q in seen)
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import checkpoint
 import lora
+import runs
 import train as train_mod
 from checkpoint import load_dir
 from checkpoint import native_bf16 as detect_native_bf16  # bound before conftest pins it
@@ -187,8 +188,8 @@ def test_activation_checkpointing_gives_the_plain_paths_gradients(tiny_dir, devi
         saved = []  # the elements of every tensor the forward pass keeps for the backward pass
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
                                                       lambda t: t):
-            loss = train_mod.target_nll(model, model.hidden, samples, device,
-                                        torch.autocast(device, enabled=False))
+            loss, _ = train_mod.eq5_loss(model, model.hidden, samples, 1, device,
+                                         torch.autocast(device, enabled=False))
         loss.backward()
         grads.append({k: p.grad for k, p in trainable.items()})
         kept.append(sum(saved))
@@ -301,10 +302,10 @@ def test_a_run_written_before_a_setting_existed_resumes_with_its_default(tiny_di
     written = {k: v for k, v in dataclasses.asdict(cfg).items()
                if k not in ("method", "negatives", "init")}
     (tmp_path / "old" / "config.json").write_text(json.dumps(written))
-    assert train_mod.resume_state(cfg) is None, (
+    assert runs.resume_state(cfg) is None, (
         "same settings, no checkpoint yet: a fresh start, not a refusal")
     with pytest.raises(UserError, match="method: see -> replay"):
-        train_mod.resume_state(replace(cfg, method="replay"))
+        runs.resume_state(replace(cfg, method="replay"))
 
 
 def run_cli(args, tiny_dir):

@@ -1,0 +1,107 @@
+"""Parallel routing: the decisions and answers of router.sequential_route with one prefill for all M
+experts instead of up to M (the speed-up the paper's Appendix E weighs). A layer over the core, kept
+here with its benchmark (routing.py): each query is put to every expert at once, one batch row per
+expert, each row running its own adapter (a forward hook on each LoRA layer adds that row's update)
+and its own indicator rows; the indicators decide as sequential routing does, and the claiming
+expert then answers after its o_pos, as `evaluate.py --routing none` forces it.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+import lora
+from experts import NEG, POS, Expert, Indicators
+from model import Llama, generate
+from router import BASE, Routed, base_answers, generate_batched
+
+
+@contextlib.contextmanager
+def per_row_experts(model: Llama, experts: list[Expert], rows: torch.Tensor):
+    """Batch row i runs expert rows[i]: its LoRA update and its indicator rows (added tokens)."""
+    banks = {}
+    for m in lora.lora_layers(model).values():
+        present = [e.name for e in experts if e.name in m.lora_A]
+        r = max((m.lora_A[n].weight.shape[0] for n in present), default=1)
+        A = m.base.weight.new_zeros(len(experts), r, m.base.in_features)
+        B = m.base.weight.new_zeros(len(experts), m.base.out_features, r)
+        scale = torch.zeros(len(experts), device=A.device)  # fp32, as the one-adapter path's float
+        for j, e in enumerate(experts):
+            if e.name in present:
+                a = m.lora_A[e.name].weight
+                A[j, :len(a)], B[j, :, :len(a)] = a, m.lora_B[e.name].weight
+                scale[j] = m.scaling[e.name]
+        banks[m] = A[rows], B[rows], scale[rows, None, None]
+
+    def add_update(m, inputs, y):
+        A, B, scale = banks[m]
+        h = torch.einsum("bti,bri->btr", inputs[0].to(A.dtype), A)
+        return y + (torch.einsum("btr,bor->bto", h, B) * scale).to(y.dtype)
+    embed = torch.stack([e.rows["embed"] for e in experts])[rows].to(model.extra_embed)
+    head = torch.stack([e.rows.get("head", e.rows["embed"]) for e in experts])[rows]
+    V = model.config.vocab_size
+
+    def embed_rows(idx: torch.Tensor) -> torch.Tensor:
+        x = model.model.embed_tokens(idx.clamp(max=V - 1))
+        extra = embed[torch.arange(len(idx), device=idx.device)[:, None], (idx - V).clamp(min=0)]
+        return torch.where((idx >= V).unsqueeze(-1), extra.to(x.dtype), x)
+
+    def head_rows(x: torch.Tensor) -> torch.Tensor:
+        extra = torch.einsum("btd,bkd->btk", x, head.to(x))
+        return torch.cat([model.lm_head(x), extra], dim=-1)
+    lora.set_adapter(model, None)
+    hooks = [m.register_forward_hook(add_update) for m in banks]
+    model.embed, model.head = embed_rows, head_rows  # instance attributes shadow the methods
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        del model.embed, model.head
+
+
+def first_claim(first: list[list[int]], names: list[str],
+                ind: Indicators) -> tuple[int | None, list[tuple[str, list[int]]]]:
+    """Sequential routing's decision from every expert's first tokens at once: the index of the
+    expert that answers (None: the base model) and the visits that lead there."""
+    visits = []
+    for e in reversed(range(len(names))):
+        outcome = ind.read(first[e])
+        visits.append((names[e], ind.pos if outcome == POS else first[e]))
+        if outcome == POS:
+            return e, visits
+        if outcome != NEG:
+            break
+    return None, visits
+
+
+@torch.no_grad()
+def parallel_route(model: Llama, experts: list[Expert], ind: Indicators, prompts: list[list[int]],
+                   max_new_tokens: int, eos_ids: list[int], batch_size: int = 16) -> Routed:
+    """Route as router.sequential_route does, reading every expert's indicator in one batched pass
+    (batch_size queries, M rows each), then letting each claiming expert answer its queries."""
+    M, names = len(experts), [e.name for e in experts]
+    routed = Routed([[] for _ in prompts], [BASE] * len(prompts), [[] for _ in prompts])
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    longest = max(len(ind.pos), len(ind.neg))
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        with per_row_experts(model, experts, torch.arange(M).repeat(len(chunk))):
+            first = generate(model, [prompts[i] for i in chunk for _ in range(M)], longest,
+                             eos_ids, prefixes=[ind.pos, ind.neg], ban=ind.added)
+        for q, i in enumerate(chunk):
+            e, routed.visits[i] = first_claim(first[q * M:(q + 1) * M], names, ind)
+            routed.routes[i] = BASE if e is None else names[e]
+    for e in experts:
+        claimed = [i for i, r in enumerate(routed.routes) if r == e.name]
+        if claimed:
+            e.use(model)
+            answers = generate_batched(model, [prompts[i] + ind.pos for i in claimed],
+                                       max_new_tokens, eos_ids, batch_size, ban=ind.added)
+            for i, answer in zip(claimed, answers):
+                routed.answers[i] = answer
+    unclaimed = [i for i, r in enumerate(routed.routes) if r is BASE]
+    base_answers(model, prompts, unclaimed, routed.answers, max_new_tokens, eos_ids, batch_size,
+                 False)
+    return routed

@@ -1,0 +1,488 @@
+"""What a run is: its settings (TrainConfig and the method table, the command line generated from
+them) and the files a run directory holds, each written and read here: config.json, log.jsonl,
+state.pt, and a sequence's system.json. train.py, evaluate.py, router.py and report.py all take
+them from here."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+import lora
+from artifacts import NUMBER, check_fields, check_writable, inside, read_json, read_text
+from checkpoint import atomic_write, model_tag, resolve_dtype
+from errors import UserError
+from experts import INDICATORS, TEMPLATES, TRAINING_FILE, Expert, SubExpert, load_expert
+
+STATE_FILE, CONFIG_FILE, LOG_FILE = "state.pt", "config.json", "log.jsonl"
+EXPERT_DIR, SYSTEM_FILE = "expert", "system.json"
+
+
+@dataclass(frozen=True)
+class Method:
+    """What sets a method apart: train.py, evaluate.py and report.py read these facts and no method
+    names. A new method is a row of METHODS, and its own loss term if it has one (see pull_term)."""
+    # as the paper's tables print it: {tau} (a percentage) and {sparsity} from its settings
+    label: str
+    help: str
+    continues: bool = False  # stage i starts from stage i-1's adapter
+    rehearses: bool = False  # stage i also learns from tau of T_1..T_{i-1} (routed: their queries)
+    # indicator tokens: an expert per task, the experts routed by what they emit
+    routes: bool = False
+    joint: bool = False  # one stage learns every task at once
+    sparse: bool = False  # one set of masked sub-experts holds every task, a key per task picks it
+    gate: bool = False  # with sparse: anchored shared experts, and one gate over the tasks for keys
+    run_name: tuple[str, ...] = ()  # the settings its default run directory names (format strings)
+
+    @property
+    def pull(self) -> bool:
+        """MoSEs' prompt keys, each pulled toward its task's queries (a gate is
+        trained otherwise)."""
+        return self.sparse and not self.gate
+
+
+# SEE and the paper's baselines (Sec. 4.1), then MoSEs and SETA. Only SEE trains indicators and
+# routes; the baselines train plain (q, r) samples. What each stage learns from: train_sequence.
+METHODS = {
+    "see": Method("SEE({tau})",
+                  "a new expert per task, tau of earlier tasks' queries as <<neg>>, sequential "
+                  "routing",
+                  rehearses=True, routes=True, run_name=("tau{tau:g}",)),
+    "non-rehearsal": Method("Non-rehearsal", "one LoRA fine-tuned on each task in turn",
+                            continues=True),
+    "replay": Method("RandSel({tau})",
+                     "one LoRA fine-tuned on each task in turn plus tau of earlier tasks' full "
+                     "samples (RandSel)",
+                     continues=True, rehearses=True, run_name=("tau{tau:g}",)),
+    "mtl": Method("MTL", "one LoRA on all tasks at once", joint=True),
+    "stl": Method("AvgSTL", "one LoRA per task, each scored on its own task (AvgSTL)"),
+    "moses": Method("MoSEs(c={sparsity})",
+                    "sparse sub-experts, a binary mask per task over their weights, the task "
+                    "picked by prompt keys (MoSEs)",
+                    continues=True, sparse=True,
+                    run_name=("c{sparsity:g}", "e{experts}k{top_k}", "pull{pull_weight:g}")),
+    "seta": Method("SETA(c={sparsity})",
+                   "MoSEs' masked sub-experts as task experts plus anchored shared experts, the "
+                   "task picked by a unified gate (SETA)",
+                   continues=True, rehearses=True, sparse=True, gate=True,
+                   run_name=("c{sparsity:g}", "e{experts}k{top_k}s{shared}", "tau{tau:g}",
+                             "anchor{anchor_weight:g}", "rr{route_reg_weight:g}")),
+}
+# SEE's negatives: earlier tasks' queries, or as many LIMA queries (pseudo-negatives, paper Table 3)
+NEGATIVES = ("tasks", "lima")
+DTYPES = ("float32", "bfloat16")
+
+
+def rate(text: str) -> float | str:
+    """A learning rate, or "adapter" (the adapter's --lr)."""
+    return text if text == "adapter" else float(text)
+
+
+def names(text: str) -> list[str]:
+    """A comma-separated list, e.g. --targets q_proj,v_proj."""
+    return [t for t in text.split(",") if t]
+
+
+def setting(default, help: str, **meta):
+    """A TrainConfig field: its default, its --help line, and for argparse its `type` (else the
+    default's), `choices` or `flag` (else --field-name)."""
+    meta = dict(help=help, **meta)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run, held once: train.py's command line is generated from these fields
+    (arg_parser), config.json records them, and a resumed run must match them (check_same_run)."""
+    task: str = setting("qa", "task abbreviation (qa, qg, sa, sum, trans, dsg, expl, para, pe, "
+                              "pos) or the path of a SuperNI task .json file")
+    previous: list[str] = setting([], "comma-separated earlier tasks; tau of their queries become "
+                                      "negatives", type=names)
+    method: str = setting("see", "; ".join(f"{k}: {v.help}" for k, v in METHODS.items()),
+                          choices=tuple(METHODS))
+    negatives: str = setting("tasks", "SEE's negatives: earlier tasks' queries, or as many LIMA "
+                                      "queries (pseudo-negatives)", choices=NEGATIVES)
+    init: str | None = setting(None, "expert directory whose LoRA this one starts from (else B = 0)",
+                               type=str)
+    experts: int = setting(2, "MoSEs: sub-experts per layer")
+    top_k: int = setting(2, "MoSEs: sub-experts the router mixes per token")
+    sparsity: float = setting(0.3, "MoSEs: c, the share of sub-expert weights a task's mask keeps")
+    pull_weight: float = setting(0.1, "MoSEs: lambda of the pull constraint on the task key")
+    shared: int = setting(1, "SETA: shared experts per layer", flag="--shared-experts")
+    anchor_weight: float = setting(1.0, "SETA: weight of elastic anchoring (importance-weighted "
+                                        "pull of shared experts to their earlier values)")
+    route_reg_weight: float = setting(1.0, "SETA: weight of routing regularisation (the gate's "
+                                           "outputs on earlier tasks' queries kept)")
+    model: str = setting("smollm2-135m", "'smollm2-135m', 'tiny', a local directory or a hub id "
+                                         "(e.g. meta-llama/Llama-2-7b-hf)")
+    data_dir: str | None = setting(None, "SuperNI directory (default $SEE_DATA_DIR, else "
+                                         "../shared/superni)", type=str)
+    out: str | None = setting(None, "run directory (default runs/<task>-<model>); re-running "
+                                    "resumes", type=str)
+    indicator: str = setting("added", "o_pos/o_neg type (paper Table 4)", choices=tuple(INDICATORS))
+    template: str = setting("auto", "how queries are put: the checkpoint's chat template, or plain "
+                                    "'<query>\\nOutput:'", choices=TEMPLATES)
+    tau: float = setting(0.1, "rehearsal ratio of each earlier task")
+    # the paper's setup (Sec. 4.1): rank, dropout, lr, global batch, epochs, lengths; alpha, the
+    # targets, the cosine schedule and gradient clipping are our choices (see README)
+    rank: int = setting(8, "LoRA rank r")
+    alpha: float = setting(16.0, "LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = setting(0.1, "LoRA dropout")
+    targets: list[str] = setting(["q_proj", "v_proj"], "comma-separated LoRA projections",
+                                 type=names)
+    lr: float = setting(2e-4, "peak learning rate of the adapter (cosine decay, no warm-up)")
+    # the new <<pos>>/<<neg>> rows start from nothing, so learn faster than the adapter; "adapter":
+    # at --lr, as in-vocabulary indicators (whose rows are the base model's) learn through it
+    indicator_lr: float | str = setting(1e-2, "learning rate of the added indicator rows (MoSEs: "
+                                              "of the task keys), or 'adapter' for --lr: every "
+                                              "indicator type learns at the adapter's rate (a fair "
+                                              "Table 4)", type=rate)
+    epochs: int = setting(3, "passes over the training set")
+    batch_size: int = setting(32, "global batch (gradient accumulation)")
+    micro_batch: int = setting(4, "sequences per forward pass")
+    max_source: int = setting(1024, "query tokens kept")
+    max_target: int = setting(512, "indicator + response + EOS tokens kept")
+    max_train: int | None = setting(None, "subsample each task's training set to N examples",
+                                    type=int)
+    seed: int = setting(0, "seed of sampling, initialisation and shuffling")
+    dtype: str | None = setting(None, "default: bfloat16 autocast on CUDA and on CPUs with native "
+                                      "bf16 (AVX512-BF16, AMX, Arm BF16), else float32",
+                                type=str, choices=DTYPES)
+    save_every: int = setting(20, "optimizer steps between resumable checkpoints")
+    compile: bool = setting(False, "torch.compile the transformer body (faster steps after a slow "
+                                   "first one)")
+    grad_checkpoint: bool = setting(False, "activation checkpointing: recompute each block's "
+                                           "activations in the backward pass (less memory)")
+
+    @property
+    def name(self) -> str:
+        return task_name(self.task)
+
+    def run_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.name}-{model_tag(self.model)}")
+
+
+def task_name(task: str) -> str:
+    """A task's name in runs (its expert, stage directory and routes): qa, or a task file's stem."""
+    return Path(task).stem.replace(".", "_")
+
+
+def add_arguments(p: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    """A flag per field of the dataclass `cls`, with its help, type, choices and default."""
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = ",".join(default) or "none" if isinstance(default, list) else default
+        flag, help = meta.get("flag", "--" + f.name.replace("_", "-")), f"{meta['help']} " \
+            f"(default: {shown})"
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
+            continue
+        p.add_argument(flag, dest=f.name, default=default, type=meta.get("type", type(default)),
+                       choices=meta.get("choices"), help=help.replace("%", "%%"))
+
+
+def check_types(settings: dict, path: str | Path, cls=TrainConfig) -> None:
+    """Refuse written settings (config.json, system.json) whose values are not of their field's
+    type (None where the default is None)."""
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        value = settings.get(f.name, default)
+        if value is None and default is None or f.name == "indicator_lr" and value == "adapter":
+            continue
+        kind = f.metadata.get("type", type(default))
+        kind = {float: NUMBER, names: list, rate: NUMBER}.get(kind, kind)
+        check_fields({f.name: value}, path, **{f.name: kind})
+
+
+# settings that do not change what is trained, so a resumed run may differ in them
+RESUMABLE_CHANGES = {"out", "save_every", "data_dir", "compile", "grad_checkpoint"}
+
+
+def comparable(settings: dict) -> dict:
+    """Settings as a resumed run must match them: a setting added since the run was written counts
+    as its default, the dtype and paths as resolved, and what does not change the result left out."""
+    settings = {**dataclasses.asdict(TrainConfig()), **settings}
+    settings.update(dtype=dtype_name(settings["dtype"]),
+                    init=settings["init"] and str(Path(settings["init"]).resolve()))
+    return {k: v for k, v in settings.items() if k not in RESUMABLE_CHANGES}
+
+
+def dtype_name(name: str | None) -> str:
+    """--dtype as this machine resolves it (checkpoint.resolve_dtype), e.g. 'float32'."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_dtype(name, device)).removeprefix("torch.")
+
+
+def read_config(path: Path) -> dict:
+    """A run's config.json, its values of TrainConfig's types."""
+    settings = read_json(path)
+    check_types(settings, path)
+    return settings
+
+
+def write_json(path: Path, value: dict) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=2) + "\n"))
+
+
+def check_same_run(cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse a run directory whose config.json is unreadable or holds other settings than cfg
+    (but `ignore`)."""
+    out = cfg.run_dir()
+    config = comparable(dataclasses.asdict(cfg))
+    saved = comparable(read_config(out / CONFIG_FILE))
+    changed = sorted(k for k in config.keys() | saved.keys()
+                     if k not in ignore and config.get(k) != saved.get(k))
+    if changed:
+        changes = ", ".join(f"{k}: {saved.get(k)} -> {config.get(k)}" for k in changed)
+        raise UserError(f"{out} holds a run with other settings ({changes}); pass another --out")
+
+
+def save_state(path: Path, step: int, params: dict[str, torch.nn.Parameter],
+               opt: torch.optim.Optimizer) -> None:
+    """state.pt: what resuming needs (trained parameters, optimizer, random state)."""
+    state = dict(step=step, params={k: p.detach().cpu() for k, p in params.items()},
+                 optimizer=opt.state_dict(), rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def read_state(path: Path) -> dict:
+    """A resumable checkpoint, as save_state writes it (tensors only: weights_only refuses any
+    pickled object)."""
+    try:
+        with warnings.catch_warnings():  # a hostile pickle also draws a protocol warning
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load fails on a torn or foreign file with many kinds of error
+        reason = (str(e).splitlines() or [""])[0][:120]
+        raise UserError(f"{path}: not a checkpoint of train.py "
+                        f"({type(e).__name__}: {reason})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a checkpoint of train.py (a {type(state).__name__})")
+    check_fields(state, path, step=int, params=dict, optimizer=dict, rng=torch.Tensor)
+    if state["step"] < 1 or state["rng"].dtype != torch.uint8:
+        raise UserError(f"{path}: not a checkpoint of train.py (step {state['step']}, rng "
+                        f"{state['rng'].dtype})")
+    return state
+
+
+def read_log(path: Path, steps: int | None) -> list[str]:
+    """The lines of a run's log.jsonl, one per step from 1 on. An unfinished run (`steps` its
+    checkpoint's step) may have a torn last line, from a crash mid-write: it and any step after the
+    checkpoint are dropped. A finished run's log (`steps` None) must be whole."""
+    lines = read_text(path).split("\n")
+    if lines[-1] and steps is None:
+        raise UserError(f"{path}: its last line is cut short, in a finished run")
+    lines = [line for line in lines[:-1] if line]  # the last is empty or torn: no newline after it
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        if not isinstance(record, dict) or record.get("step") != n:
+            raise UserError(f"{path}:{n}: expected the record of step {n}")
+    if steps is not None and len(lines) < steps:
+        raise UserError(f"{path}: ends at step {len(lines)}, before the checkpoint's step {steps}")
+    return lines[:steps]
+
+
+def run_name(cfg: TrainConfig) -> list[str]:
+    """What sets a sequence's default directory apart beside its method and tasks, e.g. ["tau0.1"]
+    in runs/see-tau0.1-qa-qg-sa-sum-trans-smollm2-135m."""
+    method = METHODS[cfg.method]
+    parts = [part.format(**dataclasses.asdict(cfg)) for part in method.run_name]
+    if method.routes:  # SEE's pseudo-negatives and indicator types (Tables 3, 4)
+        parts += ["pseudo"] * (cfg.negatives == "lima")
+        parts += [cfg.indicator] * (cfg.indicator != "added")
+    return parts
+
+
+def read_system(root: Path) -> dict:
+    """A sequence's system.json, checked: a known method, its tasks, one expert directory inside
+    `root` per stage, and settings of TrainConfig's types."""
+    path = root / SYSTEM_FILE
+    if not path.is_file():
+        raise UserError(f"{root} holds no system (no {SYSTEM_FILE}); train one with train.py "
+                        f"--sequence")
+    system = read_json(path)
+    check_fields(system, path, method=str, model=str, tasks=list, experts=list, settings=dict)
+    method, tasks, experts = system["method"], system["tasks"], system["experts"]
+    if method not in METHODS:
+        raise UserError(f"{path}: unknown method {method!r}")
+    if not tasks or not all(isinstance(t, str) for t in tasks) or len(set(tasks)) != len(tasks):
+        raise UserError(f"{path}: 'tasks' must list distinct task names, got {tasks!r}")
+    stages = 1 if METHODS[method].joint else len(tasks)
+    if len(experts) != stages or not all(isinstance(e, str) for e in experts):
+        raise UserError(f"{path}: 'experts' must list {stages} expert directories, got {experts!r}")
+    for e in experts:
+        inside(root, e, path)
+    check_types(system["settings"], path)
+    return {**system, "settings": {**dataclasses.asdict(TrainConfig()), **system["settings"]}}
+
+
+def resume_state(cfg: TrainConfig) -> dict | None:
+    """The state of an unfinished run of the same config in the run directory; refuses a finished or
+    different run."""
+    out = cfg.run_dir()
+    if (out / EXPERT_DIR).exists():
+        raise UserError(f"{out} already holds a trained expert; pass another --out")
+    if not (out / CONFIG_FILE).exists():
+        if (out / STATE_FILE).exists():
+            raise UserError(f"{out / CONFIG_FILE} not found beside {STATE_FILE}: the checkpoint's "
+                            f"settings are unknown")
+        return None
+    check_same_run(cfg)
+    return read_state(out / STATE_FILE) if (out / STATE_FILE).exists() else None
+
+
+def restore(state: dict, trainable: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer,
+            path: Path) -> None:
+    """Put a checkpoint's parameters, optimizer and random state in place; one that does not
+    fit is refused."""
+    params = state["params"]
+    wrong = sorted(k for k in params.keys() | trainable.keys() if k not in trainable
+                   or not isinstance(params.get(k), torch.Tensor)
+                   or params[k].shape != trainable[k].shape)
+    if wrong:
+        raise UserError(f"{path}: its parameters do not fit this run ({', '.join(wrong[:3])})")
+    try:
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path}: its optimizer or random state does not fit this run "
+                        f"({e})") from None
+    with torch.no_grad():
+        for k, p in trainable.items():
+            p.copy_(params[k])
+    if state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def check_finished(cfg: TrainConfig) -> None:
+    """Refuse a finished stage of a sequence being resumed unless its run directory is whole: its
+    settings are cfg's, its log reaches the last step, its expert loads."""
+    out = cfg.run_dir()
+    # where the stage before lay then: system.json fixes which it was
+    check_same_run(cfg, ignore=("init",))
+    last = json.loads((read_log(out / LOG_FILE, None) or ["{}"])[-1])
+    # logs written before "steps" end as they end
+    if not last or last.get("steps", last["step"]) != last["step"]:
+        raise UserError(f"{out / LOG_FILE}: ends at step {last.get('step', 0)} of "
+                        f"{last.get('steps', '?')}, in a finished run")
+    load_expert(out / EXPERT_DIR)
+
+
+def check_config(cfg: TrainConfig) -> tuple[lora.LoraConfig, lora.SubExpertConfig | None]:
+    """Refuse impossible settings before any data or model is loaded; returns the adapter's settings
+    (LoRA, and MoSEs/SETA's sub-experts or None)."""
+    counts = {"--epochs": cfg.epochs, "--batch-size": cfg.batch_size,
+              "--micro-batch": cfg.micro_batch,
+              "--save-every": cfg.save_every, "--max-source": cfg.max_source,
+              "--max-target": cfg.max_target}
+    if cfg.max_train is not None:  # None: every example; 0 would train on nothing
+        counts["--max-train"] = cfg.max_train
+    bad = [f"{flag} {v}" for flag, v in counts.items() if v < 1]
+    if bad:
+        raise UserError(f"need positive counts, got {', '.join(bad)}")
+    indicator_lr = cfg.lr if cfg.indicator_lr == "adapter" else cfg.indicator_lr
+    rates = {"--lr": cfg.lr, "--indicator-lr": indicator_lr}
+    weights = {"--pull-weight": cfg.pull_weight, "--anchor-weight": cfg.anchor_weight,
+               "--route-reg-weight": cfg.route_reg_weight}
+    bad = [f"{flag} {v}" for flag, v in rates.items() if not 0 < v < math.inf] + \
+        [f"{flag} {v}" for flag, v in weights.items() if not 0 <= v < math.inf]
+    if bad:
+        raise UserError(f"need finite learning rates > 0 and weights >= 0, got {', '.join(bad)}")
+    if not 0 <= cfg.tau <= 1:
+        raise UserError(f"--tau must be in [0, 1], got {cfg.tau}")
+    if cfg.task in cfg.previous:
+        raise UserError(f"task {cfg.task!r} cannot also be an earlier task (--previous)")
+    if cfg.method not in METHODS or cfg.negatives not in NEGATIVES:
+        raise UserError(f"unknown method {cfg.method!r} or negatives {cfg.negatives!r}; "
+                        f"known: {', '.join(METHODS)}; {', '.join(NEGATIVES)}")
+    if cfg.indicator not in INDICATORS or cfg.template not in TEMPLATES:
+        raise UserError(f"unknown indicator {cfg.indicator!r} or template {cfg.template!r}")
+    method = METHODS[cfg.method]
+    if cfg.negatives == "lima" and not method.routes:
+        raise UserError("pseudo-negatives (--negatives lima) are for --method see only")
+    if cfg.batch_size % cfg.micro_batch:
+        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch "
+                        f"{cfg.micro_batch}")
+    lcfg = lora.LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
+    sub = None
+    if method.sparse:
+        shared = cfg.shared if method.gate else 0
+        sub = lora.SubExpertConfig(cfg.experts, cfg.top_k, cfg.sparsity, shared)
+    if method.sparse and not method.rehearses and cfg.previous:
+        raise UserError("MoSEs rehearses nothing (no --previous)")
+    if method.gate and cfg.shared < 1:
+        raise UserError(f"SETA needs --shared-experts >= 1, got {cfg.shared}")
+    check_writable(cfg.run_dir() / CONFIG_FILE)
+    return lcfg, sub
+
+
+def check_init(cfg: TrainConfig, lcfg: lora.LoraConfig,
+               sub: lora.SubExpertConfig | None) -> Expert | None:
+    """The expert this stage starts from (--init), refused if it cannot be continued by this one."""
+    method = METHODS[cfg.method]
+    init = load_expert(cfg.init) if cfg.init else None
+    if init is None:
+        if method.gate and cfg.previous:
+            raise UserError("SETA with --previous needs --init: the earlier stage's expert, whose "
+                            "gate is to be kept")
+        return None
+    init_sub = init.sub if isinstance(init, SubExpert) else None
+    if (init.lora, init_sub) != (lcfg, sub):
+        raise UserError(f"{cfg.init} has adapter settings {init.lora}, {init_sub}, not {lcfg}, "
+                        f"{sub}")
+    if method.gate and {replace(cfg, task=t).name for t in cfg.previous} != set(init.keys):
+        raise UserError(f"SETA's --previous must be the tasks {cfg.init} has learned "
+                        f"({', '.join(init.keys)}): the gate is kept on their queries")
+    if method.sparse and cfg.name in init.keys:
+        raise UserError(f"{cfg.init} has learned task {cfg.name!r} already")
+    if method.sparse and init.training is None:
+        raise UserError(f"{cfg.init} has no {TRAINING_FILE} (its free weights, to train on); it "
+                        f"can be evaluated, not continued")
+    return init
+
+
+def plan_sequence(cfg: TrainConfig, tasks: list[str]) -> tuple[Path, list[TrainConfig], dict]:
+    """A sequence's directory, its stages' settings (what each learns from, as cfg.method says:
+    train.train_sequence) and its system.json; refused if the directory holds another sequence."""
+    if len(set(tasks)) != len(tasks):
+        raise UserError(f"a task appears twice in the sequence {','.join(tasks)}")
+    if cfg.init:
+        raise UserError("--init is for one stage; a sequence starts each stage as its method says")
+    names = [task_name(t) for t in tasks]
+    method = METHODS[cfg.method]
+    name = "-".join([cfg.method, *run_name(cfg), *names])
+    root = Path(cfg.out or f"runs/{name}-{model_tag(cfg.model)}")
+    if method.joint:
+        stages = [replace(cfg, task=tasks[-1], previous=tasks[:-1], tau=1.0,
+                          out=str(root / "1-mtl"))]
+    else:
+        stages = [replace(cfg, task=t, previous=tasks[:i] if method.rehearses else [],
+                          out=str(root / f"{i + 1}-{n}"))
+                  for i, (t, n) in enumerate(zip(tasks, names))]
+    stages = [replace(s, init=str(Path(stages[i - 1].out) / EXPERT_DIR) if method.continues
+                      and i else None)
+              for i, s in enumerate(stages)]
+    per_stage = ("task", "previous", "out", "init")
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in per_stage}
+    system = dict(method=cfg.method, model=cfg.model, tasks=tasks,
+                  experts=[f"{Path(s.out).name}/{EXPERT_DIR}" for s in stages], settings=settings)
+
+    def same(d: dict) -> dict:
+        return {**d, "settings": comparable(d["settings"])}
+    if (root / SYSTEM_FILE).exists() and same(read_system(root)) != same(system):
+        raise UserError(f"{root} holds a sequence with other tasks, method or settings; pass "
+                        f"another --out")
+    return root, stages, system
