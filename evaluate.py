@@ -12,140 +12,32 @@ best over the references, x100; and whole continual runs with the paper's metric
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
-import os
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from rouge_score import rouge_scorer
 from tqdm import tqdm
 
-import lora
 from artifacts import check_writable, read_json
 from checkpoint import atomic_write, device_name, model_tag, resolve_dtype
 from data import OOD_EVAL, TASKS, XLINGUAL, Example, load_ood, load_task
 from errors import UserError, user_errors
-from experts import (NEITHER, TEMPLATES, Expert, Indicators, SubExpert,
-                     base_model, load_system, prompt_ids, resolve_template)
+from experts import (TEMPLATES, Expert, Indicators, SubExpert, base_model, load_system, prompt_ids,
+                     resolve_template)
+from metrics import (XLINGUAL_TOKENS, add_perplexities, average_rouge, backward_transfer,
+                     imprinted_accuracy, rouge_l, routing_cost, routing_scores)
 from model import Llama
-from report import write_report
+from report import print_table, write_report
 from router import BASE, generate_batched, key_route, sequential_route
-from tokenizer import Tokenizer
 from runs import LOG_FILE, METHODS, Method, read_log, read_system
+from tokenizer import Tokenizer
 
-_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 # --routing none: no routing, one expert answers every query with its o_pos
 # forced (paper Fig. 4, SEE-AE)
 ROUTINGS = ("sequential", "none")
-XLINGUAL_ENV = "SEE_XLINGUAL_TOKENIZER"  # a tokenizer.json to use instead of GPT-2's from the hub
-# GPT-2's pre-tokenizer (words, numbers, other symbols, each with its
-# leading space), for Unicode text
-_GPT2_SPLIT = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?[^\s\w]+|\s+(?!\S)|\s+""")
-
-
-class XlingualTokens:
-    """Super-NaturalInstructions' tokens for its cross-lingual tasks (their "xlingual" track):
-    GPT-2's byte-level BPE tokens with the leading-space mark "Ġ" stripped, case kept, no stemming.
-    rouge-score's default tokenizer keeps only [a-z0-9], so "más" and "mas" would share no token.
-
-    GPT-2's tokenizer comes from $SEE_XLINGUAL_TOKENIZER or the hub (cached); where neither can be
-    had, its pre-tokenizer's words are used without the BPE merges, and `name` says so."""
-
-    def __init__(self) -> None:
-        self.name, self._bpe = None, None
-
-    def _load(self) -> None:
-        path = os.environ.get(XLINGUAL_ENV)
-        try:
-            from tokenizers import Tokenizer as BPE
-            if not path:
-                from huggingface_hub import hf_hub_download
-                path = hf_hub_download("openai-community/gpt2", "tokenizer.json")
-            self._bpe, self.name = BPE.from_file(str(path)), str(path)
-        except Exception as e:  # no `tokenizers`, offline, or a bad file
-            if os.environ.get(XLINGUAL_ENV):
-                raise UserError(f"${XLINGUAL_ENV}={path}: not a tokenizer.json "
-                                f"({type(e).__name__})") from None
-            self.name = "gpt2-pretokenizer (GPT-2's tokenizer unreachable: words, no BPE merges)"
-            print(f"note: xlingual ROUGE-L uses {self.name}")
-
-    def tokenize(self, text: str) -> list[str]:
-        if self.name is None:
-            self._load()
-        tokens = self._bpe.encode(text).tokens if self._bpe else _GPT2_SPLIT.findall(text)
-        return [t for t in (t.lstrip("Ġ ") for t in tokens) if t]
-
-
-XLINGUAL_TOKENS = XlingualTokens()
-_XLINGUAL_SCORER = rouge_scorer.RougeScorer(["rougeL"], tokenizer=XLINGUAL_TOKENS)
-
-
-def rouge_l(prediction: str, references: list[str], xlingual: bool = False) -> float:
-    """SuperNI's ROUGE-L of one prediction: the best rougeL F-measure over its references, x100;
-    `xlingual` for non-English references, as SuperNI's compute_metrics scores them."""
-    scorer = _XLINGUAL_SCORER if xlingual else _SCORER
-    return 100 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
-
-
-def average_rouge(scores: list[list[float]]) -> float:
-    """AR (Eq. 6): the mean ROUGE-L over all T tasks after the last stage; scores[j][i] = a_i
-    after stage j."""
-    return sum(scores[-1]) / len(scores[-1])
-
-
-def backward_transfer(scores: list[list[float]]) -> float:
-    """BWT (Eq. 7): the mean change on tasks 1..T-1 from just after learning them to the end; < 0
-    is forgetting."""
-    T = len(scores)
-    return sum(scores[-1][i] - scores[i][i] for i in range(T - 1)) / (T - 1) if T > 1 else 0.0
-
-
-@torch.no_grad()
-def response_perplexity(model: Llama, tok: Tokenizer, prompt: list[int], prefix: list[int],
-                        response: str, max_target: int = 512) -> float:
-    """exp of the mean NLL of a response and EOS given the prompt and a prefix (SEE:
-    o_pos, paper Fig. 5), the target cut as training cuts it: prefix and response to
-    max_target - 1 tokens, then EOS."""
-    target = (prefix + tok.encode(response, bos=False))[:max_target - 1] + [tok.eos_id]
-    scored = len(target) - len(prefix)
-    ids = torch.tensor([prompt + target], device=model.lm_head.weight.device)
-    logits = model(ids[:, :-1])[0, -scored:]  # position j predicts token j + 1
-    return math.exp(F.cross_entropy(logits.float(), ids[0, -scored:]).item())
-
-
-def routing_scores(routes: list[str | None], gold: list[str | None]) -> dict:
-    """Per-task routing precision, recall and F1 (a query's label: the expert that answered, None
-    for the base model), their macro average over tasks, and RB-Acc: the share of queries of no task
-    (gold None) that reached the base model."""
-    tasks = sorted({g for g in gold if g is not None})
-    per_task = {}
-    for t in tasks:
-        tp = sum(r == t and g == t for r, g in zip(routes, gold))
-        claimed, relevant = sum(r == t for r in routes), sum(g == t for g in gold)
-        p, r = tp / claimed if claimed else 0.0, tp / relevant
-        per_task[t] = dict(precision=p, recall=r, f1=2 * p * r / (p + r) if p + r else 0.0)
-    ood = [r for r, g in zip(routes, gold) if g is None]
-    return dict(per_task=per_task,
-                f1=sum(v["f1"] for v in per_task.values()) / len(tasks) if tasks else None,
-                rb_acc=sum(r is None for r in ood) / len(ood) if ood else None)
-
-
-def routing_cost(outcomes: list[list[str]], to_base: list[bool]) -> dict:
-    """Given what each visited expert emitted per query (newest first) and whether the
-    base model answered it: experts visited and prefills per query (Appendix E; a
-    base-model answer is one more), and how many queries met an expert that emitted
-    neither indicator (the exception path)."""
-    n = max(len(outcomes), 1)
-    visited = sum(map(len, outcomes))
-    return dict(visited=visited / n, prefills=(visited + sum(to_base)) / n,
-                exceptions=sum(NEITHER in o for o in outcomes))
 
 
 def answer_all(model: Llama, expert: Expert | None, ind: Indicators | None,
@@ -293,7 +185,7 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
                   bwt=backward_transfer(scores) if routed or method.continues else None,
                   routing_f1=None, per_task_routing=None, rb_acc=None, ood_routes=None, n_ood=None,
                   routing_steps=None, routing=routing,
-                  parameters=stage_parameters(experts))
+                  parameters=[e.counts for e in experts])
     if any(Path(t).stem in XLINGUAL for t in tasks):
         result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name
     if method.sparse:
@@ -372,24 +264,6 @@ def routing_metrics(s: Scoring, heldout: dict[str, list[Example]], predictions: 
                               s.template, s.batch_size, s.progress))
 
 
-def add_perplexities(model: Llama, tok: Tokenizer, ind: Indicators | None, predictions: list[dict],
-                     answering: list[Expert], evals: dict[str, list[Example]], max_source: int,
-                     template: str, max_target: int) -> None:
-    """Fig. 5: each reference's perplexity under what answered its query after the last stage (the
-    one of `answering` its route names): SEE's expert on (q, o_pos, r), the base model on (q, r) if
-    none claimed it, a baseline's adapter on (q, r)."""
-    queries = {(t, ex.id): ex.query for t, examples in evals.items() for ex in examples}
-    for p in predictions:
-        expert = next((e for e in answering if e.name == p["route"]), None)
-        with contextlib.nullcontext() if expert else base_model(model):
-            if expert:
-                expert.use(model)
-            prompt = prompt_ids(tok, queries[p["task"], p["id"]], max_source, template)
-            prefix = ind.pos if expert and ind else []
-            p["perplexity"] = response_perplexity(model, tok, prompt, prefix, p["references"][0],
-                                                  max_target)
-
-
 def see_routing(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indicators,
                 heldout: dict[str, list[Example]], predictions: list[dict], max_source: int,
                 template: str, batch_size: int, progress: bool) -> dict:
@@ -411,86 +285,6 @@ def see_routing(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indica
     return dict(rb_acc=rb_acc, ood_routes=ood_routes, n_ood={k: len(v) for k, v in heldout.items()},
                 exceptions={name: c["exceptions"] for name, c in cost.items()},
                 routing_steps=everything["visited"], prefills=everything["prefills"])
-
-
-def imprinted_accuracy(model: Llama, tok: Tokenizer, last: Expert, predictions: list[dict],
-                       evals: dict, gold: list[str], max_source: int, template: str,
-                       batch_size: int) -> float | None:
-    """SETA: the task-identification accuracy on the final stage's queries of the gate as imprinted
-    (each row at the mean of its task's query features, before any training), beside the trained
-    gate's; None for MoSEs, or if the training state that keeps the imprinted rows was dropped."""
-    if not last.imprints:
-        return None
-    queries = {(t, ex.id): ex.query for t, examples in evals.items() for ex in examples}
-    prompts = [prompt_ids(tok, queries[p["task"], p["id"]], max_source, template)
-               for p in predictions]
-    routes = lora.match_keys(lora.query_features(model, prompts, batch_size), last.imprints)
-    return sum(r == g for r, g in zip(routes, gold)) / len(gold)
-
-
-def stage_parameters(experts: list[Expert]) -> list[dict]:
-    """What each stage trained, as train.py recorded it in expert.json: its trainable parameters;
-    MoSEs/SETA: everything its optimizer may change (free sub-expert weights, all mask scores, the
-    key; SETA: its shared experts and every row of its gate), the mask scores alone, the weights its
-    task's mask keeps, those no earlier task held (new), their share of the mask (trainable_share:
-    what the task could change), the weights held by some task so far (held), the bytes on disk of
-    what inference needs (bytes) and of the training state a next stage needs (training_bytes),
-    beside as many per-task LoRA adapters' (lora_bytes)."""
-    return [e.counts for e in experts]
-
-
-def print_table(results: list[dict]) -> None:
-    """The paper's Table 1 layout (a row per method: AR, BWT), with the final ROUGE-L per task and,
-    for SEE, routing F1, RB-Acc on LIMA and on held-out SuperNI tasks, experts visited and prefills
-    per query, and queries that took the exception path (for MoSEs, R-F1 is task identification by
-    key); then trainable parameters per stage, and MoSEs' TIL scores."""
-    tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
-
-    def cell(v, fmt, scale=1):
-        return "-" if v is None else format(scale * v, fmt)
-    head = f"{'method':<22}" + "".join(f"{Path(t).stem[:7]:>8}" for t in tasks)
-    print(f"\n{head}{'AR':>8}{'BWT':>8}{'R-F1':>8}{'RB-LIMA':>8}{'RB-SNI':>8}"
-          f"{'steps':>7}{'prefill':>8}{'except':>7}")
-    for r in results:
-        final = dict(zip(r["tasks"], r["scores"][-1]))
-        rb = r["rb_acc"] or {}
-        exceptions = sum(r["exceptions"].values()) if r.get("exceptions") else None
-        row = f"{r['label']:<22}" + "".join(f"{cell(final.get(t), '.2f'):>8}" for t in tasks)
-        row += f"{r['ar']:>8.2f}{cell(r['bwt'], '.2f'):>8}{cell(r['routing_f1'], '.2f', 100):>8}"
-        row += f"{cell(rb.get('lima'), '.1f', 100):>8}{cell(rb.get('superni'), '.1f', 100):>8}"
-        row += f"{cell(r['routing_steps'], '.2f'):>7}{cell(r.get('prefills'), '.2f'):>8}"
-        print(row + f"{cell(exceptions, 'd'):>7}")
-    for r in results:
-        print_parameters(r)
-
-
-def print_parameters(r: dict) -> None:
-    """A run's trainable parameters per stage; MoSEs/SETA: what each stage holds and stores, and
-    the TIL scores beside the TaIL ones."""
-    params, label = r["parameters"], r["label"]
-
-    def listed(key: str, fmt: str = ",") -> str:
-        return ", ".join(format(p[key], fmt) for p in params)
-    line = f"{label}: trainable parameters per stage {listed('trainable')}"
-    if "held" in params[0]:
-        line += f"; weights held after each stage {listed('held')}"
-        line += f"; trainable share of each task's mask {listed('trainable_share', '.0%')}"
-    if params[0].get("shared"):
-        line += f"; shared-expert weights {params[0]['shared']:,}"
-    print(line)
-    if "bytes" in params[0]:
-        print(f"{label}: bytes on disk per stage {listed('bytes')} (+ training state "
-              f"{listed('training_bytes')}); a LoRA per task {listed('lora_bytes')}")
-    if "til_ar" in r:
-        picker = "gate" if METHODS[r["method"]].gate else "keys"
-        line = f"{label}: TIL AR {r['til_ar']:.2f} BWT {r['til_bwt']:.2f}; "
-        line += f"TaIL AR {r['ar']:.2f} BWT {r['bwt']:.2f}; "
-        line += f"TIL-TaIL gap {r['til_ar'] - r['ar']:.2f}; "
-        line += f"task identification ({picker}) {100 * r['task_id_accuracy']:.1f}%"
-        imprinted = r.get("imprinted_accuracy")
-        if imprinted is not None:
-            line += f" (gate as imprinted: {100 * imprinted:.1f}%)"
-        print(line)
 
 
 def main() -> None:

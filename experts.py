@@ -259,8 +259,9 @@ class SubExpert:
                             **{f"imprints.{t}": v for t, v in self.imprints.items()}}
                 save_file({k: v.contiguous() for k, v in training.items()}, tmp / TRAINING_FILE)
             # bytes on disk of what inference needs, and of what only a next stage needs
-            self.counts.update(bytes=(tmp / SUBEXPERTS_FILE).stat().st_size,
-                               training_bytes=sum(f.stat().st_size for f in tmp.glob(TRAINING_FILE)))
+            sizes = {f.name: f.stat().st_size for f in tmp.iterdir()}
+            self.counts.update(bytes=sizes[SUBEXPERTS_FILE],
+                               training_bytes=sizes.get(TRAINING_FILE, 0))
             write_meta(self, tmp,
                        dict(lora=dataclasses.asdict(self.lora), sub=dataclasses.asdict(self.sub)))
 

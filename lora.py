@@ -495,7 +495,8 @@ def shared_weights(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
 # MoSEs' prompt keys or to the rows of SETA's unified gate
 
 @torch.no_grad()
-def query_features(model: nn.Module, prompts: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+def query_features(model: nn.Module, prompts: list[list[int]],
+                   batch_size: int = 16) -> torch.Tensor:
     """f(x): the frozen base model's final hidden states averaged over the query's tokens, (n, dim).
 
     From the base model, with no sub-expert active, so that a query's feature, and hence its task,

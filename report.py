@@ -479,3 +479,59 @@ def write_report(runs: list[str], out: str | Path) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda p: p.write_text(text))
     return text
+
+
+# --- the table evaluate.py prints
+
+def print_table(results: list[dict]) -> None:
+    """The paper's Table 1 layout (a row per method: AR, BWT), with the final ROUGE-L per task and,
+    for SEE, routing F1, RB-Acc on LIMA and on held-out SuperNI tasks, experts visited and prefills
+    per query, and queries that took the exception path (for MoSEs, R-F1 is task identification by
+    key); then trainable parameters per stage, and MoSEs' TIL scores."""
+    tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
+
+    def cell(v, fmt, scale=1):
+        return "-" if v is None else format(scale * v, fmt)
+    head = f"{'method':<22}" + "".join(f"{Path(t).stem[:7]:>8}" for t in tasks)
+    print(f"\n{head}{'AR':>8}{'BWT':>8}{'R-F1':>8}{'RB-LIMA':>8}{'RB-SNI':>8}"
+          f"{'steps':>7}{'prefill':>8}{'except':>7}")
+    for r in results:
+        final = dict(zip(r["tasks"], r["scores"][-1]))
+        rb = r["rb_acc"] or {}
+        exceptions = sum(r["exceptions"].values()) if r.get("exceptions") else None
+        row = f"{r['label']:<22}" + "".join(f"{cell(final.get(t), '.2f'):>8}" for t in tasks)
+        row += f"{r['ar']:>8.2f}{cell(r['bwt'], '.2f'):>8}{cell(r['routing_f1'], '.2f', 100):>8}"
+        row += f"{cell(rb.get('lima'), '.1f', 100):>8}{cell(rb.get('superni'), '.1f', 100):>8}"
+        row += f"{cell(r['routing_steps'], '.2f'):>7}{cell(r.get('prefills'), '.2f'):>8}"
+        print(row + f"{cell(exceptions, 'd'):>7}")
+    for r in results:
+        print_parameters(r)
+
+
+def print_parameters(r: dict) -> None:
+    """A run's trainable parameters per stage; MoSEs/SETA: what each stage holds and stores, and
+    the TIL scores beside the TaIL ones."""
+    params, label = r["parameters"], r["label"]
+
+    def listed(key: str, fmt: str = ",") -> str:
+        return ", ".join(format(p[key], fmt) for p in params)
+    line = f"{label}: trainable parameters per stage {listed('trainable')}"
+    if "held" in params[0]:
+        line += f"; weights held after each stage {listed('held')}"
+        line += f"; trainable share of each task's mask {listed('trainable_share', '.0%')}"
+    if params[0].get("shared"):
+        line += f"; shared-expert weights {params[0]['shared']:,}"
+    print(line)
+    if "bytes" in params[0]:
+        print(f"{label}: bytes on disk per stage {listed('bytes')} (+ training state "
+              f"{listed('training_bytes')}); a LoRA per task {listed('lora_bytes')}")
+    if "til_ar" in r:
+        picker = "gate" if METHODS[r["method"]].gate else "keys"
+        line = f"{label}: TIL AR {r['til_ar']:.2f} BWT {r['til_bwt']:.2f}; "
+        line += f"TaIL AR {r['ar']:.2f} BWT {r['bwt']:.2f}; "
+        line += f"TIL-TaIL gap {r['til_ar'] - r['ar']:.2f}; "
+        line += f"task identification ({picker}) {100 * r['task_id_accuracy']:.1f}%"
+        imprinted = r.get("imprinted_accuracy")
+        if imprinted is not None:
+            line += f" (gate as imprinted: {100 * imprinted:.1f}%)"
+        print(line)

@@ -110,8 +110,8 @@ class TrainConfig:
                           choices=tuple(METHODS))
     negatives: str = setting("tasks", "SEE's negatives: earlier tasks' queries, or as many LIMA "
                                       "queries (pseudo-negatives)", choices=NEGATIVES)
-    init: str | None = setting(None, "expert directory whose LoRA this one starts from (else B = 0)",
-                               type=str)
+    init: str | None = setting(None, "expert directory whose LoRA this one starts from (else "
+                                     "B = 0)", type=str)
     experts: int = setting(2, "MoSEs: sub-experts per layer")
     top_k: int = setting(2, "MoSEs: sub-experts the router mixes per token")
     sparsity: float = setting(0.3, "MoSEs: c, the share of sub-expert weights a task's mask keeps")
@@ -209,7 +209,8 @@ RESUMABLE_CHANGES = {"out", "save_every", "data_dir", "compile", "grad_checkpoin
 
 def comparable(settings: dict) -> dict:
     """Settings as a resumed run must match them: a setting added since the run was written counts
-    as its default, the dtype and paths as resolved, and what does not change the result left out."""
+    as its default, the dtype and paths as resolved, and what does not change the result is left
+    out."""
     settings = {**dataclasses.asdict(TrainConfig()), **settings}
     settings.update(dtype=dtype_name(settings["dtype"]),
                     init=settings["init"] and str(Path(settings["init"]).resolve()))

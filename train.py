@@ -79,7 +79,7 @@ def eq5_loss(model: Llama, hidden, batch: list[TrainSample], n_targets: int, dev
     """Eq. 5 on a micro-batch: the NLL of its target tokens (the indicator, and for positives the
     response and EOS; the query is context, masked by collate), summed and divided by n_targets,
     the target tokens of the whole global batch: the mean over the global batch, as SFT
-    implementations compute it. Returns the loss to backpropagate and the summed NLL, for the log."""
+    implementations compute it. Returns the loss to backpropagate and the summed NLL (logged)."""
     x, y = collate(batch, device)
     with amp:
         # only target positions go through the output head
@@ -228,7 +228,8 @@ def setup(cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig,
         if init is not None:
             lora.load_adapter_state(model, cfg.name, init.adapter)
         lora.set_adapter(model, cfg.name)
-        trainable = trainable_parameters(model, cfg.name, method.routes and cfg.indicator == "added")
+        added_rows = method.routes and cfg.indicator == "added"
+        trainable = trainable_parameters(model, cfg.name, added_rows)
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
     model.train()
@@ -374,8 +375,8 @@ def trained_expert(run: Run, lcfg: lora.LoraConfig, sub: lora.SubExpertConfig | 
     if run.method.sparse:
         # beside the bytes of as many per-task LoRA adapters (the stage adds its files' own)
         lora_bytes = len(keys) * lora.lora_bytes(run.model, lcfg, cfg.model)
-        return SubExpert.from_model(*info, sub, keys, imprints,
-                                    dict(trainable=run.trained, **run.counts, lora_bytes=lora_bytes))
+        counts = dict(trainable=run.trained, **run.counts, lora_bytes=lora_bytes)
+        return SubExpert.from_model(*info, sub, keys, imprints, counts)
     return LoraExpert.from_model(*info, dict(trainable=run.trained))
 
 
@@ -405,7 +406,7 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
     non-rehearsal  stage i: the LoRA of stage i-1, fine-tuned on T_i
     replay         stage i: the LoRA of stage i-1, fine-tuned on T_i plus tau of T_1..T_{i-1}
     moses          stage i: the sub-experts of stage i-1, a new mask and key for T_i
-    seta           as moses, plus the shared experts and a gate kept on tau of T_1..T_{i-1}'s queries
+    seta           as moses, plus shared experts and a gate kept on tau of T_1..T_{i-1}'s queries
     mtl            one stage: T_N with T_1..T_{N-1} replayed in full (tau = 1): all tasks at once
     stl            stage i: a new LoRA on T_i alone
 
@@ -450,7 +451,8 @@ def sparse_setup(model: Llama, tok, cfg: TrainConfig, init: Expert | None, lcfg:
                  device) -> tuple[dict[str, torch.nn.Parameter], torch.Tensor, SetaState | None]:
     """MoSEs/SETA's setup: one set of MoSE layers carries every task: the previous stage's, with
     their masks, and a mask for this task. Returns what trains, what the pull constraint (MoSEs) or
-    the gate (SETA) sees of each sample's query, f(x) from the frozen base model, and SETA's state."""
+    the gate (SETA) sees of each sample's query, f(x) from the frozen base model, and SETA's
+    state."""
     lora.add_subexperts(model, lcfg, sub)
     if init is not None:
         init.use(model)
@@ -503,7 +505,8 @@ def add_task_key(trainable: dict[str, torch.nn.Parameter], cfg: TrainConfig, ini
 def sparse_terms(run: Run, chosen: list[int]) -> dict[str, float]:
     """MoSEs/SETA's own terms of the step, backward, once the batch's gradients are in (penalties on
     weights every process holds alike, so each adds their gradient itself), and what the log shows
-    of them: MoSEs' pull, SETA's gate loss and penalties, the share of the new mask left to train."""
+    of them: MoSEs' pull, SETA's gate loss and penalties, the share of the new mask left to
+    train."""
     if run.method.pull:  # this task's key toward its queries' features, 1 - cos, their mean
         key, f = run.trainable["key"], run.features[chosen]
         pull = (1 - F.cosine_similarity(key[None], f, dim=-1)).sum() / len(chosen)

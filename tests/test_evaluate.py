@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
-from evaluate import evaluate_run, rouge_l
+from evaluate import evaluate_run
+from metrics import rouge_l
 from train import METHODS, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +97,7 @@ def continual_runs(tiny_dir, synthetic_tasks, tmp_path_factory):
 
 
 def test_see_routes_every_query_to_its_expert_and_does_not_forget(continual_runs):
-    from evaluate import average_rouge, backward_transfer
+    from metrics import average_rouge, backward_transfer
     see = continual_runs[1]["see"]
     assert [len(row) for row in see["scores"]] == [1, 2, 3], "a_i after stage j, for i <= j"
     assert (see["ar"] == average_rouge(see["scores"])
@@ -257,7 +258,7 @@ def test_response_perplexity_scores_the_response_and_eos_after_the_prefix_as_tra
 
     import torch
 
-    from evaluate import response_perplexity
+    from metrics import response_perplexity
     model, tok = tiny
     prompt, prefix, response = (tok.encode("Name the colour.\nOutput:"),
                                 tok.encode("yes", bos=False), "a red house by the river")

@@ -1,7 +1,7 @@
 """The paper's metrics on hand-made score matrices and routing decisions."""
 import pytest
 
-from evaluate import average_rouge, backward_transfer, rouge_l, routing_cost, routing_scores
+from metrics import average_rouge, backward_transfer, rouge_l, routing_cost, routing_scores
 from experts import NEG, NEITHER, POS
 
 # scores[j][i]: ROUGE-L of task i after stage j (only i <= j is ever used)
@@ -55,15 +55,15 @@ def test_xlingual_rouge_keeps_accented_letters_and_case():
 
 def test_xlingual_rouge_uses_the_bpe_tokenizer_it_is_given(tmp_path, monkeypatch):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    import evaluate
+    import metrics
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(["el más grande de los años"] * 20,
                             trainers.BpeTrainer(vocab_size=300))
     bpe.save(str(tmp_path / "tokenizer.json"))
-    monkeypatch.setenv(evaluate.XLINGUAL_ENV, str(tmp_path / "tokenizer.json"))
-    tokens = evaluate.XlingualTokens()
+    monkeypatch.setenv(metrics.XLINGUAL_ENV, str(tmp_path / "tokenizer.json"))
+    tokens = metrics.XlingualTokens()
     assert tokens.tokenize("el más grande") == [t.lstrip("Ġ")
                                                 for t in bpe.encode("el más grande").tokens]
     assert tokens.name == str(tmp_path / "tokenizer.json")
