@@ -19,7 +19,8 @@ from router import BASE, Routed, base_answers, generate_batched
 
 @contextlib.contextmanager
 def per_row_experts(model: Llama, experts: list[Expert], rows: torch.Tensor):
-    """Batch row i runs expert rows[i]: its LoRA update and its indicator rows (added tokens)."""
+    """Batch row i runs expert rows[i]: its LoRA update, and its indicator rows if they are added
+    tokens."""
     banks = {}
     for m in lora.lora_layers(model).values():
         present = [e.name for e in experts if e.name in m.lora_A]
@@ -38,6 +39,22 @@ def per_row_experts(model: Llama, experts: list[Expert], rows: torch.Tensor):
         A, B, scale = banks[m]
         h = torch.einsum("bti,bri->btr", inputs[0].to(A.dtype), A)
         return y + (torch.einsum("btr,bor->bto", h, B) * scale).to(y.dtype)
+    lora.set_adapter(model, None)
+    hooks = [m.register_forward_hook(add_update) for m in banks]
+    if experts[0].rows:  # added indicators: each row its expert's trained rows
+        per_row_indicator_rows(model, experts, rows)
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for shadowed in ("embed", "head"):
+            vars(model).pop(shadowed, None)
+
+
+def per_row_indicator_rows(model: Llama, experts: list[Expert], rows: torch.Tensor) -> None:
+    """Shadow the model's embed and head (instance attributes over its methods) so that batch row
+    i reads expert rows[i]'s added-token rows."""
     embed = torch.stack([e.rows["embed"] for e in experts])[rows].to(model.extra_embed)
     head = torch.stack([e.rows.get("head", e.rows["embed"]) for e in experts])[rows]
     V = model.config.vocab_size
@@ -50,15 +67,7 @@ def per_row_experts(model: Llama, experts: list[Expert], rows: torch.Tensor):
     def head_rows(x: torch.Tensor) -> torch.Tensor:
         extra = torch.einsum("btd,bkd->btk", x, head.to(x))
         return torch.cat([model.lm_head(x), extra], dim=-1)
-    lora.set_adapter(model, None)
-    hooks = [m.register_forward_hook(add_update) for m in banks]
-    model.embed, model.head = embed_rows, head_rows  # instance attributes shadow the methods
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-        del model.embed, model.head
+    model.embed, model.head = embed_rows, head_rows
 
 
 def first_claim(first: list[list[int]], names: list[str],

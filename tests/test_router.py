@@ -8,7 +8,7 @@ import torch
 
 from checkpoint import load_dir
 from data import load_task
-from experts import NEITHER, base_model, load_expert, prompt_ids, setup_indicators
+from experts import NEITHER, Indicators, base_model, load_expert, prompt_ids, setup_indicators
 from model import generate
 from errors import UserError
 from bench.parallel import parallel_route
@@ -184,3 +184,13 @@ def test_generation_refuses_sequences_longer_than_the_context(tiny):
     model, _ = tiny
     with pytest.raises(UserError, match="exceed the model's context of 2048"):
         generate_batched(model, [[1] * 2040], 10, eos_ids=[2])
+
+
+def test_parallel_routing_with_in_vocabulary_indicators_equals_sequential(system):
+    model, tok, _, experts, queries = system
+    ind = Indicators("semantic", tok.encode("Yes", bos=False), tok.encode("No", bos=False))
+    plain = [replace(e, rows={}) for e in experts]  # their adapters, no added-token rows
+    mixed = mixed_queries(queries)
+    parallel = parallel_route(model, plain, ind, mixed, 4, tok.eos_ids, 5)
+    assert parallel == sequential_route(model, plain, ind, mixed, 4, tok.eos_ids, 5)
+    assert all(v for v in parallel.visits), "every query met at least one expert"
