@@ -91,8 +91,10 @@ def sequential_route(model: Llama, experts: list[Expert], ind: Indicators, promp
             routed.visits[i].append((expert.name, out[:k] if outcome == POS else out))
             if outcome == POS:
                 routed.answers[i], routed.routes[i] = out[k:k + max_new_tokens], expert.name
-            elif outcome == NEG:  # neither indicator: the base model answers at once (Sec. 3)
+            elif outcome == NEG:  # o_neg: the next older expert is asked
                 still.append(i)
+            # neither indicator: the query stays unclaimed, and the base model answers it at once
+            # (Sec. 3), the older experts unasked
         pending = still
     unclaimed = [i for i, r in enumerate(routed.routes) if r is BASE]
     base_answers(model, prompts, unclaimed, routed.answers, max_new_tokens, eos_ids, batch_size,
