@@ -175,26 +175,29 @@ def task_name(task: str) -> str:
     return Path(task).stem.replace(".", "_")
 
 
-def add_arguments(p: argparse.ArgumentParser, cls=TrainConfig) -> None:
-    """A flag per field of the dataclass `cls`, with its help, type, choices and default."""
-    for f in dataclasses.fields(cls):
-        meta = f.metadata
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        shown = ",".join(default) or "none" if isinstance(default, list) else default
-        flag, help = meta.get("flag", "--" + f.name.replace("_", "-")), f"{meta['help']} " \
-            f"(default: {shown})"
+def field_default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """A flag per TrainConfig field, with its help, type, choices and default."""
+    for f in dataclasses.fields(TrainConfig):
+        meta, default = f.metadata, field_default(f)
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         if isinstance(default, bool):
             p.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
             continue
+        shown = ",".join(default) or "none" if isinstance(default, list) else default
+        help = f"{meta['help']} (default: {shown})".replace("%", "%%")
         p.add_argument(flag, dest=f.name, default=default, type=meta.get("type", type(default)),
-                       choices=meta.get("choices"), help=help.replace("%", "%%"))
+                       choices=meta.get("choices"), help=help)
 
 
-def check_types(settings: dict, path: str | Path, cls=TrainConfig) -> None:
+def check_types(settings: dict, path: str | Path) -> None:
     """Refuse written settings (config.json, system.json) whose values are not of their field's
     type (None where the default is None)."""
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    for f in dataclasses.fields(TrainConfig):
+        default = field_default(f)
         value = settings.get(f.name, default)
         if value is None and default is None or f.name == "indicator_lr" and value == "adapter":
             continue
