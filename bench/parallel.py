@@ -1,12 +1,7 @@
-"""Parallel routing: the decisions and answers of router.sequential_route with one prefill for all M
-experts instead of up to M (the speed-up the paper's Appendix E weighs). A layer over the core, kept
-here with its benchmark (routing.py): each query is put to every expert at once, one batch row per
-expert, each row running its own adapter (a forward hook on each LoRA layer adds that row's update)
-and its own indicator rows; the indicators decide as sequential routing does, and the claiming
-expert then answers after its o_pos, as `evaluate.py --routing none` forces it.
+"""Parallel routing, beside its benchmark (routing.py): router.sequential_route's decisions and
+answers from one prefill for all M experts (a batch row each, with its adapter and indicator rows)
+instead of up to M; the claiming expert answers after its o_pos (`evaluate.py --routing none`).
 """
-from __future__ import annotations
-
 import contextlib
 
 import torch
@@ -19,8 +14,7 @@ from router import BASE, Routed, base_answers, generate_batched
 
 @contextlib.contextmanager
 def per_row_experts(model: Llama, experts: list[Expert], rows: torch.Tensor):
-    """Batch row i runs expert rows[i]: its LoRA update, and its indicator rows if they are added
-    tokens."""
+    """Batch row i runs expert rows[i]: its LoRA update (a hook per LoRA layer), indicator rows."""
     banks = {}
     for m in lora.lora_layers(model).values():
         present = [e.name for e in experts if e.name in m.lora_A]
@@ -53,8 +47,7 @@ def per_row_experts(model: Llama, experts: list[Expert], rows: torch.Tensor):
 
 
 def per_row_indicator_rows(model: Llama, experts: list[Expert], rows: torch.Tensor) -> None:
-    """Shadow the model's embed and head (instance attributes over its methods) so that batch row
-    i reads expert rows[i]'s added-token rows."""
+    """Shadow embed and head (instance attributes): batch row i reads expert rows[i]'s rows."""
     embed = torch.stack([e.rows["embed"] for e in experts])[rows].to(model.extra_embed)
     head = torch.stack([e.rows.get("head", e.rows["embed"]) for e in experts])[rows]
     V = model.config.vocab_size
@@ -70,26 +63,10 @@ def per_row_indicator_rows(model: Llama, experts: list[Expert], rows: torch.Tens
     model.embed, model.head = embed_rows, head_rows
 
 
-def first_claim(first: list[list[int]], names: list[str],
-                ind: Indicators) -> tuple[int | None, list[tuple[str, list[int]]]]:
-    """Sequential routing's decision from every expert's first tokens at once: the index of the
-    expert that answers (None: the base model) and the visits that lead there."""
-    visits = []
-    for e in reversed(range(len(names))):
-        outcome = ind.read(first[e])
-        visits.append((names[e], ind.pos if outcome == POS else first[e]))
-        if outcome == POS:
-            return e, visits
-        if outcome != NEG:
-            break
-    return None, visits
-
-
 @torch.no_grad()
 def parallel_route(model: Llama, experts: list[Expert], ind: Indicators, prompts: list[list[int]],
                    max_new_tokens: int, eos_ids: list[int], batch_size: int = 16) -> Routed:
-    """Route as router.sequential_route does, reading every expert's indicator in one batched pass
-    (batch_size queries, M rows each), then letting each claiming expert answer its queries."""
+    """sequential_route's result, from one batched pass of batch_size queries x M experts."""
     M, names = len(experts), [e.name for e in experts]
     routed = Routed([[] for _ in prompts], [BASE] * len(prompts), [[] for _ in prompts])
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -99,9 +76,15 @@ def parallel_route(model: Llama, experts: list[Expert], ind: Indicators, prompts
         with per_row_experts(model, experts, torch.arange(M).repeat(len(chunk))):
             first = generate(model, [prompts[i] for i in chunk for _ in range(M)], longest,
                              eos_ids, prefixes=[ind.pos, ind.neg], ban=ind.added)
-        for q, i in enumerate(chunk):
-            e, routed.visits[i] = first_claim(first[q * M:(q + 1) * M], names, ind)
-            routed.routes[i] = BASE if e is None else names[e]
+        for q, i in enumerate(chunk):  # sequential routing's decisions, newest expert first
+            for e in reversed(range(M)):
+                out = first[q * M + e]
+                outcome = ind.read(out)
+                routed.visits[i].append((names[e], ind.pos if outcome == POS else out))
+                if outcome == POS:
+                    routed.routes[i] = names[e]
+                if outcome != NEG:  # o_pos, or neither indicator: no older expert is asked
+                    break
     for e in experts:
         claimed = [i for i, r in enumerate(routed.routes) if r == e.name]
         if claimed:
