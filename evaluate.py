@@ -15,7 +15,7 @@ import argparse
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,55 +40,66 @@ from tokenizer import Tokenizer
 ROUTINGS = ("sequential", "none")
 
 
-def answer_all(model: Llama, expert: Expert | None, ind: Indicators | None,
-               prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int], batch_size: int,
-               progress: bool) -> list[list[int]]:
+@dataclass
+class Scoring:
+    """A loaded system and how its answers are scored: what the evaluation's parts share."""
+    model: Llama
+    tok: Tokenizer
+    experts: list[Expert]
+    ind: Indicators | None
+    evals: dict[str, list[Example]]  # each task's eval examples, in the sequence's order
+    max_source: int
+    template: str
+    max_new_tokens: int
+    batch_size: int
+    routing: str = "sequential"
+    progress: bool = False
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.evals)
+
+
+def answer_all(s: Scoring, expert: Expert | None, prompts: list[list[int]]) -> list[list[int]]:
     """One adapter answers every query: a baseline's, or a SEE expert's after its o_pos, forced
     (no routing: paper Fig. 4, "SEE-AE"); with no expert, the base model."""
     if expert is None:
-        with base_model(model):
-            return generate_batched(model, prompts, max_new_tokens, eos_ids, batch_size,
-                                    desc="base model" if progress else None)
-    expert.use(model)
-    forced = ind.pos if ind else []
-    desc = expert.name if progress else None
-    return generate_batched(model, [q + forced for q in prompts], max_new_tokens, eos_ids,
-                            batch_size, desc=desc, ban=ind.added if ind else None)
+        with base_model(s.model):
+            return generate_batched(s.model, prompts, s.max_new_tokens, s.tok.eos_ids, s.batch_size,
+                                    desc="base model" if s.progress else None)
+    expert.use(s.model)
+    forced = s.ind.pos if s.ind else []
+    return generate_batched(s.model, [q + forced for q in prompts], s.max_new_tokens,
+                            s.tok.eos_ids, s.batch_size, desc=expert.name if s.progress else None,
+                            ban=s.ind.added if s.ind else None)
 
 
-def evaluate_task(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indicators | None,
-                  examples: list[Example], max_source: int = 1024, max_new_tokens: int = 512,
-                  batch_size: int = 16, template: str = "plain", progress: bool = False,
-                  task: str | None = None, routing: str = "sequential",
-                  xlingual: bool = False) -> tuple[dict, list[dict]]:
-    """Answer every example (SEE: routed through the experts, base model last; a
-    baseline, or routing "none": one adapter), greedy-decode, and score (xlingual:
-    as SuperNI scores non-English).
+def evaluate_task(s: Scoring, experts: list[Expert], examples: list[Example],
+                  task: str | None = None, xlingual: bool = False) -> tuple[dict, list[dict]]:
+    """Answer every example (SEE: routed through the experts, base model last; a baseline, or
+    routing "none": one adapter; MoSEs/SETA: the task picked, or `task` given), greedy-decode, and
+    score (xlingual: as SuperNI scores non-English).
 
     Returns the summary (ROUGE-L, counts, speed, routing cost) and one record per example.
     """
-    prompts = [prompt_ids(tok, ex.query, max_source, template) for ex in examples]
+    model, tok, ind = s.model, s.tok, s.ind
+    prompts = [prompt_ids(tok, ex.query, s.max_source, s.template) for ex in examples]
     t0 = time.perf_counter()
     routed = None
-    # MoSEs/SETA: the newest stage holds every task; keys
-    if experts and isinstance(experts[-1], SubExpert):
-        experts[-1].use(model)  # (SETA: the gate) pick one (TaIL), unless `task` is given (TIL)
-        answers, routes = key_route(model, experts[-1].keys, prompts, max_new_tokens, tok.eos_ids,
-                                    batch_size, task, progress)
-    elif experts and (ind is None or routing == "none"):  # one adapter answers every query
+    if experts and isinstance(experts[-1], SubExpert):  # the newest stage holds every task
+        experts[-1].use(model)
+        answers, routes = key_route(model, experts[-1].keys, prompts, s.max_new_tokens,
+                                    tok.eos_ids, s.batch_size, task, s.progress)
+    elif experts and (ind is None or s.routing == "none"):  # one adapter answers every query
         if len(experts) > 1:
             raise UserError("without routing one adapter answers every query; give one of them")
-        answers = answer_all(model, experts[0], ind, prompts, max_new_tokens, tok.eos_ids,
-                             batch_size, progress)
-        routes = [experts[0].name] * len(prompts)
+        answers, routes = answer_all(s, experts[0], prompts), [experts[0].name] * len(prompts)
     elif experts:
-        routed = sequential_route(model, experts, ind, prompts, max_new_tokens, tok.eos_ids,
-                                  batch_size, progress)
+        routed = sequential_route(model, experts, ind, prompts, s.max_new_tokens, tok.eos_ids,
+                                  s.batch_size, s.progress)
         answers, routes = routed.answers, routed.routes
     else:
-        answers = answer_all(model, None, ind, prompts, max_new_tokens, tok.eos_ids, batch_size,
-                             progress)
-        routes = [BASE] * len(prompts)
+        answers, routes = answer_all(s, None, prompts), [BASE] * len(prompts)
     seconds = time.perf_counter() - t0
     records = []
     for n, (ex, ids, route) in enumerate(zip(examples, answers, routes)):
@@ -112,35 +123,12 @@ def method_label(system: dict) -> str:
     """A run's name as the paper's tables print it, e.g. SEE(10%), RandSel(10%), MTL."""
     method, settings = METHODS[system["method"]], system["settings"]
     label = method.label.format(tau=f"{100 * settings['tau']:g}%",
-                                sparsity=settings.get("sparsity"))
-    if method.routes and settings.get("negatives") == "lima":
+                                sparsity=settings["sparsity"])
+    if method.routes and settings["negatives"] == "lima":
         label += " w/pseudo"
-    if method.routes and settings.get("indicator", "added") != "added":
+    if method.routes and settings["indicator"] != "added":
         label += f" {settings['indicator']}"
     return label
-
-
-@dataclass
-class Scoring:
-    """A loaded system and how its answers are scored: what evaluate_run's parts share."""
-    model: Llama
-    tok: Tokenizer
-    experts: list[Expert]
-    ind: Indicators | None
-    tasks: list[str]
-    evals: dict[str, list[Example]]  # each task's eval examples
-    max_new_tokens: int
-    batch_size: int
-    routing: str
-    progress: bool
-
-    @property
-    def template(self) -> str:
-        return self.experts[0].template
-
-    @property
-    def max_source(self) -> int:
-        return self.experts[0].max_source
 
 
 def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_tokens: int = 512,
@@ -166,8 +154,8 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
         raise UserError(f"--routing none is for SEE runs; {run_dir} holds {system['method']}")
     model, tok, experts, ind, _ = load_system(None, [str(d) for d in dirs], device, dtype)
     evals = {t: load_task(t, "eval", data_dir)[:max_eval] for t in tasks}
-    s = Scoring(model, tok, experts, ind, tasks, evals, max_new_tokens, batch_size, routing,
-                progress)
+    s = Scoring(model, tok, experts, ind, evals, experts[0].max_source, experts[0].template,
+                max_new_tokens, batch_size, routing, progress)
     routed = method.routes and routing != "none"
     # queries of no task in the sequence, for RB-Acc (read now: a missing file fails early)
     if routed:
@@ -176,7 +164,7 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
     scores, predictions = score_matrix(s, cells, til=False)
     if not method.sparse:
         add_perplexities(model, tok, ind, predictions, experts, evals, s.max_source, s.template,
-                         system["settings"].get("max_target", 512))
+                         system["settings"]["max_target"])
     label = method_label(system)
     if routing == "none":
         label = label.replace("SEE", "SEE-AE", 1)
@@ -224,12 +212,12 @@ def score_matrix(s: Scoring, cells: dict[tuple[int, int], list[Expert]],
     last = max(j for j, _ in cells)
     scores, predictions = [[] for _ in range(last + 1)], []
     desc = "a_i after stage j" + " (TIL)" * til
+    quiet = replace(s, progress=False)  # one bar over the cells, none per cell
     for (j, i), experts in tqdm(cells.items(), desc=desc, disable=not s.progress):
         task = s.tasks[i]
-        summary, records = evaluate_task(s.model, s.tok, experts, s.ind, s.evals[task],
-                                         s.max_source, s.max_new_tokens, s.batch_size, s.template,
-                                         task=s.experts[i].name if til else None, routing=s.routing,
-                                         xlingual=Path(task).stem in XLINGUAL)
+        summary, records = evaluate_task(quiet, experts, s.evals[task],
+                                         s.experts[i].name if til else None,
+                                         Path(task).stem in XLINGUAL)
         scores[j].append(summary["rougeL"])
         if j == last:
             predictions += [dict(task=task, **r) for r in records]
@@ -260,13 +248,10 @@ def routing_metrics(s: Scoring, heldout: dict[str, list[Example]], predictions: 
     routes = [None if p["route"] == "base" else p["route"] for p in predictions]
     scored = routing_scores(routes, gold_routes(s, predictions))
     return dict(routing_f1=scored["f1"], per_task_routing=scored["per_task"],
-                **see_routing(s.model, s.tok, s.experts, s.ind, heldout, predictions, s.max_source,
-                              s.template, s.batch_size, s.progress))
+                **see_routing(s, heldout, predictions))
 
 
-def see_routing(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indicators,
-                heldout: dict[str, list[Example]], predictions: list[dict], max_source: int,
-                template: str, batch_size: int, progress: bool) -> dict:
+def see_routing(s: Scoring, heldout: dict[str, list[Example]], predictions: list[dict]) -> dict:
     """RB-Acc on each out-of-distribution set (only the routing decision matters, so one token of
     answer is enough) with who answered its queries, and the routing cost (routing_cost) on the
     sequence's own queries ("tasks"), on each such set, and on all of them together."""
@@ -274,11 +259,12 @@ def see_routing(model: Llama, tok: Tokenizer, experts: list[Expert], ind: Indica
     to_base = {"tasks": [p["route"] == "base" for p in predictions]}
     rb_acc, ood_routes = {}, {}
     for name, examples in heldout.items():
-        prompts = [prompt_ids(tok, ex.query, max_source, template) for ex in examples]
-        r = sequential_route(model, experts, ind, prompts, 1, tok.eos_ids, batch_size, progress)
+        prompts = [prompt_ids(s.tok, ex.query, s.max_source, s.template) for ex in examples]
+        r = sequential_route(s.model, s.experts, s.ind, prompts, 1, s.tok.eos_ids, s.batch_size,
+                             s.progress)
         rb_acc[name] = routing_scores(r.routes, [None] * len(r.routes))["rb_acc"]
         ood_routes[name] = dict(Counter("base" if route is BASE else route for route in r.routes))
-        outcomes[name] = [[ind.read(t) for _, t in v] for v in r.visits]
+        outcomes[name] = [[s.ind.read(t) for _, t in v] for v in r.visits]
         to_base[name] = [route is BASE for route in r.routes]
     cost = {name: routing_cost(outcomes[name], to_base[name]) for name in outcomes}
     everything = routing_cost(sum(outcomes.values(), []), sum(to_base.values(), []))
@@ -307,7 +293,7 @@ def main() -> None:
                    help="base model (default: the experts' own, else smollm2-135m)")
     p.add_argument("--data-dir", default=None,
                    help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
-    p.add_argument("--split", default="eval")
+    p.add_argument("--split", default="eval", help="the split to score: eval (default) or train")
     p.add_argument("--max-eval", type=int, default=None,
                    help="score only the first N examples of each task")
     p.add_argument("--max-ood", type=int, default=OOD_EVAL,
@@ -319,7 +305,8 @@ def main() -> None:
     p.add_argument("--max-source", type=int, default=None,
                    help="query tokens kept (default: as the experts were trained, else 1024)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="the paper's target length")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="queries generated at once (default: 16)")
     p.add_argument("--routing", default="sequential", choices=ROUTINGS,
                    help="SEE: experts newest first (the paper's sequential routing), or none: one "
                         "expert answers every query with its o_pos forced (--run: each task by its "
@@ -378,6 +365,16 @@ def check_result(out: Path, settings: dict) -> None:
                             f"--out or delete it")
 
 
+def write_result(out: Path, result: dict, records: list[dict]) -> Path:
+    """The result JSON, and its predictions beside it (returned), each written atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    preds = out.with_suffix(".predictions.jsonl")
+    atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in records)))
+    result = dict(result, predictions=str(preds))
+    atomic_write(out, lambda f: f.write_text(json.dumps(result, indent=2) + "\n"))
+    return preds
+
+
 def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
     results = []
     outs = [Path(args.out if args.out
@@ -390,30 +387,20 @@ def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
     for run, out in zip(args.run, outs):
         t0 = time.perf_counter()
         result, predictions = evaluate_run(run, args.max_eval, args.max_new_tokens, args.batch_size,
-                                           args.max_ood,
-                                           args.data_dir, device, dtype, progress=True,
-                                           routing=args.routing)
+                                           args.max_ood, args.data_dir, device, dtype,
+                                           progress=True, routing=args.routing)
         result.update(settings, dtype=str(dtype).removeprefix("torch."), device=device_name(device),
                       eval_seconds=time.perf_counter() - t0, train_seconds=train_seconds(Path(run)))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        preds = out.with_suffix(".predictions.jsonl")
-        atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n"
-                                                           for r in predictions)))
-        atomic_write(out, lambda f: f.write_text(json.dumps(dict(result, predictions=str(preds)),
-                                                            indent=2) + "\n"))
+        preds = write_result(out, result, predictions)
         results.append(result)
         print(f"{result['label']}: results {out}, final-stage predictions {preds}")
     print_table(results)
 
 
-def train_seconds(run_dir: Path) -> float | None:
-    """The wall time of a system's training: its stages' logged step times, summed (None for logs
-    written before steps were timed)."""
+def train_seconds(run_dir: Path) -> float:
+    """The wall time of a system's training: its stages' logged step times, summed."""
     stages = [run_dir / Path(e).parent for e in read_system(run_dir)["experts"]]
-    records = [json.loads(line) for d in stages for line in read_log(d / LOG_FILE, None)]
-    if not records or any("seconds" not in r for r in records):
-        return None
-    return sum(r["seconds"] for r in records)
+    return sum(json.loads(line)["seconds"] for d in stages for line in read_log(d / LOG_FILE, None))
 
 
 def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
@@ -421,32 +408,23 @@ def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
     if not examples:
         raise UserError(f"no {args.split} examples for {args.task}")
     model, tok, experts, ind, model_name = load_system(args.model, args.expert, device, dtype)
-    max_source = experts[0].max_source if experts else 1024
-    if args.max_source is not None:
-        max_source = args.max_source
+    max_source = args.max_source or (experts[0].max_source if experts else 1024)
     template = resolve_template(tok, args.template or (experts[0].template if experts else "auto"))
     task = Path(args.task).stem
-    beside = Path("runs") / f"base-{model_tag(model_name)}"
-    if args.expert:
-        beside = Path(args.expert[0]).parent
+    base_dir = Path(f"runs/base-{model_tag(model_name)}")
+    beside = Path(args.expert[0]).parent if args.expert else base_dir
     out = Path(args.out or beside / f"eval-{task}{variant(args)}.json")
     settings = dict(task=args.task, split=args.split, model=model_name, experts=args.expert,
                     template=template, max_source=max_source, max_eval=args.max_eval,
-                    max_new_tokens=args.max_new_tokens,
-                    routing=args.routing)
+                    max_new_tokens=args.max_new_tokens, routing=args.routing)
     check_result(out, settings)
-    summary, records = evaluate_task(model, tok, experts, ind, examples, max_source,
-                                     args.max_new_tokens,
-                                     args.batch_size, template, progress=True, routing=args.routing,
-                                     xlingual=task in XLINGUAL)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    preds = out.with_suffix(".predictions.jsonl")
-    atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in records)))
-    result = dict(**settings, **summary, dtype=str(dtype).removeprefix("torch."),
-                  predictions=str(preds))
+    s = Scoring(model, tok, experts, ind, {args.task: examples}, max_source, template,
+                args.max_new_tokens, args.batch_size, args.routing, progress=True)
+    summary, records = evaluate_task(s, experts, examples, xlingual=task in XLINGUAL)
+    result = dict(**settings, **summary, dtype=str(dtype).removeprefix("torch."))
     if task in XLINGUAL:
         result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name
-    atomic_write(out, lambda f: f.write_text(json.dumps(result, indent=2) + "\n"))
+    preds = write_result(out, result, records)
     who = ", ".join(e.name for e in experts) or "base model"
     print(f"\n{'system':<24} {'task':<8} {'n':>5} {'ROUGE-L':>8} {'by experts':>10}")
     print(f"{who:<24} {task:<8} {summary['n']:>5} {summary['rougeL']:>8.2f} "

@@ -213,7 +213,7 @@ class SubExpertConfig:
                             f"sparsity={self.sparsity}, shared={self.shared}")
 
 
-MASKED = ("A", "B", "gate")  # the sub-expert weights a task sees through its mask
+MASKED = ("A", "B", "router")  # the sub-expert weights a task sees through its mask
 SHARED = ("shared_A", "shared_B")  # SETA's shared experts: unmasked, anchored by importance instead
 
 
@@ -249,7 +249,7 @@ class SubExpertLinear(nn.Module):
         # weight's mask score would get no gradient (it scales the weight) and the weight
         # could never join a later task's mask
         self.B = nn.Parameter(torch.randn(E, base.out_features, r, device=w.device) * 1e-3)
-        self.gate = nn.Parameter(torch.randn(E, base.in_features, device=w.device) * 0.02)
+        self.router = nn.Parameter(torch.randn(E, base.in_features, device=w.device) * 0.02)
         self.scores = nn.ParameterDict({k: nn.Parameter(torch.empty_like(getattr(self, k)))
                                         for k in MASKED})
         for s in self.scores.values():
@@ -289,10 +289,10 @@ class SubExpertLinear(nn.Module):
         y = self.base(x)
         if self.task is None and not self.learning:
             return y
-        A, B, G = (getattr(self, k) * self.mask(k) for k in MASKED)
+        A, B, R = (getattr(self, k) * self.mask(k) for k in MASKED)
         x = x.to(A.dtype)
         # (..., E): the router's score of each sub-expert (fp32 under autocast too)
-        logits = (x @ G.T).float()
+        logits = (x @ R.T).float()
         top = logits.topk(self.sub.top_k, dim=-1)
         weights = torch.zeros_like(logits).scatter(-1, top.indices, top.values.softmax(-1))
         h = torch.einsum("...i,eri->...er", self.dropout(x), A)
@@ -480,8 +480,25 @@ def subexpert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """What a MoSE stage trains: sub-expert weights and routers (those earlier tasks hold get zero
     gradients, see SubExpertLinear), the mask scores, and SETA's shared experts."""
     return [p for m in subexpert_layers(model).values()
-            for p in (m.A, m.B, m.gate, *m.scores.values())] + \
+            for p in (m.A, m.B, m.router, *m.scores.values())] + \
         [p for p, _ in shared_weights(model)]
+
+
+def importance(model: nn.Module, losses: list) -> list[torch.Tensor]:
+    """Each shared-expert weight's importance to the task just learned: the diagonal empirical
+    Fisher, the mean over samples of each one's squared loss gradient (`losses`: a callable per
+    sample returning (loss, _)), at the final weights; scaled to mean 1, so that --anchor-weight
+    keeps one meaning across models and tasks."""
+    pairs = shared_weights(model)
+    fisher = [torch.zeros_like(p) for p, _ in pairs]
+    for loss in losses:
+        for p, _ in pairs:
+            p.grad = None
+        loss()[0].backward()
+        for f, (p, _) in zip(fisher, pairs):
+            f += p.grad ** 2
+    mean = sum(f.sum() for f in fisher) / sum(f.numel() for f in fisher)
+    return [f / mean.clamp_min(1e-30) for f in fisher]
 
 
 def shared_weights(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:

@@ -6,12 +6,14 @@ of the project: checkpoint.py loads it, router.py generates with it.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -276,6 +278,13 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, start_pos)
         return self.model.norm(x)
+
+    def checkpoint_blocks(self) -> None:
+        """Activation checkpointing (train.py --grad-checkpoint): each block keeps only its inputs
+        for the backward pass and recomputes its activations there, about one more forward pass."""
+        for block in self.model.layers:
+            block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward,
+                                              use_reentrant=False)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits over the base vocabulary, then the added rows."""

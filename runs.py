@@ -22,6 +22,7 @@ from experts import INDICATORS, TEMPLATES, TRAINING_FILE, Expert, SubExpert, loa
 
 STATE_FILE, CONFIG_FILE, LOG_FILE = "state.pt", "config.json", "log.jsonl"
 EXPERT_DIR, SYSTEM_FILE = "expert", "system.json"
+PER_STAGE = ("task", "previous", "out", "init")  # settings a sequence's system.json leaves out
 
 
 @dataclass(frozen=True)
@@ -193,12 +194,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        choices=meta.get("choices"), help=help)
 
 
-def check_types(settings: dict, path: str | Path) -> None:
-    """Refuse written settings (config.json, system.json) whose values are not of their field's
-    type (None where the default is None)."""
+def check_types(settings: dict, path: str | Path, absent: tuple[str, ...] = ()) -> None:
+    """Refuse written settings (config.json, system.json) that lack a field (but `absent`) or hold
+    a value not of its field's type (None where the default is None)."""
     for f in dataclasses.fields(TrainConfig):
-        default = field_default(f)
-        value = settings.get(f.name, default)
+        if f.name in absent:
+            continue
+        if f.name not in settings:
+            raise UserError(f"{path}: no setting {f.name!r} (written by another version?)")
+        default, value = field_default(f), settings[f.name]
         if value is None and default is None or f.name == "indicator_lr" and value == "adapter":
             continue
         kind = f.metadata.get("type", type(default))
@@ -211,12 +215,11 @@ RESUMABLE_CHANGES = {"out", "save_every", "data_dir", "compile", "grad_checkpoin
 
 
 def comparable(settings: dict) -> dict:
-    """Settings as a resumed run must match them: a setting added since the run was written counts
-    as its default, the dtype and paths as resolved, and what does not change the result is left
-    out."""
-    settings = {**dataclasses.asdict(TrainConfig()), **settings}
-    settings.update(dtype=dtype_name(settings["dtype"]),
-                    init=settings["init"] and str(Path(settings["init"]).resolve()))
+    """Settings as a resumed run must match them: the dtype and paths as resolved, and what does
+    not change the result left out."""
+    settings = dict(settings, dtype=dtype_name(settings["dtype"]))
+    if settings.get("init"):  # a sequence's system.json has none
+        settings["init"] = str(Path(settings["init"]).resolve())
     return {k: v for k, v in settings.items() if k not in RESUMABLE_CHANGES}
 
 
@@ -292,8 +295,8 @@ def read_log(path: Path, steps: int | None) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-        if not isinstance(record, dict) or record.get("step") != n:
-            raise UserError(f"{path}:{n}: expected the record of step {n}")
+        if not isinstance(record, dict) or record.get("step") != n or "seconds" not in record:
+            raise UserError(f"{path}:{n}: expected the record of step {n}, with its seconds")
     if steps is not None and len(lines) < steps:
         raise UserError(f"{path}: ends at step {len(lines)}, before the checkpoint's step {steps}")
     return lines[:steps]
@@ -329,8 +332,8 @@ def read_system(root: Path) -> dict:
         raise UserError(f"{path}: 'experts' must list {stages} expert directories, got {experts!r}")
     for e in experts:
         inside(root, e, path)
-    check_types(system["settings"], path)
-    return {**system, "settings": {**dataclasses.asdict(TrainConfig()), **system["settings"]}}
+    check_types(system["settings"], path, absent=PER_STAGE)
+    return system
 
 
 def resume_state(cfg: TrainConfig) -> dict | None:
@@ -349,15 +352,16 @@ def resume_state(cfg: TrainConfig) -> dict | None:
 
 
 def restore(state: dict, trainable: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer,
-            path: Path) -> None:
-    """Put a checkpoint's parameters, optimizer and random state in place; one that does not
-    fit is refused."""
+            path: Path, total: int) -> int:
+    """Put a checkpoint's parameters, optimizer and random state in place, and return its step;
+    one that does not fit this run (of `total` steps) is refused."""
     params = state["params"]
     wrong = sorted(k for k in params.keys() | trainable.keys() if k not in trainable
                    or not isinstance(params.get(k), torch.Tensor)
                    or params[k].shape != trainable[k].shape)
-    if wrong:
-        raise UserError(f"{path}: its parameters do not fit this run ({', '.join(wrong[:3])})")
+    if wrong or state["step"] > total:
+        raise UserError(f"{path}: its parameters or step {state['step']} do not fit this run of "
+                        f"{total} steps ({', '.join(wrong[:3])})")
     try:
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
@@ -369,6 +373,7 @@ def restore(state: dict, trainable: dict[str, torch.nn.Parameter], opt: torch.op
             p.copy_(params[k])
     if state.get("cuda_rng") is not None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"]
 
 
 def check_finished(cfg: TrainConfig) -> None:
@@ -378,8 +383,7 @@ def check_finished(cfg: TrainConfig) -> None:
     # where the stage before lay then: system.json fixes which it was
     check_same_run(cfg, ignore=("init",))
     last = json.loads((read_log(out / LOG_FILE, None) or ["{}"])[-1])
-    # logs written before "steps" end as they end
-    if not last or last.get("steps", last["step"]) != last["step"]:
+    if not last or last.get("steps") != last["step"]:
         raise UserError(f"{out / LOG_FILE}: ends at step {last.get('step', 0)} of "
                         f"{last.get('steps', '?')}, in a finished run")
     load_expert(out / EXPERT_DIR)
@@ -479,8 +483,7 @@ def plan_sequence(cfg: TrainConfig, tasks: list[str]) -> tuple[Path, list[TrainC
     stages = [replace(s, init=str(Path(stages[i - 1].out) / EXPERT_DIR) if method.continues
                       and i else None)
               for i, s in enumerate(stages)]
-    per_stage = ("task", "previous", "out", "init")
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in per_stage}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PER_STAGE}
     system = dict(method=cfg.method, model=cfg.model, tasks=tasks,
                   experts=[f"{Path(s.out).name}/{EXPERT_DIR}" for s in stages], settings=settings)
 

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from tqdm import tqdm
 
 import lora
@@ -35,11 +34,11 @@ from data import ORDERS, Example, load_ood, load_task, rehearsal_sets, subsample
 from errors import UserError, user_errors
 from experts import (UNROUTED, Expert, LoraExpert, SubExpert, TrainSample, prompt_ids, reconstruct,
                      resolve_template, setup_indicators)
-from lora import gate_logits, query_features
 from model import Llama
 from runs import (CONFIG_FILE, EXPERT_DIR, LOG_FILE, METHODS, STATE_FILE, SYSTEM_FILE, Method,
                   TrainConfig, add_arguments, check_config, check_finished, check_init, dtype_name,
-                  plan_sequence, read_log, restore, resume_state, save_state, write_json)
+                  names, plan_sequence, read_log, restore, resume_state, save_state, task_name,
+                  write_json)
 
 
 def training_data(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[str]]:
@@ -62,8 +61,7 @@ def training_data(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[
 
 
 def collate(batch: list[TrainSample], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded inputs and next-token labels; -100 (ignored) on the query and
-    padding (Eq. 5)."""
+    """Right-padded inputs and next-token labels: -100 (ignored) on query and padding (Eq. 5)."""
     T = max(len(s.ids) for s in batch) - 1
     x = torch.zeros(len(batch), T, dtype=torch.long)
     y = torch.full((len(batch), T), -100, dtype=torch.long)
@@ -93,10 +91,7 @@ def trainable_parameters(model: Llama, adapter: str | None,
     """Freeze the base model; only the adapter (None: the MoSE layers) and the added indicator rows
     learn, in fp32."""
     model.requires_grad_(False)
-    if adapter:
-        learned = lora.lora_parameters(model, adapter)
-    else:
-        learned = lora.subexpert_parameters(model)
+    learned = lora.lora_parameters(model, adapter) if adapter else lora.subexpert_parameters(model)
     learn = {id(p) for p in learned}
     trainable = {n: p for n, p in model.named_parameters()
                  if id(p) in learn or (indicator_rows and n in ("extra_embed", "extra_head"))}
@@ -108,11 +103,9 @@ def trainable_parameters(model: Llama, adapter: str | None,
 
 def optimizer(cfg: TrainConfig, trainable: dict[str, torch.nn.Parameter],
               cuda: bool) -> tuple[torch.optim.Optimizer, list[float]]:
-    """AdamW and its groups' peak learning rates. What starts from nothing (indicator rows, a prompt
-    key) learns at its own rate; SETA's gate starts imprinted, so learns at the adapter's (a step at
-    1e-2, on query features as alike as SmolLM2's, can turn a row further than the angle between two
-    tasks). A fresh optimizer per stage and no weight decay: MoSEs' held weights get zero gradients,
-    so stay exactly."""
+    """AdamW and its groups' peak learning rates: what starts from nothing (indicator rows, a prompt
+    key) learns at --indicator-lr; SETA's gate starts imprinted, so learns at the adapter's. No
+    weight decay: MoSEs' held weights get zero gradients, so stay exactly."""
     fresh = [p for n, p in trainable.items() if n.startswith("extra_") or n == "key"]
     fresh_lr = cfg.lr if cfg.indicator_lr == "adapter" else cfg.indicator_lr
     rest = [p for p in trainable.values() if all(p is not q for q in fresh)]
@@ -136,7 +129,6 @@ class Run:
     trainable: dict[str, torch.nn.Parameter]
     opt: torch.optim.Optimizer
     peak: list[float]  # each parameter group's peak learning rate
-    steps_per_epoch: int
     total: int
     device: str
     amp: contextlib.AbstractContextManager
@@ -160,12 +152,9 @@ class Run:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train the expert and write it to <run dir>/expert; returns the run directory.
-
-    Under torchrun every process takes every world-th micro-batch of each global batch and the
-    gradients are summed across processes before the step: data parallel, with the optimizer step
-    of one process at the same global batch. Only rank 0 writes files.
-    """
+    """Train the expert and write it to <run dir>/expert; returns the run directory. Under torchrun
+    each process takes every world-th micro-batch of each global batch and the gradients are summed
+    before the step: data parallel, the same step as one process's. Only rank 0 writes files."""
     lcfg, sub = check_config(cfg)
     current, rehearsed, sources = training_data(cfg)
     init = check_init(cfg, lcfg, sub)
@@ -173,8 +162,8 @@ def train(cfg: TrainConfig) -> Path:
     cfg = replace(cfg, dtype=dtype_name(cfg.dtype))
     state = resume_state(cfg)
     run = setup(cfg, init, lcfg, sub, current, rehearsed)
-    if state is not None:
-        resume(run, state)
+    if state is not None:  # an unfinished run: its checkpoint's weights, optimizer, random state
+        run.step = restore(state, run.trainable, run.opt, cfg.run_dir() / STATE_FILE, run.total)
     if run.world > 1:  # every process starts from rank 0's weights, as DDP does
         for p in run.trainable.values():
             dist.broadcast(p.data, 0)
@@ -196,8 +185,7 @@ def train(cfg: TrainConfig) -> Path:
 def setup(cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig,
           sub: lora.SubExpertConfig | None, current: list[Example],
           rehearsed: list[Example]) -> Run:
-    """The run's model and adapter, indicators, samples (Eq. 4), trainable parameters and
-    optimizer."""
+    """The run's model and adapter, indicators, samples (Eq. 4), trainable parameters, optimizer."""
     method = METHODS[cfg.method]
     rank, world = distributed()
     cuda = torch.cuda.is_available()
@@ -215,8 +203,7 @@ def setup(cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig,
     template = resolve_template(tok, cfg.template)
     if cfg.max_target < len(ind.pos if ind else []) + 2:
         raise UserError(f"--max-target {cfg.max_target} leaves no room for a response")
-    # Eq. 4; SETA's experts see only the task's own samples (its rehearsed queries go to the gate
-    # alone)
+    # Eq. 4; SETA's experts see only the task's own samples (its rehearsed queries go to the gate)
     learned = [] if method.gate else rehearsed
     samples = reconstruct(current, learned, tok, ind, cfg.max_source, cfg.max_target, template)
     features = seta = None
@@ -231,29 +218,16 @@ def setup(cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig,
         added_rows = method.routes and cfg.indicator == "added"
         trainable = trainable_parameters(model, cfg.name, added_rows)
     if cfg.grad_checkpoint:
-        checkpoint_blocks(model)
+        model.checkpoint_blocks()
     model.train()
     opt, peak = optimizer(cfg, trainable, cuda)
-    steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
     amp = torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype,
                          enabled=dtype != torch.float32)
     hidden = torch.compile(model.hidden) if cfg.compile else model.hidden
     frozen = lora.subexpert_counts(model)["used"] if method.sparse else 0  # earlier tasks' masks'
-    return Run(cfg, method, model, template, samples, trainable, opt, peak, steps_per_epoch,
-               cfg.epochs * steps_per_epoch, device, amp, hidden, rank, world, features=features,
-               seta=seta, frozen=frozen)
-
-
-def resume(run: Run, state: dict) -> None:
-    """Continue an unfinished run from its checkpoint."""
-    out = run.cfg.run_dir()
-    run.step = state["step"]
-    if run.step > run.total:
-        raise UserError(f"{out / STATE_FILE}: at step {run.step}, "
-                        f"past this run's {run.total} steps")
-    restore(state, run.trainable, run.opt, out / STATE_FILE)
-    if run.main:
-        print(f"resuming {out} at step {run.step}/{run.total}")
+    total = cfg.epochs * math.ceil(len(samples) / cfg.batch_size)
+    return Run(cfg, method, model, template, samples, trainable, opt, peak, total, device, amp,
+               hidden, rank, world, features=features, seta=seta, frozen=frozen)
 
 
 def start_run_dir(run: Run, n_rehearsed: int, sources: list[str], resumed: bool) -> None:
@@ -266,7 +240,7 @@ def start_run_dir(run: Run, n_rehearsed: int, sources: list[str], resumed: bool)
     if method.gate:
         said += f"{n_rehearsed} earlier queries for the gate, "
     said += f"{run.trained:,} trainable parameters, {run.template} prompts, "
-    said += f"{run.total} steps on {run.device}"
+    said += f"{run.total} steps on {run.device} in {cfg.dtype}"
     if run.world > 1:
         said += f" and {run.world - 1} more processes"
     if method.sparse:
@@ -275,6 +249,10 @@ def start_run_dir(run: Run, n_rehearsed: int, sources: list[str], resumed: bool)
     if sources:
         print("rehearsed: " + "; ".join(sources))
     out = cfg.run_dir()
+    if resumed:
+        print(f"resuming {out} at step {run.step}/{run.total}")
+    elif (out / CONFIG_FILE).exists():
+        print(f"{out}: no checkpoint yet, starting over")
     logged = read_log(out / LOG_FILE, run.step) if resumed else []
     out.mkdir(parents=True, exist_ok=True)
     # of a process killed mid-write
@@ -328,10 +306,9 @@ def fit(run: Run) -> tuple[float, int]:
 
 
 def global_batch(run: Run) -> tuple[int, list[int]]:
-    """The epoch and the samples (indices) of the step's global batch: each epoch
-    shuffles them anew."""
+    """The epoch and the samples (indices) of the step's global batch, shuffled anew each epoch."""
     cfg = run.cfg
-    epoch, k = divmod(run.step, run.steps_per_epoch)
+    epoch, k = divmod(run.step, run.total // cfg.epochs)
     order = list(range(len(run.samples)))
     random.Random(f"{cfg.seed}/epoch{epoch}").shuffle(order)
     # the global batch in order of length, so that micro-batches hold similar lengths and
@@ -368,25 +345,15 @@ def all_reduce(run: Run, loss_sum: float) -> float:
 
 def trained_expert(run: Run, lcfg: lora.LoraConfig, sub: lora.SubExpertConfig | None,
                    keys: dict | None, imprints: dict | None) -> Expert:
-    """The trained expert, of the kind the method trains."""
-    cfg = run.cfg
+    """The trained expert, of the kind the method trains, with what expert.json records of it."""
+    cfg, counts = run.cfg, dict(trainable=run.trained, **run.counts)
     indicator = cfg.indicator if run.method.routes else UNROUTED
     info = (run.model, cfg.name, cfg.task, cfg.model, indicator, cfg.max_source, run.template, lcfg)
-    if run.method.sparse:
-        # beside the bytes of as many per-task LoRA adapters (the stage adds its files' own)
-        lora_bytes = len(keys) * lora.lora_bytes(run.model, lcfg, cfg.model)
-        counts = dict(trainable=run.trained, **run.counts, lora_bytes=lora_bytes)
-        return SubExpert.from_model(*info, sub, keys, imprints, counts)
-    return LoraExpert.from_model(*info, dict(trainable=run.trained))
-
-
-def checkpoint_blocks(model: Llama) -> None:
-    """Activation checkpointing (--grad-checkpoint): each transformer block keeps only
-    its inputs for the backward pass and recomputes its activations there, which costs
-    about one more forward pass."""
-    for block in model.model.layers:
-        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward,
-                                          use_reentrant=False)
+    if not run.method.sparse:
+        return LoraExpert.from_model(*info, counts)
+    # beside the bytes of as many per-task LoRA adapters (the stage adds its files' own)
+    counts["lora_bytes"] = len(keys) * lora.lora_bytes(run.model, lcfg, cfg.model)
+    return SubExpert.from_model(*info, sub, keys, imprints, counts)
 
 
 def distributed() -> tuple[int, int]:
@@ -437,117 +404,103 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
 class SetaState:
     """What SETA's gate loss and penalties need beside the model: tau of each earlier task's queries
     (their features `memory`, their task's gate row, the gate's outputs on them before this task),
-    the shared experts' weights with their importance, and their values after the earlier tasks."""
+    the shared experts' weights with their importance, their values after the earlier tasks, and
+    this task's gate row as imprinted."""
     memory: torch.Tensor | None
     memory_rows: torch.Tensor
     old: torch.Tensor | None
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    anchors: list[torch.Tensor] = field(default_factory=list)
-    imprint: torch.Tensor | None = None  # this task's gate row as imprinted, before training
+    pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    anchors: list[torch.Tensor]
+    imprint: torch.Tensor
 
 
 def sparse_setup(model: Llama, tok, cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig,
                  sub: lora.SubExpertConfig, samples: list[TrainSample], template: str,
                  device) -> tuple[dict[str, torch.nn.Parameter], torch.Tensor, SetaState | None]:
     """MoSEs/SETA's setup: one set of MoSE layers carries every task: the previous stage's, with
-    their masks, and a mask for this task. Returns what trains, what the pull constraint (MoSEs) or
-    the gate (SETA) sees of each sample's query, f(x) from the frozen base model, and SETA's
-    state."""
+    their masks, and a mask for this task, with what picks the task at inference (MoSEs: a prompt
+    key; SETA: the gate's rows). Returns what trains, f(x) of each sample's query from the frozen
+    base model (what the key is pulled toward, or the gate sees) and SETA's state."""
     lora.add_subexperts(model, lcfg, sub)
     if init is not None:
         init.use(model)
+    earlier = init.keys if init else {}
     # each task draws its own mask scores: carried over, the last task's winners, all held and
     # frozen, would fill the new task's mask and leave it almost nothing to train (see README)
-    lora.redraw_scores(model, torch.Generator().manual_seed(cfg.seed * 1000
-                                                            + len(init.keys if init else {})))
-    features = query_features(model, [s.ids[:s.start] for s in samples], cfg.micro_batch)
-    seta = None
-    # tau of each earlier task's queries, remembered with their task's gate row:
-    # the gate's cross-entropy sees every task through them, and the routing
-    # regulariser keeps its outputs on them
-    if METHODS[cfg.method].gate:
-        remembered = [(list(init.keys).index(replace(cfg, task=t).name), ex) for t in cfg.previous
-                      for ex in training_data(replace(cfg, previous=[t]))[1]]
-        prompts = [prompt_ids(tok, ex.query, cfg.max_source, template) for _, ex in remembered]
-        memory = query_features(model, prompts, cfg.micro_batch) if prompts else None
-        memory_rows = torch.tensor([i for i, _ in remembered], dtype=torch.long, device=device)
-        old_rows = torch.stack(list(init.keys.values())).to(device) if init is not None else None
-        old = F.softmax(gate_logits(memory, old_rows), dim=-1) if prompts else None
-        seta = SetaState(memory, memory_rows, old)
+    lora.redraw_scores(model, torch.Generator().manual_seed(cfg.seed * 1000 + len(earlier)))
+    features = lora.query_features(model, [s.ids[:s.start] for s in samples], cfg.micro_batch)
+    gate = METHODS[cfg.method].gate
+    # SETA: tau of each earlier task's queries, remembered with their task's gate row: the gate's
+    # cross-entropy sees every task through them, and the routing regulariser keeps its outputs
+    remembered = [(list(earlier).index(task_name(t)), ex) for t in cfg.previous if gate
+                  for ex in rehearsal_sets([t], cfg.tau, cfg.seed, cfg.max_train, cfg.data_dir)[0]]
+    prompts = [prompt_ids(tok, ex.query, cfg.max_source, template) for _, ex in remembered]
+    memory = lora.query_features(model, prompts, cfg.micro_batch) if prompts else None
     lora.set_task(model, cfg.name, learning=True)
     trainable = trainable_parameters(model, None, False)
-    add_task_key(trainable, cfg, init, model, features, device, seta)
-    if seta is not None:  # elastic anchoring pulls the shared experts back toward these values
-        seta.pairs = lora.shared_weights(model)
-        seta.anchors = [p.detach().clone() for p, _ in seta.pairs]
-    return trainable, features, seta
-
-
-def add_task_key(trainable: dict[str, torch.nn.Parameter], cfg: TrainConfig, init: Expert | None,
-                 model: Llama,
-                 features: torch.Tensor | None, device, seta: SetaState | None) -> None:
-    """What picks this task at inference, trained with the rest: MoSEs' prompt key, SETA's gate."""
-    method = METHODS[cfg.method]
-    if method.pull:  # this task's prompt key, drawn apart from the earlier tasks' keys
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + len(init.keys if init else {}))
+    if not gate:  # MoSEs: this task's prompt key, drawn apart from the earlier tasks' keys
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + len(earlier))
         key = torch.randn(model.config.dim, generator=g) * 0.02
         trainable["key"] = torch.nn.Parameter(key.to(device))
-    # SETA's unified gate: one row per task so far, every row trained. The new row is
-    # imprinted: it starts at the mean of its task's normalised query features, so the gate
-    # begins as a nearest-mean router; random rows learn too slowly, as the queries of all
-    # tasks have very similar features
-    if method.gate:
-        rows = [*(init.keys.values() if init else []), F.normalize(features, dim=-1).mean(0).cpu()]
-        trainable["gate"] = torch.nn.Parameter(torch.stack(rows).float().to(device))
-        seta.imprint = rows[-1]
+        return trainable, features, None
+    memory_rows = torch.tensor([i for i, _ in remembered], dtype=torch.long, device=device)
+    old = None  # the gate's outputs on them before this task
+    if prompts:
+        old = F.softmax(lora.gate_logits(memory, torch.stack([*earlier.values()]).to(device)), -1)
+    # the unified gate: one row per task so far, every row trained. The new row is imprinted: it
+    # starts at the mean of its task's normalised query features, so the gate begins as a
+    # nearest-mean router; random rows learn too slowly, as all tasks' queries are much alike
+    rows = [*earlier.values(), F.normalize(features, dim=-1).mean(0).cpu()]
+    trainable["gate"] = torch.nn.Parameter(torch.stack(rows).float().to(device))
+    # elastic anchoring pulls the shared experts back toward these values
+    pairs = lora.shared_weights(model)
+    seta = SetaState(memory, memory_rows, old, pairs, [p.detach().clone() for p, _ in pairs],
+                     rows[-1])
+    return trainable, features, seta
 
 
 def sparse_terms(run: Run, chosen: list[int]) -> dict[str, float]:
     """MoSEs/SETA's own terms of the step, backward, once the batch's gradients are in (penalties on
     weights every process holds alike, so each adds their gradient itself), and what the log shows
-    of them: MoSEs' pull, SETA's gate loss and penalties, the share of the new mask left to
-    train."""
-    if run.method.pull:  # this task's key toward its queries' features, 1 - cos, their mean
-        key, f = run.trainable["key"], run.features[chosen]
-        pull = (1 - F.cosine_similarity(key[None], f, dim=-1)).sum() / len(chosen)
-        (run.cfg.pull_weight * pull).backward()
-        extra = dict(pull=pull.item())
-    else:
-        extra = seta_terms(run, chosen)
-    return dict(extra, mask_trainable=lora.free_share(run.model))
-
-
-def seta_terms(run: Run, chosen: list[int]) -> dict[str, float]:
-    """SETA's gate loss, elastic anchoring and routing regulariser, backward."""
-    cfg, trainable, seta = run.cfg, run.trainable, run.seta
-    memory, features = seta.memory, run.features
-    # the gate: this batch's queries to the newest row, the remembered ones to their own rows
+    of them, with the share of the new mask left to train."""
+    cfg, trainable, seta, features = run.cfg, run.trainable, run.seta, run.features[chosen]
+    if run.method.pull:  # MoSEs: this task's key toward its queries' features, 1 - cos, their mean
+        pull = (1 - F.cosine_similarity(trainable["key"][None], features, dim=-1)).mean()
+        (cfg.pull_weight * pull).backward()
+        return dict(pull=pull.item(), mask_trainable=lora.free_share(run.model))
+    # SETA's gate: this batch's queries to the newest row, the remembered ones to their own rows
     newest = torch.full((len(chosen),), len(trainable["gate"]) - 1, device=run.device)
     gate = lora.gate_loss(trainable["gate"],
-                     torch.cat([f for f in (memory, features[chosen]) if f is not None]),
-                     torch.cat([seta.memory_rows, newest]))
+                          torch.cat([f for f in (seta.memory, features) if f is not None]),
+                          torch.cat([seta.memory_rows, newest]))
     anchor = lora.elastic_anchor(seta.pairs, seta.anchors)
-    reg = lora.routing_regulariser(trainable["gate"], memory,
-                              seta.old) if memory is not None else torch.zeros(())
+    reg = torch.zeros(())
+    if seta.memory is not None:
+        reg = lora.routing_regulariser(trainable["gate"], seta.memory, seta.old)
     (gate + cfg.anchor_weight * anchor + cfg.route_reg_weight * reg).backward()
-    return dict(gate=gate.item(), anchor=anchor.item(), route_reg=reg.item())
+    return dict(gate=gate.item(), anchor=anchor.item(), route_reg=reg.item(),
+                mask_trainable=lora.free_share(run.model))
 
 
-def sparse_finish(run: Run, init: Expert | None) -> tuple[dict, dict | None]:
-    """After training: this task's mask kept, each task's key (MoSEs: prompt keys; SETA: gate rows)
-    and SETA's imprinted rows, with SETA's importance of the shared experts updated (online EWC:
-    this task's importance joins the earlier tasks')."""
-    cfg, trainable, method = run.cfg, run.trainable, run.method
-    keys = imprints = None
-    if method.gate:
-        new = importance(run.model, run.hidden, run.samples, cfg, run.device, run.amp)
+def sparse_finish(run: Run, init: Expert | None) -> tuple[dict, dict]:
+    """After training: this task's mask kept; each task's key (MoSEs: prompt keys; SETA: the gate's
+    rows, all retrained) and SETA's imprinted rows; SETA's importance of the shared experts updated
+    (online EWC: this task's importance joins the earlier tasks')."""
+    cfg, trainable = run.cfg, run.trainable
+    earlier, imprints = (init.keys, init.imprints) if init else ({}, {})
+    if run.method.pull:
+        keys = {**earlier, cfg.name: trainable["key"].detach().cpu().clone()}
+    else:
+        keys = dict(zip([*earlier, cfg.name], trainable["gate"].detach().cpu().clone()))
+        imprints = {**imprints, cfg.name: run.seta.imprint}
+        chosen = random.Random(f"{cfg.seed}/importance").sample(
+            run.samples, min(cfg.batch_size, len(run.samples)))
+        run.model.eval()  # no dropout: the gradient of the model as it will be used
+        new = lora.importance(run.model, [functools.partial(eq5_loss, run.model, run.hidden, [s],
+                                                            len(s.ids) - s.start, run.device,
+                                                            run.amp) for s in chosen])
         for (_, imp), f in zip(run.seta.pairs, new):
             imp += f
-        keys = dict(zip([*(init.keys if init else {}), cfg.name],
-                        trainable["gate"].detach().cpu().clone()))
-        imprints = {**(init.imprints if init else {}), cfg.name: run.seta.imprint}
-    if method.pull:
-        keys = {**(init.keys if init else {}), cfg.name: trainable["key"].detach().cpu().clone()}
     lora.finish_task(run.model, cfg.name)
     c = lora.subexpert_counts(run.model)
     new, mask = c["used"] - run.frozen, c[f"mask_{cfg.name}"]
@@ -558,52 +511,27 @@ def sparse_finish(run: Run, init: Expert | None) -> tuple[dict, dict | None]:
     return keys, imprints
 
 
-def importance(model: Llama, hidden, samples: list[TrainSample], cfg: "TrainConfig", device,
-               amp) -> list[torch.Tensor]:
-    """Each shared-expert weight's importance to the task just learned: the diagonal empirical
-    Fisher, the mean over one global batch of the task's own samples of each sample's squared
-    loss gradient, at the final weights; scaled to mean 1, so that --anchor-weight keeps one
-    meaning across models and tasks."""
-    model.eval()  # no dropout: the gradient of the model as it will be used
-    pairs = lora.shared_weights(model)
-    fisher = [torch.zeros_like(p) for p, _ in pairs]
-    for s in random.Random(f"{cfg.seed}/importance").sample(samples,
-                                                            min(cfg.batch_size, len(samples))):
-        for p, _ in pairs:
-            p.grad = None
-        eq5_loss(model, hidden, [s], len(s.ids) - s.start, device, amp)[0].backward()
-        for f, (p, _) in zip(fisher, pairs):
-            f += p.grad ** 2
-    mean = sum(f.sum() for f in fisher) / sum(f.numel() for f in fisher)
-    return [f / mean.clamp_min(1e-30) for f in fisher]
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | None]:
     """The run's settings, and the tasks of a sequence (None: one stage)."""
     p = argparse.ArgumentParser(description="Train one SEE expert (a LoRA adapter that answers its "
-                                            "task after <<pos>> and refuses earlier tasks' queries "
-                                            "with <<neg>>), a whole sequence of them "
-                                            "(--sequence/--order), or one of the paper's baselines "
-                                            "(--method).")
-    p.add_argument("--sequence", default=None,
-                   help="comma-separated tasks to learn in turn, one expert each")
+                                "task after <<pos>> and refuses earlier tasks' queries with "
+                                "<<neg>>), a sequence of them, or a baseline (--method).")
+    p.add_argument("--sequence", type=names, default=None,
+                   help="comma-separated tasks to learn in turn, one stage each")
     p.add_argument("--order", default=None, choices=list(ORDERS),
                    help="the paper's task orders (Table 5; 10 = all ten)")
     add_arguments(p)
     p.set_defaults(task=None, previous=None)  # to tell whether they were given
-    a = p.parse_args(argv)
-    if a.sequence is not None and a.order:
-        raise UserError("give --sequence or --order, not both")
-    if (a.sequence is not None or a.order) and (a.task is not None or a.previous is not None):
+    a = vars(p.parse_args(argv))
+    sequence, order = a.pop("sequence"), a.pop("order")
+    if sequence is not None and order or sequence == []:
+        raise UserError("give one of --sequence and --order, naming at least one task")
+    tasks = ORDERS[order] if order else sequence
+    if tasks and (a["task"] is not None or a["previous"] is not None):
         raise UserError("--task and --previous are for one stage; --sequence/--order name every "
                         "task")
-    tasks = ORDERS[a.order] if a.order else a.sequence and [t for t in a.sequence.split(",") if t]
-    if a.sequence is not None and not tasks:
-        raise UserError(f"--sequence {a.sequence!r} names no task")
-    del a.sequence, a.order
-    defaults = TrainConfig()
-    a.task, a.previous = a.task or defaults.task, a.previous or []
-    return TrainConfig(**vars(a)), tasks
+    a.update(task=a["task"] or TrainConfig.task, previous=a["previous"] or [])
+    return TrainConfig(**a), tasks
 
 
 def main() -> None:
@@ -616,14 +544,12 @@ def main() -> None:
         rank = distributed()[0]
         if dist.is_initialized():
             dist.destroy_process_group()
-        if rank != 0:
-            return
-        if tasks:
+        if rank == 0 and tasks:
             print(f"{cfg.method} system written to {out}\nevaluate it: python evaluate.py --run "
                   f"{out}")
-        else:
-            print(f"expert written to {out / EXPERT_DIR}\n"
-                  f"evaluate it: python evaluate.py --expert {out / EXPERT_DIR} --task {cfg.task}")
+        elif rank == 0:
+            print(f"expert written to {out / EXPERT_DIR}\nevaluate it: python evaluate.py "
+                  f"--expert {out / EXPERT_DIR} --task {cfg.task}")
 
 
 if __name__ == "__main__":

@@ -275,7 +275,7 @@ def sequence_args(tiny_dir, out, *extra):
     (["--task", "sa", "--max-train", "0"], "need positive counts, got --max-train 0"),
     (["--task", "sa", "--max-source", "0"], "need positive counts, got --max-source 0"),
     (["--task", "sa", "--tau", "1.5"], "--tau must be in [0, 1], got 1.5"),
-    (["--sequence", ","], "--sequence ',' names no task"),
+    (["--sequence", ","], "give one of --sequence and --order, naming at least one task"),
     (["--sequence", "sa,pe", "--task", "qa"], "--task and --previous are for one stage"),
     (["--order", "1", "--previous", "qa"], "--task and --previous are for one stage"),
 ])
@@ -380,6 +380,9 @@ def rewrite_json(path: Path, **changes) -> None:
 def test_a_hostile_system_json_is_refused(finished_runs, tmp_path, capsys, monkeypatch, change,
                                           message):
     run = shutil.copytree(finished_runs["see"][0], tmp_path / "run")
+    if "settings" in change:  # one setting changed, the others kept
+        settings = json.loads((run / "system.json").read_text())["settings"]
+        change = dict(settings={**settings, **change["settings"]})
     rewrite_json(run / "system.json", **change)
     code, err = cli(evaluate.main, ["--run", run, *EVAL, "--out", tmp_path / "out.json"], capsys,
                     monkeypatch)

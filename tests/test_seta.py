@@ -1,6 +1,7 @@
 """SETA: shared experts kept by elastic anchoring, MoSEs' masked sub-experts as task experts, and a
 unified gate kept by routing regularisation that picks the task without being told it."""
 import contextlib
+import functools
 import json
 import math
 from dataclasses import replace
@@ -19,7 +20,7 @@ from evaluate import evaluate_run
 from experts import load_expert, prompt_ids, reconstruct
 from lora import GATE_SCALE, gate_logits, gate_loss, match_keys, query_features, routing_regulariser
 from router import key_route
-from train import TrainConfig, importance, train, train_sequence, trainable_parameters, training_data
+from train import TrainConfig, eq5_loss, train, train_sequence, trainable_parameters, training_data
 
 WEIGHTS = {"both": (1.0, 1.0), "no-anchor": (0.0, 1.0), "no-route-reg": (1.0, 0.0)}
 
@@ -176,8 +177,10 @@ def test_importance_is_the_fisher_a_weight_that_cannot_change_the_loss_has_none(
     lora.set_task(model, "colour", learning=True)
     trainable_parameters(model, None, False)
     samples = reconstruct(load_task(synthetic_tasks[0], "train")[:8], [], tok, None, 96, 8)
-    imp = importance(model, model.hidden, samples, TrainConfig(batch_size=8), "cpu",
-                     contextlib.nullcontext())
+    model.eval()
+    imp = lora.importance(model, [functools.partial(eq5_loss, model, model.hidden, [s],
+                                                    len(s.ids) - s.start, "cpu",
+                                                    contextlib.nullcontext()) for s in samples])
     by_kind = {k: [f for f, (p, _) in zip(imp, lora.shared_weights(model)) if p is getattr(m, k)]
                for m in lora.subexpert_layers(model).values() for k in lora.SHARED}
     # shared experts start with B = 0, so no change of A changes the loss, while B's gradient is A x

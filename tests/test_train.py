@@ -182,7 +182,7 @@ def test_activation_checkpointing_gives_the_plain_paths_gradients(tiny_dir, devi
             for p in lora.lora_parameters(model, "a"):
                 p.add_(0.1)
         if checkpointed:
-            train_mod.checkpoint_blocks(model)
+            model.checkpoint_blocks()
         model.train()
         samples = reconstruct(examples[:4], examples[4:], tok, ind, 64, 8)
         saved = []  # the elements of every tensor the forward pass keeps for the backward pass
@@ -296,16 +296,13 @@ def test_pseudo_negatives_are_as_many_lima_queries_as_rehearsal_would_draw():
         training_data(replace(cfg, negatives="lima", tau=1.0, max_train=None))
 
 
-def test_a_run_written_before_a_setting_existed_resumes_with_its_default(tiny_dir, tmp_path):
+def test_a_run_written_without_a_setting_is_refused_naming_it(tiny_dir, tmp_path):
     cfg = small(tiny_dir, tmp_path / "old")
     (tmp_path / "old").mkdir()
-    written = {k: v for k, v in dataclasses.asdict(cfg).items()
-               if k not in ("method", "negatives", "init")}
+    written = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "negatives"}
     (tmp_path / "old" / "config.json").write_text(json.dumps(written))
-    assert runs.resume_state(cfg) is None, (
-        "same settings, no checkpoint yet: a fresh start, not a refusal")
-    with pytest.raises(UserError, match="method: see -> replay"):
-        runs.resume_state(replace(cfg, method="replay"))
+    with pytest.raises(UserError, match="config.json: no setting 'negatives'"):
+        runs.resume_state(cfg)
 
 
 def run_cli(args, tiny_dir):
