@@ -126,6 +126,8 @@ def method_label(system: dict) -> str:
                                 sparsity=settings["sparsity"])
     if method.routes and settings["negatives"] == "lima":
         label += " w/pseudo"
+    if method.routes and settings["general_negatives"]:
+        label += f" +{settings['general_negatives']} general neg."
     if method.routes and settings["indicator"] != "added":
         label += f" {settings['indicator']}"
     return label

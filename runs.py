@@ -111,6 +111,11 @@ class TrainConfig:
                           choices=tuple(METHODS))
     negatives: str = setting("tasks", "SEE's negatives: earlier tasks' queries, or as many LIMA "
                                       "queries (pseudo-negatives)", choices=NEGATIVES)
+    # a departure beyond the paper: Eq. 5 never asks an expert to refuse a query of no task, so
+    # nothing but habit keeps the experts from claiming them
+    general_negatives: int = setting(0, "SEE, beyond the paper: every expert, E_1 included, also "
+                                        "learns <<neg>> on N general queries (LIMA's, of those "
+                                        "RB-LIMA does not score)")
     init: str | None = setting(None, "expert directory whose LoRA this one starts from (else "
                                      "B = 0)", type=str)
     experts: int = setting(2, "MoSEs: sub-experts per layer")
@@ -309,6 +314,7 @@ def run_name(cfg: TrainConfig) -> list[str]:
     parts = [part.format(**dataclasses.asdict(cfg)) for part in method.run_name]
     if method.routes:  # SEE's pseudo-negatives and indicator types (Tables 3, 4)
         parts += ["pseudo"] * (cfg.negatives == "lima")
+        parts += [f"general{cfg.general_negatives}"] * (cfg.general_negatives > 0)
         parts += [cfg.indicator] * (cfg.indicator != "added")
     return parts
 
@@ -399,6 +405,7 @@ def check_config(cfg: TrainConfig) -> tuple[lora.LoraConfig, lora.SubExpertConfi
     if cfg.max_train is not None:  # None: every example; 0 would train on nothing
         counts["--max-train"] = cfg.max_train
     bad = [f"{flag} {v}" for flag, v in counts.items() if v < 1]
+    bad += [f"--general-negatives {cfg.general_negatives}"] * (cfg.general_negatives < 0)
     if bad:
         raise UserError(f"need positive counts, got {', '.join(bad)}")
     indicator_lr = cfg.lr if cfg.indicator_lr == "adapter" else cfg.indicator_lr
@@ -419,8 +426,11 @@ def check_config(cfg: TrainConfig) -> tuple[lora.LoraConfig, lora.SubExpertConfi
     if cfg.indicator not in INDICATORS or cfg.template not in TEMPLATES:
         raise UserError(f"unknown indicator {cfg.indicator!r} or template {cfg.template!r}")
     method = METHODS[cfg.method]
-    if cfg.negatives == "lima" and not method.routes:
-        raise UserError("pseudo-negatives (--negatives lima) are for --method see only")
+    if (cfg.negatives == "lima" or cfg.general_negatives) and not method.routes:
+        raise UserError("--negatives lima and --general-negatives are for --method see only")
+    if cfg.general_negatives and cfg.negatives == "lima":
+        raise UserError("--general-negatives draws from the LIMA queries --negatives lima uses; "
+                        "give one of them")
     if cfg.batch_size % cfg.micro_batch:
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch "
                         f"{cfg.micro_batch}")

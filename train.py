@@ -44,19 +44,24 @@ from runs import (CONFIG_FILE, EXPERT_DIR, LOG_FILE, METHODS, STATE_FILE, SYSTEM
 def training_data(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[str]]:
     """The current task's examples, tau of each earlier task's to rehearse (RandSel, sized as the
     paper's data gives it) and where they came from; with pseudo-negatives, as many LIMA queries
-    instead of the earlier tasks' (paper Table 3)."""
+    instead of the earlier tasks' (paper Table 3), and --general-negatives' LIMA queries."""
     current = subsample(load_task(cfg.task, "train", cfg.data_dir), cfg.max_train, cfg.seed)
     if not current:
         raise UserError(f"task {cfg.task} has no training examples")
     rehearsed, sources = rehearsal_sets(cfg.previous, cfg.tau, cfg.seed, cfg.max_train,
                                         cfg.data_dir)
+    lima = cfg.negatives == "lima" or cfg.general_negatives  # the queries RB-LIMA does not score
+    pool = load_ood(directory=cfg.data_dir, split="train") if lima else []
     if cfg.negatives == "lima":
-        pool = load_ood(directory=cfg.data_dir, split="train")
         if len(rehearsed) > len(pool):
             raise UserError(f"{len(rehearsed)} pseudo-negatives asked for, but LIMA has only "
                             f"{len(pool)} to spare; lower --tau")
         rehearsed = subsample(pool, len(rehearsed), cfg.seed)
         sources = [f"LIMA: {len(rehearsed)} pseudo-negatives in place of {'; '.join(sources)}"]
+    if cfg.general_negatives:  # beyond the paper: the same general queries for every expert
+        general = subsample(pool, cfg.general_negatives, cfg.seed)
+        rehearsed = rehearsed + general
+        sources = sources + [f"LIMA: {len(general)} general queries as negatives"]
     return current, rehearsed, sources
 
 
@@ -142,8 +147,7 @@ class Run:
     counts: dict = field(default_factory=dict)  # what expert.json records of the stage
 
     @property
-    def trained(self) -> int:
-        """The parameters this stage can change."""
+    def trained(self) -> int:  # the parameters this stage can change
         return sum(p.numel() for p in self.trainable.values()) - self.frozen
 
     @property
@@ -158,8 +162,7 @@ def train(cfg: TrainConfig) -> Path:
     lcfg, sub = check_config(cfg)
     current, rehearsed, sources = training_data(cfg)
     init = check_init(cfg, lcfg, sub)
-    # config.json records the dtype the run computes in
-    cfg = replace(cfg, dtype=dtype_name(cfg.dtype))
+    cfg = replace(cfg, dtype=dtype_name(cfg.dtype))  # config.json records the dtype used
     state = resume_state(cfg)
     run = setup(cfg, init, lcfg, sub, current, rehearsed)
     if state is not None:  # an unfinished run: its checkpoint's weights, optimizer, random state
@@ -357,8 +360,7 @@ def trained_expert(run: Run, lcfg: lora.LoraConfig, sub: lora.SubExpertConfig | 
 
 
 def distributed() -> tuple[int, int]:
-    """(rank, world size): under torchrun (WORLD_SIZE > 1) the process group is started once;
-    else (0, 1)."""
+    """(rank, world size); under torchrun (WORLD_SIZE > 1) the process group starts once."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -444,9 +446,8 @@ def sparse_setup(model: Llama, tok, cfg: TrainConfig, init: Expert | None, lcfg:
         trainable["key"] = torch.nn.Parameter(key.to(device))
         return trainable, features, None
     memory_rows = torch.tensor([i for i, _ in remembered], dtype=torch.long, device=device)
-    old = None  # the gate's outputs on them before this task
-    if prompts:
-        old = F.softmax(lora.gate_logits(memory, torch.stack([*earlier.values()]).to(device)), -1)
+    old = (F.softmax(lora.gate_logits(memory, torch.stack([*earlier.values()]).to(device)), -1)
+           if prompts else None)  # the gate's outputs on them before this task
     # the unified gate: one row per task so far, every row trained. The new row is imprinted: it
     # starts at the mean of its task's normalised query features, so the gate begins as a
     # nearest-mean router; random rows learn too slowly, as all tasks' queries are much alike
@@ -474,9 +475,8 @@ def sparse_terms(run: Run, chosen: list[int]) -> dict[str, float]:
                           torch.cat([f for f in (seta.memory, features) if f is not None]),
                           torch.cat([seta.memory_rows, newest]))
     anchor = lora.elastic_anchor(seta.pairs, seta.anchors)
-    reg = torch.zeros(())
-    if seta.memory is not None:
-        reg = lora.routing_regulariser(trainable["gate"], seta.memory, seta.old)
+    reg = (lora.routing_regulariser(trainable["gate"], seta.memory, seta.old)
+           if seta.memory is not None else torch.zeros(()))
     (gate + cfg.anchor_weight * anchor + cfg.route_reg_weight * reg).backward()
     return dict(gate=gate.item(), anchor=anchor.item(), route_reg=reg.item(),
                 mask_trainable=lora.free_share(run.model))

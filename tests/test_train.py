@@ -21,8 +21,9 @@ from checkpoint import load_dir
 from checkpoint import native_bf16 as detect_native_bf16  # bound before conftest pins it
 from data import load_ood, load_task
 from errors import UserError
-from experts import load_expert, prompt_ids, setup_indicators
+from experts import load_expert, prompt_ids, reconstruct, setup_indicators
 from router import generate_batched
+from runs import check_config
 from train import TrainConfig, train, train_sequence, trainable_parameters, training_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -303,6 +304,24 @@ def test_a_run_written_without_a_setting_is_refused_naming_it(tiny_dir, tmp_path
     (tmp_path / "old" / "config.json").write_text(json.dumps(written))
     with pytest.raises(UserError, match="config.json: no setting 'negatives'"):
         runs.resume_state(cfg)
+
+
+def test_general_negatives_are_lima_queries_rb_lima_does_not_score_for_every_expert(tiny_dir):
+    cfg = TrainConfig(task="qa", tau=0.1, max_train=40, general_negatives=5)
+    current, first, sources = training_data(cfg)  # E_1: no earlier task, five negatives all the same
+    scored = {ex.query for ex in load_ood(split="eval")}
+    pool = {ex.query for ex in load_ood(split="train")}
+    assert len(first) == 5 and all(ex.query in pool - scored for ex in first)
+    assert sources == ["LIMA: 5 general queries as negatives"]
+    _, later, _ = training_data(replace(cfg, task="qg", previous=["qa"]))
+    assert len(later) == 4 + 5 and [ex.query for ex in later[4:]] == [ex.query for ex in first]
+    model, tok = load_dir(tiny_dir)
+    ind = setup_indicators(model, tok)
+    samples = reconstruct(current, first, tok, ind, 64, 8)
+    assert sum(s.ids[s.start:] == ind.neg for s in samples) == 5, "each one a (q, <<neg>>) sample"
+    for bad in (dict(method="replay"), dict(negatives="lima")):
+        with pytest.raises(UserError, match="--general-negatives"):
+            check_config(replace(cfg, **bad))
 
 
 def run_cli(args, tiny_dir):
