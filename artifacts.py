@@ -3,6 +3,7 @@ one UserError naming it and what is wrong, never a traceback. Each artifact's ow
 (experts.py, checkpoint.py, train.py) builds on these and checks what the fields mean."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tempfile
@@ -74,6 +75,37 @@ def inside(root: str | Path, relative: str, path: str | Path) -> Path:
     if Path(relative).is_absolute() or not target.resolve().is_relative_to(Path(root).resolve()):
         raise UserError(f"{path}: {relative!r} points outside {root}")
     return target
+
+
+def digest(value: Path | dict | list | torch.Tensor | object) -> str:
+    """sha256 of a file's bytes, or of a checkpoint's contents (its tensors' bytes and the other
+    values' text, in order): what is recorded when an artifact is written and checked when read."""
+    h = hashlib.sha256()
+    if isinstance(value, Path):
+        h.update(value.read_bytes())
+    elif isinstance(value, torch.Tensor):
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, (dict, list, tuple)):
+        items = enumerate(value)
+        if isinstance(value, dict):
+            items = sorted(value.items(), key=lambda item: str(item[0]))
+        for key, v in items:
+            h.update(f"{key}:{digest(v)}".encode())
+    else:
+        h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+def check_digests(directory: Path, digests: dict, where: Path, optional: tuple = ()) -> None:
+    """Refuse a directory whose files are not those written: each file's sha256 as `where` records
+    it (a file in `optional` may have been deleted)."""
+    for name, recorded in digests.items():
+        path = inside(directory, name, where)
+        if name in optional and not path.exists():
+            continue
+        if not path.is_file() or digest(path) != recorded:
+            raise UserError(f"{path}: not the file written (missing, or its sha256 differs from "
+                            f"{where}'s record): damaged or replaced")
 
 
 def check_writable(path: str | Path) -> None:

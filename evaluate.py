@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from artifacts import check_writable, read_json
 from checkpoint import atomic_write, device_name, model_tag, resolve_dtype
-from data import OOD_EVAL, TASKS, XLINGUAL, Example, load_ood, load_task
+from data import OOD_EVAL, TASKS, XLINGUAL, Example, data_dir, load_ood, load_task
 from errors import UserError, user_errors
 from experts import (TEMPLATES, Expert, Indicators, SubExpert, base_model, load_system, prompt_ids,
                      resolve_template)
@@ -354,12 +354,22 @@ def check_args(args: argparse.Namespace) -> None:
                         f"{', '.join(bad) or f'--max-ood {args.max_ood}'}")
 
 
+def measured(args: argparse.Namespace, dtype: torch.dtype) -> dict:
+    """Settings that change what an evaluation measures: a result is never overwritten by one of
+    other settings (check_result)."""
+    return dict(max_eval=args.max_eval, max_new_tokens=args.max_new_tokens, routing=args.routing,
+                dtype=str(dtype).removeprefix("torch."),
+                data_dir=str(data_dir(args.data_dir).resolve()))
+
+
 def check_result(out: Path, settings: dict) -> None:
     """Before any generation: `out` can be written, and holds no result of other settings
     to overwrite."""
     check_writable(out)
     if out.is_file():
         old = read_json(out)
+        if "max_new_tokens" not in old:  # a run's own files (system.json, expert.json) among them
+            raise UserError(f"{out} is not a result of evaluate.py; pass another --out")
         changed = sorted(k for k in settings if k in old and old[k] != settings[k])
         if changed:
             changes = ", ".join(f"{k}: {old[k]} -> {settings[k]}" for k in changed)
@@ -382,8 +392,7 @@ def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
     outs = [Path(args.out if args.out
                  and len(args.run) == 1 else Path(run) / f"eval{variant(args)}.json")
             for run in args.run]
-    settings = dict(max_eval=args.max_eval, max_new_tokens=args.max_new_tokens,
-                    max_ood=args.max_ood, routing=args.routing)
+    settings = dict(measured(args, dtype), max_ood=args.max_ood)
     for out in outs:
         check_result(out, settings)
     for run, out in zip(args.run, outs):
@@ -391,7 +400,7 @@ def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
         result, predictions = evaluate_run(run, args.max_eval, args.max_new_tokens, args.batch_size,
                                            args.max_ood, args.data_dir, device, dtype,
                                            progress=True, routing=args.routing)
-        result.update(settings, dtype=str(dtype).removeprefix("torch."), device=device_name(device),
+        result.update(settings, device=device_name(device),
                       eval_seconds=time.perf_counter() - t0, train_seconds=train_seconds(Path(run)))
         preds = write_result(out, result, predictions)
         results.append(result)
@@ -417,13 +426,12 @@ def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
     beside = Path(args.expert[0]).parent if args.expert else base_dir
     out = Path(args.out or beside / f"eval-{task}{variant(args)}.json")
     settings = dict(task=args.task, split=args.split, model=model_name, experts=args.expert,
-                    template=template, max_source=max_source, max_eval=args.max_eval,
-                    max_new_tokens=args.max_new_tokens, routing=args.routing)
+                    template=template, max_source=max_source, **measured(args, dtype))
     check_result(out, settings)
     s = Scoring(model, tok, experts, ind, {args.task: examples}, max_source, template,
                 args.max_new_tokens, args.batch_size, args.routing, progress=True)
     summary, records = evaluate_task(s, experts, examples, xlingual=task in XLINGUAL)
-    result = dict(**settings, **summary, dtype=str(dtype).removeprefix("torch."))
+    result = dict(**settings, **summary)
     if task in XLINGUAL:
         result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name
     preds = write_result(out, result, records)

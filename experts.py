@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import lora
-from artifacts import check_fields, read_json, read_tensors
+from artifacts import check_digests, check_fields, digest, read_json, read_tensors
 from checkpoint import atomic_dir, load
 from data import Example
 from errors import UserError
@@ -306,9 +306,12 @@ Expert = LoraExpert | SubExpert
 
 
 def write_meta(expert: Expert, directory: Path, extra: dict) -> None:
-    """expert.json: what both kinds of expert record about themselves, and `extra`."""
+    """expert.json: what both kinds of expert record about themselves, `extra`, and the sha256 of
+    each file beside it, which every load checks."""
     meta = {k: getattr(expert, k) for k in (*EXPERT_FIELDS, "counts")}
-    (directory / EXPERT_FILE).write_text(json.dumps({**meta, **extra}, indent=2) + "\n")
+    files = {f.name: digest(f) for f in sorted(directory.iterdir())}
+    (directory / EXPERT_FILE).write_text(json.dumps({**meta, **extra, "files": files}, indent=2)
+                                         + "\n")
 
 
 def load_expert(path: str | Path) -> Expert:
@@ -319,11 +322,13 @@ def load_expert(path: str | Path) -> Expert:
         raise UserError(f"{path} is not an expert directory (no {EXPERT_FILE})")
     meta = read_json(path / EXPERT_FILE)
     check_fields(meta, path / EXPERT_FILE, name=str, task=str, base_model=str, indicator=str,
-                 max_source=int, template=str, counts=dict)
+                 max_source=int, template=str, counts=dict, files=dict)
     if meta["indicator"] not in (*INDICATORS, UNROUTED) or meta["template"] not in TEMPLATES \
-            or meta["max_source"] < 1:
+            or meta["max_source"] < 1 or not meta["name"] or "." in meta["name"]:
         raise UserError(f"{path / EXPERT_FILE}: unknown indicator {meta['indicator']!r} or "
-                        f"template {meta['template']!r}, or max_source {meta['max_source']} < 1")
+                        f"template {meta['template']!r}, max_source {meta['max_source']} < 1, or a "
+                        f"name {meta['name']!r} empty or with a '.'")
+    check_digests(path, meta["files"], path / EXPERT_FILE, optional=(TRAINING_FILE,))
     kind = SubExpert if "sub" in meta else LoraExpert
     return kind.load(path, meta)
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from artifacts import NUMBER, check_fields, read_json, read_tensors
@@ -94,6 +94,7 @@ def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> None:
         raise UserError(f"adapter {name!r} already exists")
     if "." in name:
         raise UserError(f"adapter names cannot contain '.', got {name!r}")
+    check_fits(model, cfg.targets, lambda lin: cfg.r * (lin.in_features + lin.out_features))
     wrap_targets(model, cfg.targets, LoraLinear)
     for path, m in lora_layers(model).items():
         if path.rsplit(".", 1)[-1] in cfg.targets:
@@ -108,6 +109,20 @@ def wrap_targets(model: nn.Module, targets: tuple[str, ...], wrap) -> None:
             child = getattr(parent, attr, None)
             if isinstance(child, nn.Linear):
                 setattr(parent, attr, wrap(child).train(child.training))
+
+
+def check_fits(model: nn.Module, targets: tuple[str, ...], weights) -> None:
+    """Refuse adapters of weights(linear) fp32 weights per target whose weights, gradients and
+    AdamW moments (16 bytes each) exceed the device's memory, before an allocator fails on them."""
+    linears = [getattr(m, t) for m in model.modules() for t in targets
+               if isinstance(getattr(m, t, None), nn.Linear)]
+    device = model.lm_head.weight.device
+    need = 16 * sum(weights(linear) for linear in linears)
+    have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if need > have:
+        raise UserError(f"the adapters need {need / 2**30:.3g} GiB to train, the device has "
+                        f"{have / 2**30:.3g} GiB: lower --rank, --experts or --shared-experts")
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
@@ -181,7 +196,12 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]
     if not plain:
         raise UserError(f"{path}: only plain LoRA adapters can be read (a list of target modules; "
                         f"no bias, rsLoRA, DoRA, per-layer patterns or modules_to_save)")
-    return cfg, read_tensors(path / ADAPTER_WEIGHTS)
+    weights = read_tensors(path / ADAPTER_WEIGHTS)
+    ranks = {tuple(w.shape)[0] for k, w in weights.items() if k.endswith("lora_A.weight")}
+    if ranks != {cfg.r}:  # before any adapter of rank r is allocated
+        raise UserError(f"{path / ADAPTER_CONFIG}: r {cfg.r}, but its weights have rank "
+                        f"{sorted(ranks)}")
+    return cfg, weights
 
 
 def lora_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
@@ -318,6 +338,8 @@ def add_subexperts(model: nn.Module, cfg: LoraConfig, sub: SubExpertConfig) -> N
     """Wrap cfg.targets in MoSE layers (the model must have no adapters there yet)."""
     if lora_layers(model) or subexpert_layers(model):
         raise UserError("the model already carries adapters")
+    check_fits(model, cfg.targets, lambda linear: (2 * sub.experts + sub.shared) * (
+        cfg.r * (linear.in_features + linear.out_features)) + 2 * sub.experts * linear.in_features)
     wrap_targets(model, cfg.targets, lambda linear: SubExpertLinear(linear, cfg, sub))
 
 
@@ -484,104 +506,8 @@ def subexpert_parameters(model: nn.Module) -> list[nn.Parameter]:
         [p for p, _ in shared_weights(model)]
 
 
-def importance(model: nn.Module, losses: list) -> list[torch.Tensor]:
-    """Each shared-expert weight's importance to the task just learned: the diagonal empirical
-    Fisher, the mean over samples of each one's squared loss gradient (`losses`: a callable per
-    sample returning (loss, _)), at the final weights; scaled to mean 1, so that --anchor-weight
-    keeps one meaning across models and tasks."""
-    pairs = shared_weights(model)
-    fisher = [torch.zeros_like(p) for p, _ in pairs]
-    for loss in losses:
-        for p, _ in pairs:
-            p.grad = None
-        loss()[0].backward()
-        for f, (p, _) in zip(fisher, pairs):
-            f += p.grad ** 2
-    mean = sum(f.sum() for f in fisher) / sum(f.numel() for f in fisher)
-    return [f / mean.clamp_min(1e-30) for f in fisher]
-
-
 def shared_weights(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """SETA's shared-expert weights, each with its importance to the tasks learned so far
     (same shape)."""
     return [(getattr(m, k), getattr(m, f"importance_{k}")) for m in subexpert_layers(model).values()
             if m.sub.shared for k in SHARED]
-
-
-# --- what picks a task at inference: the query's feature from the frozen base model, matched to
-# MoSEs' prompt keys or to the rows of SETA's unified gate
-
-@torch.no_grad()
-def query_features(model: nn.Module, prompts: list[list[int]],
-                   batch_size: int = 16) -> torch.Tensor:
-    """f(x): the frozen base model's final hidden states averaged over the query's tokens, (n, dim).
-
-    From the base model, with no sub-expert active, so that a query's feature, and hence its task,
-    never depends on what was learned after its key (as L2P uses the frozen pretrained encoder);
-    averaged, because a decoder has no [CLS] token that sees the whole query.
-    """
-    set_task(model, None)  # callers set the task they want afterwards
-    device = model.lm_head.weight.device
-    feats = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s:s + batch_size]
-        x = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
-        real = torch.zeros(x.shape, dtype=torch.bool)
-        for i, p in enumerate(chunk):
-            x[i, :len(p)], real[i, :len(p)] = torch.tensor(p), True
-        # right padding: causal attention keeps pads out of real positions
-        h = model.hidden(x.to(device)).float()
-        real = real.to(device).unsqueeze(-1)
-        feats.append((h * real).sum(1) / real.sum(1))
-    return torch.cat(feats)
-
-
-# SETA's gate is a cosine classifier with a fixed scale (as LUCIR's, for class-incremental
-# learning). Raw cosines lie in [-1, 1]: their softmax is nearly flat, and a row could claim every
-# query by growing its norm. On SmolLM2 (docs/RESULTS.md) the routing regulariser did just that with
-# unnormalised rows: it grew the oldest row until the gate sent 100% of queries to the first task.
-GATE_SCALE = 16.0
-
-
-def gate_logits(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """SETA's unified gate: GATE_SCALE times the cosine of the query feature and each task's row."""
-    return GATE_SCALE * F.normalize(features, dim=-1) @ F.normalize(rows, dim=-1).T
-
-
-def match_keys(features: torch.Tensor, keys: dict[str, torch.Tensor]) -> list[str]:
-    """The task whose key (MoSEs) or gate row (SETA: the gate's choice) is most cosine-similar to
-    each feature."""
-    if not keys:
-        raise UserError("no task keys to match")
-    names = list(keys)
-    scores = gate_logits(features, torch.stack([keys[n] for n in names]).to(features))
-    return [names[i] for i in scores.argmax(-1).tolist()]
-
-
-# --- SETA's training terms on the gate and the shared experts
-
-def elastic_anchor(pairs: list[tuple[torch.Tensor, torch.Tensor]],
-                   anchors: list[torch.Tensor]) -> torch.Tensor:
-    """SETA's elastic anchoring (EWC's penalty): 1/2 sum_i F_i (theta_i - theta*_i)^2 over
-    the shared-expert weights theta, with theta* their values after the earlier tasks and F
-    their importance to those tasks."""
-    return sum((imp * (p - a) ** 2).sum() for (p, imp), a in zip(pairs, anchors)) / 2
-
-
-def routing_regulariser(rows: torch.Tensor, memory: torch.Tensor,
-                        old: torch.Tensor) -> torch.Tensor:
-    """SETA's routing-aware regulariser: KL(old || new) of the gate's outputs on earlier
-    tasks' queries, the mean over queries. The new task's output is not in `old`, so mass it
-    takes from them is penalised."""
-    new = F.log_softmax(gate_logits(memory, rows), dim=-1)[:, :old.shape[1]]
-    return (old * (old.clamp_min(1e-12).log() - new)).sum(-1).mean()
-
-
-def gate_loss(rows: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """SETA's gate objective: each query's cross-entropy against its task's row, averaged
-    per task and then over the tasks present, so that a task's few remembered queries
-    weigh as much as the batch."""
-    per_query = F.cross_entropy(gate_logits(features, rows), labels, reduction="none")
-    count = torch.bincount(labels, minlength=len(rows))
-    per_task = torch.zeros(len(rows), device=rows.device).index_add(0, labels, per_query)
-    return (per_task[count > 0] / count[count > 0]).mean()

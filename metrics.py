@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from rouge_score import rouge_scorer
 
-import lora
+import gate
 from data import Example
 from errors import UserError
 from experts import NEITHER, Expert, Indicators, base_model, prompt_ids
@@ -155,5 +155,5 @@ def imprinted_accuracy(model: Llama, tok: Tokenizer, last: Expert, predictions: 
     queries = {(t, ex.id): ex.query for t, examples in evals.items() for ex in examples}
     prompts = [prompt_ids(tok, queries[p["task"], p["id"]], max_source, template)
                for p in predictions]
-    routes = lora.match_keys(lora.query_features(model, prompts, batch_size), last.imprints)
+    routes = gate.match_keys(gate.query_features(model, prompts, batch_size), last.imprints)
     return sum(r == g for r, g in zip(routes, gold)) / len(gold)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import gate
 import lora
 from checkpoint import resolve_dtype
 from errors import UserError, user_errors
@@ -127,7 +128,7 @@ def key_route(model: Llama, keys: dict[str, torch.Tensor], prompts: list[list[in
     if task:
         routes = [task] * len(prompts)
     else:
-        routes = lora.match_keys(lora.query_features(model, prompts, batch_size), keys)
+        routes = gate.match_keys(gate.query_features(model, prompts, batch_size), keys)
     answers: list[list[int]] = [[] for _ in prompts]
     for t in dict.fromkeys(routes):
         idx = [i for i, r in enumerate(routes) if r == t]

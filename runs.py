@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 
 import lora
-from artifacts import NUMBER, check_fields, check_writable, inside, read_json, read_text
+from artifacts import (NUMBER, check_fields, check_writable, digest, inside, read_json,
+                       read_text)
 from checkpoint import atomic_write, model_tag, resolve_dtype
 from errors import UserError
-from experts import INDICATORS, TEMPLATES, TRAINING_FILE, Expert, SubExpert, load_expert
+from experts import (EXPERT_FILE, INDICATORS, TEMPLATES, TRAINING_FILE, Expert, SubExpert,
+                     load_expert)
 
 STATE_FILE, CONFIG_FILE, LOG_FILE = "state.pt", "config.json", "log.jsonl"
 EXPERT_DIR, SYSTEM_FILE = "expert", "system.json"
@@ -264,6 +266,7 @@ def save_state(path: Path, step: int, params: dict[str, torch.nn.Parameter],
     state = dict(step=step, params={k: p.detach().cpu() for k, p in params.items()},
                  optimizer=opt.state_dict(), rng=torch.get_rng_state(),
                  cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    state["sha256"] = digest(state)  # of its contents: a damaged tensor is told on resuming
     atomic_write(path, lambda p: torch.save(state, p))
 
 
@@ -280,7 +283,10 @@ def read_state(path: Path) -> dict:
                         f"({type(e).__name__}: {reason})") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: not a checkpoint of train.py (a {type(state).__name__})")
-    check_fields(state, path, step=int, params=dict, optimizer=dict, rng=torch.Tensor)
+    check_fields(state, path, step=int, params=dict, optimizer=dict, rng=torch.Tensor, sha256=str)
+    if digest({k: v for k, v in state.items() if k != "sha256"}) != state["sha256"]:
+        raise UserError(f"{path}: its contents differ from the sha256 recorded when it was "
+                        f"written: damaged")
     if state["step"] < 1 or state["rng"].dtype != torch.uint8:
         raise UserError(f"{path}: not a checkpoint of train.py (step {state['step']}, rng "
                         f"{state['rng'].dtype})")
@@ -395,27 +401,48 @@ def check_finished(cfg: TrainConfig) -> None:
     load_expert(out / EXPERT_DIR)
 
 
-def check_config(cfg: TrainConfig) -> tuple[lora.LoraConfig, lora.SubExpertConfig | None]:
-    """Refuse impossible settings before any data or model is loaded; returns the adapter's settings
-    (LoRA, and MoSEs/SETA's sub-experts or None)."""
+FLOAT32_MAX = torch.finfo(torch.float32).max  # a rate or weight above it is inf in the step
+
+
+def check_numbers(cfg: TrainConfig) -> None:
+    """Refuse numbers no run can use: counts below 1, a seed torch cannot take, rates and weights
+    out of range or beyond float32."""
     counts = {"--epochs": cfg.epochs, "--batch-size": cfg.batch_size,
-              "--micro-batch": cfg.micro_batch,
-              "--save-every": cfg.save_every, "--max-source": cfg.max_source,
-              "--max-target": cfg.max_target}
+              "--micro-batch": cfg.micro_batch, "--save-every": cfg.save_every,
+              "--max-source": cfg.max_source, "--max-target": cfg.max_target}
     if cfg.max_train is not None:  # None: every example; 0 would train on nothing
         counts["--max-train"] = cfg.max_train
     bad = [f"{flag} {v}" for flag, v in counts.items() if v < 1]
     bad += [f"--general-negatives {cfg.general_negatives}"] * (cfg.general_negatives < 0)
+    bad += [f"--seed {cfg.seed}"] * (not 0 <= cfg.seed < 2 ** 63)
     if bad:
-        raise UserError(f"need positive counts, got {', '.join(bad)}")
+        raise UserError(f"need positive counts, --general-negatives >= 0 and a --seed in "
+                        f"[0, 2^63), got {', '.join(bad)}")
     indicator_lr = cfg.lr if cfg.indicator_lr == "adapter" else cfg.indicator_lr
     rates = {"--lr": cfg.lr, "--indicator-lr": indicator_lr}
     weights = {"--pull-weight": cfg.pull_weight, "--anchor-weight": cfg.anchor_weight,
                "--route-reg-weight": cfg.route_reg_weight}
-    bad = [f"{flag} {v}" for flag, v in rates.items() if not 0 < v < math.inf] + \
-        [f"{flag} {v}" for flag, v in weights.items() if not 0 <= v < math.inf]
+    bad = [f"{flag} {v}" for flag, v in rates.items() if not 0 < v <= FLOAT32_MAX] + \
+        [f"{flag} {v}" for flag, v in weights.items() if not 0 <= v <= FLOAT32_MAX] + \
+        [f"--alpha {cfg.alpha}"] * (abs(cfg.alpha) > FLOAT32_MAX)
     if bad:
-        raise UserError(f"need finite learning rates > 0 and weights >= 0, got {', '.join(bad)}")
+        raise UserError(f"need learning rates > 0, weights >= 0 and nothing beyond float32's "
+                        f"{FLOAT32_MAX:.3g}, got {', '.join(bad)}")
+
+
+def check_finite(step: int, loss: float, norm: torch.Tensor) -> None:
+    """Stop a run whose loss or gradient norm is no longer finite, before its step is taken: the
+    last checkpoint stays, and no expert is written."""
+    if not (math.isfinite(loss) and math.isfinite(float(norm))):
+        raise UserError(f"step {step}: loss {loss:g}, gradient norm {float(norm):g}: training "
+                        f"diverged (lower --lr, --indicator-lr, --alpha or the method's weights); "
+                        f"the last checkpoint is kept and no expert written")
+
+
+def check_config(cfg: TrainConfig) -> tuple[lora.LoraConfig, lora.SubExpertConfig | None]:
+    """Refuse impossible settings before any data or model is loaded; returns the adapter's settings
+    (LoRA, and MoSEs/SETA's sub-experts or None)."""
+    check_numbers(cfg)
     if not 0 <= cfg.tau <= 1:
         raise UserError(f"--tau must be in [0, 1], got {cfg.tau}")
     if cfg.task in cfg.previous:
@@ -443,7 +470,12 @@ def check_config(cfg: TrainConfig) -> tuple[lora.LoraConfig, lora.SubExpertConfi
         raise UserError("MoSEs rehearses nothing (no --previous)")
     if method.gate and cfg.shared < 1:
         raise UserError(f"SETA needs --shared-experts >= 1, got {cfg.shared}")
-    check_writable(cfg.run_dir() / CONFIG_FILE)
+    out = cfg.run_dir().resolve()
+    inside_expert = any((d / EXPERT_FILE).is_file() for d in (out, *out.parents))
+    if inside_expert or (out / SYSTEM_FILE).exists():
+        raise UserError(f"--out {cfg.run_dir()} is a sequence's directory or inside an expert; "
+                        f"pass another --out")
+    check_writable(out / CONFIG_FILE)
     return lcfg, sub
 
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import gate
 import lora
 from checkpoint import atomic_write, load, remove_leftovers
 from data import ORDERS, Example, load_ood, load_task, rehearsal_sets, subsample
@@ -36,9 +37,9 @@ from experts import (UNROUTED, Expert, LoraExpert, SubExpert, TrainSample, promp
                      resolve_template, setup_indicators)
 from model import Llama
 from runs import (CONFIG_FILE, EXPERT_DIR, LOG_FILE, METHODS, STATE_FILE, SYSTEM_FILE, Method,
-                  TrainConfig, add_arguments, check_config, check_finished, check_init, dtype_name,
-                  names, plan_sequence, read_log, restore, resume_state, save_state, task_name,
-                  write_json)
+                  TrainConfig, add_arguments, check_config, check_finished, check_finite,
+                  check_init, dtype_name, names, plan_sequence, read_log, restore, resume_state,
+                  save_state, task_name, write_json)
 
 
 def training_data(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[str]]:
@@ -174,15 +175,14 @@ def train(cfg: TrainConfig) -> Path:
         start_run_dir(run, len(rehearsed), sources, state is not None)
     elapsed, n_tokens = fit(run)
     keys, imprints = sparse_finish(run, init) if run.method.sparse else (None, None)
-    out = cfg.run_dir()
     if run.main:
         speed = n_tokens / max(elapsed, 1e-9)
         print(f"trained {run.step} steps in {elapsed:.0f} s, {speed:.0f} tokens/s")
-        trained_expert(run, lcfg, sub, keys, imprints).save(out / EXPERT_DIR)
-        (out / STATE_FILE).unlink(missing_ok=True)
+        trained_expert(run, lcfg, sub, keys, imprints).save(cfg.run_dir() / EXPERT_DIR)
+        (cfg.run_dir() / STATE_FILE).unlink(missing_ok=True)
     if run.world > 1:
         dist.barrier()  # the next stage (on any process) may read this expert
-    return out
+    return cfg.run_dir()
 
 
 def setup(cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig,
@@ -267,8 +267,7 @@ def start_run_dir(run: Run, n_rehearsed: int, sources: list[str], resumed: bool)
 def fit(run: Run) -> tuple[float, int]:
     """The training loop: learning rate, micro-batches, backward, the sum across processes,
     clipping, the step, the log, a checkpoint. Returns the seconds it took and the tokens it saw."""
-    cfg = run.cfg
-    out = cfg.run_dir()
+    cfg, out = run.cfg, run.cfg.run_dir()
     bar = tqdm(total=run.total, initial=run.step, desc=f"train {cfg.name}", unit="step",
                disable=not run.main)
     t_start, n_tokens = time.perf_counter(), 0
@@ -286,8 +285,9 @@ def fit(run: Run) -> tuple[float, int]:
                 loss_sum = all_reduce(run, loss_sum)
             # MoSEs/SETA: their own loss terms, once the batch's gradients are in
             extra = sparse_terms(run, chosen) if run.method.sparse else {}
-            # max_grad_norm 1.0, the HF Trainer default
-            torch.nn.utils.clip_grad_norm_(run.trainable.values(), 1.0)
+            # max_grad_norm 1.0, the HF Trainer default; a diverged run stops here
+            norm = torch.nn.utils.clip_grad_norm_(run.trainable.values(), 1.0)
+            check_finite(run.step + 1, loss_sum / n_targets, norm)
             run.opt.step()
             run.step += 1
             tokens = sum(len(s.ids) - 1 for s in batch)
@@ -310,13 +310,13 @@ def fit(run: Run) -> tuple[float, int]:
 
 def global_batch(run: Run) -> tuple[int, list[int]]:
     """The epoch and the samples (indices) of the step's global batch, shuffled anew each epoch."""
-    cfg = run.cfg
-    epoch, k = divmod(run.step, run.total // cfg.epochs)
+    size = run.cfg.batch_size
+    epoch, k = divmod(run.step, run.total // run.cfg.epochs)
     order = list(range(len(run.samples)))
-    random.Random(f"{cfg.seed}/epoch{epoch}").shuffle(order)
+    random.Random(f"{run.cfg.seed}/epoch{epoch}").shuffle(order)
     # the global batch in order of length, so that micro-batches hold similar lengths and
     # little padding; the loss is a sum over its tokens, so the order does not change it
-    chosen = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+    chosen = order[k * size:(k + 1) * size]
     return epoch, sorted(chosen, key=lambda i: len(run.samples[i].ids))
 
 
@@ -325,8 +325,7 @@ def backward(run: Run, chosen: list[int], n_targets: int) -> float:
     over the batch's `n_targets` target tokens. Returns the share's summed NLL."""
     cfg = run.cfg
     batch = [run.samples[i] for i in chosen]
-    for p in run.trainable.values():
-        p.grad = None
+    run.opt.zero_grad(set_to_none=True)
     loss_sum = 0.0
     for m in range(run.rank * cfg.micro_batch, len(batch), run.world * cfg.micro_batch):
         loss, nll = eq5_loss(run.model, run.hidden, batch[m:m + cfg.micro_batch], n_targets,
@@ -383,8 +382,9 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
     directory per stage; re-running resumes at the first unfinished stage.
     """
     root, stages, system = plan_sequence(cfg, tasks)
-    for stage in stages:
+    for stage in stages:  # every stage's settings and data, before anything is written
         check_config(stage)
+        training_data(stage)
     finished = [s for s in stages if (s.run_dir() / EXPERT_DIR).exists()]
     for stage in finished:
         check_finished(stage)
@@ -430,23 +430,23 @@ def sparse_setup(model: Llama, tok, cfg: TrainConfig, init: Expert | None, lcfg:
     # each task draws its own mask scores: carried over, the last task's winners, all held and
     # frozen, would fill the new task's mask and leave it almost nothing to train (see README)
     lora.redraw_scores(model, torch.Generator().manual_seed(cfg.seed * 1000 + len(earlier)))
-    features = lora.query_features(model, [s.ids[:s.start] for s in samples], cfg.micro_batch)
-    gate = METHODS[cfg.method].gate
+    features = gate.query_features(model, [s.ids[:s.start] for s in samples], cfg.micro_batch)
+    seta_gate = METHODS[cfg.method].gate
     # SETA: tau of each earlier task's queries, remembered with their task's gate row: the gate's
     # cross-entropy sees every task through them, and the routing regulariser keeps its outputs
-    remembered = [(list(earlier).index(task_name(t)), ex) for t in cfg.previous if gate
+    remembered = [(list(earlier).index(task_name(t)), ex) for t in cfg.previous if seta_gate
                   for ex in rehearsal_sets([t], cfg.tau, cfg.seed, cfg.max_train, cfg.data_dir)[0]]
     prompts = [prompt_ids(tok, ex.query, cfg.max_source, template) for _, ex in remembered]
-    memory = lora.query_features(model, prompts, cfg.micro_batch) if prompts else None
+    memory = gate.query_features(model, prompts, cfg.micro_batch) if prompts else None
     lora.set_task(model, cfg.name, learning=True)
     trainable = trainable_parameters(model, None, False)
-    if not gate:  # MoSEs: this task's prompt key, drawn apart from the earlier tasks' keys
+    if not seta_gate:  # MoSEs: this task's prompt key, drawn apart from the earlier tasks' keys
         g = torch.Generator().manual_seed(cfg.seed * 1000 + len(earlier))
         key = torch.randn(model.config.dim, generator=g) * 0.02
         trainable["key"] = torch.nn.Parameter(key.to(device))
         return trainable, features, None
     memory_rows = torch.tensor([i for i, _ in remembered], dtype=torch.long, device=device)
-    old = (F.softmax(lora.gate_logits(memory, torch.stack([*earlier.values()]).to(device)), -1)
+    old = (F.softmax(gate.gate_logits(memory, torch.stack([*earlier.values()]).to(device)), -1)
            if prompts else None)  # the gate's outputs on them before this task
     # the unified gate: one row per task so far, every row trained. The new row is imprinted: it
     # starts at the mean of its task's normalised query features, so the gate begins as a
@@ -471,14 +471,14 @@ def sparse_terms(run: Run, chosen: list[int]) -> dict[str, float]:
         return dict(pull=pull.item(), mask_trainable=lora.free_share(run.model))
     # SETA's gate: this batch's queries to the newest row, the remembered ones to their own rows
     newest = torch.full((len(chosen),), len(trainable["gate"]) - 1, device=run.device)
-    gate = lora.gate_loss(trainable["gate"],
+    gate_ce = gate.gate_loss(trainable["gate"],
                           torch.cat([f for f in (seta.memory, features) if f is not None]),
                           torch.cat([seta.memory_rows, newest]))
-    anchor = lora.elastic_anchor(seta.pairs, seta.anchors)
-    reg = (lora.routing_regulariser(trainable["gate"], seta.memory, seta.old)
+    anchor = gate.elastic_anchor(seta.pairs, seta.anchors)
+    reg = (gate.routing_regulariser(trainable["gate"], seta.memory, seta.old)
            if seta.memory is not None else torch.zeros(()))
-    (gate + cfg.anchor_weight * anchor + cfg.route_reg_weight * reg).backward()
-    return dict(gate=gate.item(), anchor=anchor.item(), route_reg=reg.item(),
+    (gate_ce + cfg.anchor_weight * anchor + cfg.route_reg_weight * reg).backward()
+    return dict(gate=gate_ce.item(), anchor=anchor.item(), route_reg=reg.item(),
                 mask_trainable=lora.free_share(run.model))
 
 
@@ -496,7 +496,7 @@ def sparse_finish(run: Run, init: Expert | None) -> tuple[dict, dict]:
         chosen = random.Random(f"{cfg.seed}/importance").sample(
             run.samples, min(cfg.batch_size, len(run.samples)))
         run.model.eval()  # no dropout: the gradient of the model as it will be used
-        new = lora.importance(run.model, [functools.partial(eq5_loss, run.model, run.hidden, [s],
+        new = gate.importance(run.model, [functools.partial(eq5_loss, run.model, run.hidden, [s],
                                                             len(s.ids) - s.start, run.device,
                                                             run.amp) for s in chosen])
         for (_, imp), f in zip(run.seta.pairs, new):

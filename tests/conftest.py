@@ -117,7 +117,8 @@ def check_stage_parameters():
         return dict(held=bits(r"\.(A|B|router)\.used$"),
                     mask=bits(rf"\.masks\.{d.parent.name.split('-', 1)[1]}\."),
                     weights=sum(v.numel() for k, v in {**state, **training}.items()
-                                if re.search(r"\.(A|B|router)(\.free)?$", k) and ".masks." not in k),
+                                if re.search(r"\.(A|B|router)(\.free)?$", k)
+                                and ".masks." not in k),
                     free=sum(v.numel() for k, v in training.items() if k.endswith(".free")),
                     bytes=(d / "subexperts.safetensors").stat().st_size,
                     training_bytes=(d / TRAINING_FILE).stat().st_size)

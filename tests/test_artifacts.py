@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import evaluate
 import train as train_mod
+from artifacts import digest
 from checkpoint import atomic_dir, atomic_write, load_dir
 from errors import UserError
 from experts import load_expert
@@ -83,6 +84,8 @@ def corrupt(path: Path, how: str) -> None:
         path.unlink()
     elif how == "truncate":
         path.write_bytes(data[:len(data) // 2])
+    elif how == "flip":  # one bit of the last tensor's data: the file still reads
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     else:  # garbage of the same length
         path.write_bytes(os.urandom(max(len(data), 16)))
 
@@ -96,7 +99,7 @@ def test_every_damaged_file_of_a_finished_run_is_one_line_of_error(finished_runs
     for path in sorted(files(run)):
         rel, original = path.relative_to(run), path.read_bytes()
         reader = READERS.get(rel.name, "evaluate")
-        for how in ("delete", "truncate", "garbage"):
+        for how in ("delete", "truncate", "garbage", "flip")[:3 + (path.suffix == ".safetensors")]:
             out = tmp_path / f"result-{len(cases)}"
             if reader == "evaluate":
                 command = (evaluate.main, ["--run", run, *EVAL, "--out", out / "eval.json"])
@@ -161,7 +164,7 @@ def test_every_damaged_file_of_an_unfinished_run_is_one_line_of_error(cut_run, t
     args, run = cut_run
     cases, failures = [], []
     for path in sorted(files(run)):
-        for how in ("delete", "truncate", "garbage"):
+        for how in ("delete", "truncate", "garbage", "flip")[:3 + (path.suffix == ".safetensors")]:
             copy = tmp_path / f"copy-{len(cases)}"
             shutil.copytree(run, copy)
             corrupt(copy / path.name, how)
@@ -222,10 +225,20 @@ def test_a_pickled_or_truncated_checkpoint_is_refused(cut_run, capsys, monkeypat
 def test_a_checkpoint_of_other_parameters_is_refused(cut_run, capsys, monkeypatch):
     args, run = cut_run
     state = torch.load(run / "state.pt", weights_only=True)
-    state["params"] = {"x": torch.zeros(1)}
+    state["params"] = {"x": torch.zeros(1)}  # a whole checkpoint, of another run
+    state["sha256"] = digest({k: v for k, v in state.items() if k != "sha256"})
     torch.save(state, run / "state.pt")
     code, err = cli(train_mod.main, args, capsys, monkeypatch)
     assert one_error_line(code, err, "state.pt", "do not fit this run") is None, err
+
+
+def test_a_checkpoint_whose_tensor_data_changed_is_refused(cut_run, capsys, monkeypatch):
+    args, run = cut_run
+    state = torch.load(run / "state.pt", weights_only=True)
+    next(iter(state["params"].values())).view(-1)[0] += 1  # the zip still reads, a weight differs
+    torch.save(state, run / "state.pt")
+    code, err = cli(train_mod.main, args, capsys, monkeypatch)
+    assert one_error_line(code, err, "state.pt", "sha256", "damaged") is None, err
 
 
 def test_leftovers_of_a_killed_write_go_when_the_run_resumes(cut_run, capsys, monkeypatch):
@@ -264,18 +277,25 @@ def sequence_args(tiny_dir, out, *extra):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--task", "sa", "--lr", "-1"],
-     "need finite learning rates > 0 and weights >= 0, got --lr -1.0"),
-    (["--task", "sa", "--lr", "nan"],
-     "need finite learning rates > 0 and weights >= 0, got --lr nan"),
-    (["--task", "sa", "--lr", "inf"],
-     "need finite learning rates > 0 and weights >= 0, got --lr inf"),
+    (["--task", "sa", "--lr", "-1"], "need learning rates > 0, weights >= 0 and nothing beyond "
+                                     "float32's 3.4e+38, got --lr -1.0"),
+    (["--task", "sa", "--lr", "nan"], "got --lr nan"),
+    (["--task", "sa", "--lr", "inf"], "got --lr inf"),
+    (["--task", "sa", "--lr", "1e300"], "got --lr 1e+300"),
+    (["--task", "sa", "--alpha", "1e300"], "got --alpha 1e+300"),
+    (["--task", "sa", "--method", "moses", "--pull-weight", "1e300"], "got --pull-weight 1e+300"),
+    (["--task", "sa", "--seed", str(2 ** 63)],
+     "a --seed in [0, 2^63), got --seed 9223372036854775808"),
     (["--task", "sa", "--indicator-lr", "-5"], "got --indicator-lr -5.0"),
     (["--task", "sa", "--alpha", "-16"], "need LoRA alpha > 0, got -16.0"),
-    (["--task", "sa", "--max-train", "0"], "need positive counts, got --max-train 0"),
-    (["--task", "sa", "--max-source", "0"], "need positive counts, got --max-source 0"),
+    (["--task", "sa", "--max-train", "0"], "need positive counts, --general-negatives >= 0 and a "
+                                           "--seed in [0, 2^63), got --max-train 0"),
+    (["--task", "sa", "--max-source", "0"], "got --max-source 0"),
     (["--task", "sa", "--tau", "1.5"], "--tau must be in [0, 1], got 1.5"),
     (["--sequence", ","], "give one of --sequence and --order, naming at least one task"),
+    (["--sequence", "sa,foo"], "unknown task 'foo'"),  # a later task: nothing written either
+    (["--sequence", "sa, pe"], "unknown task ' pe'"),
+    (["--sequence", "SA"], "unknown task 'SA'"),
     (["--sequence", "sa,pe", "--task", "qa"], "--task and --previous are for one stage"),
     (["--order", "1", "--previous", "qa"], "--task and --previous are for one stage"),
 ])
@@ -357,6 +377,33 @@ def test_a_result_of_other_settings_is_not_overwritten(tiny_dir, tmp_path, capsy
     assert out.read_text() == written
 
 
+def test_a_result_measured_in_another_dtype_is_not_overwritten(tiny_dir, tmp_path, capsys,
+                                                              monkeypatch):
+    out = tmp_path / "eval-sa.json"
+    code, err = cli(evaluate.main, evaluate_args(tiny_dir, out), capsys, monkeypatch)
+    assert code == 0, err
+    monkeypatch.setattr(evaluate, "evaluate_task",
+                        lambda *a, **k: pytest.fail("generation started"))
+    code, err = cli(evaluate.main, evaluate_args(tiny_dir, out, "--dtype", "bfloat16"), capsys,
+                    monkeypatch)
+    assert one_error_line(code, err, "(dtype: float32 -> bfloat16)") is None, err
+
+
+def test_no_run_file_is_taken_for_a_result_or_a_run_directory(finished_runs, tmp_path, capsys,
+                                                              monkeypatch):
+    run, train_args = finished_runs["see"]
+    system = (run / "system.json").read_text()
+    code, err = cli(evaluate.main, ["--run", run, *EVAL, "--out", run / "system.json"], capsys,
+                    monkeypatch)
+    assert one_error_line(code, err, "system.json is not a result of evaluate.py") is None, err
+    assert (run / "system.json").read_text() == system
+    for out in (run, run / "1-sa" / "expert" / "inner"):  # a sequence's root, inside an expert
+        code, err = cli(train_mod.main, [*train_args[2:-2], "--task", "qa", "--out", out], capsys,
+                        monkeypatch)
+        assert one_error_line(code, err, "a sequence's directory or inside an expert") is None, err
+    assert not (run / "1-sa" / "expert" / "inner").exists()
+
+
 def test_an_unwritable_result_is_refused_before_generation(tiny_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(evaluate, "evaluate_task", lambda *a,
                         **k: pytest.fail("generation started"))
@@ -368,6 +415,12 @@ def test_an_unwritable_result_is_refused_before_generation(tiny_dir, tmp_path, c
 
 def rewrite_json(path: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def reseal(expert: Path) -> None:
+    """Record an edited expert's files in its expert.json, as a hand-made expert would be."""
+    rewrite_json(expert / "expert.json", files={f.name: digest(f) for f in expert.iterdir()
+                                                if f.name != "expert.json"})
 
 
 @pytest.mark.parametrize("change,message", [
@@ -393,10 +446,24 @@ def test_an_adapter_config_with_a_string_for_a_number_is_refused(finished_runs, 
                                                                  monkeypatch):
     run = shutil.copytree(finished_runs["see"][0], tmp_path / "run")
     rewrite_json(run / "1-sa" / "expert" / "adapter_config.json", lora_alpha="16")
+    reseal(run / "1-sa" / "expert")
     code, err = cli(evaluate.main, ["--run", run, *EVAL, "--out", tmp_path / "out.json"], capsys,
                     monkeypatch)
     assert one_error_line(code, err, "adapter_config.json",
                           "field 'alpha' is '16', expected a finite number") is None, err
+
+
+def test_an_edited_adapter_config_is_refused_as_not_the_file_written(finished_runs, tmp_path,
+                                                                    capsys, monkeypatch):
+    run = shutil.copytree(finished_runs["see"][0], tmp_path / "run")
+    rewrite_json(run / "1-sa" / "expert" / "adapter_config.json", r=10 ** 12)
+    code, err = cli(evaluate.main, ["--run", run, *EVAL, "--out", tmp_path / "out.json"], capsys,
+                    monkeypatch)
+    assert one_error_line(code, err, "adapter_config.json", "not the file written") is None, err
+    reseal(run / "1-sa" / "expert")  # a hand-made expert that claims another rank than its weights
+    code, err = cli(evaluate.main, ["--run", run, *EVAL, "--out", tmp_path / "out.json"], capsys,
+                    monkeypatch)
+    assert one_error_line(code, err, "adapter_config.json", "r 1000000000000") is None, err
 
 
 def test_indicator_rows_of_the_wrong_shape_are_refused(finished_runs, tmp_path, capsys,
@@ -404,6 +471,7 @@ def test_indicator_rows_of_the_wrong_shape_are_refused(finished_runs, tmp_path, 
     run = shutil.copytree(finished_runs["see"][0], tmp_path / "run")
     rows = run / "2-pe" / "expert" / "indicators.safetensors"
     save_file({k: torch.zeros(3, 5) for k in load_file(rows)}, rows)
+    reseal(rows.parent)
     code, err = cli(evaluate.main, ["--run", run, *EVAL, "--out", tmp_path / "out.json"], capsys,
                     monkeypatch)
     assert one_error_line(code, err, "indicators.safetensors", "(3, 5)") is None, err
@@ -413,7 +481,7 @@ def test_an_expert_without_its_indicator_rows_is_refused(finished_runs, capsys, 
                                                          tmp_path):
     run = shutil.copytree(finished_runs["see"][0], tmp_path / "run")
     (run / "1-sa" / "expert" / "indicators.safetensors").unlink()
-    with pytest.raises(UserError, match="indicators.safetensors not found"):
+    with pytest.raises(UserError, match="indicators.safetensors: not the file written"):
         load_expert(run / "1-sa" / "expert")
 
 

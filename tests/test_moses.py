@@ -15,7 +15,7 @@ from data import load_task
 from errors import UserError
 from evaluate import evaluate_run
 from experts import TRAINING_FILE, load_expert, prompt_ids
-from lora import match_keys, query_features
+from gate import match_keys, query_features
 from router import key_route
 from train import TrainConfig, train, train_sequence
 

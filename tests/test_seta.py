@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gate
 import lora
 import train as train_mod
 from checkpoint import load_dir
@@ -18,7 +19,8 @@ from data import load_task
 from errors import UserError
 from evaluate import evaluate_run
 from experts import load_expert, prompt_ids, reconstruct
-from lora import GATE_SCALE, gate_logits, gate_loss, match_keys, query_features, routing_regulariser
+from gate import (GATE_SCALE, gate_logits, gate_loss, match_keys, query_features,
+                  routing_regulariser)
 from router import key_route
 from train import TrainConfig, eq5_loss, train, train_sequence, trainable_parameters, training_data
 
@@ -178,7 +180,7 @@ def test_importance_is_the_fisher_a_weight_that_cannot_change_the_loss_has_none(
     trainable_parameters(model, None, False)
     samples = reconstruct(load_task(synthetic_tasks[0], "train")[:8], [], tok, None, 96, 8)
     model.eval()
-    imp = lora.importance(model, [functools.partial(eq5_loss, model, model.hidden, [s],
+    imp = gate.importance(model, [functools.partial(eq5_loss, model, model.hidden, [s],
                                                     len(s.ids) - s.start, "cpu",
                                                     contextlib.nullcontext()) for s in samples])
     by_kind = {k: [f for f, (p, _) in zip(imp, lora.shared_weights(model)) if p is getattr(m, k)]

@@ -2,6 +2,7 @@
 learn, runs resume or refuse."""
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -308,7 +309,7 @@ def test_a_run_written_without_a_setting_is_refused_naming_it(tiny_dir, tmp_path
 
 def test_general_negatives_are_lima_queries_rb_lima_does_not_score_for_every_expert(tiny_dir):
     cfg = TrainConfig(task="qa", tau=0.1, max_train=40, general_negatives=5)
-    current, first, sources = training_data(cfg)  # E_1: no earlier task, five negatives all the same
+    current, first, sources = training_data(cfg)  # E_1: no earlier task, five negatives
     scored = {ex.query for ex in load_ood(split="eval")}
     pool = {ex.query for ex in load_ood(split="train")}
     assert len(first) == 5 and all(ex.query in pool - scored for ex in first)
@@ -322,6 +323,16 @@ def test_general_negatives_are_lima_queries_rb_lima_does_not_score_for_every_exp
     for bad in (dict(method="replay"), dict(negatives="lima")):
         with pytest.raises(UserError, match="--general-negatives"):
             check_config(replace(cfg, **bad))
+
+
+def test_a_diverged_run_stops_naming_its_step_and_writes_no_expert(tiny_dir, tmp_path):
+    # representable in float32, but its pull's gradient is not
+    cfg = replace(small(tiny_dir, tmp_path / "r"), method="moses", previous=[], pull_weight=3e38)
+    with pytest.raises(UserError, match=r"step 1: loss .*, gradient norm inf: training diverged"):
+        train(cfg)
+    assert not (tmp_path / "r" / "expert").exists()
+    logged = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in logged), "the diverged step is not logged"
 
 
 def run_cli(args, tiny_dir):
@@ -339,7 +350,7 @@ def run_cli(args, tiny_dir):
      "error: --batch-size 30 must be a multiple of --micro-batch 4"),
     (["--task", "sa", "--max-source", "2000", "--max-target", "512"],
      "error: --max-source 2000 + --max-target 512 exceed"),
-    (["--task", "sa", "--micro-batch", "0"], "error: need positive counts, got --micro-batch 0"),
+    (["--task", "sa", "--micro-batch", "0"], "error: need positive counts, --general-negatives"),
     (["--task", "sa", "--previous", "pe,sa"], "error: task 'sa' cannot also be an earlier task"),
     (["--task", "sa", "--max-target", "2"], "error: --max-target 2 leaves no room for a response"),
     (["--task", "sa", "--method", "moses", "--sparsity", "1.5"],
@@ -347,7 +358,8 @@ def run_cli(args, tiny_dir):
     (["--order", "1", "--init", "x"], "error: --init is for one stage"),
     (["--task", "sa", "--method", "moses", "--previous", "pe"], "error: MoSEs rehearses nothing"),
     (["--task", "sa", "--method", "seta", "--anchor-weight", "-1"],
-     "error: need finite learning rates > 0 and weights >= 0, got --anchor-weight -1"),
+     "error: need learning rates > 0, weights >= 0 and nothing beyond float32's 3.4e+38, got "
+     "--anchor-weight -1"),
     (["--task", "sa", "--method", "seta", "--shared-experts", "0"],
      "error: SETA needs --shared-experts >= 1"),
     (["--task", "sa", "--method", "seta", "--previous", "pe"],

@@ -1,0 +1,105 @@
+"""What picks a task at inference in MoSEs and SETA, and SETA's training terms: the query's feature
+from the frozen base model, matched to MoSEs' prompt keys or to the rows of SETA's unified gate (one
+row per task, a cosine classifier); the gate's loss, the routing regulariser, and elastic anchoring
+of the shared experts with their importance. ("Router" is the per-token mixer inside a MoSE layer,
+lora.SubExpertLinear; "gate" is only SETA's task gate.)"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lora
+from errors import UserError
+
+@torch.no_grad()
+def query_features(model: nn.Module, prompts: list[list[int]],
+                   batch_size: int = 16) -> torch.Tensor:
+    """f(x): the frozen base model's final hidden states averaged over the query's tokens, (n, dim).
+
+    From the base model, with no sub-expert active, so that a query's feature, and hence its task,
+    never depends on what was learned after its key (as L2P uses the frozen pretrained encoder);
+    averaged, because a decoder has no [CLS] token that sees the whole query.
+    """
+    lora.set_task(model, None)  # callers set the task they want afterwards
+    device = model.lm_head.weight.device
+    feats = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s:s + batch_size]
+        x = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
+        real = torch.zeros(x.shape, dtype=torch.bool)
+        for i, p in enumerate(chunk):
+            x[i, :len(p)], real[i, :len(p)] = torch.tensor(p), True
+        # right padding: causal attention keeps pads out of real positions
+        h = model.hidden(x.to(device)).float()
+        real = real.to(device).unsqueeze(-1)
+        feats.append((h * real).sum(1) / real.sum(1))
+    return torch.cat(feats)
+
+
+# SETA's gate is a cosine classifier with a fixed scale (as LUCIR's, for class-incremental
+# learning). Raw cosines lie in [-1, 1]: their softmax is nearly flat, and a row could claim every
+# query by growing its norm. On SmolLM2 (docs/RESULTS.md) the routing regulariser did just that with
+# unnormalised rows: it grew the oldest row until the gate sent 100% of queries to the first task.
+GATE_SCALE = 16.0
+
+
+def gate_logits(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """SETA's unified gate: GATE_SCALE times the cosine of the query feature and each task's row."""
+    return GATE_SCALE * F.normalize(features, dim=-1) @ F.normalize(rows, dim=-1).T
+
+
+def match_keys(features: torch.Tensor, keys: dict[str, torch.Tensor]) -> list[str]:
+    """The task whose key (MoSEs) or gate row (SETA: the gate's choice) is most cosine-similar to
+    each feature."""
+    if not keys:
+        raise UserError("no task keys to match")
+    names = list(keys)
+    scores = gate_logits(features, torch.stack([keys[n] for n in names]).to(features))
+    return [names[i] for i in scores.argmax(-1).tolist()]
+
+
+# --- SETA's training terms on the gate and the shared experts
+
+def elastic_anchor(pairs: list[tuple[torch.Tensor, torch.Tensor]],
+                   anchors: list[torch.Tensor]) -> torch.Tensor:
+    """SETA's elastic anchoring (EWC's penalty): 1/2 sum_i F_i (theta_i - theta*_i)^2 over
+    the shared-expert weights theta, with theta* their values after the earlier tasks and F
+    their importance to those tasks."""
+    return sum((imp * (p - a) ** 2).sum() for (p, imp), a in zip(pairs, anchors)) / 2
+
+
+def routing_regulariser(rows: torch.Tensor, memory: torch.Tensor,
+                        old: torch.Tensor) -> torch.Tensor:
+    """SETA's routing-aware regulariser: KL(old || new) of the gate's outputs on earlier
+    tasks' queries, the mean over queries. The new task's output is not in `old`, so mass it
+    takes from them is penalised."""
+    new = F.log_softmax(gate_logits(memory, rows), dim=-1)[:, :old.shape[1]]
+    return (old * (old.clamp_min(1e-12).log() - new)).sum(-1).mean()
+
+
+def gate_loss(rows: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """SETA's gate objective: each query's cross-entropy against its task's row, averaged
+    per task and then over the tasks present, so that a task's few remembered queries
+    weigh as much as the batch."""
+    per_query = F.cross_entropy(gate_logits(features, rows), labels, reduction="none")
+    count = torch.bincount(labels, minlength=len(rows))
+    per_task = torch.zeros(len(rows), device=rows.device).index_add(0, labels, per_query)
+    return (per_task[count > 0] / count[count > 0]).mean()
+
+
+def importance(model: nn.Module, losses: list) -> list[torch.Tensor]:
+    """Each shared-expert weight's importance to the task just learned: the diagonal empirical
+    Fisher, the mean over samples of each one's squared loss gradient (`losses`: a callable per
+    sample returning (loss, _)), at the final weights; scaled to mean 1, so that --anchor-weight
+    keeps one meaning across models and tasks."""
+    pairs = lora.shared_weights(model)
+    fisher = [torch.zeros_like(p) for p, _ in pairs]
+    for loss in losses:
+        for p, _ in pairs:
+            p.grad = None
+        loss()[0].backward()
+        for f, (p, _) in zip(fisher, pairs):
+            f += p.grad ** 2
+    mean = sum(f.sum() for f in fisher) / sum(f.numel() for f in fisher)
+    return [f / mean.clamp_min(1e-30) for f in fisher]
