@@ -297,22 +297,25 @@ def main() -> None:
                    help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
     p.add_argument("--split", default="eval", help="the split to score: eval (default) or train")
     p.add_argument("--max-eval", type=int, default=None,
-                   help="score only the first N examples of each task")
-    p.add_argument("--max-ood", type=int, default=OOD_EVAL,
-                   help=f"LIMA queries for RB-Acc (--run; at most {OOD_EVAL}, the rest may have "
-                        f"been pseudo-negatives)")
+                   help="score only the first N examples of each task (default: all), and as many "
+                        "out-of-distribution queries per set")
+    p.add_argument("--max-ood", type=int, default=None,
+                   help=f"LIMA queries for RB-Acc (--run; default: --max-eval's, at most "
+                        f"{OOD_EVAL}: the rest may have been pseudo-negatives)")
     p.add_argument("--template", default=None, choices=list(TEMPLATES),
                    help="prompt (default: as the experts were trained, else auto: chat if the "
                         "checkpoint has a template)")
     p.add_argument("--max-source", type=int, default=None,
                    help="query tokens kept (default: as the experts were trained, else 1024)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="the paper's target length")
+    p.add_argument("--max-new-tokens", type=int, default=512,
+                   help="new tokens per answer (default: 512, the paper's target length; 64 is "
+                        "enough for a look)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="queries generated at once (default: 16)")
     p.add_argument("--routing", default="sequential", choices=ROUTINGS,
-                   help="SEE: experts newest first (the paper's sequential routing), or none: one "
-                        "expert answers every query with its o_pos forced (--run: each task by its "
-                        "own expert)")
+                   help="SEE: sequential (default): experts newest first, as the paper, or none: "
+                        "one expert answers every query with its o_pos forced (--run: each task "
+                        "by its own expert)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weights and compute; default as train.py: bfloat16 on CUDA and on CPUs "
                         "with native bf16, else float32")
@@ -320,6 +323,8 @@ def main() -> None:
                    help="result JSON (default: beside the first expert, or runs/base-<model>/; "
                         "with --run: <run>/eval.json, eval-expert-only.json for --routing none)")
     args = p.parse_args()
+    if args.max_ood is None:  # a quick look stays quick: --max-eval caps every set scored
+        args.max_ood = min(args.max_eval or OOD_EVAL, OOD_EVAL)
     if args.report:
         if args.run or args.task or args.expert:
             p.error("--report reads evaluated runs; give it alone")
@@ -436,9 +441,10 @@ def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
         result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name
     preds = write_result(out, result, records)
     who = ", ".join(e.name for e in experts) or "base model"
-    print(f"\n{'system':<24} {'task':<8} {'n':>5} {'ROUGE-L':>8} {'by experts':>10}")
+    # exceptions: queries that met an expert emitting neither indicator (the base model answered)
+    print(f"\n{'system':<24} {'task':<8} {'n':>5} {'ROUGE-L':>8} {'by experts':>10} {'except':>7}")
     print(f"{who:<24} {task:<8} {summary['n']:>5} {summary['rougeL']:>8.2f} "
-          f"{summary['answered_by_experts']:>10.0%}")
+          f"{summary['answered_by_experts']:>10.0%} {summary.get('exceptions', '-'):>7}")
     print(f"results: {out}\npredictions: {preds}")
 
 

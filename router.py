@@ -157,26 +157,32 @@ def show_route(tok: Tokenizer, ind: Indicators, names: list[str], routed: Routed
 
 def main() -> None:
     p = argparse.ArgumentParser(description="Watch SEE's sequential routing: one query put to a "
-                                            "run's experts, newest first, with what each emitted "
-                                            "and which model answered.")
-    p.add_argument("--run", required=True,
+                                            "run's (or the given) experts, newest first, with what "
+                                            "each emitted and which model answered.")
+    p.add_argument("--run", default=None,
                    help="a SEE system written by train.py --sequence/--order")
+    p.add_argument("--expert", action="append", default=[],
+                   help="an expert directory instead of --run; repeat, oldest first")
     p.add_argument("--prompt", default=None,
                    help="the query (the run's prompt template is applied)")
     p.add_argument("--task", default=None,
                    help="take the query from this task's eval split instead")
     p.add_argument("--index", type=int, default=0, help="which eval query of --task (from 0)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="new tokens of the answer (default: 128)")
     p.add_argument("--data-dir", default=None,
                    help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
     args = p.parse_args()
-    if (args.prompt is None) == (args.task is None):
-        p.error("give --prompt or --task (with --index)")
+    if (args.prompt is None) == (args.task is None) or bool(args.run) == bool(args.expert):
+        p.error("give --run or --expert, and --prompt or --task (with --index)")
     with user_errors():
-        system = read_system(Path(args.run))
-        if system["method"] != "see":
-            raise UserError(f"{args.run} holds {system['method']}, not SEE: only SEE routes by "
-                            f"indicators")
+        dirs = args.expert
+        if args.run:
+            system = read_system(Path(args.run))
+            if system["method"] != "see":
+                raise UserError(f"{args.run} holds {system['method']}, not SEE: only SEE routes "
+                                f"by indicators")
+            dirs = [str(Path(args.run) / e) for e in system["experts"]]
         reference = None
         if args.task is not None:
             examples = load_task(args.task, "eval", args.data_dir)
@@ -187,8 +193,10 @@ def main() -> None:
         else:
             query = args.prompt
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dirs = [str(Path(args.run) / e) for e in system["experts"]]
         model, tok, experts, ind, _ = load_system(None, dirs, device, resolve_dtype(None, device))
+        if ind is None:
+            raise UserError("these experts emit no indicators (a baseline's adapters): nothing "
+                            "to route")
         prompt = prompt_ids(tok, query, experts[0].max_source, experts[0].template)
         routed = sequential_route(model, experts, ind, [prompt], args.max_new_tokens, tok.eos_ids)
         shown = query if len(query) <= 300 else query[:300] + " ..."

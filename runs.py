@@ -106,7 +106,8 @@ class TrainConfig:
     """Every setting of a run, held once: train.py's command line is generated from these fields
     (arg_parser), config.json records them, and a resumed run must match them (check_same_run)."""
     task: str = setting("qa", "task abbreviation (qa, qg, sa, sum, trans, dsg, expl, para, pe, "
-                              "pos) or the path of a SuperNI task .json file")
+                              "pos), the path of a SuperNI task .json file, or your own .jsonl of "
+                              "{input, output} lines")
     previous: list[str] = setting([], "comma-separated earlier tasks; tau of their queries become "
                                       "negatives", type=names)
     method: str = setting("see", "; ".join(f"{k}: {v.help}" for k, v in METHODS.items()),
@@ -175,7 +176,9 @@ class TrainConfig:
         return task_name(self.task)
 
     def run_dir(self) -> Path:
-        return Path(self.out or f"runs/{self.name}-{model_tag(self.model)}")
+        """--out, else runs/<task>[-train<N>]-<model>: a quick look never blocks the full run."""
+        cut = f"-train{self.max_train}" if self.max_train is not None else ""
+        return Path(self.out or f"runs/{self.name}{cut}-{model_tag(self.model)}")
 
 
 def task_name(task: str) -> str:
@@ -322,7 +325,7 @@ def run_name(cfg: TrainConfig) -> list[str]:
         parts += ["pseudo"] * (cfg.negatives == "lima")
         parts += [f"general{cfg.general_negatives}"] * (cfg.general_negatives > 0)
         parts += [cfg.indicator] * (cfg.indicator != "added")
-    return parts
+    return parts + [f"train{cfg.max_train}"] * (cfg.max_train is not None)
 
 
 def read_system(root: Path) -> dict:

@@ -103,24 +103,45 @@ def load_task(task: str, split: str = "train",
         raise UserError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     if task.endswith(".json"):
         return load_task_file(task, split)
+    if task.endswith(".jsonl"):
+        return load_own_task(task, split)
     if task not in TASKS:
-        raise UserError(f"unknown task {task!r}; known: {', '.join(TASKS)} (or the path of a "
-                        f"SuperNI task .json file)")
+        raise UserError(f"unknown task {task!r}; known: {', '.join(TASKS)}, or the path of a "
+                        f"SuperNI task .json file or of your own .jsonl")
     path = data_dir(directory) / f"{task}.{split}.jsonl"
     if split == "train" and not path.exists() and path.with_suffix(".smp01.jsonl").exists():
         # qg and sum ship only their 10% sample; say so rather than fail
         print(f"note: {path.name} not found, training on {path.with_suffix('.smp01.jsonl').name}")
         path = path.with_suffix(".smp01.jsonl")
+    return [Example(str(r.get("id", f"{task}-{n}")), r["full_prompt"],
+                    references(r, "full_prompt", f"{path}:{n}")) for n, r in _numbered_jsonl(path)]
+
+
+def references(record: dict, query: str, where: str) -> list[str]:
+    """A record's reference outputs ('output': a string or a list of them), its `query` field
+    checked to be a string."""
+    output = record.get("output")
+    outputs = [output] if isinstance(output, str) else output
+    if not isinstance(record.get(query), str) or not isinstance(outputs, list) or not outputs \
+            or not all(isinstance(o, str) for o in outputs):
+        raise UserError(f"{where}: need a string {query!r} and an 'output' string (or list of "
+                        f"strings)")
+    return outputs
+
+
+def load_own_task(path: str | Path, split: str) -> list[Example]:
+    """Your own task: a JSONL file, one {"input": ..., "output": ...} a line (output: a reference or
+    a list of them), with an optional "definition" put before the input as SuperNI's are. Its last
+    tenth (at least one line) is the eval split; every other split is the rest."""
     examples = []
     for n, r in _numbered_jsonl(path):
-        output = r.get("output")
-        outputs = [output] if isinstance(output, str) else output
-        if not isinstance(r.get("full_prompt"),
-                          str) or not outputs or not all(isinstance(o, str) for o in outputs):
-            raise UserError(f"{path}:{n}: need a string 'full_prompt' and an 'output' string (or "
-                            f"list of strings)")
-        examples.append(Example(str(r.get("id", f"{task}-{n}")), r["full_prompt"], outputs))
-    return examples
+        outputs = references(r, "input", f"{path}:{n}")
+        if not isinstance(r.get("definition", ""), str):
+            raise UserError(f"{path}:{n}: 'definition', if given, must be a string")
+        query = f"{r['definition']}\n\n{r['input']}" if r.get("definition") else r["input"]
+        examples.append(Example(f"{Path(path).stem}-{n}", query, outputs))
+    cut = len(examples) - max(1, len(examples) // 10)
+    return examples[cut:] if split == "eval" else examples[:cut]
 
 
 def load_task_file(path: str | Path, split: str) -> list[Example]:

@@ -404,6 +404,15 @@ def test_no_run_file_is_taken_for_a_result_or_a_run_directory(finished_runs, tmp
     assert not (run / "1-sa" / "expert" / "inner").exists()
 
 
+def test_max_eval_caps_the_out_of_distribution_sets_too(finished_runs, tmp_path, capsys,
+                                                        monkeypatch):
+    out = tmp_path / "eval.json"
+    code, err = cli(evaluate.main, ["--run", finished_runs["see"][0], "--max-eval", "2",
+                                    "--max-new-tokens", "2", "--out", out], capsys, monkeypatch)
+    result = json.loads(out.read_text())
+    assert code == 0 and result["max_ood"] == 2 and result["n_ood"]["lima"] == 2, err
+
+
 def test_an_unwritable_result_is_refused_before_generation(tiny_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(evaluate, "evaluate_task", lambda *a,
                         **k: pytest.fail("generation started"))

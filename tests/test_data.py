@@ -125,3 +125,25 @@ def test_out_of_distribution_queries_come_from_lima(tmp_path):
                                         'rain"}\n{"input": "x"}\n')
     with pytest.raises(UserError, match="ood.jsonl:2: need a string 'instruction'"):
         load_ood(tmp_path / "ood.jsonl")
+
+
+def test_your_own_jsonl_task_keeps_its_last_tenth_for_eval(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    lines = [json.dumps({"input": f"q{i}", "output": [f"a{i}", "b"], "definition": "Answer."})
+             for i in range(20)]
+    path.write_text("\n".join(lines) + "\n")
+    train, held = load_task(str(path), "train"), load_task(str(path), "eval")
+    assert [len(train), len(held)] == [18, 2] and train[0].query == "Answer.\n\nq0"
+    assert held[0] == Example("mine-19", "Answer.\n\nq18", ["a18", "b"])
+
+
+@pytest.mark.parametrize("line,message", [
+    ({"input": "q", "output": 3}, "mine.jsonl:2: need a string 'input' and an 'output' string"),
+    ({"output": "a"}, "mine.jsonl:2: need a string 'input'"),
+    ({"input": "q", "output": "a", "definition": ["x"]}, "mine.jsonl:2: 'definition', if given"),
+])
+def test_a_bad_line_of_your_own_task_is_named(tmp_path, line, message):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"input": "q", "output": "a"}) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(UserError, match=message):
+        load_task(str(path), "train")

@@ -184,6 +184,21 @@ def test_router_cli_shows_each_expert_step_and_who_answered(system, tmp_path, ca
     assert "answered by: sa" in lines and any(line.startswith("reference: ") for line in lines)
 
 
+def test_router_cli_routes_over_expert_directories_given_oldest_first(system, tmp_path, capsys,
+                                                                       monkeypatch):
+    import router
+    dirs = []
+    for e in system[3]:
+        e.save(tmp_path / e.name)
+        dirs += ["--expert", str(tmp_path / e.name)]
+    monkeypatch.setattr("sys.argv", ["router.py", *dirs, "--task", "sa", "--index", "0",
+                                     "--max-new-tokens", "3"])
+    router.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in lines if line.startswith("  expert")] == ["pe", "sa"]
+    assert "answered by: sa" in lines
+
+
 def test_generation_refuses_sequences_longer_than_the_context(tiny):
     model, _ = tiny
     with pytest.raises(UserError, match="exceed the model's context of 2048"):

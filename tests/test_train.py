@@ -335,6 +335,13 @@ def test_a_diverged_run_stops_naming_its_step_and_writes_no_expert(tiny_dir, tmp
     assert all(math.isfinite(r["loss"]) for r in logged), "the diverged step is not logged"
 
 
+def test_a_quick_look_has_its_own_default_directory():
+    assert TrainConfig(task="qa").run_dir() == Path("runs/qa-smollm2-135m")
+    assert TrainConfig(task="qa", max_train=320).run_dir() == Path("runs/qa-train320-smollm2-135m")
+    root, _, _ = runs.plan_sequence(TrainConfig(max_train=200), ["qa", "qg"])
+    assert root == Path("runs/see-tau0.1-train200-qa-qg-smollm2-135m")
+
+
 def run_cli(args, tiny_dir):
     """train.py in a child process, in fp32 unless args say otherwise: the child's default dtype
     follows the host CPU, which conftest's pin does not reach."""
