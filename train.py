@@ -496,10 +496,10 @@ def sparse_finish(run: Run, init: Expert | None) -> tuple[dict, dict]:
         chosen = random.Random(f"{cfg.seed}/importance").sample(
             run.samples, min(cfg.batch_size, len(run.samples)))
         run.model.eval()  # no dropout: the gradient of the model as it will be used
-        new = gate.importance(run.model, [functools.partial(eq5_loss, run.model, run.hidden, [s],
-                                                            len(s.ids) - s.start, run.device,
-                                                            run.amp) for s in chosen])
-        for (_, imp), f in zip(run.seta.pairs, new):
+        fisher = gate.importance(run.model, [
+            functools.partial(eq5_loss, run.model, run.hidden, [s], len(s.ids) - s.start,
+                              run.device, run.amp) for s in chosen])
+        for (_, imp), f in zip(run.seta.pairs, fisher):
             imp += f
     lora.finish_task(run.model, cfg.name)
     c = lora.subexpert_counts(run.model)
