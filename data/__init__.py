@@ -91,6 +91,10 @@ def _numbered_jsonl(path: str | Path) -> list[tuple[int, dict]]:
             raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
         if not isinstance(record, dict):
             raise UserError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+        try:  # JSON may escape a lone surrogate, which no tokenizer can encode
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{path}:{n}: holds a lone surrogate (not valid Unicode)") from None
         records.append((n, record))
     return records
 

@@ -147,3 +147,10 @@ def test_a_bad_line_of_your_own_task_is_named(tmp_path, line, message):
     path.write_text(json.dumps({"input": "q", "output": "a"}) + "\n" + json.dumps(line) + "\n")
     with pytest.raises(UserError, match=message):
         load_task(str(path), "train")
+
+
+def test_a_line_with_a_lone_surrogate_is_named(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"input": "q\\ud800", "output": "a"}\n')
+    with pytest.raises(UserError, match="mine.jsonl:1: holds a lone surrogate"):
+        load_task(str(path), "train")
