@@ -101,23 +101,25 @@ def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> None:
             m.add(name, cfg)
 
 
+def target_linears(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every plain nn.Linear named in `targets`."""
+    return [(parent, attr) for parent in model.modules() for attr in targets
+            if isinstance(getattr(parent, attr, None), nn.Linear)]
+
+
 def wrap_targets(model: nn.Module, targets: tuple[str, ...], wrap) -> None:
     """Replace every plain nn.Linear named in `targets` by wrap(linear), in the linear's
     train/eval mode."""
-    for parent in list(model.modules()):
-        for attr in targets:
-            child = getattr(parent, attr, None)
-            if isinstance(child, nn.Linear):
-                setattr(parent, attr, wrap(child).train(child.training))
+    for parent, attr in target_linears(model, targets):
+        child = getattr(parent, attr)
+        setattr(parent, attr, wrap(child).train(child.training))
 
 
 def check_fits(model: nn.Module, targets: tuple[str, ...], weights) -> None:
     """Refuse adapters of weights(linear) fp32 weights per target whose weights, gradients and
     AdamW moments (16 bytes each) exceed the device's memory, before an allocator fails on them."""
-    linears = [getattr(m, t) for m in model.modules() for t in targets
-               if isinstance(getattr(m, t, None), nn.Linear)]
     device = model.lm_head.weight.device
-    need = 16 * sum(weights(linear) for linear in linears)
+    need = 16 * sum(weights(getattr(m, attr)) for m, attr in target_linears(model, targets))
     have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     if need > have:
