@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Setting A' (docs/RESULTS.md): Table 1 at 200 examples per task, order 1, SmolLM2-135M-Instruct.
+# Each line resumes where it stopped; a finished run is skipped (train) or re-scored (evaluate).
+# Usage, from the repository root: bash docs/scripts/a1.sh [method ...]  (default: all rows)
+set -euo pipefail
+A="--order 1 --max-train 200 --epochs 3 --batch-size 8 --lr 1e-3 --max-source 512 --max-target 128"
+E="--max-eval 50 --max-new-tokens 128"
+declare -A FLAGS=(
+  [see]="--tau 0.1"                                # SEE(10%)
+  [mtl]="--method mtl"                             # MTL
+  [nr]="--method non-rehearsal"                    # Non-rehearsal
+  [randsel]="--method replay --tau 0.1"            # RandSel(10%)
+  [stl]="--method stl"                             # AvgSTL
+  [see-adapter]="--tau 0.1 --indicator-lr adapter" # issue 28 item 1a
+  [see-general20]="--tau 0.1 --general-negatives 20"  # issue 28 item 1b
+)
+rows=("$@")
+[ $# -gt 0 ] || rows=(see mtl nr randsel stl)
+for r in "${rows[@]}"; do
+  python train.py $A ${FLAGS[$r]} --out runs/a1-$r
+  python evaluate.py --run runs/a1-$r $E
+done
+python evaluate.py --report runs/a1-*/ --out runs/report-a1.md
