@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -156,10 +157,11 @@ class Run:
         return self.rank == 0
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, on_start: Callable[[], None] = lambda: None) -> Path:
     """Train the expert and write it to <run dir>/expert; returns the run directory. Under torchrun
     each process takes every world-th micro-batch of each global batch and the gradients are summed
-    before the step: data parallel, the same step as one process's. Only rank 0 writes files."""
+    before the step: data parallel, the same step as one process's. Only rank 0 writes files,
+    starting with `on_start`, once every check has passed and the model is loaded."""
     lcfg, sub = check_config(cfg)
     current, rehearsed, sources = training_data(cfg)
     init = check_init(cfg, lcfg, sub)
@@ -172,6 +174,7 @@ def train(cfg: TrainConfig) -> Path:
         for p in run.trainable.values():
             dist.broadcast(p.data, 0)
     if run.main:
+        on_start()
         start_run_dir(run, len(rehearsed), sources, state is not None)
     elapsed, n_tokens = fit(run)
     keys, imprints = sparse_finish(run, init) if run.method.sparse else (None, None)
@@ -367,20 +370,9 @@ def distributed() -> tuple[int, int]:
 
 
 def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
-    """Continual fine-tuning over `tasks`, one stage each, with cfg.method deciding what a stage
-    learns from (runs.plan_sequence):
-
-    see            stage i: a new expert on T_i, tau of the queries of T_1..T_{i-1} as negatives
-    non-rehearsal  stage i: the LoRA of stage i-1, fine-tuned on T_i
-    replay         stage i: the LoRA of stage i-1, fine-tuned on T_i plus tau of T_1..T_{i-1}
-    moses          stage i: the sub-experts of stage i-1, a new mask and key for T_i
-    seta           as moses, plus shared experts and a gate kept on tau of T_1..T_{i-1}'s queries
-    mtl            one stage: T_N with T_1..T_{N-1} replayed in full (tau = 1): all tasks at once
-    stl            stage i: a new LoRA on T_i alone
-
-    The system directory holds system.json (method, base model, the adapters in order) and one run
-    directory per stage; re-running resumes at the first unfinished stage.
-    """
+    """Continual fine-tuning over `tasks`, a stage each, cfg.method deciding what a stage learns
+    from (runs.plan_sequence, runs.METHODS). The directory holds system.json (method, base model,
+    the experts in order) and a run directory per stage; re-running resumes."""
     root, stages, system = plan_sequence(cfg, tasks)
     for stage in stages:  # every stage's settings and data, before anything is written
         check_config(stage)
@@ -388,26 +380,26 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
     finished = [s for s in stages if (s.run_dir() / EXPERT_DIR).exists()]
     for stage in finished:
         check_finished(stage)
-    if distributed()[0] == 0:
+    todo = [s for s in stages if s not in finished]
+
+    def write_system() -> None:  # once the model has been seen to hold the lengths asked for
         root.mkdir(parents=True, exist_ok=True)
         remove_leftovers(root, SYSTEM_FILE)
         write_json(root / SYSTEM_FILE, system)
-    for i, stage in enumerate(stages):
-        if stage in finished:
-            continue
+    if not todo and distributed()[0] == 0:
+        write_system()
+    for stage in todo:
         if distributed()[0] == 0:
-            print(f"stage {i + 1}/{len(stages)}: {stage.task}"
+            print(f"stage {stages.index(stage) + 1}/{len(stages)}: {stage.task}"
                   + (f" (+ {','.join(stage.previous)})" if stage.previous else ""))
-        train(stage)
+        train(stage, write_system)
     return root
 
 
 @dataclass
 class SetaState:
-    """What SETA's gate loss and penalties need beside the model: tau of each earlier task's queries
-    (their features `memory`, their task's gate row, the gate's outputs on them before this task),
-    the shared experts' weights with their importance, their values after the earlier tasks, and
-    this task's gate row as imprinted."""
+    """SETA's memory (tau of earlier tasks' query features, their gate rows, the gate's outputs on
+    them before this task), the shared experts with importance and anchors, the new row's imprint."""
     memory: torch.Tensor | None
     memory_rows: torch.Tensor
     old: torch.Tensor | None

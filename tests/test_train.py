@@ -357,6 +357,8 @@ def run_cli(args, tiny_dir):
      "error: --batch-size 30 must be a multiple of --micro-batch 4"),
     (["--task", "sa", "--max-source", "2000", "--max-target", "512"],
      "error: --max-source 2000 + --max-target 512 exceed"),
+    (["--sequence", "sa,pe", "--max-source", "2000", "--max-target", "512"],
+     "error: --max-source 2000 + --max-target 512 exceed"),
     (["--task", "sa", "--micro-batch", "0"], "error: need positive counts, --general-negatives"),
     (["--task", "sa", "--previous", "pe,sa"], "error: task 'sa' cannot also be an earlier task"),
     (["--task", "sa", "--max-target", "2"], "error: --max-target 2 leaves no room for a response"),
