@@ -1,7 +1,5 @@
-"""What a run is: its settings (TrainConfig and the method table, the command line generated from
-them) and the files a run directory holds, each written and read here: config.json, log.jsonl,
-state.pt, and a sequence's system.json. train.py, evaluate.py, router.py and report.py all take
-them from here."""
+"""What a run is: its settings (TrainConfig, the method table, the command line made from them) and
+its files, written and read here: config.json, log.jsonl, state.pt, a sequence's system.json."""
 from __future__ import annotations
 
 import argparse
@@ -36,8 +34,7 @@ class Method:
     help: str
     continues: bool = False  # stage i starts from stage i-1's adapter
     rehearses: bool = False  # stage i also learns from tau of T_1..T_{i-1} (routed: their queries)
-    # indicator tokens: an expert per task, the experts routed by what they emit
-    routes: bool = False
+    routes: bool = False  # an expert per task, the experts routed by the indicator tokens they emit
     joint: bool = False  # one stage learns every task at once
     sparse: bool = False  # one set of masked sub-experts holds every task, a key per task picks it
     gate: bool = False  # with sparse: anchored shared experts, and one gate over the tasks for keys
@@ -45,35 +42,28 @@ class Method:
 
     @property
     def pull(self) -> bool:
-        """MoSEs' prompt keys, each pulled toward its task's queries (a gate is
-        trained otherwise)."""
+        """MoSEs' prompt keys, each pulled toward its task's queries (SETA trains a gate)."""
         return self.sparse and not self.gate
 
 
 # SEE and the paper's baselines (Sec. 4.1), then MoSEs and SETA. Only SEE trains indicators and
 # routes; the baselines train plain (q, r) samples. What each stage learns from: train_sequence.
 METHODS = {
-    "see": Method("SEE({tau})",
-                  "a new expert per task, tau of earlier tasks' queries as <<neg>>, sequential "
-                  "routing",
-                  rehearses=True, routes=True, run_name=("tau{tau:g}",)),
+    "see": Method("SEE({tau})", "a new expert per task, tau of earlier tasks' queries as <<neg>>, "
+                  "sequential routing", rehearses=True, routes=True, run_name=("tau{tau:g}",)),
     "non-rehearsal": Method("Non-rehearsal", "one LoRA fine-tuned on each task in turn",
                             continues=True),
-    "replay": Method("RandSel({tau})",
-                     "one LoRA fine-tuned on each task in turn plus tau of earlier tasks' full "
-                     "samples (RandSel)",
-                     continues=True, rehearses=True, run_name=("tau{tau:g}",)),
+    "replay": Method("RandSel({tau})", "one LoRA fine-tuned on each task in turn plus tau of "
+                     "earlier tasks' full samples (RandSel)", continues=True, rehearses=True,
+                     run_name=("tau{tau:g}",)),
     "mtl": Method("MTL", "one LoRA on all tasks at once", joint=True),
     "stl": Method("AvgSTL", "one LoRA per task, each scored on its own task (AvgSTL)"),
-    "moses": Method("MoSEs(c={sparsity})",
-                    "sparse sub-experts, a binary mask per task over their weights, the task "
-                    "picked by prompt keys (MoSEs)",
-                    continues=True, sparse=True,
+    "moses": Method("MoSEs(c={sparsity})", "sparse sub-experts, a binary mask per task over their "
+                    "weights, the task picked by prompt keys (MoSEs)", continues=True, sparse=True,
                     run_name=("c{sparsity:g}", "e{experts}k{top_k}", "pull{pull_weight:g}")),
-    "seta": Method("SETA(c={sparsity})",
-                   "MoSEs' masked sub-experts as task experts plus anchored shared experts, the "
-                   "task picked by a unified gate (SETA)",
-                   continues=True, rehearses=True, sparse=True, gate=True,
+    "seta": Method("SETA(c={sparsity})", "MoSEs' masked sub-experts as task experts plus anchored "
+                   "shared experts, the task picked by a unified gate (SETA)", continues=True,
+                   rehearses=True, sparse=True, gate=True,
                    run_name=("c{sparsity:g}", "e{experts}k{top_k}s{shared}", "tau{tau:g}",
                              "anchor{anchor_weight:g}", "rr{route_reg_weight:g}")),
 }
