@@ -69,7 +69,6 @@ METHODS = {
 }
 # SEE's negatives: earlier tasks' queries, or as many LIMA queries (pseudo-negatives, paper Table 3)
 NEGATIVES = ("tasks", "lima")
-DTYPES = ("float32", "bfloat16")
 
 
 def rate(text: str) -> float | str:
@@ -154,7 +153,7 @@ class TrainConfig:
     seed: int = setting(0, "seed of sampling, initialisation and shuffling")
     dtype: str | None = setting(None, "default: bfloat16 autocast on CUDA and on CPUs with native "
                                       "bf16 (AVX512-BF16, AMX, Arm BF16), else float32",
-                                type=str, choices=DTYPES)
+                                type=str, choices=("float32", "bfloat16"))
     save_every: int = setting(20, "optimizer steps between resumable checkpoints")
     compile: bool = setting(False, "torch.compile the transformer body (faster steps after a slow "
                                    "first one)")
@@ -176,14 +175,10 @@ def task_name(task: str) -> str:
     return Path(task).stem.replace(".", "_")
 
 
-def field_default(f: dataclasses.Field):
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """A flag per TrainConfig field, with its help, type, choices and default."""
     for f in dataclasses.fields(TrainConfig):
-        meta, default = f.metadata, field_default(f)
+        meta, default = f.metadata, getattr(TrainConfig(), f.name)
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         if isinstance(default, bool):
             p.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
@@ -195,14 +190,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_types(settings: dict, path: str | Path, absent: tuple[str, ...] = ()) -> None:
-    """Refuse written settings (config.json, system.json) that lack a field (but `absent`) or hold
-    a value not of its field's type (None where the default is None)."""
+    """Refuse written settings (config.json, system.json) lacking a field (but `absent`) or typed
+    otherwise than it (None where the default is None)."""
     for f in dataclasses.fields(TrainConfig):
         if f.name in absent:
             continue
         if f.name not in settings:
             raise UserError(f"{path}: no setting {f.name!r} (written by another version?)")
-        default, value = field_default(f), settings[f.name]
+        default, value = getattr(TrainConfig(), f.name), settings[f.name]
         if value is None and default is None or f.name == "indicator_lr" and value == "adapter":
             continue
         kind = f.metadata.get("type", type(default))
@@ -215,8 +210,7 @@ RESUMABLE_CHANGES = {"out", "save_every", "data_dir", "compile", "grad_checkpoin
 
 
 def comparable(settings: dict) -> dict:
-    """Settings as a resumed run must match them: the dtype and paths as resolved, and what does
-    not change the result left out."""
+    """What a resumed run must match: dtype and --init resolved, RESUMABLE_CHANGES left out."""
     settings = dict(settings, dtype=dtype_name(settings["dtype"]))
     if settings.get("init"):  # a sequence's system.json has none
         settings["init"] = str(Path(settings["init"]).resolve())
@@ -229,23 +223,17 @@ def dtype_name(name: str | None) -> str:
     return str(resolve_dtype(name, device)).removeprefix("torch.")
 
 
-def read_config(path: Path) -> dict:
-    """A run's config.json, its values of TrainConfig's types."""
-    settings = read_json(path)
-    check_types(settings, path)
-    return settings
-
-
 def write_json(path: Path, value: dict) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=2) + "\n"))
 
 
 def check_same_run(cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> None:
-    """Refuse a run directory whose config.json is unreadable or holds other settings than cfg
-    (but `ignore`)."""
+    """Refuse a run directory whose config.json is unreadable or holds settings other than cfg's."""
     out = cfg.run_dir()
     config = comparable(dataclasses.asdict(cfg))
-    saved = comparable(read_config(out / CONFIG_FILE))
+    saved = read_json(out / CONFIG_FILE)
+    check_types(saved, out / CONFIG_FILE)
+    saved = comparable(saved)
     changed = sorted(k for k in config.keys() | saved.keys()
                      if k not in ignore and config.get(k) != saved.get(k))
     if changed:
@@ -264,8 +252,7 @@ def save_state(path: Path, step: int, params: dict[str, torch.nn.Parameter],
 
 
 def read_state(path: Path) -> dict:
-    """A resumable checkpoint, as save_state writes it (tensors only: weights_only refuses any
-    pickled object)."""
+    """A resumable checkpoint as save_state writes it (weights_only: no pickled object loads)."""
     try:
         with warnings.catch_warnings():  # a hostile pickle also draws a protocol warning
             warnings.simplefilter("ignore")
@@ -287,9 +274,8 @@ def read_state(path: Path) -> dict:
 
 
 def read_log(path: Path, steps: int | None) -> list[str]:
-    """The lines of a run's log.jsonl, one per step from 1 on. An unfinished run (`steps` its
-    checkpoint's step) may have a torn last line, from a crash mid-write: it and any step after the
-    checkpoint are dropped. A finished run's log (`steps` None) must be whole."""
+    """log.jsonl's lines, one per step from 1. An unfinished run's (`steps` its checkpoint's
+    step) drops a torn last line (a crash mid-write) and later steps; a finished run's is whole."""
     lines = read_text(path).split("\n")
     if lines[-1] and steps is None:
         raise UserError(f"{path}: its last line is cut short, in a finished run")
@@ -342,8 +328,7 @@ def read_system(root: Path) -> dict:
 
 
 def resume_state(cfg: TrainConfig) -> dict | None:
-    """The state of an unfinished run of the same config in the run directory; refuses a finished or
-    different run."""
+    """The state of an unfinished run of cfg in its directory; refuses a finished or other run."""
     out = cfg.run_dir()
     if (out / EXPERT_DIR).exists():
         raise UserError(f"{out} already holds a trained expert; pass another --out")
@@ -358,8 +343,7 @@ def resume_state(cfg: TrainConfig) -> dict | None:
 
 def restore(state: dict, trainable: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer,
             path: Path, total: int) -> int:
-    """Put a checkpoint's parameters, optimizer and random state in place, and return its step;
-    one that does not fit this run (of `total` steps) is refused."""
+    """Put a checkpoint's parameters, optimizer and random state in place; returns its step."""
     params = state["params"]
     wrong = sorted(k for k in params.keys() | trainable.keys() if k not in trainable
                    or not isinstance(params.get(k), torch.Tensor)
@@ -382,8 +366,7 @@ def restore(state: dict, trainable: dict[str, torch.nn.Parameter], opt: torch.op
 
 
 def check_finished(cfg: TrainConfig) -> None:
-    """Refuse a finished stage of a sequence being resumed unless its run directory is whole: its
-    settings are cfg's, its log reaches the last step, its expert loads."""
+    """Refuse a finished stage unless whole: cfg's settings, a complete log, a loading expert."""
     out = cfg.run_dir()
     # where the stage before lay then: system.json fixes which it was
     check_same_run(cfg, ignore=("init",))
@@ -398,8 +381,7 @@ FLOAT32_MAX = torch.finfo(torch.float32).max  # a rate or weight above it is inf
 
 
 def check_numbers(cfg: TrainConfig) -> None:
-    """Refuse numbers no run can use: counts below 1, a seed torch cannot take, rates and weights
-    out of range or beyond float32."""
+    """Refuse counts below 1, a seed torch cannot take, rates or weights out of range or float32."""
     counts = {"--epochs": cfg.epochs, "--batch-size": cfg.batch_size,
               "--micro-batch": cfg.micro_batch, "--save-every": cfg.save_every,
               "--max-source": cfg.max_source, "--max-target": cfg.max_target}
@@ -424,8 +406,7 @@ def check_numbers(cfg: TrainConfig) -> None:
 
 
 def check_finite(step: int, loss: float, norm: torch.Tensor) -> None:
-    """Stop a run whose loss or gradient norm is no longer finite, before its step is taken: the
-    last checkpoint stays, and no expert is written."""
+    """Stop a diverged run before its step: the last checkpoint stays and no expert is written."""
     if not (math.isfinite(loss) and math.isfinite(float(norm))):
         raise UserError(f"step {step}: loss {loss:g}, gradient norm {float(norm):g}: training "
                         f"diverged (lower --lr, --indicator-lr, --alpha or the method's weights); "
@@ -433,8 +414,7 @@ def check_finite(step: int, loss: float, norm: torch.Tensor) -> None:
 
 
 def check_config(cfg: TrainConfig) -> tuple[lora.LoraConfig, lora.SubExpertConfig | None]:
-    """Refuse impossible settings before any data or model is loaded; returns the adapter's settings
-    (LoRA, and MoSEs/SETA's sub-experts or None)."""
+    """Refuse impossible settings before data or model load; returns the adapter settings."""
     check_numbers(cfg)
     if not 0 <= cfg.tau <= 1:
         raise UserError(f"--tau must be in [0, 1], got {cfg.tau}")
@@ -443,8 +423,6 @@ def check_config(cfg: TrainConfig) -> tuple[lora.LoraConfig, lora.SubExpertConfi
     if cfg.method not in METHODS or cfg.negatives not in NEGATIVES:
         raise UserError(f"unknown method {cfg.method!r} or negatives {cfg.negatives!r}; "
                         f"known: {', '.join(METHODS)}; {', '.join(NEGATIVES)}")
-    if cfg.indicator not in INDICATORS or cfg.template not in TEMPLATES:
-        raise UserError(f"unknown indicator {cfg.indicator!r} or template {cfg.template!r}")
     method = METHODS[cfg.method]
     if (cfg.negatives == "lima" or cfg.general_negatives) and not method.routes:
         raise UserError("--negatives lima and --general-negatives are for --method see only")
@@ -511,13 +489,12 @@ def plan_sequence(cfg: TrainConfig, tasks: list[str]) -> tuple[Path, list[TrainC
     if method.joint:
         stages = [replace(cfg, task=tasks[-1], previous=tasks[:-1], tau=1.0,
                           out=str(root / "1-mtl"))]
-    else:
+    else:  # a continuing method starts each stage from the expert of the one before
         stages = [replace(cfg, task=t, previous=tasks[:i] if method.rehearses else [],
-                          out=str(root / f"{i + 1}-{n}"))
+                          out=str(root / f"{i + 1}-{n}"),
+                          init=str(root / f"{i}-{names[i - 1]}" / EXPERT_DIR)
+                          if method.continues and i else None)
                   for i, (t, n) in enumerate(zip(tasks, names))]
-    stages = [replace(s, init=str(Path(stages[i - 1].out) / EXPERT_DIR) if method.continues
-                      and i else None)
-              for i, s in enumerate(stages)]
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PER_STAGE}
     system = dict(method=cfg.method, model=cfg.model, tasks=tasks,
                   experts=[f"{Path(s.out).name}/{EXPERT_DIR}" for s in stages], settings=settings)
