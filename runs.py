@@ -382,12 +382,11 @@ FLOAT32_MAX = torch.finfo(torch.float32).max  # a rate or weight above it is inf
 
 def check_numbers(cfg: TrainConfig) -> None:
     """Refuse counts below 1, a seed torch cannot take, rates or weights out of range or float32."""
-    counts = {"--epochs": cfg.epochs, "--batch-size": cfg.batch_size,
-              "--micro-batch": cfg.micro_batch, "--save-every": cfg.save_every,
-              "--max-source": cfg.max_source, "--max-target": cfg.max_target}
-    if cfg.max_train is not None:  # None: every example; 0 would train on nothing
-        counts["--max-train"] = cfg.max_train
-    bad = [f"{flag} {v}" for flag, v in counts.items() if v < 1]
+    def given(*keys: str) -> list[str]:
+        return [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in keys]
+    counts = ["epochs", "batch_size", "micro_batch", "save_every", "max_source", "max_target"]
+    counts += ["max_train"] * (cfg.max_train is not None)  # None: every example; 0: nothing
+    bad = given(*[k for k in counts if getattr(cfg, k) < 1])
     bad += [f"--general-negatives {cfg.general_negatives}"] * (cfg.general_negatives < 0)
     bad += [f"--seed {cfg.seed}"] * (not 0 <= cfg.seed < 2 ** 63)
     if bad:
@@ -395,11 +394,10 @@ def check_numbers(cfg: TrainConfig) -> None:
                         f"[0, 2^63), got {', '.join(bad)}")
     indicator_lr = cfg.lr if cfg.indicator_lr == "adapter" else cfg.indicator_lr
     rates = {"--lr": cfg.lr, "--indicator-lr": indicator_lr}
-    weights = {"--pull-weight": cfg.pull_weight, "--anchor-weight": cfg.anchor_weight,
-               "--route-reg-weight": cfg.route_reg_weight}
-    bad = [f"{flag} {v}" for flag, v in rates.items() if not 0 < v <= FLOAT32_MAX] + \
-        [f"{flag} {v}" for flag, v in weights.items() if not 0 <= v <= FLOAT32_MAX] + \
-        [f"--alpha {cfg.alpha}"] * (abs(cfg.alpha) > FLOAT32_MAX)
+    weights = ["pull_weight", "anchor_weight", "route_reg_weight"]
+    bad = [f"{flag} {v}" for flag, v in rates.items() if not 0 < v <= FLOAT32_MAX]
+    bad += given(*[k for k in weights if not 0 <= getattr(cfg, k) <= FLOAT32_MAX])
+    bad += [f"--alpha {cfg.alpha}"] * (abs(cfg.alpha) > FLOAT32_MAX)
     if bad:
         raise UserError(f"need learning rates > 0, weights >= 0 and nothing beyond float32's "
                         f"{FLOAT32_MAX:.3g}, got {', '.join(bad)}")
