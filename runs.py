@@ -29,8 +29,7 @@ PER_STAGE = ("task", "previous", "out", "init")  # settings a sequence's system.
 class Method:
     """What sets a method apart: train.py, evaluate.py and report.py read these facts and no method
     names. A new method is a row of METHODS, and its own loss term if it has one (see pull_term)."""
-    # as the paper's tables print it: {tau} (a percentage) and {sparsity} from its settings
-    label: str
+    label: str  # as the paper's tables print it: {tau} (a percentage), {sparsity} from its settings
     help: str
     continues: bool = False  # stage i starts from stage i-1's adapter
     rehearses: bool = False  # stage i also learns from tau of T_1..T_{i-1} (routed: their queries)
@@ -82,8 +81,7 @@ def names(text: str) -> list[str]:
 
 
 def setting(default, help: str, **meta):
-    """A TrainConfig field: its default, its --help line, and for argparse its `type` (else the
-    default's), `choices` or `flag` (else --field-name)."""
+    """A TrainConfig field: its default, --help line, and argparse's `type`, `choices`, `flag`."""
     meta = dict(help=help, **meta)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -93,7 +91,7 @@ def setting(default, help: str, **meta):
 @dataclass
 class TrainConfig:
     """Every setting of a run, held once: train.py's command line is generated from these fields
-    (arg_parser), config.json records them, and a resumed run must match them (check_same_run)."""
+    (add_arguments), config.json records them and a resumed run must match them (check_same_run)."""
     task: str = setting("qa", "task abbreviation (qa, qg, sa, sum, trans, dsg, expl, para, pe, "
                               "pos), the path of a SuperNI task .json file, or your own .jsonl of "
                               "{input, output} lines")
@@ -190,8 +188,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_types(settings: dict, path: str | Path, absent: tuple[str, ...] = ()) -> None:
-    """Refuse written settings (config.json, system.json) lacking a field (but `absent`) or typed
-    otherwise than it (None where the default is None)."""
+    """Refuse written settings lacking a field (but `absent`) or holding a value of another type."""
     for f in dataclasses.fields(TrainConfig):
         if f.name in absent:
             continue
@@ -205,8 +202,7 @@ def check_types(settings: dict, path: str | Path, absent: tuple[str, ...] = ()) 
         check_fields({f.name: value}, path, **{f.name: kind})
 
 
-# settings that do not change what is trained, so a resumed run may differ in them
-RESUMABLE_CHANGES = {"out", "save_every", "data_dir", "compile", "grad_checkpoint"}
+RESUMABLE_CHANGES = {"out", "save_every", "data_dir", "compile", "grad_checkpoint"}  # same result
 
 
 def comparable(settings: dict) -> dict:
