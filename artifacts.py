@@ -1,6 +1,5 @@
-"""Reading the files runs and checkpoints are made of: a missing, unreadable or malformed file is
-one UserError naming it and what is wrong, never a traceback. Each artifact's own loader
-(experts.py, checkpoint.py, train.py) builds on these and checks what the fields mean."""
+"""Reading the files of runs and checkpoints: a missing, unreadable or malformed file is one
+UserError naming it and what is wrong, never a traceback. Their loaders check what fields mean."""
 from __future__ import annotations
 
 import hashlib
@@ -60,11 +59,10 @@ def check_fields(record: dict, path: str | Path, **types) -> None:
             raise UserError(f"{path}: no field {key!r}")
         value = record[key]
         if kind == NUMBER:
-            ok = isinstance(value,
-                            (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = isinstance(value, (int, float)) and math.isfinite(value)
         else:
-            ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float))
-        if not ok:
+            ok = isinstance(value, kind)
+        if not ok or isinstance(value, bool) and kind in (int, float, NUMBER):
             want = "a finite number" if kind == NUMBER else getattr(kind, "__name__", str(kind))
             raise UserError(f"{path}: field {key!r} is {value!r}, expected {want}")
 
@@ -97,8 +95,7 @@ def digest(value: Path | dict | list | torch.Tensor | object) -> str:
 
 
 def check_digests(directory: Path, digests: dict, where: Path, optional: tuple = ()) -> None:
-    """Refuse a directory whose files are not those written: each file's sha256 as `where` records
-    it (a file in `optional` may have been deleted)."""
+    """Refuse files of `directory` whose sha256 is not `where`'s record (`optional` ones may go)."""
     for name, recorded in digests.items():
         path = inside(directory, name, where)
         if name in optional and not path.exists():

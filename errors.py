@@ -1,5 +1,4 @@
 """Bad input from the user: raised anywhere, shown as one line by the command-line entry points."""
-from __future__ import annotations
 
 import contextlib
 import sys

@@ -1,7 +1,5 @@
-"""What a run is: its settings (TrainConfig and the method table, the command line generated from
-them) and the files a run directory holds, each written and read here: config.json, log.jsonl,
-state.pt, and a sequence's system.json. train.py, evaluate.py, router.py and report.py all take
-them from here."""
+"""What a run is: its settings (TrainConfig, the method table, the command line made from them) and
+its files, written and read here: config.json, log.jsonl, state.pt, a sequence's system.json."""
 from __future__ import annotations
 
 import argparse
@@ -31,13 +29,11 @@ PER_STAGE = ("task", "previous", "out", "init")  # settings a sequence's system.
 class Method:
     """What sets a method apart: train.py, evaluate.py and report.py read these facts and no method
     names. A new method is a row of METHODS, and its own loss term if it has one (see pull_term)."""
-    # as the paper's tables print it: {tau} (a percentage) and {sparsity} from its settings
-    label: str
+    label: str  # as the paper's tables print it: {tau} (a percentage), {sparsity} from its settings
     help: str
     continues: bool = False  # stage i starts from stage i-1's adapter
     rehearses: bool = False  # stage i also learns from tau of T_1..T_{i-1} (routed: their queries)
-    # indicator tokens: an expert per task, the experts routed by what they emit
-    routes: bool = False
+    routes: bool = False  # an expert per task, the experts routed by the indicator tokens they emit
     joint: bool = False  # one stage learns every task at once
     sparse: bool = False  # one set of masked sub-experts holds every task, a key per task picks it
     gate: bool = False  # with sparse: anchored shared experts, and one gate over the tasks for keys
@@ -45,41 +41,33 @@ class Method:
 
     @property
     def pull(self) -> bool:
-        """MoSEs' prompt keys, each pulled toward its task's queries (a gate is
-        trained otherwise)."""
+        """MoSEs' prompt keys, each pulled toward its task's queries (SETA trains a gate)."""
         return self.sparse and not self.gate
 
 
 # SEE and the paper's baselines (Sec. 4.1), then MoSEs and SETA. Only SEE trains indicators and
 # routes; the baselines train plain (q, r) samples. What each stage learns from: train_sequence.
 METHODS = {
-    "see": Method("SEE({tau})",
-                  "a new expert per task, tau of earlier tasks' queries as <<neg>>, sequential "
-                  "routing",
-                  rehearses=True, routes=True, run_name=("tau{tau:g}",)),
+    "see": Method("SEE({tau})", "a new expert per task, tau of earlier tasks' queries as <<neg>>, "
+                  "sequential routing", rehearses=True, routes=True, run_name=("tau{tau:g}",)),
     "non-rehearsal": Method("Non-rehearsal", "one LoRA fine-tuned on each task in turn",
                             continues=True),
-    "replay": Method("RandSel({tau})",
-                     "one LoRA fine-tuned on each task in turn plus tau of earlier tasks' full "
-                     "samples (RandSel)",
-                     continues=True, rehearses=True, run_name=("tau{tau:g}",)),
+    "replay": Method("RandSel({tau})", "one LoRA fine-tuned on each task in turn plus tau of "
+                     "earlier tasks' full samples (RandSel)", continues=True, rehearses=True,
+                     run_name=("tau{tau:g}",)),
     "mtl": Method("MTL", "one LoRA on all tasks at once", joint=True),
     "stl": Method("AvgSTL", "one LoRA per task, each scored on its own task (AvgSTL)"),
-    "moses": Method("MoSEs(c={sparsity})",
-                    "sparse sub-experts, a binary mask per task over their weights, the task "
-                    "picked by prompt keys (MoSEs)",
-                    continues=True, sparse=True,
+    "moses": Method("MoSEs(c={sparsity})", "sparse sub-experts, a binary mask per task over their "
+                    "weights, the task picked by prompt keys (MoSEs)", continues=True, sparse=True,
                     run_name=("c{sparsity:g}", "e{experts}k{top_k}", "pull{pull_weight:g}")),
-    "seta": Method("SETA(c={sparsity})",
-                   "MoSEs' masked sub-experts as task experts plus anchored shared experts, the "
-                   "task picked by a unified gate (SETA)",
-                   continues=True, rehearses=True, sparse=True, gate=True,
+    "seta": Method("SETA(c={sparsity})", "MoSEs' masked sub-experts as task experts plus anchored "
+                   "shared experts, the task picked by a unified gate (SETA)", continues=True,
+                   rehearses=True, sparse=True, gate=True,
                    run_name=("c{sparsity:g}", "e{experts}k{top_k}s{shared}", "tau{tau:g}",
                              "anchor{anchor_weight:g}", "rr{route_reg_weight:g}")),
 }
 # SEE's negatives: earlier tasks' queries, or as many LIMA queries (pseudo-negatives, paper Table 3)
 NEGATIVES = ("tasks", "lima")
-DTYPES = ("float32", "bfloat16")
 
 
 def rate(text: str) -> float | str:
@@ -93,8 +81,7 @@ def names(text: str) -> list[str]:
 
 
 def setting(default, help: str, **meta):
-    """A TrainConfig field: its default, its --help line, and for argparse its `type` (else the
-    default's), `choices` or `flag` (else --field-name)."""
+    """A TrainConfig field: its default, --help line, and argparse's `type`, `choices`, `flag`."""
     meta = dict(help=help, **meta)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -104,7 +91,7 @@ def setting(default, help: str, **meta):
 @dataclass
 class TrainConfig:
     """Every setting of a run, held once: train.py's command line is generated from these fields
-    (arg_parser), config.json records them, and a resumed run must match them (check_same_run)."""
+    (add_arguments), config.json records them and a resumed run must match them (check_same_run)."""
     task: str = setting("qa", "task abbreviation (qa, qg, sa, sum, trans, dsg, expl, para, pe, "
                               "pos), the path of a SuperNI task .json file, or your own .jsonl of "
                               "{input, output} lines")
@@ -164,7 +151,7 @@ class TrainConfig:
     seed: int = setting(0, "seed of sampling, initialisation and shuffling")
     dtype: str | None = setting(None, "default: bfloat16 autocast on CUDA and on CPUs with native "
                                       "bf16 (AVX512-BF16, AMX, Arm BF16), else float32",
-                                type=str, choices=DTYPES)
+                                type=str, choices=("float32", "bfloat16"))
     save_every: int = setting(20, "optimizer steps between resumable checkpoints")
     compile: bool = setting(False, "torch.compile the transformer body (faster steps after a slow "
                                    "first one)")
@@ -186,14 +173,10 @@ def task_name(task: str) -> str:
     return Path(task).stem.replace(".", "_")
 
 
-def field_default(f: dataclasses.Field):
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """A flag per TrainConfig field, with its help, type, choices and default."""
     for f in dataclasses.fields(TrainConfig):
-        meta, default = f.metadata, field_default(f)
+        meta, default = f.metadata, getattr(TrainConfig(), f.name)
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         if isinstance(default, bool):
             p.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
@@ -205,14 +188,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_types(settings: dict, path: str | Path, absent: tuple[str, ...] = ()) -> None:
-    """Refuse written settings (config.json, system.json) that lack a field (but `absent`) or hold
-    a value not of its field's type (None where the default is None)."""
+    """Refuse written settings lacking a field (but `absent`) or holding a value of another type."""
     for f in dataclasses.fields(TrainConfig):
         if f.name in absent:
             continue
         if f.name not in settings:
             raise UserError(f"{path}: no setting {f.name!r} (written by another version?)")
-        default, value = field_default(f), settings[f.name]
+        default, value = getattr(TrainConfig(), f.name), settings[f.name]
         if value is None and default is None or f.name == "indicator_lr" and value == "adapter":
             continue
         kind = f.metadata.get("type", type(default))
@@ -220,13 +202,11 @@ def check_types(settings: dict, path: str | Path, absent: tuple[str, ...] = ()) 
         check_fields({f.name: value}, path, **{f.name: kind})
 
 
-# settings that do not change what is trained, so a resumed run may differ in them
-RESUMABLE_CHANGES = {"out", "save_every", "data_dir", "compile", "grad_checkpoint"}
+RESUMABLE_CHANGES = {"out", "save_every", "data_dir", "compile", "grad_checkpoint"}  # same result
 
 
 def comparable(settings: dict) -> dict:
-    """Settings as a resumed run must match them: the dtype and paths as resolved, and what does
-    not change the result left out."""
+    """What a resumed run must match: dtype and --init resolved, RESUMABLE_CHANGES left out."""
     settings = dict(settings, dtype=dtype_name(settings["dtype"]))
     if settings.get("init"):  # a sequence's system.json has none
         settings["init"] = str(Path(settings["init"]).resolve())
@@ -239,23 +219,17 @@ def dtype_name(name: str | None) -> str:
     return str(resolve_dtype(name, device)).removeprefix("torch.")
 
 
-def read_config(path: Path) -> dict:
-    """A run's config.json, its values of TrainConfig's types."""
-    settings = read_json(path)
-    check_types(settings, path)
-    return settings
-
-
 def write_json(path: Path, value: dict) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=2) + "\n"))
 
 
 def check_same_run(cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> None:
-    """Refuse a run directory whose config.json is unreadable or holds other settings than cfg
-    (but `ignore`)."""
+    """Refuse a run directory whose config.json is unreadable or holds settings other than cfg's."""
     out = cfg.run_dir()
     config = comparable(dataclasses.asdict(cfg))
-    saved = comparable(read_config(out / CONFIG_FILE))
+    saved = read_json(out / CONFIG_FILE)
+    check_types(saved, out / CONFIG_FILE)
+    saved = comparable(saved)
     changed = sorted(k for k in config.keys() | saved.keys()
                      if k not in ignore and config.get(k) != saved.get(k))
     if changed:
@@ -274,8 +248,7 @@ def save_state(path: Path, step: int, params: dict[str, torch.nn.Parameter],
 
 
 def read_state(path: Path) -> dict:
-    """A resumable checkpoint, as save_state writes it (tensors only: weights_only refuses any
-    pickled object)."""
+    """A resumable checkpoint as save_state writes it (weights_only: no pickled object loads)."""
     try:
         with warnings.catch_warnings():  # a hostile pickle also draws a protocol warning
             warnings.simplefilter("ignore")
@@ -297,9 +270,8 @@ def read_state(path: Path) -> dict:
 
 
 def read_log(path: Path, steps: int | None) -> list[str]:
-    """The lines of a run's log.jsonl, one per step from 1 on. An unfinished run (`steps` its
-    checkpoint's step) may have a torn last line, from a crash mid-write: it and any step after the
-    checkpoint are dropped. A finished run's log (`steps` None) must be whole."""
+    """log.jsonl's lines, one per step from 1. An unfinished run's (`steps` its checkpoint's
+    step) drops a torn last line (a crash mid-write) and later steps; a finished run's is whole."""
     lines = read_text(path).split("\n")
     if lines[-1] and steps is None:
         raise UserError(f"{path}: its last line is cut short, in a finished run")
@@ -352,8 +324,7 @@ def read_system(root: Path) -> dict:
 
 
 def resume_state(cfg: TrainConfig) -> dict | None:
-    """The state of an unfinished run of the same config in the run directory; refuses a finished or
-    different run."""
+    """The state of an unfinished run of cfg in its directory; refuses a finished or other run."""
     out = cfg.run_dir()
     if (out / EXPERT_DIR).exists():
         raise UserError(f"{out} already holds a trained expert; pass another --out")
@@ -368,8 +339,7 @@ def resume_state(cfg: TrainConfig) -> dict | None:
 
 def restore(state: dict, trainable: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer,
             path: Path, total: int) -> int:
-    """Put a checkpoint's parameters, optimizer and random state in place, and return its step;
-    one that does not fit this run (of `total` steps) is refused."""
+    """Put a checkpoint's parameters, optimizer and random state in place; returns its step."""
     params = state["params"]
     wrong = sorted(k for k in params.keys() | trainable.keys() if k not in trainable
                    or not isinstance(params.get(k), torch.Tensor)
@@ -392,8 +362,7 @@ def restore(state: dict, trainable: dict[str, torch.nn.Parameter], opt: torch.op
 
 
 def check_finished(cfg: TrainConfig) -> None:
-    """Refuse a finished stage of a sequence being resumed unless its run directory is whole: its
-    settings are cfg's, its log reaches the last step, its expert loads."""
+    """Refuse a finished stage unless whole: cfg's settings, a complete log, a loading expert."""
     out = cfg.run_dir()
     # where the stage before lay then: system.json fixes which it was
     check_same_run(cfg, ignore=("init",))
@@ -408,14 +377,12 @@ FLOAT32_MAX = torch.finfo(torch.float32).max  # a rate or weight above it is inf
 
 
 def check_numbers(cfg: TrainConfig) -> None:
-    """Refuse numbers no run can use: counts below 1, a seed torch cannot take, rates and weights
-    out of range or beyond float32."""
-    counts = {"--epochs": cfg.epochs, "--batch-size": cfg.batch_size,
-              "--micro-batch": cfg.micro_batch, "--save-every": cfg.save_every,
-              "--max-source": cfg.max_source, "--max-target": cfg.max_target}
-    if cfg.max_train is not None:  # None: every example; 0 would train on nothing
-        counts["--max-train"] = cfg.max_train
-    bad = [f"{flag} {v}" for flag, v in counts.items() if v < 1]
+    """Refuse counts below 1, a seed torch cannot take, rates or weights out of range or float32."""
+    def given(*keys: str) -> list[str]:
+        return [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in keys]
+    counts = ["epochs", "batch_size", "micro_batch", "save_every", "max_source", "max_target"]
+    counts += ["max_train"] * (cfg.max_train is not None)  # None: every example; 0: nothing
+    bad = given(*[k for k in counts if getattr(cfg, k) < 1])
     bad += [f"--general-negatives {cfg.general_negatives}"] * (cfg.general_negatives < 0)
     bad += [f"--seed {cfg.seed}"] * (not 0 <= cfg.seed < 2 ** 63)
     if bad:
@@ -423,19 +390,17 @@ def check_numbers(cfg: TrainConfig) -> None:
                         f"[0, 2^63), got {', '.join(bad)}")
     indicator_lr = cfg.lr if cfg.indicator_lr == "adapter" else cfg.indicator_lr
     rates = {"--lr": cfg.lr, "--indicator-lr": indicator_lr}
-    weights = {"--pull-weight": cfg.pull_weight, "--anchor-weight": cfg.anchor_weight,
-               "--route-reg-weight": cfg.route_reg_weight}
-    bad = [f"{flag} {v}" for flag, v in rates.items() if not 0 < v <= FLOAT32_MAX] + \
-        [f"{flag} {v}" for flag, v in weights.items() if not 0 <= v <= FLOAT32_MAX] + \
-        [f"--alpha {cfg.alpha}"] * (abs(cfg.alpha) > FLOAT32_MAX)
+    weights = ["pull_weight", "anchor_weight", "route_reg_weight"]
+    bad = [f"{flag} {v}" for flag, v in rates.items() if not 0 < v <= FLOAT32_MAX]
+    bad += given(*[k for k in weights if not 0 <= getattr(cfg, k) <= FLOAT32_MAX])
+    bad += [f"--alpha {cfg.alpha}"] * (abs(cfg.alpha) > FLOAT32_MAX)
     if bad:
         raise UserError(f"need learning rates > 0, weights >= 0 and nothing beyond float32's "
                         f"{FLOAT32_MAX:.3g}, got {', '.join(bad)}")
 
 
 def check_finite(step: int, loss: float, norm: torch.Tensor) -> None:
-    """Stop a run whose loss or gradient norm is no longer finite, before its step is taken: the
-    last checkpoint stays, and no expert is written."""
+    """Stop a diverged run before its step: the last checkpoint stays and no expert is written."""
     if not (math.isfinite(loss) and math.isfinite(float(norm))):
         raise UserError(f"step {step}: loss {loss:g}, gradient norm {float(norm):g}: training "
                         f"diverged (lower --lr, --indicator-lr, --alpha or the method's weights); "
@@ -443,8 +408,7 @@ def check_finite(step: int, loss: float, norm: torch.Tensor) -> None:
 
 
 def check_config(cfg: TrainConfig) -> tuple[lora.LoraConfig, lora.SubExpertConfig | None]:
-    """Refuse impossible settings before any data or model is loaded; returns the adapter's settings
-    (LoRA, and MoSEs/SETA's sub-experts or None)."""
+    """Refuse impossible settings before data or model load; returns the adapter settings."""
     check_numbers(cfg)
     if not 0 <= cfg.tau <= 1:
         raise UserError(f"--tau must be in [0, 1], got {cfg.tau}")
@@ -453,8 +417,6 @@ def check_config(cfg: TrainConfig) -> tuple[lora.LoraConfig, lora.SubExpertConfi
     if cfg.method not in METHODS or cfg.negatives not in NEGATIVES:
         raise UserError(f"unknown method {cfg.method!r} or negatives {cfg.negatives!r}; "
                         f"known: {', '.join(METHODS)}; {', '.join(NEGATIVES)}")
-    if cfg.indicator not in INDICATORS or cfg.template not in TEMPLATES:
-        raise UserError(f"unknown indicator {cfg.indicator!r} or template {cfg.template!r}")
     method = METHODS[cfg.method]
     if (cfg.negatives == "lima" or cfg.general_negatives) and not method.routes:
         raise UserError("--negatives lima and --general-negatives are for --method see only")
@@ -521,13 +483,12 @@ def plan_sequence(cfg: TrainConfig, tasks: list[str]) -> tuple[Path, list[TrainC
     if method.joint:
         stages = [replace(cfg, task=tasks[-1], previous=tasks[:-1], tau=1.0,
                           out=str(root / "1-mtl"))]
-    else:
+    else:  # a continuing method starts each stage from the expert of the one before
         stages = [replace(cfg, task=t, previous=tasks[:i] if method.rehearses else [],
-                          out=str(root / f"{i + 1}-{n}"))
+                          out=str(root / f"{i + 1}-{n}"),
+                          init=str(root / f"{i}-{names[i - 1]}" / EXPERT_DIR)
+                          if method.continues and i else None)
                   for i, (t, n) in enumerate(zip(tasks, names))]
-    stages = [replace(s, init=str(Path(stages[i - 1].out) / EXPERT_DIR) if method.continues
-                      and i else None)
-              for i, s in enumerate(stages)]
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PER_STAGE}
     system = dict(method=cfg.method, model=cfg.model, tasks=tasks,
                   experts=[f"{Path(s.out).name}/{EXPERT_DIR}" for s in stages], settings=settings)
