@@ -106,8 +106,7 @@ def evaluate_task(s: Scoring, experts: list[Expert], examples: list[Example],
 def method_label(system: dict) -> str:
     """A run's name as the paper's tables print it, e.g. SEE(10%), RandSel(10%), MTL."""
     method, settings = METHODS[system["method"]], system["settings"]
-    label = method.label.format(tau=f"{100 * settings['tau']:g}%",
-                                sparsity=settings["sparsity"])
+    label = method.label.format(tau=f"{100 * settings['tau']:g}%", sparsity=settings["sparsity"])
     if method.routes and settings["negatives"] == "lima":
         label += " w/pseudo"
     if method.routes and settings["general_negatives"]:
