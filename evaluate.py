@@ -1,7 +1,5 @@
-"""Score SEE experts (or the base model alone) on a task's eval split with ROUGE-L as
-Super-NaturalInstructions computes it: rouge-score's rougeL F-measure with stemming, the
-best over the references, x100; and whole continual runs with the paper's metrics: AR (Eq.
-6), BWT (Eq. 7), routing F1, RB-Acc.
+"""Score SEE experts (or the base model alone) on a task's eval split with SuperNI's ROUGE-L, and
+whole continual runs with the paper's metrics: AR (Eq. 6), BWT (Eq. 7), routing F1, RB-Acc.
 
     python evaluate.py --expert runs/qa-smollm2-135m/expert --task qa --max-eval 100
     python evaluate.py --task qa --max-eval 100          # the base model alone, for comparison
@@ -12,6 +10,7 @@ best over the references, x100; and whole continual runs with the paper's metric
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from collections import Counter
@@ -21,23 +20,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import gate
 from artifacts import check_writable, read_json
 from checkpoint import atomic_write, device_name, model_tag, resolve_dtype
 from data import OOD_EVAL, TASKS, XLINGUAL, Example, data_dir, load_ood, load_task
 from errors import UserError, user_errors
 from experts import (TEMPLATES, Expert, Indicators, SubExpert, base_model, load_system, prompt_ids,
                      resolve_template)
-from metrics import (XLINGUAL_TOKENS, add_perplexities, average_rouge, backward_transfer,
-                     imprinted_accuracy, rouge_l, routing_cost, routing_scores)
+from metrics import (XLINGUAL_TOKENS, average_rouge, backward_transfer, response_perplexity,
+                     rouge_l, routing_cost, routing_scores)
 from model import Llama
 from report import print_table, write_report
-from router import BASE, generate_batched, key_route, sequential_route
+from router import BASE, base_answers, generate_batched, key_route, sequential_route
 from runs import LOG_FILE, METHODS, Method, read_log, read_system
 from tokenizer import Tokenizer
-
-# --routing none: no routing, one expert answers every query with its o_pos
-# forced (paper Fig. 4, SEE-AE)
-ROUTINGS = ("sequential", "none")
 
 
 @dataclass
@@ -55,35 +51,16 @@ class Scoring:
     routing: str = "sequential"
     progress: bool = False
 
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.evals)
-
-
-def answer_all(s: Scoring, expert: Expert | None, prompts: list[list[int]]) -> list[list[int]]:
-    """One adapter answers every query: a baseline's, or a SEE expert's after its o_pos, forced
-    (no routing: paper Fig. 4, "SEE-AE"); with no expert, the base model."""
-    if expert is None:
-        with base_model(s.model):
-            return generate_batched(s.model, prompts, s.max_new_tokens, s.tok.eos_ids, s.batch_size,
-                                    desc="base model" if s.progress else None)
-    expert.use(s.model)
-    forced = s.ind.pos if s.ind else []
-    return generate_batched(s.model, [q + forced for q in prompts], s.max_new_tokens,
-                            s.tok.eos_ids, s.batch_size, desc=expert.name if s.progress else None,
-                            ban=s.ind.added if s.ind else None)
+    def prompts(self, queries: list[str]) -> list[list[int]]:
+        return [prompt_ids(self.tok, q, self.max_source, self.template) for q in queries]
 
 
 def evaluate_task(s: Scoring, experts: list[Expert], examples: list[Example],
                   task: str | None = None, xlingual: bool = False) -> tuple[dict, list[dict]]:
-    """Answer every example (SEE: routed through the experts, base model last; a baseline, or
-    routing "none": one adapter; MoSEs/SETA: the task picked, or `task` given), greedy-decode, and
-    score (xlingual: as SuperNI scores non-English).
-
-    Returns the summary (ROUGE-L, counts, speed, routing cost) and one record per example.
-    """
+    """Answer and score every example: its summary (ROUGE-L, counts, speed, routing cost) and one
+    record per example."""
     model, tok, ind = s.model, s.tok, s.ind
-    prompts = [prompt_ids(tok, ex.query, s.max_source, s.template) for ex in examples]
+    prompts = s.prompts([ex.query for ex in examples])
     t0 = time.perf_counter()
     routed = None
     if experts and isinstance(experts[-1], SubExpert):  # the newest stage holds every task
@@ -93,13 +70,20 @@ def evaluate_task(s: Scoring, experts: list[Expert], examples: list[Example],
     elif experts and (ind is None or s.routing == "none"):  # one adapter answers every query
         if len(experts) > 1:
             raise UserError("without routing one adapter answers every query; give one of them")
-        answers, routes = answer_all(s, experts[0], prompts), [experts[0].name] * len(prompts)
+        experts[0].use(model)
+        forced = ind.pos if ind else []  # SEE without routing: o_pos forced (Fig. 4, SEE-AE)
+        answers = generate_batched(model, [q + forced for q in prompts], s.max_new_tokens,
+                                   tok.eos_ids, s.batch_size, ban=ind.added if ind else None,
+                                   desc=experts[0].name if s.progress else None)
+        routes = [experts[0].name] * len(prompts)
     elif experts:
         routed = sequential_route(model, experts, ind, prompts, s.max_new_tokens, tok.eos_ids,
                                   s.batch_size, s.progress)
         answers, routes = routed.answers, routed.routes
     else:
-        answers, routes = answer_all(s, None, prompts), [BASE] * len(prompts)
+        answers, routes = [[] for _ in prompts], [BASE] * len(prompts)
+        base_answers(model, prompts, list(range(len(prompts))), answers, s.max_new_tokens,
+                     tok.eos_ids, s.batch_size, s.progress)
     seconds = time.perf_counter() - t0
     records = []
     for n, (ex, ids, route) in enumerate(zip(examples, answers, routes)):
@@ -122,8 +106,7 @@ def evaluate_task(s: Scoring, experts: list[Expert], examples: list[Example],
 def method_label(system: dict) -> str:
     """A run's name as the paper's tables print it, e.g. SEE(10%), RandSel(10%), MTL."""
     method, settings = METHODS[system["method"]], system["settings"]
-    label = method.label.format(tau=f"{100 * settings['tau']:g}%",
-                                sparsity=settings["sparsity"])
+    label = method.label.format(tau=f"{100 * settings['tau']:g}%", sparsity=settings["sparsity"])
     if method.routes and settings["negatives"] == "lima":
         label += " w/pseudo"
     if method.routes and settings["general_negatives"]:
@@ -137,36 +120,29 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
                  batch_size: int = 16, max_ood: int = OOD_EVAL, data_dir: str | None = None,
                  device="cpu", dtype=torch.float32, progress: bool = False,
                  routing: str = "sequential") -> tuple[dict, list[dict]]:
-    """Score a system written by train.py --sequence, and return the results and
-    the final stage's predictions.
-
-    Continual methods (SEE, non-rehearsal, replay, MoSEs, SETA) give the matrix scores[j][i] = a_i
-    after stage j (i <= j), hence AR and BWT; MTL and STL give one row (AvgSTL: each task by its
-    own adapter), as does SEE with routing "none" (each task by its own expert, o_pos forced: paper
-    Fig. 4's SEE-AE). The predictions carry each reference's perplexity (not for MoSEs and SETA).
-    For routed SEE also: routing P/R/F1 over the sequence's queries, RB-Acc (the share of queries
-    of no task in the sequence that reach the base model: LIMA and the held-out SuperNI tasks) and
-    the routing cost (see_routing).
-    """
+    """Score a system written by train.py --sequence: the results and the final stage's predictions.
+    Continual methods give scores[j][i] = a_i after stage j, hence AR and BWT; MTL, STL and SEE
+    with routing "none" (Fig. 4's SEE-AE) give one row."""
     run_dir = Path(run_dir)
     system = read_system(run_dir)
     method, tasks = METHODS[system["method"]], system["tasks"]
-    dirs = [run_dir / e for e in system["experts"]]
     if routing == "none" and not method.routes:
         raise UserError(f"--routing none is for SEE runs; {run_dir} holds {system['method']}")
-    model, tok, experts, ind, _ = load_system(None, [str(d) for d in dirs], device, dtype)
+    dirs = [str(run_dir / e) for e in system["experts"]]
+    model, tok, experts, ind, _ = load_system(None, dirs, device, dtype)
     evals = {t: load_task(t, "eval", data_dir)[:max_eval] for t in tasks}
     s = Scoring(model, tok, experts, ind, evals, experts[0].max_source, experts[0].template,
                 max_new_tokens, batch_size, routing, progress)
     routed = method.routes and routing != "none"
-    # queries of no task in the sequence, for RB-Acc (read now: a missing file fails early)
-    if routed:
-        heldout = heldout_queries(tasks, max_eval, max_ood, data_dir)
+    if routed:  # queries of no task in the sequence, for RB-Acc (read now: a missing file fails)
+        in_sequence = set(tasks) | {Path(t).stem for t in tasks}
+        heldout = {"lima": load_ood(directory=data_dir)[:max_ood],
+                   "superni": [ex for t, name in TASKS.items() if not {t, name} & in_sequence
+                               for ex in load_task(t, "eval", data_dir)[:max_eval]]}
     cells = answering(method, experts, len(tasks), routed)
     scores, predictions = score_matrix(s, cells, til=False)
     if not method.sparse:
-        add_perplexities(model, tok, ind, predictions, experts, evals, s.max_source, s.template,
-                         system["settings"]["max_target"])
+        add_perplexities(s, predictions, system["settings"]["max_target"])
     label = method_label(system)
     if routing == "none":
         label = label.replace("SEE", "SEE-AE", 1)
@@ -185,20 +161,10 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
     return result, predictions
 
 
-def heldout_queries(tasks: list[str], max_eval: int | None, max_ood: int,
-                    data_dir: str | None) -> dict:
-    """Queries of no task in the sequence, for RB-Acc: LIMA's and the other SuperNI tasks'."""
-    in_sequence = set(tasks) | {Path(t).stem for t in tasks}
-    return {"lima": load_ood(directory=data_dir)[:max_ood],
-            "superni": [ex for t, name in TASKS.items() if not {t, name} & in_sequence
-                        for ex in load_task(t, "eval", data_dir)[:max_eval]]}
-
-
 def answering(method: Method, experts: list[Expert], T: int,
               routed: bool) -> dict[tuple[int, int], list[Expert]]:
-    """Which adapters answer task i after stage j: routed SEE routes over all experts so
-    far; a continued adapter is the stage's; otherwise one row, one adapter for all
-    tasks (MTL) or each task's own."""
+    """Which adapters answer task i after stage j: routed SEE all experts so far; a continued
+    adapter the stage's; else one row, one adapter for all tasks (MTL) or each task's own."""
     if routed:
         return {(j, i): experts[:j + 1] for j in range(T) for i in range(j + 1)}
     if method.continues:
@@ -208,15 +174,14 @@ def answering(method: Method, experts: list[Expert], T: int,
 
 def score_matrix(s: Scoring, cells: dict[tuple[int, int], list[Expert]],
                  til: bool) -> tuple[list[list[float]], list[dict]]:
-    """ROUGE-L a_i after stage j for each cell, scores[j][i], and the final stage's
-    predictions; `til`: the task given (MoSEs/SETA's task-incremental setting), not
-    picked by keys or the gate."""
+    """scores[j][i] = a_i after stage j, and the final stage's predictions; `til`: the task given
+    (MoSEs/SETA's task-incremental setting), not picked by keys or the gate."""
     last = max(j for j, _ in cells)
     scores, predictions = [[] for _ in range(last + 1)], []
     desc = "a_i after stage j" + " (TIL)" * til
     quiet = replace(s, progress=False)  # one bar over the cells, none per cell
     for (j, i), experts in tqdm(cells.items(), desc=desc, disable=not s.progress):
-        task = s.tasks[i]
+        task = list(s.evals)[i]
         summary, records = evaluate_task(quiet, experts, s.evals[task],
                                          s.experts[i].name if til else None,
                                          Path(task).stem in XLINGUAL)
@@ -228,17 +193,40 @@ def score_matrix(s: Scoring, cells: dict[tuple[int, int], list[Expert]],
 
 def gold_routes(s: Scoring, predictions: list[dict]) -> list[str]:
     """Each prediction's own expert (MoSEs/SETA: its own task), as routing should pick it."""
-    return [s.experts[s.tasks.index(p["task"])].name for p in predictions]
+    return [s.experts[list(s.evals).index(p["task"])].name for p in predictions]
+
+
+def final_prompts(s: Scoring, predictions: list[dict]) -> list[list[int]]:
+    """The prompt of each of the final stage's predictions."""
+    queries = {(t, ex.id): ex.query for t, examples in s.evals.items() for ex in examples}
+    return s.prompts([queries[p["task"], p["id"]] for p in predictions])
+
+
+def add_perplexities(s: Scoring, predictions: list[dict], max_target: int) -> None:
+    """Fig. 5: each reference's perplexity under what answered its query after the last stage: SEE's
+    expert on (q, o_pos, r), the base model on (q, r) if none claimed it, a baseline's on (q, r)."""
+    for p, prompt in zip(predictions, final_prompts(s, predictions)):
+        expert = next((e for e in s.experts if e.name == p["route"]), None)
+        with contextlib.nullcontext() if expert else base_model(s.model):
+            if expert:
+                expert.use(s.model)
+            prefix = s.ind.pos if expert and s.ind else []
+            p["perplexity"] = response_perplexity(s.model, s.tok, prompt, prefix,
+                                                  p["references"][0], max_target)
 
 
 def til_metrics(s: Scoring, cells: dict, predictions: list[dict]) -> dict:
     """MoSEs/SETA: the task-incremental (TIL: the task given) scores beside the task-agnostic ones
-    (TaIL: keys or the gate pick the task), and how well the task was picked."""
+    (TaIL: keys or the gate pick the task), and how well it was picked; SETA also by its gate as
+    imprinted (each row at its task's mean query feature), unless its training state was dropped."""
     til, _ = score_matrix(s, cells, til=True)
     gold = gold_routes(s, predictions)
     scored = routing_scores([p["route"] for p in predictions], gold)
-    imprinted = imprinted_accuracy(s.model, s.tok, s.experts[-1], predictions, s.evals, gold,
-                                   s.max_source, s.template, s.batch_size)
+    imprinted = None
+    if s.experts[-1].imprints:
+        features = gate.query_features(s.model, final_prompts(s, predictions), s.batch_size)
+        routes = gate.match_keys(features, s.experts[-1].imprints)
+        imprinted = sum(r == g for r, g in zip(routes, gold)) / len(gold)
     picked = sum(p["route"] == g for p, g in zip(predictions, gold)) / len(predictions)
     return dict(til_scores=til, til_ar=average_rouge(til), til_bwt=backward_transfer(til),
                 routing_f1=scored["f1"], per_task_routing=scored["per_task"],
@@ -246,82 +234,66 @@ def til_metrics(s: Scoring, cells: dict, predictions: list[dict]) -> dict:
 
 
 def routing_metrics(s: Scoring, heldout: dict[str, list[Example]], predictions: list[dict]) -> dict:
-    """Routed SEE: routing P/R/F1 over the sequence's queries, RB-Acc and the routing cost."""
+    """Routed SEE: routing P/R/F1 over the sequence's queries; RB-Acc on each out-of-distribution
+    set (one token of answer: only the routing decision matters) with who answered its queries;
+    the routing cost on the sequence's queries ("tasks"), on each such set, and on all together."""
     routes = [None if p["route"] == "base" else p["route"] for p in predictions]
     scored = routing_scores(routes, gold_routes(s, predictions))
-    return dict(routing_f1=scored["f1"], per_task_routing=scored["per_task"],
-                **see_routing(s, heldout, predictions))
-
-
-def see_routing(s: Scoring, heldout: dict[str, list[Example]], predictions: list[dict]) -> dict:
-    """RB-Acc on each out-of-distribution set (only the routing decision matters, so one token of
-    answer is enough) with who answered its queries, and the routing cost (routing_cost) on the
-    sequence's own queries ("tasks"), on each such set, and on all of them together."""
     outcomes = {"tasks": [[o for _, o in p["visits"]] for p in predictions]}
-    to_base = {"tasks": [p["route"] == "base" for p in predictions]}
+    to_base = {"tasks": [r is BASE for r in routes]}
     rb_acc, ood_routes = {}, {}
     for name, examples in heldout.items():
-        prompts = [prompt_ids(s.tok, ex.query, s.max_source, s.template) for ex in examples]
-        r = sequential_route(s.model, s.experts, s.ind, prompts, 1, s.tok.eos_ids, s.batch_size,
-                             s.progress)
+        r = sequential_route(s.model, s.experts, s.ind, s.prompts([ex.query for ex in examples]), 1,
+                             s.tok.eos_ids, s.batch_size, s.progress)
         rb_acc[name] = routing_scores(r.routes, [None] * len(r.routes))["rb_acc"]
         ood_routes[name] = dict(Counter("base" if route is BASE else route for route in r.routes))
         outcomes[name] = [[s.ind.read(t) for _, t in v] for v in r.visits]
         to_base[name] = [route is BASE for route in r.routes]
-    cost = {name: routing_cost(outcomes[name], to_base[name]) for name in outcomes}
     everything = routing_cost(sum(outcomes.values(), []), sum(to_base.values(), []))
-    return dict(rb_acc=rb_acc, ood_routes=ood_routes, n_ood={k: len(v) for k, v in heldout.items()},
-                exceptions={name: c["exceptions"] for name, c in cost.items()},
+    exceptions = {k: routing_cost(outcomes[k], to_base[k])["exceptions"] for k in outcomes}
+    return dict(routing_f1=scored["f1"], per_task_routing=scored["per_task"], rb_acc=rb_acc,
+                ood_routes=ood_routes, n_ood={k: len(v) for k, v in heldout.items()},
+                exceptions=exceptions,
                 routing_steps=everything["visited"], prefills=everything["prefills"])
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="ROUGE-L of SEE experts (or the base model) on a "
-                                            "task's eval split, or the paper's metrics of whole "
-                                            "runs (--run: the runs' own prompt, source length and "
-                                            "model).")
-    p.add_argument("--run", action="append", default=[],
-                   help="a system written by train.py --sequence/--order; repeat to compare runs "
-                        "in one table")
-    p.add_argument("--report", nargs="+", default=None, metavar="RUN",
-                   help="render the paper's tables and plots (markdown, to --out, default "
-                        "runs/report.md) from runs already evaluated with --run")
-    p.add_argument("--expert", action="append", default=[],
-                   help="expert directory; repeat in training order for a sequence (none: the base "
-                        "model alone)")
-    p.add_argument("--task", default=None,
-                   help="task abbreviation or SuperNI task .json file (not with --run)")
-    p.add_argument("--model", default=None,
-                   help="base model (default: the experts' own, else smollm2-135m)")
-    p.add_argument("--data-dir", default=None,
+    p = argparse.ArgumentParser(description="ROUGE-L of SEE experts (or the base model) on a task's"
+                                " eval split, or the paper's metrics of whole runs (--run: the "
+                                "runs' own prompt, source length and model).")
+    p.add_argument("--run", action="append", default=[], help="a system written by train.py "
+                   "--sequence/--order; repeat to compare runs in one table")
+    p.add_argument("--report", nargs="+", metavar="RUN", help="render the paper's tables and plots "
+                   "(markdown, to --out, default runs/report.md) from runs already evaluated with "
+                   "--run")
+    p.add_argument("--expert", action="append", default=[], help="expert directory; repeat in "
+                   "training order for a sequence (none: the base model alone)")
+    p.add_argument("--task", help="task abbreviation or SuperNI task .json file (not with --run)")
+    p.add_argument("--model", help="base model (default: the experts' own, else smollm2-135m)")
+    p.add_argument("--data-dir",
                    help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
     p.add_argument("--split", default="eval", help="the split to score: eval (default) or train")
-    p.add_argument("--max-eval", type=int, default=None,
-                   help="score only the first N examples of each task (default: all), and as many "
-                        "out-of-distribution queries per set")
-    p.add_argument("--max-ood", type=int, default=None,
-                   help=f"LIMA queries for RB-Acc (--run; default: --max-eval's, at most "
-                        f"{OOD_EVAL}: the rest may have been pseudo-negatives)")
-    p.add_argument("--template", default=None, choices=list(TEMPLATES),
-                   help="prompt (default: as the experts were trained, else auto: chat if the "
-                        "checkpoint has a template)")
-    p.add_argument("--max-source", type=int, default=None,
+    p.add_argument("--max-eval", type=int, help="score only the first N examples of each task "
+                   "(default: all), and as many out-of-distribution queries per set")
+    p.add_argument("--max-ood", type=int, help=f"LIMA queries for RB-Acc (--run; default: "
+                   f"--max-eval's, at most {OOD_EVAL}: the rest may have been pseudo-negatives)")
+    p.add_argument("--template", choices=list(TEMPLATES), help="prompt (default: as the experts "
+                   "were trained, else auto: chat if the checkpoint has a template)")
+    p.add_argument("--max-source", type=int,
                    help="query tokens kept (default: as the experts were trained, else 1024)")
-    p.add_argument("--max-new-tokens", type=int, default=512,
-                   help="new tokens per answer (default: 512, the paper's target length; 64 is "
-                        "enough for a look)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="new tokens per answer "
+                   "(default: 512, the paper's target length; 64 is enough for a look)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="queries generated at once (default: 16)")
-    p.add_argument("--routing", default="sequential", choices=ROUTINGS,
+    p.add_argument("--routing", default="sequential", choices=("sequential", "none"),
                    help="SEE: sequential (default): experts newest first, as the paper, or none: "
-                        "one expert answers every query with its o_pos forced (--run: each task "
-                        "by its own expert)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="weights and compute; default as train.py: bfloat16 on CUDA and on CPUs "
-                        "with native bf16, else float32")
-    p.add_argument("--out", default=None,
-                   help="result JSON (default: beside the first expert, or runs/base-<model>/; "
-                        "with --run: <run>/eval.json, eval-expert-only.json for --routing none)")
+                   "one expert answers every query with its o_pos forced (--run: each task by its "
+                   "own expert)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights and compute; default "
+                   "as train.py: bfloat16 on CUDA and on CPUs with native bf16, else float32")
+    p.add_argument("--out", help="result JSON (default: beside the first expert, or "
+                   "runs/base-<model>/; with --run: <run>/eval.json, eval-expert-only.json for "
+                   "--routing none)")
     args = p.parse_args()
     if args.max_ood is None:  # a quick look stays quick: --max-eval caps every set scored
         args.max_ood = min(args.max_eval or OOD_EVAL, OOD_EVAL)
@@ -344,8 +316,7 @@ def main() -> None:
 
 
 def variant(args: argparse.Namespace) -> str:
-    """The result file's suffix for settings that change what is measured, so no result is
-    overwritten by one measured otherwise."""
+    """The result file's suffix for settings that change what is measured."""
     return "-expert-only" if args.routing == "none" else ""
 
 
@@ -360,16 +331,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def measured(args: argparse.Namespace, dtype: torch.dtype) -> dict:
-    """Settings that change what an evaluation measures: a result is never overwritten by one of
-    other settings (check_result)."""
+    """Settings that change what an evaluation measures (check_result compares them)."""
     return dict(max_eval=args.max_eval, max_new_tokens=args.max_new_tokens, routing=args.routing,
                 dtype=str(dtype).removeprefix("torch."),
                 data_dir=str(data_dir(args.data_dir).resolve()))
 
 
 def check_result(out: Path, settings: dict) -> None:
-    """Before any generation: `out` can be written, and holds no result of other settings
-    to overwrite."""
+    """Before any generation: `out` can be written and holds no result of other settings."""
     check_writable(out)
     if out.is_file():
         old = read_json(out)
@@ -394,9 +363,8 @@ def write_result(out: Path, result: dict, records: list[dict]) -> Path:
 
 def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
     results = []
-    outs = [Path(args.out if args.out
-                 and len(args.run) == 1 else Path(run) / f"eval{variant(args)}.json")
-            for run in args.run]
+    outs = [Path(args.out) if args.out and len(args.run) == 1
+            else Path(run) / f"eval{variant(args)}.json" for run in args.run]
     settings = dict(measured(args, dtype), max_ood=args.max_ood)
     for out in outs:
         check_result(out, settings)
@@ -405,18 +373,14 @@ def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
         result, predictions = evaluate_run(run, args.max_eval, args.max_new_tokens, args.batch_size,
                                            args.max_ood, args.data_dir, device, dtype,
                                            progress=True, routing=args.routing)
-        result.update(settings, device=device_name(device),
-                      eval_seconds=time.perf_counter() - t0, train_seconds=train_seconds(Path(run)))
+        stages = [Path(run) / Path(e).parent for e in read_system(Path(run))["experts"]]
+        logs = [json.loads(line) for d in stages for line in read_log(d / LOG_FILE, None)]
+        result.update(settings, device=device_name(device), eval_seconds=time.perf_counter() - t0,
+                      train_seconds=sum(log["seconds"] for log in logs))
         preds = write_result(out, result, predictions)
         results.append(result)
         print(f"{result['label']}: results {out}, final-stage predictions {preds}")
     print_table(results)
-
-
-def train_seconds(run_dir: Path) -> float:
-    """The wall time of a system's training: its stages' logged step times, summed."""
-    stages = [run_dir / Path(e).parent for e in read_system(run_dir)["experts"]]
-    return sum(json.loads(line)["seconds"] for d in stages for line in read_log(d / LOG_FILE, None))
 
 
 def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:

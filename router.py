@@ -31,9 +31,9 @@ BASE = None  # the route of a query answered by the base model
 
 @dataclass
 class Routed:
-    """What routing did with each query: its answer (token ids, indicator removed), the expert that
-    answered (BASE: the base model), and the experts it visited, newest first, with what each
-    emitted first (its indicator tokens, or up to the first token that spells neither)."""
+    """Per query: its answer (indicator removed), the expert that answered (BASE: the base model),
+    and the experts visited, newest first, with what each emitted first (its indicator tokens, or
+    up to the first token that spells neither)."""
     answers: list[list[int]]
     routes: list[str | None]
     visits: list[list[tuple[str, list[int]]]]
@@ -53,28 +53,19 @@ def generate_batched(model: Llama, prompts: list[list[int]], max_new_tokens: int
     with tqdm(total=len(prompts), desc=desc, disable=desc is None, leave=False) as bar:
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
-            batch = [prompts[i] for i in chunk]
-            for i, ids in zip(chunk, generate(model, batch, max_new_tokens, eos_ids,
-                                              prefixes=prefixes, ban=ban)):
+            for i, ids in zip(chunk, generate(model, [prompts[i] for i in chunk], max_new_tokens,
+                                              eos_ids, prefixes=prefixes, ban=ban)):
                 out[i] = ids
             bar.update(len(chunk))
     return out
-
-
-def routing_length(ind: Indicators, max_new_tokens: int) -> int:
-    """Tokens an expert generates: o_pos and the answer, and at least all of o_neg."""
-    return max(len(ind.pos) + max_new_tokens, len(ind.neg))
 
 
 @torch.no_grad()
 def sequential_route(model: Llama, experts: list[Expert], ind: Indicators, prompts: list[list[int]],
                      max_new_tokens: int, eos_ids: list[int], batch_size: int = 16,
                      progress: bool = False) -> Routed:
-    """Route each query through `experts` (in training order, attached to the model), newest first.
-
-    At each step only the queries still pending are run, and an expert that does not emit o_pos
-    stops once its first tokens spell o_neg or neither indicator.
-    """
+    """Route each query through `experts` (in training order, attached to the model), newest first;
+    an expert that does not emit o_pos stops once its first tokens spell o_neg or neither."""
     k = len(ind.pos)
     routed = Routed([[] for _ in prompts], [BASE] * len(prompts), [[] for _ in prompts])
     pending = list(range(len(prompts)))
@@ -83,20 +74,20 @@ def sequential_route(model: Llama, experts: list[Expert], ind: Indicators, promp
             break
         expert.use(model)
         desc = f"expert {expert.name}" if progress else None
+        # o_pos and the answer, and at least all of o_neg
         outs = generate_batched(model, [prompts[i] for i in pending],
-                                routing_length(ind, max_new_tokens), eos_ids, batch_size,
+                                max(k + max_new_tokens, len(ind.neg)), eos_ids, batch_size,
                                 [ind.pos, ind.neg], desc, ban=ind.added)
-        still = []
+        moves_on = []
         for i, out in zip(pending, outs):
             outcome = ind.read(out)
             routed.visits[i].append((expert.name, out[:k] if outcome == POS else out))
             if outcome == POS:
                 routed.answers[i], routed.routes[i] = out[k:k + max_new_tokens], expert.name
             elif outcome == NEG:  # o_neg: the next older expert is asked
-                still.append(i)
-            # neither indicator: the query stays unclaimed, and the base model answers it at once
-            # (Sec. 3), the older experts unasked
-        pending = still
+                moves_on.append(i)
+            # neither indicator: the base model answers at once (Sec. 3), older experts unasked
+        pending = moves_on
     unclaimed = [i for i, r in enumerate(routed.routes) if r is BASE]
     base_answers(model, prompts, unclaimed, routed.answers, max_new_tokens, eos_ids, batch_size,
                  progress)
@@ -115,20 +106,16 @@ def base_answers(model: Llama, prompts: list[list[int]], pending: list[int],
             answers[i] = out
 
 
-# --- MoSEs' prompt-key routing (task-agnostic): the query's feature picks the task whose key it is
-# closest to (cosine), and that task's sub-expert masks answer (SETA: the unified gate picks it).
+# --- MoSEs' prompt-key routing: the key closest (cosine) to the query's feature picks the task
 
 @torch.no_grad()
 def key_route(model: Llama, keys: dict[str, torch.Tensor], prompts: list[list[int]],
               max_new_tokens: int, eos_ids: list[int], batch_size: int = 16,
               task: str | None = None, progress: bool = False) -> tuple[list[list[int]], list[str]]:
-    """Answers and, per query, the task whose masks answered: matched by key (TaIL;
-    SETA: the unified gate's choice, answered by that task's experts and the shared
-    ones), or `task` for all (TIL)."""
-    if task:
-        routes = [task] * len(prompts)
-    else:
-        routes = gate.match_keys(gate.query_features(model, prompts, batch_size), keys)
+    """Answers and, per query, the task whose masks answered: matched by key (TaIL; SETA: the
+    unified gate's choice, with the shared experts), or `task` for all (TIL)."""
+    routes = ([task] * len(prompts) if task
+              else gate.match_keys(gate.query_features(model, prompts, batch_size), keys))
     answers: list[list[int]] = [[] for _ in prompts]
     for t in dict.fromkeys(routes):
         idx = [i for i, r in enumerate(routes) if r == t]
@@ -141,8 +128,7 @@ def key_route(model: Llama, keys: dict[str, torch.Tensor], prompts: list[list[in
 
 
 def show_route(tok: Tokenizer, ind: Indicators, names: list[str], routed: Routed) -> None:
-    """Print, expert by expert from the newest, what each emitted first, then who
-    answered and what."""
+    """Print, expert by expert from the newest, what each emitted first, then who answered what."""
     then = {POS: "it answers", NEG: "the next older expert is asked",
             NEITHER: "the base model answers at once (the exception path)"}
     for name, tokens in routed.visits[0]:
@@ -157,20 +143,17 @@ def show_route(tok: Tokenizer, ind: Indicators, names: list[str], routed: Routed
 
 def main() -> None:
     p = argparse.ArgumentParser(description="Watch SEE's sequential routing: one query put to a "
-                                            "run's (or the given) experts, newest first, with what "
-                                            "each emitted and which model answered.")
-    p.add_argument("--run", default=None,
-                   help="a SEE system written by train.py --sequence/--order")
+                                "run's (or the given) experts, newest first, with what each "
+                                "emitted and which model answered.")
+    p.add_argument("--run", help="a SEE system written by train.py --sequence/--order")
     p.add_argument("--expert", action="append", default=[],
                    help="an expert directory instead of --run; repeat, oldest first")
-    p.add_argument("--prompt", default=None,
-                   help="the query (the run's prompt template is applied)")
-    p.add_argument("--task", default=None,
-                   help="take the query from this task's eval split instead")
+    p.add_argument("--prompt", help="the query (the run's prompt template is applied)")
+    p.add_argument("--task", help="take the query from this task's eval split instead")
     p.add_argument("--index", type=int, default=0, help="which eval query of --task (from 0)")
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="new tokens of the answer (default: 128)")
-    p.add_argument("--data-dir", default=None,
+    p.add_argument("--data-dir",
                    help="SuperNI directory (default $SEE_DATA_DIR, else ../shared/superni)")
     args = p.parse_args()
     if (args.prompt is None) == (args.task is None) or bool(args.run) == bool(args.expert):
@@ -183,15 +166,14 @@ def main() -> None:
                 raise UserError(f"{args.run} holds {system['method']}, not SEE: only SEE routes "
                                 f"by indicators")
             dirs = [str(Path(args.run) / e) for e in system["experts"]]
-        reference = None
-        if args.task is not None:
+        if args.task is None:
+            query, reference = args.prompt, None
+        else:
             examples = load_task(args.task, "eval", args.data_dir)
             if not 0 <= args.index < len(examples):
                 raise UserError(f"--index {args.index} out of range: {args.task} has "
                                 f"{len(examples)} eval queries")
             query, reference = examples[args.index].query, examples[args.index].outputs[0]
-        else:
-            query = args.prompt
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tok, experts, ind, _ = load_system(None, dirs, device, resolve_dtype(None, device))
         if ind is None:
