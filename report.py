@@ -25,26 +25,24 @@ def load_results(runs: list[str]) -> list[dict]:
     """Each run's eval.json, with its system.json settings and its final-stage predictions."""
     results = []
     for run in map(Path, runs):
-        path = run / "eval.json"
+        path, preds = run / "eval.json", run / "eval.predictions.jsonl"
         if not path.is_file():
             raise UserError(f"{run} has no eval.json; evaluate it first (without --out): python "
                             f"evaluate.py --run {run}")
         r = read_json(path)
         check_fields(r, path, run=str, method=str, label=str, tasks=list, scores=list, ar=NUMBER)
-        rows = r["scores"]
-        if not rows or not all(isinstance(row, list) and all(isinstance(v, (int, float))
-                                                              for v in row) for row in rows) \
-                or len(rows[-1]) != len(r["tasks"]):
+        numbers = all(isinstance(row, list) and all(isinstance(v, (int, float)) for v in row)
+                      for row in r["scores"])
+        if not (r["scores"] and numbers and len(r["scores"][-1]) == len(r["tasks"])):
             raise UserError(f"{path}: 'scores' must be rows of numbers, the last one per task")
         system = read_system(run)
         if r["method"] != system["method"]:
             raise UserError(f"{path}: method {r['method']!r}, but {run} holds a "
                             f"{system['method']} system")
         r["settings"] = system["settings"]
-        r["predictions"] = read_jsonl(run / "eval.predictions.jsonl")
+        r["predictions"] = read_jsonl(preds)
         for n, p in enumerate(r["predictions"], 1):
-            check_fields(p, f"{run / 'eval.predictions.jsonl'}:{n}", task=str, prediction=str,
-                         references=list)
+            check_fields(p, f"{preds}:{n}", task=str, prediction=str, references=list)
         results.append(r)
     return results
 
@@ -139,11 +137,11 @@ def runs_table(results: list[dict]) -> str:
 
 
 def table_1(rs: list[dict], title: str) -> list[str]:
-    """The paper's Table 1: a row per method, AR and BWT per task order and their average. MTL and
-    AvgSTL do not depend on the order (the paper repeats them): a run of the same tasks fills in."""
+    """The paper's Table 1: a row per method, AR and BWT per task order and their average."""
     orders = list(dict.fromkeys(tuple(r["tasks"]) for r in rs))
 
     def find(label: str, order: tuple) -> dict | None:
+        # MTL and AvgSTL do not depend on the order (the paper repeats them): any run fills in
         runs = [r for r in rs if r["label"] == label and set(r["tasks"]) == set(order)
                 and (tuple(r["tasks"]) == order or r["method"] in ("mtl", "stl"))]
         return min(runs, key=lambda r: tuple(r["tasks"]) != order, default=None)  # its own first
@@ -161,10 +159,8 @@ def paired_difference(a: dict, b: dict, reps: int = 2000,
                       seed: int = 0) -> tuple[float, float, float] | None:
     """b's AR minus a's, and a 95% interval from a paired bootstrap: each task's eval queries
     resampled, the same draw for both runs. None where their final predictions differ in queries."""
-    def by_query(r: dict) -> dict:
-        return {(task_name(p["task"]), p["id"]): p["rougeL"] for p in r["predictions"]
-                if "rougeL" in p}
-    ra, rb = by_query(a), by_query(b)
+    ra, rb = ({(task_name(p["task"]), p["id"]): p["rougeL"] for p in r["predictions"]
+               if "rougeL" in p} for r in (a, b))
     if not ra or ra.keys() != rb.keys():
         return None
     tasks = sorted({t for t, _ in ra})
@@ -177,8 +173,7 @@ def paired_difference(a: dict, b: dict, reps: int = 2000,
 
 
 def against_see(rs: list[dict], title: str) -> list[str]:
-    """Each method's AR beside SEE's (SEE(10%) where it ran), and the gap's bootstrap interval: at a
-    few dozen queries per task, whether a gap is more than the draw of queries."""
+    """Each method's AR beside SEE's (SEE(10%) where it ran), with the gap's bootstrap interval."""
     routed = [r for r in rs if is_see(r) and r["routing"] != "none"]
     if not routed:
         return []
@@ -243,8 +238,7 @@ def pseudo_negatives(rs: list[dict], title: str) -> list[str]:
 
 
 def indicator_treatment(s: dict) -> str:
-    """How a run's indicators learned: added rows at their own or the adapter's rate, or (in
-    the vocabulary, without rows of their own) through the adapter."""
+    """How a run's indicators learned: added rows at their own or the adapter's lr, or its lr."""
     if s["indicator"] != "added":
         return f"through the adapter (lr {s['lr']:g})"
     if s["indicator_lr"] == "adapter":
@@ -254,8 +248,7 @@ def indicator_treatment(s: dict) -> str:
 
 
 def indicator_types(rs: list[dict], title: str, names: list[str]) -> list[str]:
-    """Table 4: SEE by indicator type at each tau run with two or more: AR over the generation
-    tasks, exact-match accuracy over the classification tasks, and how the indicators learned."""
+    """Table 4: SEE by indicator type at each tau run with two or more (AR; exact match)."""
     see = [r for r in rs if METHODS[r["method"]].routes and r["settings"]["negatives"] == "tasks"]
     kinds = {(r["settings"]["tau"], r["settings"]["indicator"]) for r in see}
     see = sorted((r for r in see if sum(tau == r["settings"]["tau"] for tau, _ in kinds) > 1),
@@ -320,9 +313,8 @@ def perplexity(rs: list[dict], title: str, names: list[str], figures: Path | Non
                 if name is None or task_name(p["task"]) == name]
 
     def boxes(ax, k: int, r: dict, x: list[float], width: float) -> None:
-        box = ax.boxplot([ppl(r, t) for t in names], positions=x,
-                         widths=width * 0.9, patch_artist=True, showfliers=False,
-                         boxprops=dict(facecolor=f"C{k}"))
+        box = ax.boxplot([ppl(r, t) for t in names], positions=x, widths=width * 0.9,
+                         patch_artist=True, showfliers=False, boxprops=dict(facecolor=f"C{k}"))
         box["boxes"][0].set_label(r["label"])
     out = section(f"Fig. 5 ({title}): perplexity of the references (median per task, and over all)",
                   ["method", *names, "all"],
@@ -392,8 +384,7 @@ def write_report(runs: list[str], out: str | Path) -> str:
 # --- the table evaluate.py prints
 
 def print_table(results: list[dict]) -> None:
-    """A row per method: final ROUGE-L per task, AR, BWT and the routing metrics (MoSEs/SETA: R-F1
-    of the task picked); then each run's parameters per stage (print_parameters)."""
+    """A row per method: final ROUGE-L per task, AR, BWT, routing metrics; then its parameters."""
     tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
 
     def cell(v, fmt, scale=1):

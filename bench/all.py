@@ -8,14 +8,13 @@ import argparse
 import subprocess
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import common
 import generation
 import routing
 import train_speed
-from checkpoint import atomic_write, device_name
+from checkpoint import atomic_write
 
 TRAIN = [("smollm2-135m", 16), ("tinyllama-1.1b", 8), ("llama2-7b", 4)]  # guessed to fit 80 GB
 PLANS = {"full": [(train_speed, [f"--shape {s} --micro-batch {b} --mfu 8192{c}" for s, b in TRAIN
@@ -56,8 +55,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="tiny shapes: every part runs, anywhere")
     args = p.parse_args()
     doc = [f"# bench/all.py{' --quick' * args.quick}\n\n{time.strftime('%Y-%m-%d %H:%M')}, "
-           f"{device_name(common.DEVICE)}, "
-           + ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "peft"))]
+           + common.machine("torch", "transformers", "peft")]
     for title, part in [("pytest -m cuda", test_tier)] + [
             (f"bench/{m.__name__}.py", lambda m=m, a=a: section(m, a))
             for m, a in PLANS["quick" if args.quick else "full"]]:

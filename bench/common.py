@@ -90,6 +90,9 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
+def machine(*packages: str) -> str:
+    return ", ".join([device_name(DEVICE), *(f"{p} {version(p)}" for p in packages)])
+
+
 def report(args: argparse.Namespace, header: list[str], rows) -> str:
-    return (f"{device_name(DEVICE)}, torch {version('torch')}, transformers "
-            f"{version('transformers')}; {vars(args)}\n\n{table(header, rows(args))}")
+    return f"{machine('torch', 'transformers')}; {vars(args)}\n\n{table(header, rows(args))}"

@@ -17,16 +17,15 @@ def per_row_experts(model: Llama, experts: list[Expert], rows: torch.Tensor):
     """Batch row i runs expert rows[i]: its LoRA update (a hook per LoRA layer), indicator rows."""
     banks = {}
     for m in lora.lora_layers(model).values():
-        present = [e.name for e in experts if e.name in m.lora_A]
-        r = max((m.lora_A[n].weight.shape[0] for n in present), default=1)
+        r = max((len(m.lora_A[e.name].weight) for e in experts if e.name in m.lora_A), default=1)
         A = m.base.weight.new_zeros(len(experts), r, m.base.in_features)
         B = m.base.weight.new_zeros(len(experts), m.base.out_features, r)
-        scale = torch.zeros(len(experts), device=A.device)  # fp32, as the one-adapter path's float
         for j, e in enumerate(experts):
-            if e.name in present:
+            if e.name in m.lora_A:
                 a = m.lora_A[e.name].weight
                 A[j, :len(a)], B[j, :, :len(a)] = a, m.lora_B[e.name].weight
-                scale[j] = m.scaling[e.name]
+        # fp32, as the one-adapter path's float
+        scale = torch.tensor([m.scaling.get(e.name, 0.0) for e in experts], device=A.device)
         banks[m] = A[rows], B[rows], scale[rows, None, None]
 
     def add_update(m, inputs, y):

@@ -20,17 +20,14 @@ HEADER = ["shape", "micro-batch", "checkpointing", "ours tokens/s", "t+p tokens/
           "ratio (min–max)", "ours peak MiB", "t+p peak MiB", "ours MFU %", "t+p MFU %", "load"]
 
 
-def batches(vocab: int, micro: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """n right-padded micro-batches (ids, labels, real tokens), lengths as in the SuperNI data."""
-    out = []
-    for _ in range(n):
-        prompt = torch.randint(100, 400, (micro, 1))
-        end = prompt + torch.randint(5, 60, (micro, 1))
-        pos = torch.arange(int(end.max()))
-        ids = torch.randint(0, vocab, (micro, len(pos))) * (pos < end)
-        labels = torch.where((pos >= prompt) & (pos < end), ids, -100)
-        out.append((ids.to(common.DEVICE), labels.to(common.DEVICE), int(end.sum())))
-    return out
+def batch(vocab: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A right-padded micro-batch (ids, labels, real tokens), lengths as in the SuperNI data."""
+    prompt = torch.randint(100, 400, (micro, 1))
+    end = prompt + torch.randint(5, 60, (micro, 1))
+    pos = torch.arange(int(end.max()))
+    ids = torch.randint(0, vocab, (micro, len(pos))) * (pos < end)
+    labels = torch.where((pos >= prompt) & (pos < end), ids, -100)
+    return ids.to(common.DEVICE), labels.to(common.DEVICE), int(end.sum())
 
 
 def trainer(model, params, loss_of, data, dtype):
@@ -40,9 +37,8 @@ def trainer(model, params, loss_of, data, dtype):
     amp = torch.autocast(common.DEVICE, dtype=dtype, enabled=dtype != torch.float32)
 
     def step(i):
-        x, y, _ = data[i]
         with amp:
-            loss = loss_of(x, y)
+            loss = loss_of(*data[i][:2])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -54,7 +50,7 @@ def trainers(args) -> tuple[dict, list]:
     micro-batches. No attention mask: the padding is on the right."""
     import peft
     ours, ref = common.models(args.shape, args.dtype)
-    data = batches(ours.config.vocab_size, args.micro_batch, args.steps)
+    data = [batch(ours.config.vocab_size, args.micro_batch) for _ in range(args.steps)]
     lora.add_adapter(ours, "bench", lora.LoraConfig(r=8, alpha=16, dropout=0.1))
     lora.set_adapter(ours, "bench")
     if args.grad_checkpoint:
