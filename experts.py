@@ -1,9 +1,6 @@
-"""SEE experts: task reconstruction (Eq. 4) and the expert itself, a LoRA
-adapter plus its indicator rows.
-
-An expert E_i = (M_0, L_i) answers a query with an indicator first: o_pos ("this is my task",
-then the response) or o_neg ("not mine"). Training data for E_i is the reconstructed task D^_i.
-"""
+"""SEE experts: task reconstruction (Eq. 4), and the expert E_i = (M_0, L_i) itself, a LoRA adapter
+plus its indicator rows (or a MoSEs/SETA stage of sub-experts). An expert answers a query with an
+indicator first: o_pos ("this is my task", then the response) or o_neg ("not mine")."""
 from __future__ import annotations
 
 import contextlib
@@ -151,8 +148,7 @@ class StoredExpert:
     adapter: dict[str, torch.Tensor]  # PEFT-keyed LoRA weights; SubExpert: its inference state
 
     def write_meta(self, directory: Path, extra: dict) -> None:
-        """expert.json: EXPERT_FIELDS, counts, `extra`, and the sha256 of each file beside it, which
-        every load checks."""
+        """expert.json: EXPERT_FIELDS, counts, `extra`, and each file's sha256 (checked on load)."""
         meta = {k: getattr(self, k) for k in (*EXPERT_FIELDS, "counts")}
         files = {f.name: digest(f) for f in sorted(directory.iterdir())}
         (directory / EXPERT_FILE).write_text(json.dumps({**meta, **extra, "files": files}, indent=2)

@@ -249,14 +249,13 @@ class Llama(nn.Module):
         positions then count real tokens only, so a padded row computes what it would alone.
         """
         B, T = idx.shape
+        slots = torch.arange(start_pos + T, device=idx.device)
+        causal = slots[None, :] <= slots[start_pos:, None]  # (T, start_pos + T)
         if pad_mask is None:
-            pos = torch.arange(start_pos, start_pos + T, device=idx.device).expand(B, T)
-            mask = None if start_pos == 0 else torch.ones(T, start_pos + T, dtype=torch.bool,
-                                                          device=idx.device).tril(start_pos)
+            pos = slots[start_pos:].expand(B, T)
+            mask = None if start_pos == 0 else causal
         else:
             pos = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:]
-            slots = torch.arange(start_pos + T, device=idx.device)
-            causal = slots[None, :] <= slots[start_pos:, None]
             # a pad query sees itself: an empty attention row gives zeros in CPU SDPA, but not every
             # CUDA kernel promises that, and one NaN there would reach real rows through the keys
             own = slots[None, :] == slots[start_pos:, None]
