@@ -1,9 +1,6 @@
-"""SEE experts: task reconstruction (Eq. 4) and the expert itself, a LoRA
-adapter plus its indicator rows.
-
-An expert E_i = (M_0, L_i) answers a query with an indicator first: o_pos ("this is my task",
-then the response) or o_neg ("not mine"). Training data for E_i is the reconstructed task D^_i.
-"""
+"""SEE experts: task reconstruction (Eq. 4), and the expert E_i = (M_0, L_i) itself, a LoRA adapter
+plus its indicator rows (or a MoSEs/SETA stage of sub-experts). An expert answers a query with an
+indicator first: o_pos ("this is my task", then the response) or o_neg ("not mine")."""
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +20,8 @@ from errors import UserError
 from model import Llama
 from tokenizer import Tokenizer
 
-# Indicator choices (paper Table 4): new tokens added to the vocabulary (SEE's default),
-# in-vocabulary strings without meaning, or in-vocabulary words with meaning.
-# In-vocabulary ones may span several tokens.
+# Indicator choices (paper Table 4): tokens added to the vocabulary (SEE's default), in-vocabulary
+# strings without meaning (which may span several tokens), or in-vocabulary words with meaning.
 INDICATORS = {"added": ("<<pos>>", "<<neg>>"), "non-semantic": ("«pos»", "«neg»"),
               "semantic": ("Yes", "No")}
 # How a query is put to every model (experts and base alike): "plain" is the SuperNI prompt and an
@@ -37,8 +33,7 @@ TEMPLATES = ("auto", "chat", "plain")
 UNROUTED = "none"
 EXPERT_FILE, ROWS_FILE = "expert.json", "indicators.safetensors"
 SUBEXPERTS_FILE = "subexperts.safetensors"
-# MoSEs/SETA: what only training on needs (free weights, importance, SETA's
-# imprinted gate rows); may be deleted
+# MoSEs/SETA: what only training on needs (free weights, importance, imprints); may be deleted
 TRAINING_FILE = "training-state.safetensors"
 
 
@@ -63,9 +58,8 @@ class Indicators:
 
     @property
     def added(self) -> list[int]:
-        """Added indicator tokens (none for in-vocabulary ones): never part of a
-        response, so an expert does not generate them after o_pos (a briefly trained one
-        may otherwise repeat <<pos>>)."""
+        """Added indicator tokens (none for in-vocabulary ones): never part of a response, so not
+        generated after o_pos (a briefly trained expert may otherwise repeat <<pos>>)."""
         return self.pos + self.neg if self.kind == "added" else []
 
 
@@ -94,15 +88,13 @@ def resolve_template(tok: Tokenizer, template: str) -> str:
 
 
 def prompt_ids(tok: Tokenizer, query: str, max_source: int, template: str = "plain") -> list[int]:
-    """The query as the model sees it, cut to max_source tokens (keeping its start and what
-    follows it)."""
+    """The query as the model sees it, cut to max_source tokens (its start and what follows it)."""
     mark = "\x00QUERY\x00"
     head, tail = (tok.chat(mark) if template == "chat" else PROMPT.format(query=mark)).split(mark)
     ids = tok.encode(head + query + tail)
     if len(ids) <= max_source:
         return ids
-    # too long: cut the query, keep the tail (encoded alone, so
-    # sentencepiece may add a leading space)
+    # too long: cut the query, keep the tail (encoded alone: sentencepiece may add a leading space)
     ids = tok.encode(head + query)
     tail_ids = tok.encode(tail, bos=False)
     if max_source <= len(tail_ids) + 1:
@@ -144,9 +136,8 @@ EXPERT_FIELDS = ("name", "task", "base_model", "indicator", "max_source", "templ
 
 
 @dataclass
-class LoraExpert:
-    """One SEE expert (or a baseline's adapter): a LoRA adapter (PEFT layout) and, for added
-    indicators, its trained token rows."""
+class StoredExpert:
+    """What both kinds of expert hold: the fields of EXPERT_FIELDS, LoRA settings and weights."""
     name: str
     task: str
     base_model: str
@@ -154,8 +145,20 @@ class LoraExpert:
     max_source: int  # query tokens kept in training; evaluation cuts queries the same way
     template: str  # "plain" or "chat": how its queries were put
     lora: lora.LoraConfig
-    adapter: dict[str, torch.Tensor]  # PEFT-keyed LoRA weights
-    # "embed" (and "head" if untied): o_pos, o_neg rows
+    adapter: dict[str, torch.Tensor]  # PEFT-keyed LoRA weights; SubExpert: its inference state
+
+    def write_meta(self, directory: Path, extra: dict) -> None:
+        """expert.json: EXPERT_FIELDS, counts, `extra`, and each file's sha256 (checked on load)."""
+        meta = {k: getattr(self, k) for k in (*EXPERT_FIELDS, "counts")}
+        files = {f.name: digest(f) for f in sorted(directory.iterdir())}
+        (directory / EXPERT_FILE).write_text(json.dumps({**meta, **extra, "files": files}, indent=2)
+                                             + "\n")
+
+
+@dataclass
+class LoraExpert(StoredExpert):
+    """One SEE expert (or a baseline's adapter): a LoRA adapter (PEFT layout) and, for added
+    indicators, its trained o_pos, o_neg rows ("embed", and "head" if untied)."""
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict = field(default_factory=dict)  # what it trained, recorded by train.py
 
@@ -173,17 +176,15 @@ class LoraExpert:
                    dict(counts or {}))
 
     def save(self, path: str | Path) -> None:
-        """Write the expert to `path` atomically (a temporary directory, then a rename)."""
         with atomic_dir(path) as tmp:
             lora.write_adapter(self.adapter, self.lora, tmp, self.base_model)
             if self.rows:
                 save_file({k: v.contiguous() for k, v in self.rows.items()}, tmp / ROWS_FILE)
-            write_meta(self, tmp, {})
+            self.write_meta(tmp, {})
 
     @classmethod
     def load(cls, path: Path, meta: dict) -> "LoraExpert":
-        """The adapter and rows of an expert directory whose expert.json (`meta`) load_expert
-        has checked."""
+        """The expert in `path`, whose expert.json (`meta`) load_expert has checked."""
         cfg, adapter = lora.read_adapter(path)
         rows = read_tensors(path / ROWS_FILE) if meta["indicator"] == "added" else {}
         if meta["indicator"] == "added" and ("embed" not in rows or set(rows) - {"embed", "head"}):
@@ -205,8 +206,7 @@ class LoraExpert:
         lora.load_adapter_state(model, self.name, self.adapter)
 
     def use(self, model: Llama) -> None:
-        """Make this (attached) expert the one the model runs: its adapter and its
-        indicator rows."""
+        """Make this (attached) expert the one the model runs: its adapter and indicator rows."""
         lora.set_adapter(model, self.name)
         with torch.no_grad():
             if "embed" in self.rows:
@@ -215,26 +215,22 @@ class LoraExpert:
                 model.extra_head.copy_(self.rows["head"])
 
 
+def split_prefix(tensors: dict[str, torch.Tensor],
+                 prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The tensors named prefix + name, by name, and the others."""
+    inside = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    return inside, {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+
+
 @dataclass
-class SubExpert:
+class SubExpert(StoredExpert):
     """A MoSEs/SETA stage: one set of sparse sub-experts holding every task so far. `adapter` is
-    what inference needs (held weights, bit-packed masks: subexperts.safetensors), `keys` each
-    task's prompt key (SETA: gate row), `training` and `imprints` what only a next stage needs
-    (training-state.safetensors, optional)."""
-    name: str
-    task: str
-    base_model: str
-    indicator: str
-    max_source: int
-    template: str
-    lora: lora.LoraConfig
-    adapter: dict[str, torch.Tensor]  # the sub-expert layers' inference state
+    what inference needs (held weights, bit-packed masks), `keys` each task's prompt key (SETA: gate
+    row); `training` (free weights, SETA's importance; None: dropped) and `imprints` (SETA: each
+    task's gate row as imprinted) are what only a next stage needs."""
     sub: lora.SubExpertConfig
-    # task -> prompt key (SETA: gate row)
     keys: dict[str, torch.Tensor] = field(default_factory=dict)
-    # free weights, SETA's importance (None: dropped)
     training: dict[str, torch.Tensor] | None = None
-    # SETA: task -> its gate row as imprinted
     imprints: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict = field(default_factory=dict)  # what it trained and holds, recorded by train.py
 
@@ -249,45 +245,37 @@ class SubExpert:
                    dict(keys or {}), training, dict(imprints or {}), dict(counts or {}))
 
     def save(self, path: str | Path) -> None:
-        """Write the expert to `path` atomically (a temporary directory, then a rename)."""
         with atomic_dir(path) as tmp:
             keys = {f"keys.{t}": v for t, v in self.keys.items()}
             save_file({k: v.contiguous() for k, v in {**self.adapter, **keys}.items()},
                       tmp / SUBEXPERTS_FILE)
             if self.training is not None:
-                training = {**self.training,
-                            **{f"imprints.{t}": v for t, v in self.imprints.items()}}
-                save_file({k: v.contiguous() for k, v in training.items()}, tmp / TRAINING_FILE)
+                imprints = {f"imprints.{t}": v for t, v in self.imprints.items()}
+                save_file({k: v.contiguous() for k, v in {**self.training, **imprints}.items()},
+                          tmp / TRAINING_FILE)
             # bytes on disk of what inference needs, and of what only a next stage needs
             sizes = {f.name: f.stat().st_size for f in tmp.iterdir()}
             self.counts.update(bytes=sizes[SUBEXPERTS_FILE],
                                training_bytes=sizes.get(TRAINING_FILE, 0))
-            write_meta(self, tmp,
-                       dict(lora=dataclasses.asdict(self.lora), sub=dataclasses.asdict(self.sub)))
+            self.write_meta(tmp, dict(lora=dataclasses.asdict(self.lora),
+                                      sub=dataclasses.asdict(self.sub)))
 
     @classmethod
     def load(cls, path: Path, meta: dict) -> "SubExpert":
-        """The sub-experts, keys and training state of an expert directory whose expert.json
-        (`meta`) load_expert has checked."""
+        """The stage in `path`, whose expert.json (`meta`) load_expert has checked."""
         try:
             cfg, sub = lora.LoraConfig(**meta["lora"]), lora.SubExpertConfig(**meta["sub"])
         except (KeyError, TypeError, UserError) as e:
             raise UserError(f"{path / EXPERT_FILE}: malformed sub-expert settings ({e})") from None
-        state = read_tensors(path / SUBEXPERTS_FILE)
-        keys = {k.removeprefix("keys."): v for k, v in state.items() if k.startswith("keys.")}
+        keys, adapter = split_prefix(read_tensors(path / SUBEXPERTS_FILE), "keys.")
         training, imprints = None, {}
         if (path / TRAINING_FILE).is_file():  # absent: dropped, and the stage is for inference only
-            training = read_tensors(path / TRAINING_FILE)
-            imprints = {k.removeprefix("imprints."): v for k,
-                        v in training.items() if k.startswith("imprints.")}
-            training = {k: v for k, v in training.items() if not k.startswith("imprints.")}
-        adapter = {k: v for k, v in state.items() if not k.startswith("keys.")}
+            imprints, training = split_prefix(read_tensors(path / TRAINING_FILE), "imprints.")
         return cls(*[meta[k] for k in EXPERT_FIELDS], cfg, adapter, sub, keys, training, imprints,
                    meta["counts"])
 
     def attach(self, model: Llama) -> None:
-        """Add the sub-expert layers to the model, once for all stages (each stage's weights are put
-        in place by `use`)."""
+        """Add the sub-expert layers to the model, once for all stages (`use` loads a stage)."""
         bad = [t for t, k in self.keys.items() if k.shape != (model.config.dim,)]
         if bad:
             raise UserError(f"{self.name}: task keys {', '.join(bad)} in {SUBEXPERTS_FILE} are not "
@@ -296,22 +284,12 @@ class SubExpert:
             lora.add_subexperts(model, self.lora, self.sub)
 
     def use(self, model: Llama) -> None:
-        """Make this (attached) stage the one the model runs: its sub-experts and masks
-        (choose the task with lora.set_task or router.key_route), and the free weights if
-        its training state is there."""
+        """Make this (attached) stage the one the model runs: its sub-experts and masks (choose the
+        task with lora.set_task or router.key_route), and its free weights if kept."""
         lora.load_subexpert_state(model, self.adapter, self.training)
 
 
 Expert = LoraExpert | SubExpert
-
-
-def write_meta(expert: Expert, directory: Path, extra: dict) -> None:
-    """expert.json: what both kinds of expert record about themselves, `extra`, and the sha256 of
-    each file beside it, which every load checks."""
-    meta = {k: getattr(expert, k) for k in (*EXPERT_FIELDS, "counts")}
-    files = {f.name: digest(f) for f in sorted(directory.iterdir())}
-    (directory / EXPERT_FILE).write_text(json.dumps({**meta, **extra, "files": files}, indent=2)
-                                         + "\n")
 
 
 def load_expert(path: str | Path) -> Expert:

@@ -1,8 +1,7 @@
-"""What picks a task at inference in MoSEs and SETA, and SETA's training terms: the query's feature
-from the frozen base model, matched to MoSEs' prompt keys or to the rows of SETA's unified gate (one
-row per task, a cosine classifier); the gate's loss, the routing regulariser, and elastic anchoring
-of the shared experts with their importance. ("Router" is the per-token mixer inside a MoSE layer,
-lora.SubExpertLinear; "gate" is only SETA's task gate.)"""
+"""What picks a task in MoSEs and SETA: the query's feature from the frozen base model, matched to
+MoSEs' prompt keys or to SETA's unified gate (a cosine classifier, one row per task); and SETA's
+training terms: the gate's loss, the routing regulariser, elastic anchoring and its importance.
+("Router" is the per-token mixer inside a MoSE layer, lora.SubExpertLinear; "gate" is SETA's.)"""
 from __future__ import annotations
 
 import torch
@@ -12,35 +11,32 @@ import torch.nn.functional as F
 import lora
 from errors import UserError
 
+
 @torch.no_grad()
 def query_features(model: nn.Module, prompts: list[list[int]],
                    batch_size: int = 16) -> torch.Tensor:
-    """f(x): the frozen base model's final hidden states averaged over the query's tokens, (n, dim).
+    """f(x): the base model's final hidden states averaged over the query's tokens, (n, dim).
 
-    From the base model, with no sub-expert active, so that a query's feature, and hence its task,
-    never depends on what was learned after its key (as L2P uses the frozen pretrained encoder);
-    averaged, because a decoder has no [CLS] token that sees the whole query.
+    No sub-expert is active, so a query's task never depends on what was learned after its key (as
+    L2P uses the frozen pretrained encoder); averaged, as a decoder has no [CLS] token.
     """
     lora.set_task(model, None)  # callers set the task they want afterwards
     device = model.lm_head.weight.device
     feats = []
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s:s + batch_size]
-        x = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
-        real = torch.zeros(x.shape, dtype=torch.bool)
-        for i, p in enumerate(chunk):
-            x[i, :len(p)], real[i, :len(p)] = torch.tensor(p), True
+        width = max(map(len, chunk))
         # right padding: causal attention keeps pads out of real positions
-        h = model.hidden(x.to(device)).float()
-        real = real.to(device).unsqueeze(-1)
-        feats.append((h * real).sum(1) / real.sum(1))
+        x = torch.tensor([p + [0] * (width - len(p)) for p in chunk], device=device)
+        real = torch.tensor([[j < len(p) for j in range(width)] for p in chunk], device=device)
+        h = model.hidden(x).float()
+        feats.append((h * real[..., None]).sum(1) / real.sum(1, keepdim=True))
     return torch.cat(feats)
 
 
-# SETA's gate is a cosine classifier with a fixed scale (as LUCIR's, for class-incremental
-# learning). Raw cosines lie in [-1, 1]: their softmax is nearly flat, and a row could claim every
-# query by growing its norm. On SmolLM2 (docs/RESULTS.md) the routing regulariser did just that with
-# unnormalised rows: it grew the oldest row until the gate sent 100% of queries to the first task.
+# SETA's gate is a cosine classifier with a fixed scale (as LUCIR's): raw cosines in [-1, 1] give a
+# nearly flat softmax, and with unnormalised rows the routing regulariser on SmolLM2 grew the oldest
+# row until the gate sent 100% of queries to the first task (docs/RESULTS.md).
 GATE_SCALE = 16.0
 
 
@@ -90,9 +86,8 @@ def gate_loss(rows: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) 
 
 def importance(model: nn.Module, losses: list) -> list[torch.Tensor]:
     """Each shared-expert weight's importance to the task just learned: the diagonal empirical
-    Fisher, the mean over samples of each one's squared loss gradient (`losses`: a callable per
-    sample returning (loss, _)), at the final weights; scaled to mean 1, so that --anchor-weight
-    keeps one meaning across models and tasks."""
+    Fisher, the mean of the squared loss gradients (`losses`: a callable per sample returning
+    (loss, _)), scaled to mean 1 so that --anchor-weight means the same across models and tasks."""
     pairs = lora.shared_weights(model)
     fisher = [torch.zeros_like(p) for p, _ in pairs]
     for loss in losses:

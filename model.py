@@ -105,8 +105,7 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) by the angles in cos/sin (B, 1, T, D); halves layout as in HF
-    checkpoints."""
+    """Rotate (B, H, T, D) by the angles cos/sin (B, 1, T, D), in HF checkpoints' halves layout."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -114,10 +113,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache(nn.Module):
     """Preallocated keys and values of one layer; slot i holds the i-th token of every row."""
 
-    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device):
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device):
         super().__init__()
-        shape = (batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -187,12 +184,10 @@ class Llama(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
-        # rows added by extend_vocab (k, dim), kept apart so that the base rows can stay frozen
-        # and bit-identical
+        # rows added by extend_vocab (k, dim), apart so that the base rows stay frozen and exact
         self.extra_embed: nn.Parameter | None = None
         self.extra_head: nn.Parameter | None = None
-        # fp32 always: a plain attribute, so model.to(bfloat16) cannot round
-        # the angles of far positions
+        # a plain attribute, so model.to(bfloat16) cannot round the angles of far positions
         self.inv_freq = rope_frequencies(cfg)
 
     def tie_weights(self) -> None:
@@ -202,16 +197,14 @@ class Llama(nn.Module):
     @property
     def n_vocab(self) -> int:
         """Base vocabulary plus the rows added by extend_vocab."""
-        added = 0 if self.extra_embed is None else len(self.extra_embed)
-        return self.config.vocab_size + added
+        return self.config.vocab_size + (0 if self.extra_embed is None else len(self.extra_embed))
 
     def extend_vocab(self, k: int) -> list[int]:
-        """Add k token rows (input and output), initialised to the mean of
-        the base vocabulary's rows.
+        """Add k token rows (input and output), the mean of the base rows, and return their ids.
 
-        Existing rows are untouched and their logits are computed exactly as before (the new logits
-        are concatenated after them), so every old logit stays bit-identical. Returns the new ids.
-        The extra rows become new Parameters: call this before building an optimizer.
+        Base rows are untouched and their logits computed exactly as before (the new logits are
+        concatenated after them), so every old logit stays bit-identical. The extra rows become new
+        Parameters: call this before building an optimizer.
         """
         old_n = self.n_vocab
         def grow(old: nn.Parameter | None, base: torch.Tensor) -> nn.Parameter:
@@ -234,9 +227,9 @@ class Llama(nn.Module):
 
     def setup_caches(self, batch: int, max_len: int) -> None:
         dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device
+        shape = (batch, self.config.n_kv_heads, max_len, self.config.head_dim)
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch, max_len, self.config.n_kv_heads,
-                                               self.config.head_dim, dtype, device)
+            layer.self_attn.kv_cache = KVCache(shape, dtype, device)
 
     def clear_caches(self) -> None:
         for layer in self.model.layers:
@@ -244,8 +237,7 @@ class Llama(nn.Module):
 
     def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None, start_pos: int = 0,
                 last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, n_vocab) for tokens idx (B, T) at cache slots start_pos.. start_pos+T-1 (T
-        = 1 if last_only)."""
+        """Logits (B, T, n_vocab), T = 1 if last_only, for tokens idx (B, T) from slot start_pos."""
         x = self.hidden(idx, pad_mask, start_pos)
         return self.head(x[:, -1:] if last_only else x)
 
@@ -257,14 +249,13 @@ class Llama(nn.Module):
         positions then count real tokens only, so a padded row computes what it would alone.
         """
         B, T = idx.shape
+        slots = torch.arange(start_pos + T, device=idx.device)
+        causal = slots[None, :] <= slots[start_pos:, None]  # (T, start_pos + T)
         if pad_mask is None:
-            pos = torch.arange(start_pos, start_pos + T, device=idx.device).expand(B, T)
-            mask = None if start_pos == 0 else torch.ones(T, start_pos + T, dtype=torch.bool,
-                                                          device=idx.device).tril(start_pos)
+            pos = slots[start_pos:].expand(B, T)
+            mask = None if start_pos == 0 else causal
         else:
             pos = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:]
-            slots = torch.arange(start_pos + T, device=idx.device)
-            causal = slots[None, :] <= slots[start_pos:, None]
             # a pad query sees itself: an empty attention row gives zeros in CPU SDPA, but not every
             # CUDA kernel promises that, and one NaN there would reach real rows through the keys
             own = slots[None, :] == slots[start_pos:, None]
@@ -280,8 +271,7 @@ class Llama(nn.Module):
         return self.model.norm(x)
 
     def checkpoint_blocks(self) -> None:
-        """Activation checkpointing (train.py --grad-checkpoint): each block keeps only its inputs
-        for the backward pass and recomputes its activations there, about one more forward pass."""
+        """Activation checkpointing: blocks recompute their activations in the backward pass."""
         for block in self.model.layers:
             block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward,
                                               use_reentrant=False)
@@ -294,81 +284,62 @@ class Llama(nn.Module):
         return logits
 
 
-def read_prefixes(tokens: list[int], prefixes: list[list[int]]) -> int | None:
-    """How many of `tokens` the prefixes rule reads, or None while it reads on: a row
-    stops at its first token that departs from every prefix, or once it completes a prefix
-    other than the first (SEE: [o_pos, o_neg]; an expert that emits o_neg or neither
-    indicator is not decoded any further)."""
-    t = len(tokens)
+def reads_on(tokens: list[int], prefixes: list[list[int]]) -> bool:
+    """Whether the prefixes rule reads a row on past `tokens`: it stops at the first token that
+    departs from every prefix, or once the row completes a prefix other than the first (SEE:
+    [o_pos, o_neg]; an expert that emits o_neg or neither indicator is not decoded any further)."""
     for j, p in enumerate(prefixes):
-        if tokens[:min(t, len(p))] == p[:t]:  # follows p so far
-            if j == 0 and t >= len(p):
-                return None  # completed the first prefix: decodes on
-            if j > 0 and t == len(p):
-                return t
-            if t < len(p):
-                return None
-    return t
-
-
-def trim(row: list[int], eos_ids: list[int], prefixes: list[list[int]] | None = None) -> list[int]:
-    """A generated row as `generate` returns it: up to its first EOS (excluded) and, with prefixes,
-    up to where their rule stopped it (read_prefixes)."""
-    stop = next((j for j, tok in enumerate(row) if tok in eos_ids), len(row))
-    longest = max(map(len, prefixes)) if prefixes else 0
-    for t in range(1, longest + 1):
-        read = read_prefixes(row[:t], prefixes)
-        if read is not None:
-            return row[:min(stop, read)]
-    return row[:stop]
+        if tokens[:len(p)] == p[:len(tokens)]:  # follows p so far
+            if j == 0 or len(tokens) < len(p):
+                return True
+            if len(tokens) == len(p):
+                return False
+    return False
 
 
 @torch.no_grad()
 def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
              prefixes: list[list[int]] | None = None,
              ban: list[int] | None = None) -> list[list[int]]:
-    """Continue each prompt (a list of ids) in one left-padded batch with the KV cache.
+    """Continue each prompt (a list of ids) greedily in one left-padded batch with the KV cache.
 
     Each row stops at its first EOS (not included in the result) or after max_new_tokens. With
-    `prefixes`, a row also stops where read_prefixes says (the tokens read are kept): only rows that
+    `prefixes`, a row also stops where reads_on says (the tokens read are kept): only rows that
     complete the first prefix decode on. Tokens in `ban` are never generated after the first
     prefix (SEE's added indicator tokens: routing signals, not response text).
     """
-    if not prompts or min(len(p) for p in prompts) == 0:
+    if not prompts or min(map(len, prompts)) == 0:
         raise ValueError("cannot generate from an empty prompt")
     if max_new_tokens < 1:
         raise ValueError(f"need max_new_tokens >= 1, got {max_new_tokens}")
     device = model.lm_head.weight.device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    idx = torch.zeros(B, P, dtype=torch.long, device=device)
-    pad_mask = torch.ones(B, P + max_new_tokens, dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        idx[i, P - len(p):] = torch.tensor(p, device=device)
-        pad_mask[i, :P - len(p)] = False
-    padded = not bool(pad_mask[:, :P].all())
-    eos = torch.tensor(eos_ids, device=device)
-    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    B, P = len(prompts), max(map(len, prompts))
+    idx = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)
+    pads = torch.tensor([P - len(p) for p in prompts], device=device)
+    pad_mask = torch.arange(P + max_new_tokens, device=device) >= pads[:, None]
+    padded = bool(pads.any())
+    banned = torch.tensor(ban or [], dtype=torch.long, device=device)
+    ban_from = len(prefixes[0]) if prefixes else 0
     held = max(map(len, prefixes)) if prefixes else 0  # steps during which the prefixes rule reads
+    rows, live = [[] for _ in prompts], set(range(B))
     model.setup_caches(B, P + max_new_tokens)
     try:
         logits = model(idx, pad_mask[:, :P] if padded else None, 0, last_only=True)
-        banned = torch.tensor(ban or [], dtype=torch.long, device=device)
-        ban_from = len(prefixes[0]) if prefixes else 0
         for t in range(max_new_tokens):
             step = logits[:, -1]
             if len(banned) and t >= ban_from:
                 step = step.index_fill(-1, banned, float("-inf"))
             tok = step.argmax(-1)  # greedy, as the paper decodes
-            out[:, t] = tok
-            done |= torch.isin(tok, eos)
-            if t < held:
-                read = [read_prefixes(row, prefixes) for row in out[:, :t + 1].tolist()]
-                done |= torch.tensor([r is not None for r in read], device=device)
-            if bool(done.all()) or t == max_new_tokens - 1:
+            for i, x in enumerate(tok.tolist()):
+                if i in live and x in eos_ids:
+                    live.discard(i)
+                elif i in live:
+                    rows[i].append(x)
+                    if t < held and not reads_on(rows[i], prefixes):
+                        live.discard(i)
+            if not live or t == max_new_tokens - 1:
                 break
             logits = model(tok[:, None], pad_mask[:, :P + t + 1] if padded else None, P + t)
     finally:
         model.clear_caches()
-    return [trim(row, eos_ids, prefixes) for row in out.tolist()]
-
+    return rows

@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from artifacts import read_json
+from artifacts import read_json, read_text
 from errors import UserError
 
 DATA_ENV = "SEE_DATA_DIR"
@@ -30,8 +30,7 @@ TASKS = {
 }
 # the paper's classification tasks (Fig. 3, Table 4); the others are generation tasks
 CLASSIFICATION = ("sa", "pos")
-# tasks whose references are not English (trans: English to Spanish), scored
-# in SuperNI's xlingual mode
+# tasks whose references are not English (trans: English to Spanish): SuperNI's xlingual scoring
 XLINGUAL = ("trans",)
 # the paper's Table 5 (orders 1-3 of five tasks) and its 10-task order
 ORDERS = {
@@ -45,8 +44,7 @@ SPLITS = ("train", "eval", "extra", "train.smp01", "train.smp005", "train.smp001
 PAPER_TRAIN_SIZE = 2000
 # the fixed RandSel samples the SSR line of work (which SEE follows) rehearses: 10%, 5%, 1% of train
 SAMPLE_SPLITS = {0.1: "train.smp01", 0.05: "train.smp005", 0.01: "train.smp001"}
-# an official SuperNI task file has no splits: like the SuperNI benchmark, its first 100 instances
-# are for evaluation, and the rest are for training
+# an official SuperNI task file has no splits: as in the SuperNI benchmark, its first 100 evaluate
 TASK_FILE_EVAL = 100
 # LIMA's first 200 queries test out-of-distribution routing; pseudo-negatives come from the rest
 OOD_EVAL = 200
@@ -68,21 +66,15 @@ def data_dir(path: str | Path | None = None) -> Path:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """All records of a JSON-lines file; a malformed line is reported with its file and
-    line number."""
+    """All records of a JSON-lines file; a malformed line is reported as file:line."""
     return [record for _, record in _numbered_jsonl(path)]
 
 
 def _numbered_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise UserError(f"data file {path} not found")
     records = []
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -122,8 +114,7 @@ def load_task(task: str, split: str = "train",
 
 
 def references(record: dict, query: str, where: str) -> list[str]:
-    """A record's reference outputs ('output': a string or a list of them), its `query` field
-    checked to be a string."""
+    """A record's 'output' (a string or a list of them) as a list; its `query` must be a string."""
     output = record.get("output")
     outputs = [output] if isinstance(output, str) else output
     if not isinstance(record.get(query), str) or not isinstance(outputs, list) or not outputs \
@@ -161,7 +152,7 @@ def load_task_file(path: str | Path, split: str) -> list[Example]:
         examples = [Example(str(i["id"]), f"{definition}\n\n{i['input']}",
                             [i["output"]] if isinstance(i["output"], str) else list(i["output"]))
                     for i in task["Instances"]]
-    except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
+    except (KeyError, TypeError, IndexError) as e:
         raise UserError(f"{path}: not a SuperNI task file (need 'Definition' and 'Instances' "
                         f"with 'id', 'input', 'output'): {type(e).__name__} {e}") from None
     empty = next((ex.id for ex in examples if not ex.outputs
@@ -172,8 +163,7 @@ def load_task_file(path: str | Path, split: str) -> list[Example]:
 
 
 def subsample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
-    """n examples drawn without replacement (all of them if n is None or too large),
-    reproducibly."""
+    """n examples drawn reproducibly without replacement (all of them if n is None or too large)."""
     if n is None or n >= len(examples):
         return list(examples)
     return random.Random(seed).sample(examples, n)
@@ -181,15 +171,9 @@ def subsample(examples: list[Example], n: int | None, seed: int) -> list[Example
 
 def rehearsal(previous: dict[str, list[Example]], tau: float, seed: int,
               sizes: dict[str, int] | None = None) -> list[Example]:
-    """RandSel(tau): a random tau share of each earlier task's training examples (at
-    least one), of `sizes[task]` where given (a training set larger than the examples
-    at hand), as many as there are.
-
-    Each task is drawn with its own seed (seed and task name), so adding a task to the sequence
-    never changes what is drawn from the others.
-    """
-    if not 0 <= tau <= 1:
-        raise UserError(f"tau must be in [0, 1], got {tau}")
+    """RandSel(tau): tau (runs.py checks it is in [0, 1]) of each earlier task's training examples,
+    at least one, of `sizes[task]` where given (a larger training set), as many as there are. Each
+    task is drawn with its own seed, so adding a task never changes what the others draw."""
     if tau == 0:
         return []
     drawn = []
@@ -201,12 +185,10 @@ def rehearsal(previous: dict[str, list[Example]], tau: float, seed: int,
 
 def rehearsal_sets(tasks: list[str], tau: float, seed: int, max_train: int | None = None,
                    directory: str | Path | None = None) -> tuple[list[Example], list[str]]:
-    """What each earlier task rehearses, and a line per task saying where it came from.
-
-    On the full training sets, a task's fixed sample file for tau (SAMPLE_SPLITS) where one exists,
-    as the SSR line of work draws RandSel; otherwise tau of its training set (cut to max_train),
-    a set that ships only its samples (qg, sum) counted at the paper's PAPER_TRAIN_SIZE.
-    """
+    """What each earlier task rehearses, and a line per task saying where it came from: on the full
+    training sets, a task's fixed sample file for tau (SAMPLE_SPLITS) where one exists, as the SSR
+    line of work draws RandSel; otherwise tau of its training set (cut to max_train), a set that
+    ships only its samples (qg, sum) counted at the paper's PAPER_TRAIN_SIZE."""
     drawn, sources = [], []
     for task in tasks:
         split = SAMPLE_SPLITS.get(tau)
@@ -234,9 +216,6 @@ def load_ood(path: str | Path | None = None, directory: str | Path | None = None
     lima.jsonl beside the SuperNI directory. Its first OOD_EVAL ("eval") test how often such
     queries fall back to the base model (RB-Acc); the rest ("train") may serve as
     pseudo-negatives (paper Table 3)."""
-    if split not in ("eval", "train"):
-        raise UserError(f"unknown split {split!r} of the out-of-distribution queries; known: eval, "
-                        f"train")
     path = Path(path) if path else data_dir(directory).parent / "lima.jsonl"
     examples = []
     for n, r in _numbered_jsonl(path):
