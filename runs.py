@@ -28,11 +28,12 @@ PER_STAGE = ("task", "previous", "out", "init")  # settings a sequence's system.
 @dataclass(frozen=True)
 class Method:
     """What sets a method apart: train.py, evaluate.py and report.py read these facts and no method
-    names. A new method is a row of METHODS, and its own loss term if it has one (see pull_term)."""
+    names. A new method is a row of METHODS, and its own terms if it has any (sparse_terms)."""
     label: str  # as the paper's tables print it: {tau} (a percentage), {sparsity} from its settings
     help: str
     continues: bool = False  # stage i starts from stage i-1's adapter
     rehearses: bool = False  # stage i also learns from tau of T_1..T_{i-1} (routed: their queries)
+    kmeans: bool = False  # those nearest k-means centroids of their inputs, else drawn at random
     routes: bool = False  # an expert per task, the experts routed by the indicator tokens they emit
     joint: bool = False  # one stage learns every task at once
     sparse: bool = False  # one set of masked sub-experts holds every task, a key per task picks it
@@ -55,6 +56,9 @@ METHODS = {
     "replay": Method("RandSel({tau})", "one LoRA fine-tuned on each task in turn plus tau of "
                      "earlier tasks' full samples (RandSel)", continues=True, rehearses=True,
                      run_name=("tau{tau:g}",)),
+    "kmeans": Method("KMeansSel({tau})", "as replay, the samples replayed those nearest k-means "
+                     "centroids of the base model's features of their inputs (KMeansSel)",
+                     continues=True, rehearses=True, kmeans=True, run_name=("tau{tau:g}",)),
     "mtl": Method("MTL", "one LoRA on all tasks at once", joint=True),
     "stl": Method("AvgSTL", "one LoRA per task, each scored on its own task (AvgSTL)"),
     "moses": Method("MoSEs(c={sparsity})", "sparse sub-experts, a binary mask per task over their "

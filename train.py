@@ -67,6 +67,51 @@ def training_data(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[
     return current, rehearsed, sources
 
 
+def kmeans_nearest(features: torch.Tensor, n: int, seed: int, clusters: int = 20,
+                   iters: int = 30) -> list[int]:
+    """KMeansSel's choice of n of the points: k-means into `clusters`, each cluster given slots in
+    proportion to its size, filled by its points nearest its centroid (as the SSR authors' code)."""
+    x = F.normalize(features.float(), dim=-1)
+    k = min(clusters, len(x))
+    g = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randint(len(x), (1,), generator=g)]
+    while len(centroids) < k:  # k-means++ seeding, as sklearn's KMeans that the SSR code uses
+        far = torch.cdist(x, centroids).min(1).values ** 2
+        centroids = torch.cat([centroids, x[torch.multinomial(far + 1e-12, 1, generator=g)]])
+    for _ in range(iters):  # Lloyd's algorithm; an emptied cluster keeps its centroid
+        assign = torch.cdist(x, centroids).argmin(1)
+        for c in range(k):
+            if (assign == c).any():
+                centroids[c] = x[assign == c].mean(0)
+    dist = torch.cdist(x, centroids).gather(1, assign[:, None]).squeeze(1)
+    # largest remainder: the slots sum to n exactly
+    share = torch.bincount(assign, minlength=k).float() * n / len(x)
+    slots = share.floor().long()
+    slots[(share - slots).argsort(descending=True, stable=True)[:n - int(slots.sum())]] += 1
+    chosen = []
+    for c in range(k):
+        members = (assign == c).nonzero().squeeze(1)
+        chosen += members[dist[members].argsort()[:slots[c]]].tolist()
+    return sorted(chosen)
+
+
+def kmeans_rehearsal(model: Llama, tok, cfg: TrainConfig) -> tuple[list[Example], list[str]]:
+    """KMeansSel(tau): of each earlier task's training examples, as many as RandSel draws, chosen
+    by kmeans_nearest on the base model's features of their inputs (what follows the definition
+    every query of the task shares; the SSR authors embed inputs alone, with SimCSE)."""
+    chosen, sources = [], []
+    for task in cfg.previous:
+        pool = subsample(load_task(task, "train", cfg.data_dir), cfg.max_train, cfg.seed)
+        n = len(rehearsal_sets([task], cfg.tau, cfg.seed, cfg.max_train, cfg.data_dir)[0])
+        shared = len(os.path.commonprefix([ex.query for ex in pool])) if len(pool) > 1 else 0
+        inputs = [tok.encode(ex.query[shared:] or ex.query, bos=True)[:cfg.max_source]
+                  for ex in pool]
+        picked = kmeans_nearest(gate.query_features(model, inputs, cfg.micro_batch), n, cfg.seed)
+        chosen += [pool[i] for i in picked]
+        sources.append(f"{task}: {n} of {len(pool)} nearest k-means centroids")
+    return chosen, sources
+
+
 def collate(batch: list[TrainSample], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded inputs and next-token labels: -100 (ignored) on query and padding (Eq. 5)."""
     T = max(len(s.ids) for s in batch) - 1
@@ -142,6 +187,8 @@ class Run:
     hidden: object  # the transformer body, compiled with --compile
     rank: int
     world: int
+    rehearsed: int  # earlier tasks' samples or queries among `samples` (or SETA's gate's)
+    sources: list[str]  # where they came from
     step: int = 0
     features: torch.Tensor | None = None  # MoSEs/SETA: f(x) of each sample's query
     seta: SetaState | None = None
@@ -167,7 +214,7 @@ def train(cfg: TrainConfig, on_start: Callable[[], None] = lambda: None) -> Path
     init = check_init(cfg, lcfg, sub)
     cfg = replace(cfg, dtype=dtype_name(cfg.dtype))  # config.json records the dtype used
     state = resume_state(cfg)
-    run = setup(cfg, init, lcfg, sub, current, rehearsed)
+    run = setup(cfg, init, lcfg, sub, current, rehearsed, sources)
     if state is not None:  # an unfinished run: its checkpoint's weights, optimizer, random state
         run.step = restore(state, run.trainable, run.opt, cfg.run_dir() / STATE_FILE, run.total)
     if run.world > 1:  # every process starts from rank 0's weights, as DDP does
@@ -175,7 +222,7 @@ def train(cfg: TrainConfig, on_start: Callable[[], None] = lambda: None) -> Path
             dist.broadcast(p.data, 0)
     if run.main:
         on_start()
-        start_run_dir(run, len(rehearsed), sources, state is not None)
+        start_run_dir(run, state is not None)
     elapsed, n_tokens = fit(run)
     keys, imprints = sparse_finish(run, init) if run.method.sparse else (None, None)
     if run.main:
@@ -190,7 +237,7 @@ def train(cfg: TrainConfig, on_start: Callable[[], None] = lambda: None) -> Path
 
 def setup(cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig,
           sub: lora.SubExpertConfig | None, current: list[Example],
-          rehearsed: list[Example]) -> Run:
+          rehearsed: list[Example], sources: list[str]) -> Run:
     """The run's model and adapter, indicators, samples (Eq. 4), trainable parameters, optimizer."""
     method = METHODS[cfg.method]
     rank, world = distributed()
@@ -209,6 +256,8 @@ def setup(cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig,
     template = resolve_template(tok, cfg.template)
     if cfg.max_target < len(ind.pos if ind else []) + 2:
         raise UserError(f"--max-target {cfg.max_target} leaves no room for a response")
+    if method.kmeans:  # KMeansSel picks in place of RandSel's draw, as many
+        rehearsed, sources = kmeans_rehearsal(model, tok, cfg)
     # Eq. 4; SETA's experts see only the task's own samples (its rehearsed queries go to the gate)
     learned = [] if method.gate else rehearsed
     samples = reconstruct(current, learned, tok, ind, cfg.max_source, cfg.max_target, template)
@@ -233,18 +282,19 @@ def setup(cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig,
     frozen = lora.subexpert_counts(model)["used"] if method.sparse else 0  # earlier tasks' masks'
     total = cfg.epochs * math.ceil(len(samples) / cfg.batch_size)
     return Run(cfg, method, model, template, samples, trainable, opt, peak, total, device, amp,
-               hidden, rank, world, features=features, seta=seta, frozen=frozen)
+               hidden, rank, world, len(rehearsed), sources, features=features, seta=seta,
+               frozen=frozen)
 
 
-def start_run_dir(run: Run, n_rehearsed: int, sources: list[str], resumed: bool) -> None:
+def start_run_dir(run: Run, resumed: bool) -> None:
     """Say what is trained, then start (or restart) the run directory: every check has passed. The
     log keeps the steps before the checkpoint, since later ones are about to be redone."""
     cfg, model, method = run.cfg, run.model, run.method
-    n_neg = n_rehearsed if method.routes else 0
+    n_neg = run.rehearsed if method.routes else 0
     n_pos = len(run.samples) - n_neg
     said = f"{cfg.method} {cfg.name}: {n_pos} positive + {n_neg} negative samples, "
     if method.gate:
-        said += f"{n_rehearsed} earlier queries for the gate, "
+        said += f"{run.rehearsed} earlier queries for the gate, "
     said += f"{run.trained:,} trainable parameters, {run.template} prompts, "
     said += f"{run.total} steps on {run.device} in {cfg.dtype}"
     if run.world > 1:
@@ -252,8 +302,8 @@ def start_run_dir(run: Run, n_rehearsed: int, sources: list[str], resumed: bool)
     if method.sparse:
         said += f"; {lora.free_share(model):.0%} of the new mask is trainable at its first step"
     print(said)
-    if sources:
-        print("rehearsed: " + "; ".join(sources))
+    if run.sources:
+        print("rehearsed: " + "; ".join(run.sources))
     out = cfg.run_dir()
     if resumed:
         print(f"resuming {out} at step {run.step}/{run.total}")
@@ -399,7 +449,8 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
 @dataclass
 class SetaState:
     """SETA's memory (tau of earlier tasks' query features, their gate rows, the gate's outputs on
-    them before this task), the shared experts with importance and anchors, the new row's imprint."""
+    them before this task), the shared experts with importance and anchors, the new row's
+    imprint."""
     memory: torch.Tensor | None
     memory_rows: torch.Tensor
     old: torch.Tensor | None

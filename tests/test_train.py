@@ -249,14 +249,17 @@ def test_a_sequence_resumes_at_its_unfinished_stage_and_ends_as_an_uninterrupted
                        ("3-qa", "qa", [], "2-pe")]),
     ("replay", [("1-sa", "sa", [], None), ("2-pe", "pe", ["sa"], "1-sa"),
                 ("3-qa", "qa", ["sa", "pe"], "2-pe")]),
+    ("kmeans", [("1-sa", "sa", [], None), ("2-pe", "pe", ["sa"], "1-sa"),
+                ("3-qa", "qa", ["sa", "pe"], "2-pe")]),
     ("mtl", [("1-mtl", "qa", ["sa", "pe"], None)]),
     ("stl", [("1-sa", "sa", [], None), ("2-pe", "pe", [], None), ("3-qa", "qa", [], None)]),
 ])
 def test_each_method_arranges_its_stages(tmp_path, monkeypatch, method, stages):
     seen = []
 
-    def record(cfg):
+    def record(cfg, on_start):
         seen.append(cfg)
+        on_start()
         (Path(cfg.out) / "expert").mkdir(parents=True)
     monkeypatch.setattr(train_mod, "train", record)
     root = train_sequence(TrainConfig(method=method, out=str(tmp_path / method)),
@@ -449,3 +452,27 @@ def test_the_micro_batch_size_does_not_change_what_is_learned(tiny_dir, tmp_path
     eight = expert_tensors(train(replace(small(tiny_dir, tmp_path / "eight", dropout=0.0),
                                          micro_batch=8)))
     assert all(torch.allclose(one[k], eight[k], atol=1e-5) for k in one)
+
+
+def test_kmeans_selection_keeps_the_points_nearest_each_centroid():
+    from train import kmeans_nearest
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(8)[:3] * 10
+    sizes = [10, 6, 4]
+    points = torch.cat([c + torch.randn(n, 8, generator=g) for c, n in zip(centres, sizes)])
+    chosen = kmeans_nearest(points, 5, seed=0, clusters=3)
+    # slots in proportion to the clusters' sizes (2.5, 1.5, 1: largest remainder), each filled
+    # by its cluster's points nearest its mean
+    x = torch.nn.functional.normalize(points, dim=-1)
+    expected, start = [], 0
+    for n, k in zip(sizes, [3, 1, 1]):
+        members = x[start:start + n]
+        nearest = (members - members.mean(0)).norm(dim=-1).argsort()[:k] + start
+        expected += nearest.tolist()
+        start += n
+    assert chosen == sorted(expected)
+
+
+def test_kmeans_sel_replays_as_many_as_randsel(tiny_dir, tmp_path, capsys):
+    train(small(tiny_dir, tmp_path / "k", method="kmeans"))
+    assert "rehearsed: pe: 8 of 16 nearest k-means centroids" in capsys.readouterr().out
