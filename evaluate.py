@@ -71,7 +71,7 @@ def evaluate_task(s: Scoring, experts: list[Expert], examples: list[Example],
         if len(experts) > 1:
             raise UserError("without routing one adapter answers every query; give one of them")
         experts[0].use(model)
-        forced = ind.pos if ind else []  # SEE without routing: o_pos forced (Fig. 4, SEE-AE)
+        forced = ind.pos if ind else []  # SEE without routing: o_pos forced
         answers = generate_batched(model, [q + forced for q in prompts], s.max_new_tokens,
                                    tok.eos_ids, s.batch_size, ban=ind.added if ind else None,
                                    desc=experts[0].name if s.progress else None)
@@ -122,7 +122,7 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
                  routing: str = "sequential") -> tuple[dict, list[dict]]:
     """Score a system written by train.py --sequence: the results and the final stage's predictions.
     Continual methods give scores[j][i] = a_i after stage j, hence AR and BWT; MTL, STL and SEE
-    with routing "none" (Fig. 4's SEE-AE) give one row."""
+    with routing "none" (each task by its own expert, o_pos forced) give one row."""
     run_dir = Path(run_dir)
     system = read_system(run_dir)
     method, tasks = METHODS[system["method"]], system["tasks"]
@@ -145,7 +145,7 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
         add_perplexities(s, predictions, system["settings"]["max_target"])
     label = method_label(system)
     if routing == "none":
-        label = label.replace("SEE", "SEE-AE", 1)
+        label += " own-expert"  # not Fig. 4's SEE-AE (general.py): each task to its own expert
     result = dict(run=str(run_dir), method=system["method"], label=label, tasks=tasks,
                   scores=scores, ar=average_rouge(scores),
                   bwt=backward_transfer(scores) if routed or method.continues else None,

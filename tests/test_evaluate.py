@@ -165,7 +165,7 @@ def test_routing_none_scores_each_task_by_its_own_expert_with_o_pos_forced(conti
     from evaluate import evaluate_run
     runs, results = continual_runs
     result, predictions = evaluate_run(runs["see"], max_eval=8, max_new_tokens=6, routing="none")
-    assert result["label"] == "SEE-AE(100%)" and [len(row) for row in result["scores"]] == [3]
+    assert result["label"] == "SEE(100%) own-expert" and [len(row) for row in result["scores"]] == [3]
     assert result["bwt"] is None and result["routing_f1"] is None and result["rb_acc"] is None
     assert {p["task"]: p["route"] for p in predictions} == {t: Path(t).stem
                                                             for t in result["tasks"]}
