@@ -35,7 +35,16 @@ def read_json(path: str | Path, kind: type = dict):
         raise UserError(f"{path}: malformed JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(value, kind):
         raise UserError(f"{path}: expected a JSON {kind.__name__}, got {type(value).__name__}")
+    check_unicode(value, path)
     return value
+
+
+def check_unicode(value, where: str | Path) -> None:
+    """Refuse a JSON value holding a lone surrogate (JSON may escape one; no tokenizer encodes it)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{where}: holds a lone surrogate (not valid Unicode)") from None
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:

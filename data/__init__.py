@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from artifacts import read_json, read_text
+from artifacts import check_unicode, read_json, read_text
 from errors import UserError
 
 DATA_ENV = "SEE_DATA_DIR"
@@ -83,10 +83,7 @@ def _numbered_jsonl(path: str | Path) -> list[tuple[int, dict]]:
             raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
         if not isinstance(record, dict):
             raise UserError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-        try:  # JSON may escape a lone surrogate, which no tokenizer can encode
-            json.dumps(record, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise UserError(f"{path}:{n}: holds a lone surrogate (not valid Unicode)") from None
+        check_unicode(record, f"{path}:{n}")
         records.append((n, record))
     return records
 

@@ -585,3 +585,14 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_uninterrupted_ex
     logs = [(tmp_path / r / "log.jsonl").read_text() for r in ("whole", "killed")]
     assert [json.loads(x)["loss"]
             for x in logs[0].splitlines()] == [json.loads(x)["loss"] for x in logs[1].splitlines()]
+
+
+def test_a_full_disk_anywhere_is_one_line_of_error(capsys):
+    import errno
+    from errors import user_errors
+    with pytest.raises(SystemExit) as stop, user_errors():
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/r/log.jsonl")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: runs/r/log.jsonl: No space left on device\n"
+    with pytest.raises(FileNotFoundError), user_errors():  # not the machine's refusal: a bug
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")

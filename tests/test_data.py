@@ -154,3 +154,11 @@ def test_a_line_with_a_lone_surrogate_is_named(tmp_path):
     path.write_text('{"input": "q\\ud800", "output": "a"}\n')
     with pytest.raises(UserError, match="mine.jsonl:1: holds a lone surrogate"):
         load_task(str(path), "train")
+
+
+def test_a_superni_task_file_with_a_lone_surrogate_is_refused(tmp_path):
+    path = tmp_path / "task999_x.json"
+    path.write_text('{"Definition": ["Do."], "Instances": [{"id": "1", "input": "q\\udc00", '
+                    '"output": ["a"]}]}')
+    with pytest.raises(UserError, match="task999_x.json: holds a lone surrogate"):
+        load_task(str(path), "train")
