@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -351,6 +353,23 @@ def check_result(out: Path, settings: dict) -> None:
                             f"--out or delete it")
 
 
+@contextlib.contextmanager
+def exclusive(directory: Path):
+    """Hold `directory` for one evaluation: a second one writing there at once is refused (the OS
+    drops the lock when the process ends, however it ends)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"another evaluation is writing in {directory}; let it finish") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def write_result(out: Path, result: dict, records: list[dict]) -> Path:
     """The result JSON, and its predictions beside it (returned), each written atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -366,20 +385,24 @@ def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
     outs = [Path(args.out) if args.out and len(args.run) == 1
             else Path(run) / f"eval{variant(args)}.json" for run in args.run]
     settings = dict(measured(args, dtype), max_ood=args.max_ood)
-    for out in outs:
-        check_result(out, settings)
-    for run, out in zip(args.run, outs):
-        t0 = time.perf_counter()
-        result, predictions = evaluate_run(run, args.max_eval, args.max_new_tokens, args.batch_size,
-                                           args.max_ood, args.data_dir, device, dtype,
-                                           progress=True, routing=args.routing)
-        stages = [Path(run) / Path(e).parent for e in read_system(Path(run))["experts"]]
-        logs = [json.loads(line) for d in stages for line in read_log(d / LOG_FILE, None)]
-        result.update(settings, device=device_name(device), eval_seconds=time.perf_counter() - t0,
-                      train_seconds=sum(log["seconds"] for log in logs))
-        preds = write_result(out, result, predictions)
-        results.append(result)
-        print(f"{result['label']}: results {out}, final-stage predictions {preds}")
+    with contextlib.ExitStack() as held:
+        for directory in dict.fromkeys(out.parent for out in outs):
+            held.enter_context(exclusive(directory))
+        for out in outs:
+            check_result(out, settings)
+        for run, out in zip(args.run, outs):
+            t0 = time.perf_counter()
+            result, predictions = evaluate_run(run, args.max_eval, args.max_new_tokens,
+                                               args.batch_size, args.max_ood, args.data_dir,
+                                               device, dtype, progress=True, routing=args.routing)
+            stages = [Path(run) / Path(e).parent for e in read_system(Path(run))["experts"]]
+            logs = [json.loads(line) for d in stages for line in read_log(d / LOG_FILE, None)]
+            result.update(settings, device=device_name(device),
+                          eval_seconds=time.perf_counter() - t0,
+                          train_seconds=sum(log["seconds"] for log in logs))
+            preds = write_result(out, result, predictions)
+            results.append(result)
+            print(f"{result['label']}: results {out}, final-stage predictions {preds}")
     print_table(results)
 
 
@@ -396,14 +419,15 @@ def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
     out = Path(args.out or beside / f"eval-{task}{variant(args)}.json")
     settings = dict(task=args.task, split=args.split, model=model_name, experts=args.expert,
                     template=template, max_source=max_source, **measured(args, dtype))
-    check_result(out, settings)
-    s = Scoring(model, tok, experts, ind, {args.task: examples}, max_source, template,
-                args.max_new_tokens, args.batch_size, args.routing, progress=True)
-    summary, records = evaluate_task(s, experts, examples, xlingual=task in XLINGUAL)
-    result = dict(**settings, **summary)
-    if task in XLINGUAL:
-        result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name
-    preds = write_result(out, result, records)
+    with exclusive(out.parent):
+        check_result(out, settings)
+        s = Scoring(model, tok, experts, ind, {args.task: examples}, max_source, template,
+                    args.max_new_tokens, args.batch_size, args.routing, progress=True)
+        summary, records = evaluate_task(s, experts, examples, xlingual=task in XLINGUAL)
+        result = dict(**settings, **summary)
+        if task in XLINGUAL:
+            result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name
+        preds = write_result(out, result, records)
     who = ", ".join(e.name for e in experts) or "base model"
     # exceptions: queries that met an expert emitting neither indicator (the base model answered)
     print(f"\n{'system':<24} {'task':<8} {'n':>5} {'ROUGE-L':>8} {'by experts':>10} {'except':>7}")

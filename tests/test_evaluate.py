@@ -276,3 +276,14 @@ def test_response_perplexity_scores_the_response_and_eos_after_the_prefix_as_tra
     assert response_perplexity(model, tok, prompt, prefix, response,
                                max_target=cut) == pytest.approx(
         by_hand(words[:2] + [tok.eos_id]), rel=1e-4)
+
+
+def test_a_second_evaluation_writing_in_the_same_directory_is_refused(tmp_path):
+    from errors import UserError
+    from evaluate import exclusive
+    with exclusive(tmp_path / "run"):
+        with pytest.raises(UserError, match="another evaluation is writing in"):
+            with exclusive(tmp_path / "run"):
+                pass
+    with exclusive(tmp_path / "run"):  # released when the first is done
+        pass
