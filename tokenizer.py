@@ -40,23 +40,21 @@ class Tokenizer:
             raise ValueError(f"tokens already added: {repeated}")
         ids = list(range(start, start + len(tokens)))
         self.added.update(zip(tokens, ids))
-        # longest first, so a token that is a prefix of another never wins
+        # longest first (a token that prefixes another never wins), captured (split keeps them)
         alternatives = sorted(self.added, key=len, reverse=True)
-        self._added_re = re.compile("|".join(re.escape(t) for t in alternatives))
+        self._added_re = re.compile("(" + "|".join(re.escape(t) for t in alternatives) + ")")
         return ids
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
         """Ids of text; BOS as the checkpoint says unless `bos` is given, EOS only if asked."""
         with_bos = (self.add_bos if bos is None else bos) and self.bos_id is not None
         ids = [self.bos_id] if with_bos else []
-        pos = 0
-        for m in self._added_re.finditer(text) if self._added_re else ():
-            if m.start() > pos:
-                ids += self._encode(text[pos:m.start()])
-            ids.append(self.added[m.group()])
-            pos = m.end()
-        if pos < len(text):
-            ids += self._encode(text[pos:])
+        pieces = self._added_re.split(text) if self._added_re else [text]
+        for i, piece in enumerate(pieces):  # text, added token, text, ...
+            if i % 2:
+                ids.append(self.added[piece])
+            elif piece:
+                ids += self._encode(piece)
         return ids + [self.eos_id] if eos else ids
 
     def decode(self, ids: list[int]) -> str:
