@@ -37,8 +37,7 @@ TINY = dict(model_type="llama", vocab_size=1024, hidden_size=64, num_hidden_laye
 
 def load(name_or_path: str, dtype: torch.dtype = torch.float32,
          device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer]:
-    """The model (in eval mode) and tokenizer named by a directory, a .gguf file, a hub id,
-    'smollm2-135m' or 'tiny'."""
+    """The model (eval mode) and tokenizer of a directory, .gguf, hub id, smollm2-135m or tiny."""
     if name_or_path == "smollm2-135m":
         return load_gguf(smollm2_path(), dtype, device)
     if name_or_path == "tiny":
