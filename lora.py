@@ -165,11 +165,10 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]
         raise UserError(f"{path} holds no adapter (no {' and no '.join(missing)})")
     c = read_json(path / ADAPTER_CONFIG)
     try:
+        unsupported = ("use_rslora", "use_dora", "alpha_pattern", "rank_pattern",
+                       "layers_to_transform", "modules_to_save")
         plain = (c["peft_type"] == "LORA" and isinstance(c["target_modules"], list)
-                 and c.get("bias", "none") == "none"
-                 and not any(c.get(k) for k in ("use_rslora", "use_dora", "alpha_pattern",
-                                                "rank_pattern", "layers_to_transform",
-                                                "modules_to_save")))
+                 and c.get("bias", "none") == "none" and not any(map(c.get, unsupported)))
         cfg = LoraConfig(r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0),
                          targets=c["target_modules"])
     except (KeyError, TypeError, UserError) as e:
