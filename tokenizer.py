@@ -1,13 +1,10 @@
-"""One small tokenizer interface over two back-ends.
-
-- sentencepiece `tokenizer.model` (Llama-2, Mistral, TinyLlama, our `tiny` model);
-- Hugging Face `tokenizers` `tokenizer.json` (Llama-3, Qwen2.5, SmolLM2), an optional extra.
-
-Tokens added with `add_tokens` (SEE's `<<pos>>`/`<<neg>>`) get ids after the model's base
-vocabulary, are matched atomically in text, and decode back to their literal form.
-"""
+"""One tokenizer interface over sentencepiece `tokenizer.model` (Llama-2, Mistral, our `tiny`)
+and Hugging Face `tokenizers` `tokenizer.json` (Llama-3, Qwen2.5, SmolLM2; an optional extra).
+Tokens added with `add_tokens` (SEE's `<<pos>>`/`<<neg>>`) get ids after the base vocabulary, are
+matched atomically in text, and decode back to their literal form."""
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Callable
@@ -43,23 +40,21 @@ class Tokenizer:
             raise ValueError(f"tokens already added: {repeated}")
         ids = list(range(start, start + len(tokens)))
         self.added.update(zip(tokens, ids))
-        # longest first, so a token that is a prefix of another never wins
+        # longest first (a token that prefixes another never wins), captured (split keeps them)
         alternatives = sorted(self.added, key=len, reverse=True)
-        self._added_re = re.compile("|".join(re.escape(t) for t in alternatives))
+        self._added_re = re.compile("(" + "|".join(re.escape(t) for t in alternatives) + ")")
         return ids
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
         """Ids of text; BOS as the checkpoint says unless `bos` is given, EOS only if asked."""
         with_bos = (self.add_bos if bos is None else bos) and self.bos_id is not None
         ids = [self.bos_id] if with_bos else []
-        pos = 0
-        for m in self._added_re.finditer(text) if self._added_re else ():
-            if m.start() > pos:
-                ids += self._encode(text[pos:m.start()])
-            ids.append(self.added[m.group()])
-            pos = m.end()
-        if pos < len(text):
-            ids += self._encode(text[pos:])
+        pieces = self._added_re.split(text) if self._added_re else [text]
+        for i, piece in enumerate(pieces):  # text, added token, text, ...
+            if i % 2:
+                ids.append(self.added[piece])
+            elif piece:
+                ids += self._encode(piece)
         return ids + [self.eos_id] if eos else ids
 
     def decode(self, ids: list[int]) -> str:
@@ -68,29 +63,19 @@ class Tokenizer:
         if ids and self.add_bos and ids[0] == self.bos_id:
             ids = ids[1:]
         literal = {i: t for t, i in self.added.items()}
-        parts, run = [], []
-        for i in ids:
-            if i in literal:
-                parts += [self._decode(run), literal[i]]
-                run = []
-            else:
-                run.append(i)
-        return "".join(parts + [self._decode(run)])
+        runs = itertools.groupby(ids, key=lambda i: i in literal)
+        return "".join("".join(literal[i] for i in run) if added else self._decode(list(run))
+                       for added, run in runs)
 
     def chat(self, query: str) -> str:
-        """The query as one user turn in the checkpoint's chat template, ready for the
-        assistant's answer."""
+        """The query as one user turn in the checkpoint's chat template, ready for the answer."""
         if self.chat_template is None:
             raise UserError("this checkpoint has no chat template; use the plain prompt")
-        try:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment  # installed with torch
-        except ImportError:
-            raise UserError("chat templates need jinja2 (pip install jinja2); or use the plain "
-                            "prompt") from None
+        from jinja2 import TemplateError, sandbox  # installed with torch
+
         def raise_exception(message):
             raise UserError(f"chat template: {message}")
-        from jinja2 import TemplateError
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         try:  # BOS comes from encode(), as for any other text
             template = env.from_string(self.chat_template)
@@ -104,8 +89,7 @@ class Tokenizer:
         """The tokenizer of a Hugging Face style checkpoint directory, with its BOS/EOS settings."""
         path = Path(path)
         tcfg = _read_json(path / "tokenizer_config.json")
-        # generation_config.json lists every stop token (Llama-3.1 instruct
-        # has three), config.json one
+        # generation_config.json lists every stop token (Llama-3.1 instruct has three), config one
         eos = _read_json(path / "config.json").get("eos_token_id")
         eos = _read_json(path / "generation_config.json").get("eos_token_id", eos)
         if (path / "tokenizer.json").exists():
@@ -126,10 +110,9 @@ class Tokenizer:
             except (RuntimeError, OSError) as e:
                 raise UserError(f"{path / 'tokenizer.model'}: not a sentencepiece model "
                                 f"({e})") from None
+            # LlamaTokenizer adds BOS unless told otherwise
             tok = cls(sp.encode, sp.decode, sp.get_piece_size(), sp.bos_id(),
-                      _ids(eos) or [sp.eos_id()],
-                      # LlamaTokenizer adds BOS unless told otherwise
-                      tcfg.get("add_bos_token", True))
+                      _ids(eos) or [sp.eos_id()], tcfg.get("add_bos_token", True))
         else:
             raise UserError(f"no tokenizer.json or tokenizer.model in {path}")
         template = tcfg.get("chat_template")
@@ -139,17 +122,14 @@ class Tokenizer:
         return tok
 
     @classmethod
-    def from_hf(cls, tk, eos: int | list[int] | None = None,
-                tcfg: dict | None = None) -> "Tokenizer":
+    def from_hf(cls, tk, eos: int | list[int] | None, tcfg: dict) -> "Tokenizer":
         """Wrap a `tokenizers.Tokenizer`; BOS is added when its post-processor adds one."""
-        tcfg = tcfg or {}
         plain = tk.encode("a", add_special_tokens=False).ids
         full = tk.encode("a", add_special_tokens=True).ids
         post_bos = full[0] if len(full) > len(plain) and full[0] != plain[0] else None
-        bos_tok = _content(tcfg.get("bos_token"))
         bos_id = post_bos
-        if bos_id is None and bos_tok:
-            bos_id = tk.token_to_id(bos_tok)
+        if bos_id is None and _content(tcfg.get("bos_token")):
+            bos_id = tk.token_to_id(_content(tcfg["bos_token"]))
         add_bos = tcfg.get("add_bos_token", post_bos is not None)
         eos_ids = _ids(eos)
         if not eos_ids and _content(tcfg.get("eos_token")):
@@ -164,28 +144,22 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, tokens: list[str], merges: list[str], token_types: list[int], pre: str,
                   bos_id: int | None, eos_id: int, add_bos: bool) -> "Tokenizer":
-        """Rebuild a byte-level BPE tokenizer (GGUF `tokenizer.ggml.model` gpt2) from its
-        tokens and merges."""
+        """Rebuild a byte-level BPE tokenizer (GGUF `tokenizer.ggml.model` gpt2) from its merges."""
         from tokenizers import AddedToken, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as HFTokenizer
-        split = {
-            "gpt2": [],
-            # llama.cpp's smollm pre-tokenizer: every digit on its own, then the GPT-2 split
-            "smollm": [pre_tokenizers.Digits(individual_digits=True)],
-        }
+        # llama.cpp's smollm pre-tokenizer: every digit on its own, then the GPT-2 split
+        split = {"gpt2": [], "smollm": [pre_tokenizers.Digits(individual_digits=True)]}
         if pre not in split:
             raise UserError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: "
                             f"{', '.join(split)})")
-        bpe = models.BPE({t: i for i, t in enumerate(tokens)},
-                         [tuple(m.split(" ", 1)) for m in merges])
-        tk = HFTokenizer(bpe)
+        tk = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)},
+                                    [tuple(m.split(" ", 1)) for m in merges]))
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tk.pre_tokenizer = pre_tokenizers.Sequence(split[pre] + [byte_level])
         tk.decoder = decoders.ByteLevel()
-        # GGUF token type CONTROL: special tokens such as <|im_end|>, matched whole in text
-        control = 3
+        # GGUF token type 3 (CONTROL): special tokens such as <|im_end|>, matched whole in text
         tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                               for t, kind in zip(tokens, token_types) if kind == control])
+                               for t, kind in zip(tokens, token_types) if kind == 3])
         return cls(lambda s: tk.encode(s, add_special_tokens=False).ids,
                    lambda ids: tk.decode(ids, skip_special_tokens=False),
                    len(tokens), bos_id, [eos_id], add_bos)
@@ -200,6 +174,4 @@ def _content(token) -> str | None:
 
 
 def _ids(x: int | list[int] | None) -> list[int]:
-    if x is None:
-        return []
-    return [x] if isinstance(x, int) else list(x)
+    return [x] if isinstance(x, int) else list(x or [])
