@@ -21,8 +21,9 @@ from evaluate import evaluate_run
 from experts import load_expert, prompt_ids, reconstruct
 from gate import (GATE_SCALE, gate_logits, gate_loss, match_keys, query_features,
                   routing_regulariser)
+from rehearsal import training_data
 from router import key_route
-from train import TrainConfig, eq5_loss, train, train_sequence, trainable_parameters, training_data
+from train import TrainConfig, eq5_loss, train, train_sequence, trainable_parameters
 
 WEIGHTS = {"both": (1.0, 1.0), "no-anchor": (0.0, 1.0), "no-route-reg": (1.0, 0.0)}
 

@@ -25,7 +25,8 @@ from errors import UserError
 from experts import load_expert, prompt_ids, reconstruct, setup_indicators
 from router import generate_batched
 from runs import check_config
-from train import TrainConfig, train, train_sequence, trainable_parameters, training_data
+from train import TrainConfig, train, train_sequence, trainable_parameters
+from rehearsal import training_data
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -455,7 +456,7 @@ def test_the_micro_batch_size_does_not_change_what_is_learned(tiny_dir, tmp_path
 
 
 def test_kmeans_selection_keeps_the_points_nearest_each_centroid():
-    from train import kmeans_nearest
+    from rehearsal import kmeans_nearest
     g = torch.Generator().manual_seed(0)
     centres = torch.eye(8)[:3] * 10
     sizes = [10, 6, 4]
