@@ -111,7 +111,8 @@ def render(results: list[dict], figures: Path | None) -> str:
             title, tag = f"setting {n}, {order_name(names)}", f"{n}_{m}"
             out += section(f"Final ROUGE-L per task ({title})", ["method", *names, "AR", "BWT"],
                            [[r["label"], *r["scores"][-1], r["ar"], r["bwt"]] for r in rs])
-            out += against_see(rs, title) + routing(rs, title) + routing_per_task(rs, title, names)
+            out += against_see(rs, title) + routing(rs, title)
+            out += routing_per_task(rs, title, names, figures, tag)
             out += ood_claimants(rs, title, names) + pseudo_negatives(rs, title)
             out += indicator_types(rs, title, names) + tau_sweep(rs, title, figures, tag)
             out += per_task(rs, title, names, figures, tag)
@@ -204,11 +205,20 @@ def routing(rs: list[dict], title: str) -> list[str]:
     return section(f"Routing ({title})", header, rows, note)
 
 
-def routing_per_task(rs: list[dict], title: str, names: list[str]) -> list[str]:
+def routing_per_task(rs: list[dict], title: str, names: list[str], figures: Path | None,
+                     tag: str) -> list[str]:
     """Fig. 7: each task's routing F1 (SEE: of the answering expert; MoSEs/SETA: of the task)."""
-    rows = [[r["label"], *(pct(r["per_task_routing"].get(n, {}).get("f1")) for n in names)]
-            for r in rs if r["per_task_routing"]]
-    return section(f"Fig. 7 ({title}): routing F1 per task", ["method", *names], rows)
+    routed = [r for r in rs if r["per_task_routing"]]
+
+    def f1(r: dict) -> list[float | None]:
+        return [pct(r["per_task_routing"].get(n, {}).get("f1")) for n in names]
+    out = section(f"Fig. 7 ({title}): routing F1 per task", ["method", *names],
+                  [[r["label"], *f1(r)] for r in routed])
+    if routed and figures is not None:
+        caption = f"Fig. 7 ({title}): routing F1 per task"
+        fig = task_figure(routed, names, bars(f1), ylabel="routing F1 (%)", title=caption)
+        out.append(save(fig, figures / f"fig7_routing_{tag}.png", "Fig. 7"))
+    return out
 
 
 def ood_claimants(rs: list[dict], title: str, names: list[str]) -> list[str]:
@@ -284,6 +294,10 @@ def tau_sweep(rs: list[dict], title: str, figures: Path | None, tag: str) -> lis
         for ax, (name, ys) in zip(fig.subplots(1, 2), series.items()):
             ax.plot(taus, ys, marker="o")
             ax.set(xlabel="tau (%)", ylabel=name, xscale="log" if min(taus) > 0 else "symlog")
+            for t, y in zip(taus, ys):
+                ax.annotate(f"{y:.1f}", (t, y), fontsize=7, textcoords="offset points",
+                            xytext=(0, 4), ha="center")
+        fig.suptitle(f"Fig. 6 ({title}): the rehearsal ratio tau", fontsize=9)
         out.append(save(fig, figures / f"fig6_tau_{tag}.png", "Fig. 6"))
     return out
 
@@ -294,9 +308,10 @@ def per_task(rs: list[dict], title: str, names: list[str], figures: Path | None,
     chosen = [r for r in rs if is_see(r) or r["method"] in ("mtl", "stl")]
     if not chosen or figures is None:  # the numbers are in the table of final scores
         return []
-    fig = task_figure(chosen, names, lambda ax, k, r, x, width: ax.bar(
-        x, r["scores"][-1], width, label=r["label"]), ylabel="ROUGE-L")
-    return [f"\n## Fig. 3 ({title}): ROUGE-L per task\n",
+    caption = f"Fig. 3 ({title}): ROUGE-L per task"
+    fig = task_figure(chosen, names, bars(lambda r: r["scores"][-1]), ylabel="ROUGE-L",
+                      title=caption)
+    return [f"\n## {caption}\n",
             save(fig, figures / f"fig3_per_task_{tag}.png", "Fig. 3")]
 
 
@@ -321,7 +336,8 @@ def perplexity(rs: list[dict], title: str, names: list[str], figures: Path | Non
                   [[r["label"], *(statistics.median(ppl(r, t)) for t in names),
                     statistics.median(ppl(r))] for r in chosen])
     if figures is not None:
-        fig = task_figure(chosen, names, boxes, ylabel="perplexity", yscale="log")
+        fig = task_figure(chosen, names, boxes, ylabel="perplexity", yscale="log",
+                          title=f"Fig. 5 ({title}): perplexity of the references")
         out.append(save(fig, figures / f"fig5_perplexity_{tag}.png", "Fig. 5"))
     return out
 
@@ -358,6 +374,15 @@ def task_figure(rs: list[dict], names: list[str], draw, **axes):
     ax.set(**axes)
     ax.legend(fontsize=7)
     return fig
+
+
+def bars(values):
+    """A task_figure draw: each run's values(run) per task as bars, each labelled with its value
+    (a zero is a visible "0.0", not a missing bar)."""
+    def draw(ax, k: int, r: dict, x: list[float], width: float) -> None:
+        heights = [v or 0.0 for v in values(r)]
+        ax.bar_label(ax.bar(x, heights, width, label=r["label"]), fmt="%.1f", fontsize=6)
+    return draw
 
 
 def save(fig, path: Path, caption: str) -> str:

@@ -111,8 +111,11 @@ def test_routing_f1_is_given_per_task_for_each_routed_run(tmp_path):
     sparse = fake_run(tmp_path, "SETA", "seta", [[12.0], [10.0, 50.0]], routing_f1=2 / 3,
                       per_task_routing=per_task)
     unrouted = fake_run(tmp_path, "MTL", "mtl", [[20.0, 60.0]])
-    rows = section(report.write_report([routed, sparse, unrouted], tmp_path / "r.md"), "Fig. 7")
-    assert rows == ["| SEE(10%) | 66.67 | 33.33 |", "| SETA | 66.67 | 66.67 |"]
+    text = report.write_report([routed, sparse, unrouted], tmp_path / "r.md")
+    assert section(text, "Fig. 7") == ["| SEE(10%) | 66.67 | 33.33 |", "| SETA | 66.67 | 66.67 |"]
+    if report.importlib.util.find_spec("matplotlib"):  # and drawn, the routed runs side by side
+        assert (tmp_path / "r-figures" / "fig7_routing_1_1.png").stat().st_size > 1000
+        assert "(r-figures/fig7_routing_1_1.png)" in text
 
 
 def test_out_of_distribution_queries_are_counted_by_who_answered_them(tmp_path):
@@ -203,6 +206,14 @@ def test_plots_are_written_beside_the_report_and_linked(runs, tmp_path):
     for name in ("fig3_per_task_1_1.png", "fig5_perplexity_1_1.png", "fig6_tau_1_1.png"):
         assert (tmp_path / "r-figures" / name).stat().st_size > 1000
         assert f"(r-figures/{name})" in text
+
+
+def test_bars_carry_their_values_so_a_zero_bar_shows():
+    pytest.importorskip("matplotlib")
+    fig = report.task_figure([{"label": "SEE(10%)", "scores": [[12.5, 0.0]]}], ["qa", "sa"],
+                             report.bars(lambda r: r["scores"][-1]), title="Fig. 3 (x)")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == ["12.5", "0.0"] and ax.get_title() == "Fig. 3 (x)"
 
 
 def test_without_matplotlib_the_report_says_so_and_draws_nothing(runs, tmp_path, monkeypatch):
