@@ -11,6 +11,9 @@ declare -A FLAGS=(
   [nr]="--method non-rehearsal"                    # Non-rehearsal
   [randsel]="--method replay --tau 0.1"            # RandSel(10%)
   [stl]="--method stl"                             # AvgSTL
+  [kmeans]="--method kmeans --tau 0.1"             # KMeansSel(10%) (issue 29)
+  [moses]="--method moses"                         # MoSEs (issue 29)
+  [seta]="--method seta --tau 0.1"                 # SETA (issue 29)
   [see-adapter]="--tau 0.1 --indicator-lr adapter" # issue 28 item 1a
   [see-general20]="--tau 0.1 --general-negatives 20"  # issue 28 item 1b
 )
