@@ -354,9 +354,11 @@ def check_result(out: Path, settings: dict) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(directory: Path):
-    """Hold `directory` for one evaluation: a second one writing there at once is refused (the OS
-    drops the lock when the process ends, however it ends)."""
+def exclusive(out: Path):
+    """Hold the directory of the result `out` for one evaluation: a second one writing there at
+    once is refused (the OS drops the lock when the process ends, however it ends)."""
+    check_writable(out)
+    directory = out.parent
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -386,8 +388,8 @@ def evaluate_runs(args: argparse.Namespace, device, dtype) -> None:
             else Path(run) / f"eval{variant(args)}.json" for run in args.run]
     settings = dict(measured(args, dtype), max_ood=args.max_ood)
     with contextlib.ExitStack() as held:
-        for directory in dict.fromkeys(out.parent for out in outs):
-            held.enter_context(exclusive(directory))
+        for out in {out.parent: out for out in outs}.values():
+            held.enter_context(exclusive(out))
         for out in outs:
             check_result(out, settings)
         for run, out in zip(args.run, outs):
@@ -419,7 +421,7 @@ def evaluate_experts(args: argparse.Namespace, device, dtype) -> None:
     out = Path(args.out or beside / f"eval-{task}{variant(args)}.json")
     settings = dict(task=args.task, split=args.split, model=model_name, experts=args.expert,
                     template=template, max_source=max_source, **measured(args, dtype))
-    with exclusive(out.parent):
+    with exclusive(out):
         check_result(out, settings)
         s = Scoring(model, tok, experts, ind, {args.task: examples}, max_source, template,
                     args.max_new_tokens, args.batch_size, args.routing, progress=True)

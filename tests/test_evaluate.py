@@ -281,9 +281,9 @@ def test_response_perplexity_scores_the_response_and_eos_after_the_prefix_as_tra
 def test_a_second_evaluation_writing_in_the_same_directory_is_refused(tmp_path):
     from errors import UserError
     from evaluate import exclusive
-    with exclusive(tmp_path / "run"):
+    with exclusive(tmp_path / "run" / "eval.json"):
         with pytest.raises(UserError, match="another evaluation is writing in"):
-            with exclusive(tmp_path / "run"):
+            with exclusive(tmp_path / "run" / "eval-expert-only.json"):
                 pass
-    with exclusive(tmp_path / "run"):  # released when the first is done
+    with exclusive(tmp_path / "run" / "eval.json"):  # released when the first is done
         pass
