@@ -96,6 +96,7 @@ def continual_runs(tiny_dir, synthetic_tasks, tmp_path_factory):
                   run in runs.items()}
 
 
+@pytest.mark.slow
 def test_see_routes_every_query_to_its_expert_and_does_not_forget(continual_runs):
     from metrics import average_rouge, backward_transfer
     see = continual_runs[1]["see"]
@@ -108,6 +109,7 @@ def test_see_routes_every_query_to_its_expert_and_does_not_forget(continual_runs
         "all ten SuperNI tasks are held out of a synthetic sequence")
 
 
+@pytest.mark.slow
 def test_non_rehearsal_forgets_earlier_tasks(continual_runs):
     see, plain = continual_runs[1]["see"], continual_runs[1]["non-rehearsal"]
     assert plain["bwt"] < -10 and plain["bwt"] < see["bwt"] - 10
@@ -115,6 +117,7 @@ def test_non_rehearsal_forgets_earlier_tasks(continual_runs):
             and plain["rb_acc"] is None), "one adapter answers everything: nothing is routed"
 
 
+@pytest.mark.slow
 def test_the_run_cli_prints_the_papers_table_and_writes_json(continual_runs, tiny_dir, tmp_path):
     runs, results = continual_runs
     # fp32, as evaluate_run scored them, on a CPU with native bf16 too
@@ -132,6 +135,7 @@ def test_the_run_cli_prints_the_papers_table_and_writes_json(continual_runs, tin
                 == results[written["method"]]["scores"]), "the CLI scores as evaluate_run does"
 
 
+@pytest.mark.slow
 def test_the_written_results_say_where_and_how_long_it_ran(continual_runs, tiny_dir):
     runs, _ = continual_runs
     res = run_cli(["--run", str(runs["non-rehearsal"]), "--max-eval", "8", "--max-new-tokens", "6",
@@ -145,6 +149,7 @@ def test_the_written_results_say_where_and_how_long_it_ran(continual_runs, tiny_
     assert written["eval_seconds"] > 0 and "threads" in written["device"]
 
 
+@pytest.mark.slow
 def test_a_run_reports_exceptions_and_prefills_per_query(continual_runs):
     see = continual_runs[1]["see"]
     assert set(see["exceptions"]) == {"tasks", "lima", "superni"}
@@ -152,6 +157,7 @@ def test_a_run_reports_exceptions_and_prefills_per_query(continual_runs):
             and see["routing_steps"] <= see["prefills"] <= see["routing_steps"] + 1)
 
 
+@pytest.mark.slow
 def test_a_run_says_who_answered_each_out_of_distribution_set(continual_runs):
     see = continual_runs[1]["see"]
     assert set(see["ood_routes"]) == set(see["n_ood"])
@@ -161,6 +167,7 @@ def test_a_run_says_who_answered_each_out_of_distribution_set(continual_runs):
         assert routes.get("base", 0) / see["n_ood"][name] == pytest.approx(see["rb_acc"][name])
 
 
+@pytest.mark.slow
 def test_routing_none_scores_each_task_by_its_own_expert_with_o_pos_forced(continual_runs):
     from evaluate import evaluate_run
     runs, results = continual_runs
@@ -239,6 +246,7 @@ def test_run_and_task_are_exclusive(tiny_dir, tmp_path):
         f"error: {tmp_path} holds no system (no system.json); train one with train.py --sequence")
 
 
+@pytest.mark.slow
 def test_perplexity_is_the_answering_experts_after_its_indicator(continual_runs):
     from evaluate import evaluate_run
     runs, _ = continual_runs

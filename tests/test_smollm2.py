@@ -11,6 +11,8 @@ from data import data_dir, read_jsonl
 from experts import prompt_ids
 from model import generate
 
+pytestmark = pytest.mark.slow  # SmolLM2 (135M) against transformers' reading of the same file
+
 
 @pytest.fixture(scope="module")
 def smollm2():

@@ -44,6 +44,7 @@ def test_sentencepiece_matches_transformers(tiny_dir):
         assert ours.decode(ours.encode(line)) == line
 
 
+@pytest.mark.slow
 def test_smollm2_matches_transformers(smollm2_tokenizers):
     ours, ref = smollm2_tokenizers
     for line in superni_lines() + ["Numbers 12345 and 3.14159, x=42",

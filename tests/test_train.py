@@ -407,6 +407,7 @@ def test_length_grouped_micro_batches_leave_every_tokens_loss_as_alone(tiny):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(together, alone))
 
 
+@pytest.mark.slow
 def test_compiled_training_learns_the_same_expert(tiny_dir, tmp_path, device):
     # without dropout: compiled code draws its dropout masks from another generator
     plain = expert_tensors(train(small(tiny_dir, tmp_path / "plain", dropout=0.0)))
@@ -429,6 +430,7 @@ def torchrun(args, tiny_dir):
     return done
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_train_the_expert_one_process_does(tiny_dir, tmp_path):
     args = ["--model", "tiny", "--task", "sa", "--previous", "pe", "--tau", "0.5", "--max-train",
             "16", "--epochs", "2",
