@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from artifacts import read_text
 from checkpoint import atomic_write, model_tag, resolve_dtype
@@ -51,12 +52,14 @@ def load_mmlu(directory: str | Path, per_subject: int | None) -> list[tuple[str,
 
 
 @torch.no_grad()
-def choices(model: Llama, tok, prompts: list[list[int]], batch_size: int = 16) -> list[int]:
-    """The option each prompt's next token favours: the larger logit of "A" or " A", and so on."""
+def choices(model: Llama, tok, prompts: list[list[int]], batch_size: int = 16,
+            desc: str | None = None) -> list[int]:
+    """The option each prompt's next token favours: the larger logit of "A" or " A", and so on
+    (a progress bar named `desc`, if given)."""
     ids = torch.tensor([tok.encode(v, bos=False)[-1] for k in LETTERS for v in (k, " " + k)])
     device = model.lm_head.weight.device
     picks = []
-    for s in range(0, len(prompts), batch_size):
+    for s in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
         chunk = prompts[s:s + batch_size]
         x = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
         for i, p in enumerate(chunk):
@@ -86,19 +89,21 @@ def score_run(run: str | Path | None, items: list[tuple[str, int]], model_name: 
     prompts = [prompt_ids(tok, q, max_source, template) for q, _ in items]
     gold = [g for _, g in items]
     with base_model(model):
-        base = choices(model, tok, prompts, batch_size)
+        base = choices(model, tok, prompts, batch_size, "base model")
     result = dict(run=str(run) if run else None, model=name, n=len(items),
                   base=accuracy(base, gold))
     if not experts:
         return result
     if not method.routes:  # one adapter serves after the last stage
         experts[-1].use(model)
-        result["final"] = accuracy(choices(model, tok, prompts, batch_size), gold)
+        result["final"] = accuracy(choices(model, tok, prompts, batch_size, experts[-1].name),
+                                   gold)
         return result
     picks = {}
     for e in experts:  # SEE-AE: o_pos forced, so each expert answers every question
         e.use(model)
-        picks[e.name] = choices(model, tok, [p + ind.pos for p in prompts], batch_size)
+        picks[e.name] = choices(model, tok, [p + ind.pos for p in prompts], batch_size,
+                                f"expert {e.name}")
     routes = sequential_route(model, experts, ind, prompts, len(ind.pos), tok.eos_ids,
                               batch_size).routes
     routed = [base[i] if r is BASE else picks[r][i] for i, r in enumerate(routes)]
