@@ -90,6 +90,7 @@ def corrupt(path: Path, how: str) -> None:
         path.write_bytes(os.urandom(max(len(data), 16)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["see", "moses"])
 def test_every_damaged_file_of_a_finished_run_is_one_line_of_error(finished_runs, method, tmp_path,
                                                                    capsys, monkeypatch):
@@ -404,6 +405,7 @@ def test_no_run_file_is_taken_for_a_result_or_a_run_directory(finished_runs, tmp
     assert not (run / "1-sa" / "expert" / "inner").exists()
 
 
+@pytest.mark.slow
 def test_max_eval_caps_the_out_of_distribution_sets_too(finished_runs, tmp_path, capsys,
                                                         monkeypatch):
     out = tmp_path / "eval.json"
@@ -569,6 +571,7 @@ def expert_tensors(run):
             **load_file(run / "expert" / "indicators.safetensors")}
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_uninterrupted_expert(tiny_dir,
                                                                                      tmp_path):
     assert train_cli(tiny_dir, tmp_path / "whole").wait() == 0

@@ -49,6 +49,7 @@ def run_cli(args, tiny_dir):
                           capture_output=True, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task,by_expert", [("sa", 1.0), ("pe", 0.0)])
 def test_an_expert_answers_its_task_and_leaves_the_other_to_the_base_model(
         separable_run, tiny_dir, tmp_path, task, by_expert):
@@ -67,6 +68,7 @@ def test_an_expert_answers_its_task_and_leaves_the_other_to_the_base_model(
     assert f"{result['rougeL']:.2f}" in res.stdout
 
 
+@pytest.mark.slow
 def test_without_experts_the_base_model_answers(tiny_dir, tmp_path):
     res = run_cli(["--model", "tiny", "--task", "sa", "--max-eval", "4", "--max-new-tokens", "3",
                    "--out", str(tmp_path / "base.json")], tiny_dir)
@@ -75,6 +77,7 @@ def test_without_experts_the_base_model_answers(tiny_dir, tmp_path):
     assert result["n"] == 4 and result["answered_by_experts"] == 0 and result["experts"] == []
 
 
+@pytest.mark.slow
 def test_a_missing_expert_is_one_line_of_error(tiny_dir, tmp_path):
     res = run_cli(["--expert", str(tmp_path / "nope"), "--task", "sa"], tiny_dir)
     assert res.returncode == 2 and res.stderr.strip() == (
@@ -180,6 +183,7 @@ def test_routing_none_scores_each_task_by_its_own_expert_with_o_pos_forced(conti
     assert result["scores"][0] == results["see"]["scores"][-1]
 
 
+@pytest.mark.slow
 def test_routing_none_lets_the_named_expert_answer_every_query(separable_run, tiny_dir, tmp_path):
     _, run_dir = separable_run
     res = run_cli(["--expert", str(run_dir / "expert"), "--task", "pe", "--max-eval", "4",
@@ -238,6 +242,7 @@ def test_every_method_in_the_table_trains_and_evaluates_as_its_facts_say(tiny_di
     assert len(predictions) == 4 and all(("perplexity" in p) != method.sparse for p in predictions)
 
 
+@pytest.mark.slow
 def test_run_and_task_are_exclusive(tiny_dir, tmp_path):
     res = run_cli(["--run", str(tmp_path), "--task", "sa"], tiny_dir)
     assert res.returncode == 2 and "give --task" in res.stderr

@@ -62,6 +62,7 @@ def loaded(expert, tiny_dir):
     return lora.subexpert_layers(model)
 
 
+@pytest.mark.slow
 def test_held_weights_stay_put_through_the_training_loop(moses_runs, tiny_dir):
     first, second = (loaded(stage(moses_runs[0.1], i), tiny_dir) for i in (1, 2))
     for path, m in first.items():

@@ -237,6 +237,7 @@ def test_runs_of_different_settings_get_their_own_tables(runs, tmp_path):
                                tmp_path / "r.md").count("## Table 1") == 2
 
 
+@pytest.mark.slow
 def test_an_unevaluated_run_is_one_line_of_error(tmp_path):
     (tmp_path / "run").mkdir()
     res = subprocess.run([sys.executable, "evaluate.py", "--report", str(tmp_path / "run")],

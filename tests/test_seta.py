@@ -60,6 +60,7 @@ def weighted_drift(run) -> float:
                for k, w in weights.items())
 
 
+@pytest.mark.slow
 def test_elastic_anchoring_keeps_the_important_shared_weights_near_their_earlier_values(seta_runs):
     anchored, free = weighted_drift(seta_runs["both"]), weighted_drift(seta_runs["no-anchor"])
     assert anchored < 0.1 * free

@@ -378,6 +378,7 @@ def run_cli(args, tiny_dir):
     (["--task", "sa", "--method", "seta", "--previous", "pe"],
      "error: SETA with --previous needs --init"),
 ])
+@pytest.mark.slow
 def test_bad_arguments_are_one_line_of_error(tiny_dir, tmp_path, args, message):
     out = run_cli(["--model", "tiny", "--out", str(tmp_path / "r"), *args], tiny_dir)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
