@@ -113,7 +113,7 @@ def render(results: list[dict], figures: Path | None) -> str:
                            [[r["label"], *r["scores"][-1], r["ar"], r["bwt"]] for r in rs])
             out += against_see(rs, title) + routing(rs, title)
             out += routing_per_task(rs, title, names, figures, tag)
-            out += ood_claimants(rs, title, names) + pseudo_negatives(rs, title)
+            out += ood_claimants(rs, title, names, figures, tag) + pseudo_negatives(rs, title)
             out += indicator_types(rs, title, names) + tau_sweep(rs, title, figures, tag)
             out += per_task(rs, title, names, figures, tag)
             out += perplexity(rs, title, names, figures, tag) + sparse(rs, title)
@@ -221,12 +221,25 @@ def routing_per_task(rs: list[dict], title: str, names: list[str], figures: Path
     return out
 
 
-def ood_claimants(rs: list[dict], title: str, names: list[str]) -> list[str]:
+def ood_claimants(rs: list[dict], title: str, names: list[str], figures: Path | None,
+                  tag: str) -> list[str]:
     """Who answered the queries of no task in the sequence: the base model, or an expert."""
     rows = [[r["label"], name, r["n_ood"][name], *(counts.get(k, 0) for k in ["base", *names])]
             for r in rs if r["ood_routes"] for name, counts in r["ood_routes"].items()]
-    return section(f"Out-of-distribution queries by who answered them ({title})",
-                   ["method", "set", "queries", "base", *names], rows)
+    caption = f"Out-of-distribution queries by who answered them ({title})"
+    out = section(caption, ["method", "set", "queries", "base", *names], rows)
+    if rows and figures is not None:  # a bar per set, split by who answered its queries
+        fig = figure(8, 0.4 * len(rows) + 1.5)
+        ax = fig.subplots()
+        left = [0.0] * len(rows)
+        for j, who in enumerate(["base model", *names]):
+            shares = [100 * row[3 + j] / row[2] for row in rows]
+            ax.barh([f"{row[0]}: {row[1]}" for row in rows], shares, left=left, label=who)
+            left = [a + b for a, b in zip(left, shares)]
+        ax.set(xlabel="share of the set's queries (%)", title=caption)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+        out.append(save(fig, figures / f"ood_routes_{tag}.png", "who answered"))
+    return out
 
 
 def pseudo_negatives(rs: list[dict], title: str) -> list[str]:

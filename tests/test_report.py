@@ -123,9 +123,12 @@ def test_out_of_distribution_queries_are_counted_by_who_answered_them(tmp_path):
     routed = fake_run(tmp_path, "SEE(10%)", "see", [[12.0], [10.0, 50.0]], routing_f1=0.5,
                       ood_routes=routes, n_ood=dict(lima=5, superni=4))
     earlier = fake_run(tmp_path, "SEE(1%)", "see", [[12.0], [10.0, 50.0]], routing_f1=0.5)
-    rows = section(report.write_report([routed, earlier], tmp_path / "r.md"),
-                   "Out-of-distribution queries")
+    text = report.write_report([routed, earlier], tmp_path / "r.md")
+    rows = section(text, "Out-of-distribution queries")
     assert rows == ["| SEE(10%) | lima | 5 | 3 | 2 | 0 |", "| SEE(10%) | superni | 4 | 0 | 0 | 4 |"]
+    if report.importlib.util.find_spec("matplotlib"):  # and drawn, a bar per set
+        assert (tmp_path / "r-figures" / "ood_routes_1_1.png").stat().st_size > 1000
+        assert "(r-figures/ood_routes_1_1.png)" in text
 
 
 def scored(task, n, rouge):
