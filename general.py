@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -18,13 +17,13 @@ import torch
 from tqdm import tqdm
 
 from artifacts import read_text
-from checkpoint import atomic_write, model_tag, resolve_dtype
+from checkpoint import model_tag, resolve_dtype
 from errors import UserError, user_errors
 from evaluate import method_label
 from experts import SubExpert, base_model, load_system, prompt_ids, resolve_template
 from model import Llama
 from router import BASE, sequential_route
-from runs import METHODS, read_system
+from runs import METHODS, read_system, write_json
 
 LETTERS = "ABCD"
 MMLU_ENV = "SEE_MMLU_DIR"
@@ -139,7 +138,7 @@ def main() -> None:
             r.update(per_subject=args.per_subject, dtype=str(dtype).removeprefix("torch."))
             out = Path(run or f"runs/base-{model_tag(r['model'])}") / "mmlu.json"
             out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(out, lambda f: f.write_text(json.dumps(r, indent=2) + "\n"))
+            write_json(out, r)
             ae = f"{r['ae']:.2f}" if "ae" in r else "-"
             label = method_label(read_system(Path(run))) if run else f"base {r['model']}"
             print(f"{label:<40} {r['n']:>5} {r.get('final', r['base']):>8.2f} "

@@ -69,3 +69,23 @@ def test_see_ae_is_each_experts_accuracy_with_pos_forced_averaged(see_run, tmp_p
     experts[0].use(model)
     forced = choices(model, tok, [p + ind.pos for p in prompts])
     assert scored["experts"]["sa"] == accuracy(forced, base)
+
+
+def test_the_command_writes_the_base_models_result_and_refuses_a_missing_directory(
+        tiny_dir, tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+    import general
+    mmlu = write_mmlu(tmp_path / "mmlu", "ABCDAB")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["general.py", "--mmlu", str(mmlu), "--model", str(tiny_dir),
+                                      "--per-subject", "2", "--dtype", "float32"])
+    general.main()
+    result = json.loads((tmp_path / "runs" / f"base-{tiny_dir.name}" / "mmlu.json").read_text())
+    assert result["n"] == 4 and result["per_subject"] == 2 and "ae" not in result
+    assert f"base {tiny_dir}" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["general.py", "--mmlu", str(tmp_path / "none")])
+    with pytest.raises(SystemExit) as stop:
+        general.main()
+    assert stop.value.code == 2
+    assert "no MMLU test/<subject>_test.csv files" in capsys.readouterr().err
