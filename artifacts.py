@@ -103,6 +103,20 @@ def digest(value: Path | dict | list | torch.Tensor | object) -> str:
     return h.hexdigest()
 
 
+def seal(record: dict) -> dict:
+    """`record` with the sha256 of its contents: a JSON file of ours (expert.json, system.json,
+    eval.json) that read_sealed tells from one damaged or edited since."""
+    return {**record, "sha256": digest(record)}
+
+
+def read_sealed(path: str | Path) -> dict:
+    record = read_json(path)
+    if record.pop("sha256", None) != digest(record):
+        raise UserError(f"{path}: not the file written (its contents differ from its sha256 "
+                        f"record): damaged or edited")
+    return record
+
+
 def check_digests(directory: Path, digests: dict, where: Path, optional: tuple = ()) -> None:
     """Refuse files of `directory` whose sha256 is not `where`'s record (`optional` ones may go)."""
     for name, recorded in digests.items():

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import gate
-from artifacts import check_writable, read_json
+from artifacts import check_writable, digest, read_json, seal
 from checkpoint import atomic_write, device_name, model_tag, resolve_dtype
 from data import OOD_EVAL, TASKS, XLINGUAL, Example, data_dir, load_ood, load_task
 from errors import UserError, user_errors
@@ -359,6 +359,7 @@ def exclusive(out: Path):
     once is refused (the OS drops the lock when the process ends, however it ends)."""
     check_writable(out)
     directory = out.parent
+    made = [d for d in (directory, *directory.parents) if not d.exists()]
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -370,6 +371,10 @@ def exclusive(out: Path):
         yield
     finally:
         os.close(fd)
+        for d in made:  # made for a result that was refused or failed: nothing is left behind
+            if any(d.iterdir()):
+                break
+            d.rmdir()
 
 
 def write_result(out: Path, result: dict, records: list[dict]) -> Path:
@@ -377,7 +382,7 @@ def write_result(out: Path, result: dict, records: list[dict]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     preds = out.with_suffix(".predictions.jsonl")
     atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in records)))
-    result = dict(result, predictions=str(preds))
+    result = seal(dict(result, predictions=str(preds), predictions_sha256=digest(preds)))
     atomic_write(out, lambda f: f.write_text(json.dumps(result, indent=2) + "\n"))
     return preds
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import lora
-from artifacts import check_digests, check_fields, digest, read_json, read_tensors
+from artifacts import check_digests, check_fields, digest, read_sealed, read_tensors, seal
 from checkpoint import atomic_dir, load
 from data import Example
 from errors import UserError
@@ -151,8 +151,8 @@ class StoredExpert:
         """expert.json: EXPERT_FIELDS, counts, `extra`, and each file's sha256 (checked on load)."""
         meta = {k: getattr(self, k) for k in (*EXPERT_FIELDS, "counts")}
         files = {f.name: digest(f) for f in sorted(directory.iterdir())}
-        (directory / EXPERT_FILE).write_text(json.dumps({**meta, **extra, "files": files}, indent=2)
-                                             + "\n")
+        record = seal({**meta, **extra, "files": files})
+        (directory / EXPERT_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 @dataclass
@@ -298,7 +298,7 @@ def load_expert(path: str | Path) -> Expert:
     path = Path(path)
     if not (path / EXPERT_FILE).is_file():
         raise UserError(f"{path} is not an expert directory (no {EXPERT_FILE})")
-    meta = read_json(path / EXPERT_FILE)
+    meta = read_sealed(path / EXPERT_FILE)
     check_fields(meta, path / EXPERT_FILE, name=str, task=str, base_model=str, indicator=str,
                  max_source=int, template=str, counts=dict, files=dict)
     if meta["indicator"] not in (*INDICATORS, UNROUTED) or meta["template"] not in TEMPLATES \

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from artifacts import NUMBER, check_fields, read_json
+from artifacts import NUMBER, check_digests, check_fields, read_sealed
 from checkpoint import atomic_write
 from data import CLASSIFICATION, ORDERS, TASKS, read_jsonl
 from errors import UserError
@@ -29,8 +29,10 @@ def load_results(runs: list[str]) -> list[dict]:
         if not path.is_file():
             raise UserError(f"{run} has no eval.json; evaluate it first (without --out): python "
                             f"evaluate.py --run {run}")
-        r = read_json(path)
-        check_fields(r, path, run=str, method=str, label=str, tasks=list, scores=list, ar=NUMBER)
+        r = read_sealed(path)
+        check_fields(r, path, run=str, method=str, label=str, tasks=list, scores=list, ar=NUMBER,
+                     predictions_sha256=str)
+        check_digests(run, {preds.name: r["predictions_sha256"]}, path)
         numbers = all(isinstance(row, list) and all(isinstance(v, (int, float)) for v in row)
                       for row in r["scores"])
         if not (r["scores"] and numbers and len(r["scores"][-1]) == len(r["tasks"])):

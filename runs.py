@@ -14,7 +14,7 @@ import torch
 
 import lora
 from artifacts import (NUMBER, check_fields, check_writable, digest, inside, read_json,
-                       read_text)
+                       read_sealed, read_text)
 from checkpoint import atomic_write, model_tag, resolve_dtype
 from errors import UserError
 from experts import (EXPERT_FILE, INDICATORS, TEMPLATES, TRAINING_FILE, Expert, SubExpert,
@@ -311,7 +311,7 @@ def read_system(root: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{root} holds no system (no {SYSTEM_FILE}); train one with train.py "
                         f"--sequence")
-    system = read_json(path)
+    system = read_sealed(path)
     check_fields(system, path, method=str, model=str, tasks=list, experts=list, settings=dict)
     method, tasks, experts = system["method"], system["tasks"], system["experts"]
     if method not in METHODS:

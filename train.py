@@ -32,6 +32,7 @@ from tqdm import tqdm
 import gate
 import lora
 import rehearsal
+from artifacts import seal
 from checkpoint import atomic_write, load, remove_leftovers
 from data import ORDERS, Example, rehearsal_sets
 from errors import UserError, user_errors
@@ -367,7 +368,7 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
     def write_system() -> None:  # once the model has been seen to hold the lengths asked for
         root.mkdir(parents=True, exist_ok=True)
         remove_leftovers(root, SYSTEM_FILE)
-        write_json(root / SYSTEM_FILE, system)
+        write_json(root / SYSTEM_FILE, seal(system))
     if not todo and distributed()[0] == 0:
         write_system()
     for stage in todo:

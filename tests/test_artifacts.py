@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import evaluate
 import train as train_mod
-from artifacts import digest
+from artifacts import digest, seal
 from checkpoint import atomic_dir, atomic_write, load_dir
 from errors import UserError
 from experts import load_expert
@@ -425,7 +425,10 @@ def test_an_unwritable_result_is_refused_before_generation(tiny_dir, tmp_path, c
 
 
 def rewrite_json(path: Path, **changes) -> None:
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    """Change fields of a JSON file of ours, sealed again as a hand-made file would be."""
+    record = {**json.loads(path.read_text()), **changes}
+    record.pop("sha256", None)
+    path.write_text(json.dumps(seal(record)))
 
 
 def reseal(expert: Path) -> None:
@@ -599,3 +602,14 @@ def test_a_full_disk_anywhere_is_one_line_of_error(capsys):
     assert capsys.readouterr().err == "error: runs/r/log.jsonl: No space left on device\n"
     with pytest.raises(FileNotFoundError), user_errors():  # not the machine's refusal: a bug
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
+
+
+def test_an_expert_json_edited_since_it_was_written_is_refused(tiny_dir, tmp_path):
+    from experts import load_expert
+    from train import TrainConfig, train
+    expert = train(TrainConfig(task="sa", model=str(tiny_dir), out=str(tmp_path / "one"), max_train=8, epochs=1, batch_size=8,
+                               micro_batch=8, max_source=48, max_target=6)) / "expert"
+    meta = expert / "expert.json"
+    meta.write_text(meta.read_text().replace('"max_source": 48', '"max_source": 58'))
+    with pytest.raises(UserError, match=r"expert.json: not the file written .* damaged or edited"):
+        load_expert(expert)

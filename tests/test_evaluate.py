@@ -300,3 +300,13 @@ def test_a_second_evaluation_writing_in_the_same_directory_is_refused(tmp_path):
                 pass
     with exclusive(tmp_path / "run" / "eval.json"):  # released when the first is done
         pass
+
+
+def test_a_refused_evaluation_leaves_no_directory_behind(tmp_path):
+    from errors import UserError
+    from evaluate import exclusive
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(UserError, match="no system"):
+        with exclusive(tmp_path / "kept" / "new" / "deeper" / "eval.json"):
+            raise UserError("no system")  # as a damaged run is refused inside the lock
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]

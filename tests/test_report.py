@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import report
+from artifacts import digest, seal
 from runs import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,8 +26,8 @@ def fake_run(root: Path, name: str, method: str, scores, tau=0.1, negatives="tas
                     indicator=indicator, max_train=64, seed=0, epochs=3, batch_size=16, lr=1e-3,
                     max_source=512, max_target=128, sparsity=0.3)
     experts = [f"{i + 1}-{t}/expert" for i, t in enumerate(tasks[:1] if method == "mtl" else tasks)]
-    (run / "system.json").write_text(json.dumps(dict(method=method, model="tiny", tasks=tasks,
-                                                     experts=experts, settings=settings)))
+    (run / "system.json").write_text(json.dumps(seal(dict(method=method, model="tiny", tasks=tasks,
+                                                          experts=experts, settings=settings))))
     result = dict(run=str(run), method=method, label=name, tasks=tasks, scores=scores,
                   ar=sum(scores[-1]) / len(scores[-1]),
                   bwt=None, routing_f1=None, per_task_routing=None, rb_acc=None, ood_routes=None,
@@ -34,9 +35,18 @@ def fake_run(root: Path, name: str, method: str, scores, tau=0.1, negatives="tas
                   max_eval=20, max_new_tokens=64, device=None, train_seconds=None,
                   eval_seconds=None)
     result.update(extra)
-    (run / "eval.json").write_text(json.dumps(result))
-    (run / "eval.predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    preds = run / "eval.predictions.jsonl"
+    preds.write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    (run / "eval.json").write_text(json.dumps(seal(dict(result, predictions_sha256=digest(preds)))))
     return str(run)
+
+
+def rewrite(path: Path, change) -> None:
+    """Edit a sealed JSON file of a run by `change(record)`, sealed again as train.py would."""
+    record = json.loads(path.read_text())
+    record.pop("sha256")
+    change(record)
+    path.write_text(json.dumps(seal(record)))
 
 
 def pred(task, prediction, reference, perplexity):
@@ -84,8 +94,7 @@ def test_table_1_gives_ar_and_bwt_per_task_order_and_their_average(tmp_path):
     runs = [see(tmp_path, "SEE(10%)"), fake_run(tmp_path, "MTL", "mtl", [[20.0, 60.0]]),
             fake_run(tmp_path, "SEE(10%) again", "see", [[0.0], [10.0, 30.0]], bwt=-4.0,
                      tasks=["sa", "qa"])]
-    (Path(runs[2]) / "eval.json").write_text(
-        (Path(runs[2]) / "eval.json").read_text().replace("SEE(10%) again", "SEE(10%)"))
+    rewrite(Path(runs[2]) / "eval.json", lambda r: r.update(label="SEE(10%)"))
     rows = section(report.write_report(runs, tmp_path / "r.md"), "Table 1")
     assert rows == ["| SEE(10%) | 30.00 | -2.00 | 20.00 | -4.00 | 25.00 | -3.00 |",
                     "| MTL | 40.00 | – | 40.00 | – | 40.00 | – |"], (
@@ -176,9 +185,7 @@ def test_table_4_states_how_the_indicators_learned(runs, tmp_path):
     text = report.write_report(runs, tmp_path / "r.md")
     assert "Treatment: the added indicators' rows learned at their own rate" in text
     for run in runs:  # the same runs, every indicator trained at the adapter's rate
-        system = json.loads((Path(run) / "system.json").read_text())
-        system["settings"]["indicator_lr"] = "adapter"
-        (Path(run) / "system.json").write_text(json.dumps(system))
+        rewrite(Path(run) / "system.json", lambda r: r["settings"].update(indicator_lr="adapter"))
     text = report.write_report(runs, tmp_path / "r.md")
     assert "Treatment: every indicator type learned at the adapter's rate" in text
     assert "| added | 10% | added rows at the adapter's lr 0.001 |" in text
@@ -199,6 +206,8 @@ def test_runs_without_perplexities_are_left_out_of_fig_5(runs, tmp_path):
     lines = (Path(runs[0]) / "eval.predictions.jsonl").read_text().replace(
         ', "perplexity": 2.0', "")
     (Path(runs[0]) / "eval.predictions.jsonl").write_text(lines.replace(', "perplexity": 4.0', ""))
+    rewrite(Path(runs[0]) / "eval.json", lambda r: r.update(
+        predictions_sha256=digest(Path(runs[0]) / "eval.predictions.jsonl")))
     rows = section(report.write_report(runs, tmp_path / "r.md"), "Fig. 5")
     assert [r.split(" | ")[0] for r in rows] == ["| SEE(1%)", "| MTL"]
 
@@ -233,9 +242,7 @@ def test_runs_of_different_settings_get_their_own_tables(runs, tmp_path):
                                tmp_path / "r.md")
     assert text.count("## Table 1") == text.count("## Final ROUGE-L") == 1, (
         "same setting, one table")
-    system = json.loads((other / "SEE(10%)" / "system.json").read_text())
-    system["settings"]["max_train"] = 32
-    (other / "SEE(10%)" / "system.json").write_text(json.dumps(system))
+    rewrite(other / "SEE(10%)" / "system.json", lambda r: r["settings"].update(max_train=32))
     assert report.write_report([runs[1], str(other / "SEE(10%)")],
                                tmp_path / "r.md").count("## Table 1") == 2
 
@@ -253,7 +260,21 @@ def test_an_unevaluated_run_is_one_line_of_error(tmp_path):
 def test_an_eval_json_whose_method_is_not_its_systems_is_refused(tmp_path):
     from errors import UserError
     run = Path(see(tmp_path, "SEE(10%)"))
-    result = json.loads((run / "eval.json").read_text())
-    (run / "eval.json").write_text(json.dumps(dict(result, method="sea")))
+    rewrite(run / "eval.json", lambda r: r.update(method="sea"))
     with pytest.raises(UserError, match=r"eval.json: method 'sea', but .* holds a see system"):
+        report.load_results([str(run)])
+
+
+def test_results_edited_since_evaluation_are_refused(tmp_path):
+    from errors import UserError
+    run = Path(see(tmp_path, "SEE(10%)"))
+    preds = run / "eval.predictions.jsonl"
+    original = preds.read_text()
+    preds.write_text(original.replace("2.0", "3.0", 1))
+    with pytest.raises(UserError, match=r"eval.predictions.jsonl: not the file written"):
+        report.load_results([str(run)])
+    preds.write_text(original)
+    eval_json = run / "eval.json"
+    eval_json.write_text(eval_json.read_text().replace('"ar": ', '"ar": 1', 1))
+    with pytest.raises(UserError, match=r"eval.json: not the file written .* damaged or edited"):
         report.load_results([str(run)])

@@ -168,12 +168,13 @@ def test_router_cli_shows_each_expert_step_and_who_answered(system, tmp_path, ca
         (run / e.name).mkdir(parents=True)
         e.save(run / e.name / "expert")
     import dataclasses
+    from artifacts import seal
     from runs import PER_STAGE, TrainConfig
     settings = {k: v for k, v in dataclasses.asdict(TrainConfig(tau=1.0)).items()
                 if k not in PER_STAGE}
-    (run / "system.json").write_text(json.dumps(dict(method="see", model="tiny", tasks=["sa", "pe"],
-                                                     settings=settings,
-                                                     experts=["sa/expert", "pe/expert"])))
+    (run / "system.json").write_text(json.dumps(seal(dict(
+        method="see", model="tiny", tasks=["sa", "pe"], settings=settings,
+        experts=["sa/expert", "pe/expert"]))))
     monkeypatch.setattr("sys.argv", ["router.py", "--run", str(run), "--task", "sa", "--index", "0",
                                      "--max-new-tokens", "3"])
     router.main()
