@@ -130,6 +130,8 @@ def check_digests(directory: Path, digests: dict, where: Path, optional: tuple =
 
 def check_writable(path: str | Path) -> None:
     """Refuse, before any work, a result path whose directory cannot be created or written to."""
+    if Path(path).is_dir():
+        raise UserError(f"cannot write {path}: it is a directory; name a file")
     parent = Path(path).absolute().parent
     existing = next(p for p in (parent, *parent.parents) if p.exists())
     if not existing.is_dir():

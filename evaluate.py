@@ -307,6 +307,11 @@ def main() -> None:
         return
     if bool(args.run) == bool(args.task) or (args.run and args.expert):
         p.error("give --task (with --expert or alone, for the base model) or --run, not both")
+    ignored = [f"--{k.replace('_', '-')}" for k in ("model", "template", "max_source")
+               if args.run and getattr(args, k) is not None]
+    if ignored or args.run and args.split != "eval":
+        p.error(f"--run scores eval splits with the run's own model, prompt and source length; "
+                f"drop {', '.join(ignored) or '--split'}")
     with user_errors():
         check_args(args)
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -383,7 +388,11 @@ def write_result(out: Path, result: dict, records: list[dict]) -> Path:
     preds = out.with_suffix(".predictions.jsonl")
     atomic_write(preds, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in records)))
     result = seal(dict(result, predictions=str(preds), predictions_sha256=digest(preds)))
-    atomic_write(out, lambda f: f.write_text(json.dumps(result, indent=2) + "\n"))
+    try:
+        atomic_write(out, lambda f: f.write_text(json.dumps(result, indent=2) + "\n"))
+    except BaseException:  # a full disk: no predictions without their result
+        preds.unlink()
+        raise
     return preds
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -411,13 +412,18 @@ def write_report(runs: list[str], out: str | Path) -> str:
     out = Path(out)
     figures = out.parent / f"{out.stem}-figures" if importlib.util.find_spec("matplotlib") else None
     results = load_results(runs)
+    made = figures is not None and not figures.exists()
     try:
         text = render(results, figures)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda p: p.write_text(text))
+        made = False
     except (KeyError, TypeError, IndexError) as e:
         raise UserError(f"malformed results ({type(e).__name__}: {e}); evaluate the runs again "
                         f"with --run") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda p: p.write_text(text))
+    finally:  # a report that failed (a full disk) leaves no figures of its own behind
+        if made:
+            shutil.rmtree(figures, ignore_errors=True)
     return text
 
 

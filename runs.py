@@ -80,8 +80,11 @@ def rate(text: str) -> float | str:
 
 
 def names(text: str) -> list[str]:
-    """A comma-separated list, e.g. --targets q_proj,v_proj."""
-    return [t for t in text.split(",") if t]
+    """A comma-separated list, e.g. --targets q_proj,v_proj; none of its names empty."""
+    parts = text.split(",")
+    if text and not all(parts):
+        raise argparse.ArgumentTypeError(f"{text!r} holds an empty name")
+    return [t for t in parts if t]
 
 
 def setting(default, help: str, **meta):

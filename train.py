@@ -506,7 +506,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, list[str] | 
     if tasks and (a["task"] is not None or a["previous"] is not None):
         raise UserError("--task and --previous are for one stage; --sequence/--order name every "
                         "task")
-    a.update(task=a["task"] or TrainConfig.task, previous=a["previous"] or [])
+    a.update(task=TrainConfig.task if a["task"] is None else a["task"],
+             previous=a["previous"] or [])
     return TrainConfig(**a), tasks
 
 

@@ -293,7 +293,6 @@ def sequence_args(tiny_dir, out, *extra):
                                            "--seed in [0, 2^63), got --max-train 0"),
     (["--task", "sa", "--max-source", "0"], "got --max-source 0"),
     (["--task", "sa", "--tau", "1.5"], "--tau must be in [0, 1], got 1.5"),
-    (["--sequence", ","], "give one of --sequence and --order, naming at least one task"),
     (["--sequence", "sa,foo"], "unknown task 'foo'"),  # a later task: nothing written either
     (["--sequence", "sa, pe"], "unknown task ' pe'"),
     (["--sequence", "SA"], "unknown task 'SA'"),
@@ -306,6 +305,16 @@ def test_impossible_settings_are_refused_before_the_model_loads(tiny_dir, tmp_pa
     code, err = cli(train_mod.main, sequence_args(tiny_dir, tmp_path / "r", *args), capsys,
                     monkeypatch)
     assert one_error_line(code, err, message) is None, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [["--sequence", ","], ["--sequence", "sa,,pe"],
+                                  ["--task", ""], ["--task", "sa", "--previous", "pe,"]])
+def test_an_empty_task_name_is_refused(tiny_dir, tmp_path, capsys, monkeypatch, args):
+    monkeypatch.setattr(train_mod, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, err = cli(train_mod.main, sequence_args(tiny_dir, tmp_path / "r", *args), capsys,
+                    monkeypatch)
+    assert code == 2 and ("holds an empty name" in err[-1] or "unknown task ''" in err[-1]), err
     assert list(tmp_path.iterdir()) == []
 
 

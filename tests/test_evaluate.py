@@ -310,3 +310,37 @@ def test_a_refused_evaluation_leaves_no_directory_behind(tmp_path):
         with exclusive(tmp_path / "kept" / "new" / "deeper" / "eval.json"):
             raise UserError("no system")  # as a damaged run is refused inside the lock
     assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--template", "plain"], "drop --template"), (["--max-source", "40"], "drop --max-source"),
+    (["--split", "train"], "drop --split")])
+def test_run_settings_that_would_be_ignored_are_refused(tmp_path, capsys, monkeypatch, args,
+                                                        message):
+    import evaluate
+    monkeypatch.setattr("sys.argv", ["evaluate.py", "--run", str(tmp_path), *args])
+    with pytest.raises(SystemExit):
+        evaluate.main()
+    assert message in capsys.readouterr().err
+
+
+def test_a_directory_as_result_is_refused_before_anything_is_written(tmp_path):
+    from artifacts import check_writable
+    from errors import UserError
+    with pytest.raises(UserError, match="it is a directory; name a file"):
+        check_writable(tmp_path)
+
+
+def test_a_result_that_cannot_be_written_leaves_no_predictions(tmp_path, monkeypatch):
+    import evaluate
+    from errors import UserError
+    real = evaluate.atomic_write
+
+    def full_disk(path, write):
+        if path.suffix == ".json":
+            raise UserError(f"could not write {path}: No space left on device")
+        real(path, write)
+    monkeypatch.setattr(evaluate, "atomic_write", full_disk)
+    with pytest.raises(UserError, match="No space left"):
+        evaluate.write_result(tmp_path / "eval.json", dict(ar=1.0), [dict(prediction="x")])
+    assert list(tmp_path.iterdir()) == []

@@ -278,3 +278,15 @@ def test_results_edited_since_evaluation_are_refused(tmp_path):
     eval_json.write_text(eval_json.read_text().replace('"ar": ', '"ar": 1', 1))
     with pytest.raises(UserError, match=r"eval.json: not the file written .* damaged or edited"):
         report.load_results([str(run)])
+
+
+def test_a_report_that_cannot_be_written_leaves_no_figures(runs, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from errors import UserError
+
+    def full_disk(path, write):
+        raise UserError(f"could not write {path}: No space left on device")
+    monkeypatch.setattr(report, "atomic_write", full_disk)
+    with pytest.raises(UserError, match="No space left"):
+        report.write_report(runs, tmp_path / "out" / "r.md")
+    assert not (tmp_path / "out" / "r-figures").exists()
