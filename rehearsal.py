@@ -1,16 +1,21 @@
 """What a stage rehearses of the earlier tasks (Eq. 4's sampled part): RandSel's random draw, SEE's
-pseudo-negatives and general negatives (LIMA queries), and KMeansSel's choice by k-means."""
+pseudo-negatives and general negatives (LIMA queries), KMeansSel's choice by k-means, and SSR's
+synthetic instances."""
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
 import torch.nn.functional as F
 
 import gate
+import lora
 from data import Example, load_ood, load_task, rehearsal_sets, subsample
 from errors import UserError
+from experts import base_model, prompt_ids
 from model import Llama
+from router import generate_batched
 from runs import TrainConfig
 
 
@@ -74,10 +79,70 @@ def kmeans_rehearsal(model: Llama, tok, cfg: TrainConfig) -> tuple[list[Example]
     for task in cfg.previous:
         pool = subsample(load_task(task, "train", cfg.data_dir), cfg.max_train, cfg.seed)
         n = len(rehearsal_sets([task], cfg.tau, cfg.seed, cfg.max_train, cfg.data_dir)[0])
-        shared = len(os.path.commonprefix([ex.query for ex in pool])) if len(pool) > 1 else 0
-        inputs = [tok.encode(ex.query[shared:] or ex.query, bos=True)[:cfg.max_source]
-                  for ex in pool]
-        picked = kmeans_nearest(gate.query_features(model, inputs, cfg.micro_batch), n, cfg.seed)
+        definition, inputs = split_queries(pool)
+        picked = nearest_inputs(model, tok, inputs, n, cfg)
         chosen += [pool[i] for i in picked]
         sources.append(f"{task}: {n} of {len(pool)} nearest k-means centroids")
+    return chosen, sources
+
+
+def split_queries(examples: list[Example]) -> tuple[str, list[str]]:
+    """The definition every query of a task starts with, and each query's input after it."""
+    shared = len(os.path.commonprefix([ex.query for ex in examples])) if len(examples) > 1 else 0
+    return examples[0].query[:shared], [ex.query[shared:] or ex.query for ex in examples]
+
+
+def nearest_inputs(model: Llama, tok, inputs: list[str], n: int, cfg: TrainConfig) -> list[int]:
+    """kmeans_nearest on the base model's features of the inputs (the SSR authors embed inputs
+    alone, with SimCSE)."""
+    ids = [tok.encode(x, bos=True)[:cfg.max_source] for x in inputs]
+    return kmeans_nearest(gate.query_features(model, ids, cfg.micro_batch), n, cfg.seed)
+
+
+def demonstration(x: str, y: str) -> str:
+    return f"Input: {x}\nOutput: {y}\n\n"
+
+
+def parse_synthetic(text: str) -> tuple[str, str] | None:
+    """The instance the base model wrote after "Input:": its input and output, or None."""
+    x, found, rest = text.partition("\nOutput:")
+    y = rest.split("\nInput:")[0].strip()
+    return (x.strip(), y) if found and x.strip() and y else None
+
+
+def ssr_rehearsal(model: Llama, tok, cfg: TrainConfig, template: str) -> tuple[list[Example],
+                                                                               list[str]]:
+    """SSR (Huang et al., 2024), per earlier task: the base model writes instances in context
+    (definition, two demonstrations of its 1% real sample, "Input:"), k-means keeps as many as
+    RandSel draws, and the latest model (this stage's adapter as it starts: stage i-1's) writes
+    their outputs. Greedy over every ordered pair of demonstrations, where SSR samples (top-p)."""
+    chosen, sources = [], []
+    for task in cfg.previous:
+        full = load_task(task, "train", cfg.data_dir)
+        pool = subsample(full, cfg.max_train, cfg.seed)
+        n = len(rehearsal_sets([task], cfg.tau, cfg.seed, cfg.max_train, cfg.data_dir)[0])
+        demos = subsample(pool, max(2, len(full) // 100), cfg.seed)
+        definition, inputs = split_queries(demos)
+        texts = [definition + demonstration(a, x.outputs[0]) + demonstration(b, y.outputs[0])
+                 for (a, x), (b, y) in itertools.permutations(zip(inputs, demos), 2)]
+        prompts = [ids for ids in (tok.encode(t + "Input:", bos=True) for t in texts)
+                   if len(ids) <= cfg.max_source]
+        if not prompts:
+            raise UserError(f"SSR: no two demonstrations of {task} fit --max-source "
+                            f"{cfg.max_source}")
+        with base_model(model):
+            written = generate_batched(model, prompts, cfg.max_source // 2, tok.eos_ids,
+                                       cfg.micro_batch, desc=f"SSR: {task} synthesised")
+            parsed = (parse_synthetic(tok.decode(ids)) for ids in written)
+            new = [x for x in dict.fromkeys(p[0] for p in parsed if p) if x not in inputs]
+            picked = [new[i] for i in nearest_inputs(model, tok, new, n, cfg)] if new else []
+        lora.set_adapter(model, cfg.name)
+        queries = [definition + x for x in picked]
+        answers = generate_batched(model, [prompt_ids(tok, q, cfg.max_source, template)
+                                           for q in queries], cfg.max_target, tok.eos_ids,
+                                   cfg.micro_batch, desc=f"SSR: {task} refined")
+        chosen += [Example(f"ssr-{task}-{i}", q, [tok.decode(a).strip()])
+                   for i, (q, a) in enumerate(zip(queries, answers)) if tok.decode(a).strip()]
+        sources.append(f"{task}: {len(picked)} of {len(new)} instances synthesised from "
+                       f"{len(demos)} demonstrations")
     return chosen, sources

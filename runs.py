@@ -34,6 +34,7 @@ class Method:
     continues: bool = False  # stage i starts from stage i-1's adapter
     rehearses: bool = False  # stage i also learns from tau of T_1..T_{i-1} (routed: their queries)
     kmeans: bool = False  # those nearest k-means centroids of their inputs, else drawn at random
+    synthetic: bool = False  # instances the base model wrote and the latest model answered (SSR)
     routes: bool = False  # an expert per task, the experts routed by the indicator tokens they emit
     joint: bool = False  # one stage learns every task at once
     sparse: bool = False  # one set of masked sub-experts holds every task, a key per task picks it
@@ -59,6 +60,9 @@ METHODS = {
     "kmeans": Method("KMeansSel({tau})", "as replay, the samples replayed those nearest k-means "
                      "centroids of the base model's features of their inputs (KMeansSel)",
                      continues=True, rehearses=True, kmeans=True, run_name=("tau{tau:g}",)),
+    "ssr": Method("SSR({tau})", "as kmeans, the samples replayed written by the base model from "
+                  "demonstrations of each earlier task and answered by the latest model (SSR)",
+                  continues=True, rehearses=True, synthetic=True, run_name=("tau{tau:g}",)),
     "mtl": Method("MTL", "one LoRA on all tasks at once", joint=True),
     "stl": Method("AvgSTL", "one LoRA per task, each scored on its own task (AvgSTL)"),
     "moses": Method("MoSEs(c={sparsity})", "sparse sub-experts, a binary mask per task over their "

@@ -203,6 +203,10 @@ def setup(cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig,
         if init is not None:
             lora.load_adapter_state(model, cfg.name, init.adapter)
         lora.set_adapter(model, cfg.name)
+        if method.synthetic:  # SSR: written now, answered by this adapter as it starts
+            rehearsed, sources = rehearsal.ssr_rehearsal(model, tok, cfg, template)
+            samples = reconstruct(current, rehearsed, tok, ind, cfg.max_source, cfg.max_target,
+                                  template)
         added_rows = method.routes and cfg.indicator == "added"
         trainable = trainable_parameters(model, cfg.name, added_rows)
     if cfg.grad_checkpoint:

@@ -252,6 +252,8 @@ def test_a_sequence_resumes_at_its_unfinished_stage_and_ends_as_an_uninterrupted
                 ("3-qa", "qa", ["sa", "pe"], "2-pe")]),
     ("kmeans", [("1-sa", "sa", [], None), ("2-pe", "pe", ["sa"], "1-sa"),
                 ("3-qa", "qa", ["sa", "pe"], "2-pe")]),
+    ("ssr", [("1-sa", "sa", [], None), ("2-pe", "pe", ["sa"], "1-sa"),
+             ("3-qa", "qa", ["sa", "pe"], "2-pe")]),
     ("mtl", [("1-mtl", "qa", ["sa", "pe"], None)]),
     ("stl", [("1-sa", "sa", [], None), ("2-pe", "pe", [], None), ("3-qa", "qa", [], None)]),
 ])
@@ -480,3 +482,51 @@ def test_kmeans_selection_keeps_the_points_nearest_each_centroid():
 def test_kmeans_sel_replays_as_many_as_randsel(tiny_dir, tmp_path, capsys):
     train(small(tiny_dir, tmp_path / "k", method="kmeans"))
     assert "rehearsed: pe: 8 of 16 nearest k-means centroids" in capsys.readouterr().out
+
+
+def test_ssr_reads_the_instance_the_base_model_wrote():
+    from rehearsal import parse_synthetic
+    assert parse_synthetic(" a new review\nOutput: positive\n\nInput: more") == ("a new review",
+                                                                                  "positive")
+    assert parse_synthetic(" only an input, no output") is None
+    assert parse_synthetic("\nOutput: no input") is None
+
+
+def test_ssr_writes_with_the_base_model_and_answers_with_the_latest(tiny, tmp_path, monkeypatch):
+    import lora
+    import rehearsal
+    model, tok = tiny
+    cfg = replace(small(tmp_path, tmp_path / "r", method="ssr"), task="qa", previous=["sa"],
+                  max_source=512)
+    lora.add_adapter(model, cfg.name, lora.LoraConfig(r=2, alpha=4.0, dropout=0.0,
+                                                      targets=("q_proj",)))
+    lora.set_adapter(model, cfg.name)
+    calls = []
+
+    def fake_generate(model, prompts, max_new_tokens, eos_ids, batch_size, desc):
+        active = {m.active for m in lora.lora_layers(model).values()}
+        calls.append((active, [tok.decode(p) for p in prompts]))
+        if "synthesised" in desc:  # the base model's instances: three distinct inputs, repeated
+            return [tok.encode(f" new input {i % 3}\nOutput: x", bos=False)
+                    for i in range(len(prompts))]
+        return [tok.encode(f"answer {i}", bos=False) for i in range(len(prompts))]
+    monkeypatch.setattr(rehearsal, "generate_batched", fake_generate)
+    examples, sources = rehearsal.ssr_rehearsal(model, tok, cfg, "plain")
+    (written_by, synthesis), (answered_by, refinement) = calls
+    assert written_by == {None} and answered_by == {cfg.name}
+    demos = 16  # SSR's 1% sample (20 of sa's 2000), of the 16 examples --max-train keeps
+    assert len(synthesis) == len(set(synthesis)) > 0.9 * demos * (demos - 1), (
+        "every ordered pair of demonstrations that fits --max-source")
+    assert all(p.count("Input:") == 3 and p.endswith(("Output: negative\n\nInput:",
+                                                       "Output: positive\n\nInput:"))
+               for p in synthesis), "definition, two demonstrations, and Input: to continue"
+    n = min(3, len(rehearsal.rehearsal_sets(["sa"], 0.5, 0, 16)[0]))
+    assert sorted(ex.query[-11:] for ex in examples) == [f"new input {i}" for i in range(n)]
+    assert [ex.outputs for ex in examples] == [[f"answer {i}"] for i in range(n)]
+    assert all(p.endswith("Output:") for p in refinement)
+    assert sources == [f"sa: {n} of 3 instances synthesised from {demos} demonstrations"]
+
+
+def test_ssr_trains_on_its_synthetic_instances(tiny_dir, tmp_path, capsys):
+    train(replace(small(tiny_dir, tmp_path / "s", method="ssr"), max_source=256))
+    assert "instances synthesised from" in capsys.readouterr().out

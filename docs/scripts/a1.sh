@@ -12,6 +12,7 @@ declare -A FLAGS=(
   [randsel]="--method replay --tau 0.1"            # RandSel(10%)
   [stl]="--method stl"                             # AvgSTL
   [kmeans]="--method kmeans --tau 0.1"             # KMeansSel(10%) (issue 29)
+  [ssr]="--method ssr --tau 0.1"                   # SSR, as many replayed as RandSel(10%) (issue 29)
   [moses]="--method moses"                         # MoSEs (issue 29)
   [seta]="--method seta --tau 0.1"                 # SETA (issue 29)
   [see-adapter]="--tau 0.1 --indicator-lr adapter" # issue 28 item 1a
