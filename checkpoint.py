@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import io
 import json
@@ -17,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from artifacts import NUMBER, check_fields, inside, read_json
+from artifacts import NUMBER, check_fields, check_writable, inside, read_json
 from errors import UserError
 from model import Llama, ModelConfig
 from tokenizer import Tokenizer
@@ -349,6 +350,30 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         if isinstance(e, WRITE_ERRORS):
             raise write_failed(path, e) from None
         raise
+
+
+@contextlib.contextmanager
+def exclusive(out: Path):
+    """Hold the directory of the result `out` for one evaluation: a second one writing there at
+    once is refused (the OS drops the lock when the process ends, however it ends)."""
+    check_writable(out)
+    directory = out.parent
+    made = [d for d in (directory, *directory.parents) if not d.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"another evaluation is writing in {directory}; let it finish") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+        for d in made:  # made for a result that was refused or failed: nothing is left behind
+            if any(d.iterdir()):
+                break
+            d.rmdir()
 
 
 def remove_leftovers(directory: Path, *names: str) -> None:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -24,7 +22,7 @@ from tqdm import tqdm
 
 import gate
 from artifacts import check_writable, digest, read_json, seal
-from checkpoint import atomic_write, device_name, model_tag, resolve_dtype
+from checkpoint import atomic_write, device_name, exclusive, model_tag, resolve_dtype
 from data import OOD_EVAL, TASKS, XLINGUAL, Example, data_dir, load_ood, load_task
 from errors import UserError, user_errors
 from experts import (TEMPLATES, Expert, Indicators, SubExpert, base_model, load_system, prompt_ids,
@@ -307,11 +305,9 @@ def main() -> None:
         return
     if bool(args.run) == bool(args.task) or (args.run and args.expert):
         p.error("give --task (with --expert or alone, for the base model) or --run, not both")
-    ignored = [f"--{k.replace('_', '-')}" for k in ("model", "template", "max_source")
-               if args.run and getattr(args, k) is not None]
-    if ignored or args.run and args.split != "eval":
-        p.error(f"--run scores eval splits with the run's own model, prompt and source length; "
-                f"drop {', '.join(ignored) or '--split'}")
+    if args.run and (args.model or args.template or args.max_source or args.split != "eval"):
+        p.error("--run scores eval splits with the run's own model, prompt and source length; "
+                "drop --model, --template, --max-source and --split")
     with user_errors():
         check_args(args)
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -356,30 +352,6 @@ def check_result(out: Path, settings: dict) -> None:
             changes = ", ".join(f"{k}: {old[k]} -> {settings[k]}" for k in changed)
             raise UserError(f"{out} holds results of other settings ({changes}); pass another "
                             f"--out or delete it")
-
-
-@contextlib.contextmanager
-def exclusive(out: Path):
-    """Hold the directory of the result `out` for one evaluation: a second one writing there at
-    once is refused (the OS drops the lock when the process ends, however it ends)."""
-    check_writable(out)
-    directory = out.parent
-    made = [d for d in (directory, *directory.parents) if not d.exists()]
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(f"another evaluation is writing in {directory}; let it finish") from None
-    try:
-        yield
-    finally:
-        os.close(fd)
-        for d in made:  # made for a result that was refused or failed: nothing is left behind
-            if any(d.iterdir()):
-                break
-            d.rmdir()
 
 
 def write_result(out: Path, result: dict, records: list[dict]) -> Path:

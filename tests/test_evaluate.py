@@ -217,7 +217,7 @@ def test_every_method_in_the_table_trains_and_evaluates_as_its_facts_say(tiny_di
     method = METHODS[name]
     cfg = TrainConfig(model=str(tiny_dir), method=name, out=str(tmp_path / name), tau=1.0,
                       max_train=4, epochs=1,
-                      batch_size=4, micro_batch=4, max_source=64, max_target=8)
+                      batch_size=4, micro_batch=4, max_source=256, max_target=8)  # SSR's prompts
     run = train_sequence(cfg, ["sa", "pe"])
     system = json.loads((run / "system.json").read_text())
     stages = [json.loads((run / e).parent.joinpath("config.json").read_text())
@@ -293,7 +293,7 @@ def test_response_perplexity_scores_the_response_and_eos_after_the_prefix_as_tra
 
 def test_a_second_evaluation_writing_in_the_same_directory_is_refused(tmp_path):
     from errors import UserError
-    from evaluate import exclusive
+    from checkpoint import exclusive
     with exclusive(tmp_path / "run" / "eval.json"):
         with pytest.raises(UserError, match="another evaluation is writing in"):
             with exclusive(tmp_path / "run" / "eval-expert-only.json"):
@@ -304,7 +304,7 @@ def test_a_second_evaluation_writing_in_the_same_directory_is_refused(tmp_path):
 
 def test_a_refused_evaluation_leaves_no_directory_behind(tmp_path):
     from errors import UserError
-    from evaluate import exclusive
+    from checkpoint import exclusive
     (tmp_path / "kept").mkdir()
     with pytest.raises(UserError, match="no system"):
         with exclusive(tmp_path / "kept" / "new" / "deeper" / "eval.json"):
@@ -312,16 +312,14 @@ def test_a_refused_evaluation_leaves_no_directory_behind(tmp_path):
     assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--template", "plain"], "drop --template"), (["--max-source", "40"], "drop --max-source"),
-    (["--split", "train"], "drop --split")])
-def test_run_settings_that_would_be_ignored_are_refused(tmp_path, capsys, monkeypatch, args,
-                                                        message):
+@pytest.mark.parametrize("args", [["--template", "plain"], ["--max-source", "40"],
+                                  ["--split", "train"], ["--model", "tiny"]])
+def test_run_settings_that_would_be_ignored_are_refused(tmp_path, capsys, monkeypatch, args):
     import evaluate
     monkeypatch.setattr("sys.argv", ["evaluate.py", "--run", str(tmp_path), *args])
     with pytest.raises(SystemExit):
         evaluate.main()
-    assert message in capsys.readouterr().err
+    assert "drop --model, --template, --max-source and --split" in capsys.readouterr().err
 
 
 def test_a_directory_as_result_is_refused_before_anything_is_written(tmp_path):
