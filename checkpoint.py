@@ -354,8 +354,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def exclusive(out: Path):
-    """Hold the directory of the result `out` for one evaluation: a second one writing there at
-    once is refused (the OS drops the lock when the process ends, however it ends)."""
+    """Hold the directory of `out` (a result, a run's config.json) for one writer: a second one
+    writing there at once is refused (flock: the OS drops it when the process ends, however it
+    ends, so a crash leaves no stale lock)."""
     check_writable(out)
     directory = out.parent
     made = [d for d in (directory, *directory.parents) if not d.exists()]
@@ -365,7 +366,7 @@ def exclusive(out: Path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise UserError(f"another evaluation is writing in {directory}; let it finish") from None
+        raise UserError(f"another process is writing in {directory}; let it finish") from None
     try:
         yield
     finally:

@@ -33,7 +33,7 @@ import gate
 import lora
 import rehearsal
 from artifacts import seal
-from checkpoint import atomic_write, load, remove_leftovers
+from checkpoint import atomic_write, exclusive, load, remove_leftovers
 from data import ORDERS, Example, rehearsal_sets
 from errors import UserError, user_errors
 from experts import (UNROUTED, Expert, LoraExpert, SubExpert, TrainSample, prompt_ids, reconstruct,
@@ -146,6 +146,18 @@ def train(cfg: TrainConfig, on_start: Callable[[], None] = lambda: None) -> Path
     current, rehearsed, sources = rehearsal.training_data(cfg)
     init = check_init(cfg, lcfg, sub)
     cfg = replace(cfg, dtype=dtype_name(cfg.dtype))  # config.json records the dtype used
+    with one_writer(cfg.run_dir() / CONFIG_FILE):
+        return train_run(cfg, lcfg, sub, init, current, rehearsed, sources, on_start)
+
+
+def one_writer(path: Path):
+    """The lock on path's directory (checkpoint.exclusive) for rank 0, which alone writes."""
+    return exclusive(path) if distributed()[0] == 0 else contextlib.nullcontext()
+
+
+def train_run(cfg: TrainConfig, lcfg: lora.LoraConfig, sub: lora.SubExpertConfig | None,
+              init: Expert | None, current, rehearsed, sources, on_start) -> Path:
+    """train() once its inputs are checked and the run directory is held."""
     state = resume_state(cfg)
     run = setup(cfg, init, lcfg, sub, current, rehearsed, sources)
     if state is not None:  # an unfinished run: its checkpoint's weights, optimizer, random state
@@ -364,6 +376,13 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
     for stage in stages:  # every stage's settings and data, before anything is written
         check_config(stage)
         rehearsal.training_data(stage)
+    with one_writer(root / SYSTEM_FILE):
+        run_stages(root, stages, system)
+    return root
+
+
+def run_stages(root: Path, stages: list[TrainConfig], system: dict) -> None:
+    """Train the stages not finished yet, in order; system.json is written as the first starts."""
     finished = [s for s in stages if (s.run_dir() / EXPERT_DIR).exists()]
     for stage in finished:
         check_finished(stage)
@@ -380,7 +399,6 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
             print(f"stage {stages.index(stage) + 1}/{len(stages)}: {stage.task}"
                   + (f" (+ {','.join(stage.previous)})" if stage.previous else ""))
         train(stage, write_system)
-    return root
 
 
 @dataclass

@@ -295,7 +295,7 @@ def test_a_second_evaluation_writing_in_the_same_directory_is_refused(tmp_path):
     from errors import UserError
     from checkpoint import exclusive
     with exclusive(tmp_path / "run" / "eval.json"):
-        with pytest.raises(UserError, match="another evaluation is writing in"):
+        with pytest.raises(UserError, match="another process is writing in"):
             with exclusive(tmp_path / "run" / "eval-expert-only.json"):
                 pass
     with exclusive(tmp_path / "run" / "eval.json"):  # released when the first is done

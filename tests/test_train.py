@@ -123,6 +123,19 @@ def test_a_finished_run_or_other_settings_are_refused(tiny_dir, tmp_path):
         train(small(tiny_dir, tmp_path / "s"))
 
 
+def test_a_second_training_of_one_run_or_sequence_at_once_is_refused(tiny_dir, tmp_path):
+    # the lock another process would hold (flock conflicts across open files, even in one process)
+    with checkpoint.exclusive(tmp_path / "r" / "config.json"):
+        with pytest.raises(UserError, match="another process is writing in .*r; let it finish"):
+            train(small(tiny_dir, tmp_path / "r"))
+        assert not (tmp_path / "r" / "config.json").exists()
+    cfg = replace(small(tiny_dir, tmp_path / "seq"), previous=[])
+    with checkpoint.exclusive(tmp_path / "seq" / "system.json"):
+        with pytest.raises(UserError, match="another process is writing in .*seq; let it finish"):
+            train_sequence(cfg, ["sa", "pe"])
+        assert [p.name for p in (tmp_path / "seq").iterdir()] == []
+
+
 def test_bfloat16_autocast_keeps_the_trained_weights_in_float32(tiny_dir, tmp_path, device):
     run = train(replace(small(tiny_dir, tmp_path / "bf16", dtype="bfloat16"), epochs=1))
     assert all(t.dtype == torch.float32 for t in expert_tensors(run).values())
