@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Setting A' (docs/RESULTS.md): Table 1 at 200 examples per task, order 1, SmolLM2-135M-Instruct.
+# Setting A' (docs/RESULTS.md): Table 1 at 200 examples per task, order 1, SmolLM2-135M-Instruct,
+# fp32 pinned: on a CPU with native bf16 the default would be bf16 and the rows would not compare.
 # Each line resumes where it stopped; a finished run is skipped (train) or re-scored (evaluate).
 # Usage, from the repository root: bash docs/scripts/a1.sh [method ...]  (default: all rows)
 set -euo pipefail
-A="--order 1 --max-train 200 --epochs 3 --batch-size 8 --lr 1e-3 --max-source 512 --max-target 128"
-E="--max-eval 50 --max-new-tokens 128"
+A="--order 1 --max-train 200 --epochs 3 --batch-size 8 --lr 1e-3 --max-source 512 --max-target 128 --dtype float32"
+E="--max-eval 50 --max-new-tokens 128 --dtype float32"
 declare -A FLAGS=(
   [see]="--tau 0.1"                                # SEE(10%)
   [mtl]="--method mtl"                             # MTL
