@@ -146,38 +146,32 @@ def train(cfg: TrainConfig, on_start: Callable[[], None] = lambda: None) -> Path
     current, rehearsed, sources = rehearsal.training_data(cfg)
     init = check_init(cfg, lcfg, sub)
     cfg = replace(cfg, dtype=dtype_name(cfg.dtype))  # config.json records the dtype used
-    with one_writer(cfg.run_dir() / CONFIG_FILE):
-        return train_run(cfg, lcfg, sub, init, current, rehearsed, sources, on_start)
+    with one_writer(cfg.run_dir() / CONFIG_FILE):  # one training of a run at a time
+        state = resume_state(cfg)
+        run = setup(cfg, init, lcfg, sub, current, rehearsed, sources)
+        if state is not None:  # an unfinished run: its checkpoint's weights, optimizer, RNG
+            run.step = restore(state, run.trainable, run.opt, cfg.run_dir() / STATE_FILE, run.total)
+        if run.world > 1:  # every process starts from rank 0's weights, as DDP does
+            for p in run.trainable.values():
+                dist.broadcast(p.data, 0)
+        if run.main:
+            on_start()
+            start_run_dir(run, state is not None)
+        elapsed, n_tokens = fit(run)
+        keys, imprints = sparse_finish(run, init) if run.method.sparse else (None, None)
+        if run.main:
+            speed = n_tokens / max(elapsed, 1e-9)
+            print(f"trained {run.step} steps in {elapsed:.0f} s, {speed:.0f} tokens/s")
+            trained_expert(run, lcfg, sub, keys, imprints).save(cfg.run_dir() / EXPERT_DIR)
+            (cfg.run_dir() / STATE_FILE).unlink(missing_ok=True)
+        if run.world > 1:
+            dist.barrier()  # the next stage (on any process) may read this expert
+        return cfg.run_dir()
 
 
 def one_writer(path: Path):
     """The lock on path's directory (checkpoint.exclusive) for rank 0, which alone writes."""
     return exclusive(path) if distributed()[0] == 0 else contextlib.nullcontext()
-
-
-def train_run(cfg: TrainConfig, lcfg: lora.LoraConfig, sub: lora.SubExpertConfig | None,
-              init: Expert | None, current, rehearsed, sources, on_start) -> Path:
-    """train() once its inputs are checked and the run directory is held."""
-    state = resume_state(cfg)
-    run = setup(cfg, init, lcfg, sub, current, rehearsed, sources)
-    if state is not None:  # an unfinished run: its checkpoint's weights, optimizer, random state
-        run.step = restore(state, run.trainable, run.opt, cfg.run_dir() / STATE_FILE, run.total)
-    if run.world > 1:  # every process starts from rank 0's weights, as DDP does
-        for p in run.trainable.values():
-            dist.broadcast(p.data, 0)
-    if run.main:
-        on_start()
-        start_run_dir(run, state is not None)
-    elapsed, n_tokens = fit(run)
-    keys, imprints = sparse_finish(run, init) if run.method.sparse else (None, None)
-    if run.main:
-        speed = n_tokens / max(elapsed, 1e-9)
-        print(f"trained {run.step} steps in {elapsed:.0f} s, {speed:.0f} tokens/s")
-        trained_expert(run, lcfg, sub, keys, imprints).save(cfg.run_dir() / EXPERT_DIR)
-        (cfg.run_dir() / STATE_FILE).unlink(missing_ok=True)
-    if run.world > 1:
-        dist.barrier()  # the next stage (on any process) may read this expert
-    return cfg.run_dir()
 
 
 def setup(cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig,
@@ -376,29 +370,24 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
     for stage in stages:  # every stage's settings and data, before anything is written
         check_config(stage)
         rehearsal.training_data(stage)
-    with one_writer(root / SYSTEM_FILE):
-        run_stages(root, stages, system)
+    with one_writer(root / SYSTEM_FILE):  # one training of a sequence at a time
+        finished = [s for s in stages if (s.run_dir() / EXPERT_DIR).exists()]
+        for stage in finished:
+            check_finished(stage)
+        todo = [s for s in stages if s not in finished]
+
+        def write_system() -> None:  # once the model has been seen to hold the lengths asked for
+            root.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(root, SYSTEM_FILE)
+            write_json(root / SYSTEM_FILE, seal(system))
+        if not todo and distributed()[0] == 0:
+            write_system()
+        for stage in todo:
+            if distributed()[0] == 0:
+                print(f"stage {stages.index(stage) + 1}/{len(stages)}: {stage.task}"
+                      + (f" (+ {','.join(stage.previous)})" if stage.previous else ""))
+            train(stage, write_system)
     return root
-
-
-def run_stages(root: Path, stages: list[TrainConfig], system: dict) -> None:
-    """Train the stages not finished yet, in order; system.json is written as the first starts."""
-    finished = [s for s in stages if (s.run_dir() / EXPERT_DIR).exists()]
-    for stage in finished:
-        check_finished(stage)
-    todo = [s for s in stages if s not in finished]
-
-    def write_system() -> None:  # once the model has been seen to hold the lengths asked for
-        root.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(root, SYSTEM_FILE)
-        write_json(root / SYSTEM_FILE, seal(system))
-    if not todo and distributed()[0] == 0:
-        write_system()
-    for stage in todo:
-        if distributed()[0] == 0:
-            print(f"stage {stages.index(stage) + 1}/{len(stages)}: {stage.task}"
-                  + (f" (+ {','.join(stage.previous)})" if stage.previous else ""))
-        train(stage, write_system)
 
 
 @dataclass
