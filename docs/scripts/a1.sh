@@ -16,6 +16,7 @@ declare -A FLAGS=(
   [ssr]="--method ssr --tau 0.1"                   # SSR, as many replayed as RandSel(10%) (issue 29)
   [moses]="--method moses"                         # MoSEs (issue 29)
   [seta]="--method seta --tau 0.1"                 # SETA (issue 29)
+  [seta-matched]="--method seta --tau 0.1 --experts 1 --top-k 1"  # SETA, 1 task + 1 shared = MoSEs' 2
   [see-adapter]="--tau 0.1 --indicator-lr adapter" # issue 28 item 1a
   [see-general20]="--tau 0.1 --general-negatives 20"  # issue 28 item 1b
 )
