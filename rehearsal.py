@@ -47,7 +47,7 @@ def kmeans_nearest(features: torch.Tensor, n: int, seed: int, clusters: int = 20
                    iters: int = 30) -> list[int]:
     """KMeansSel's choice of n of the points: k-means into `clusters`, each cluster given slots in
     proportion to its size, filled by its points nearest its centroid (as the SSR authors' code)."""
-    x = F.normalize(features.float(), dim=-1)
+    x = F.normalize(features.float().cpu(), dim=-1)  # on the CPU, as its seeded generator
     k = min(clusters, len(x))
     g = torch.Generator().manual_seed(seed)
     centroids = x[torch.randint(len(x), (1,), generator=g)]
