@@ -113,6 +113,8 @@ def method_label(system: dict) -> str:
         label += f" +{settings['general_negatives']} general neg."
     if method.routes and settings["indicator"] != "added":
         label += f" {settings['indicator']}"
+    elif method.routes and settings["indicator_lr"] == "adapter":  # issue 28 item 1a
+        label += " ind. lr = adapter's"
     return label
 
 

@@ -5,7 +5,7 @@
 # Usage, from the repository root: bash docs/scripts/a1.sh [method ...]  (default: all rows)
 set -euo pipefail
 A="--order 1 --max-train 200 --epochs 3 --batch-size 8 --lr 1e-3 --max-source 512 --max-target 128 --dtype float32"
-E="--max-eval 50 --max-new-tokens 128 --dtype float32"
+E="--max-eval 50 --max-ood 200 --max-new-tokens 128 --dtype float32"  # 200 LIMA, 50 per held-out task
 declare -A FLAGS=(
   [see]="--tau 0.1"                                # SEE(10%)
   [mtl]="--method mtl"                             # MTL
