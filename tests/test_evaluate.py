@@ -96,7 +96,7 @@ def test_a_missing_expert_is_one_line_of_error(tiny_dir, tmp_path):
 def continual_runs(tiny_dir, synthetic_tasks, tmp_path_factory):
     """SEE(100%) and non-rehearsal over the same three synthetic tasks, each scored after
     every stage."""
-    from evaluate import evaluate_run, method_label
+    from evaluate import evaluate_run
     from train import train_sequence
     root = tmp_path_factory.mktemp("continual")
     cfg = TrainConfig(model=str(tiny_dir), tau=1.0, max_train=32, epochs=20, batch_size=16,
@@ -180,7 +180,7 @@ def test_a_run_says_who_answered_each_out_of_distribution_set(continual_runs):
 
 @pytest.mark.slow
 def test_routing_none_scores_each_task_by_its_own_expert_with_o_pos_forced(continual_runs):
-    from evaluate import evaluate_run, method_label
+    from evaluate import evaluate_run
     runs, results = continual_runs
     result, predictions = evaluate_run(runs["see"], max_eval=8, max_new_tokens=6, routing="none")
     assert result["label"] == "SEE(100%) own-expert" and [len(row) for row in result["scores"]] == [3]
@@ -205,7 +205,7 @@ def test_routing_none_lets_the_named_expert_answer_every_query(separable_run, ti
 
 @pytest.mark.parametrize("method", ["mtl", "stl"])
 def test_mtl_and_stl_give_one_row_and_no_bwt(tiny_dir, tmp_path, method):
-    from evaluate import evaluate_run, method_label
+    from evaluate import evaluate_run
     from train import train_sequence
     cfg = TrainConfig(model=str(tiny_dir), method=method, out=str(tmp_path / method), max_train=8,
                       epochs=1, batch_size=8, micro_batch=8, max_source=64, max_target=6)
@@ -261,7 +261,7 @@ def test_run_and_task_are_exclusive(tiny_dir, tmp_path):
 
 @pytest.mark.slow
 def test_perplexity_is_the_answering_experts_after_its_indicator(continual_runs):
-    from evaluate import evaluate_run, method_label
+    from evaluate import evaluate_run
     runs, _ = continual_runs
     ppl = {m: {} for m in runs}
     for m, run in runs.items():
