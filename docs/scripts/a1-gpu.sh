@@ -15,7 +15,8 @@ done
 while [ "$(date +%s)" -lt "$deadline" ]; do
   done=0
   for r in "$@"; do [ -f "runs/a1-$r/eval.json" ] && done=$((done + 1)); done
-  echo "$(date +%T) scored $done of $#; $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)"
+  gpu=$(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)
+  echo "$(date +%T) scored $done of $#; $gpu"
   [ "$done" -eq $# ] && break
   sleep 20
 done

@@ -5,7 +5,8 @@
 # Usage, from the repository root: bash docs/scripts/a1.sh [method ...]  (default: all rows)
 set -euo pipefail
 A="--order 1 --max-train 200 --epochs 3 --batch-size 8 --lr 1e-3 --max-source 512 --max-target 128 --dtype float32"
-E="--max-eval 50 --max-ood 200 --max-new-tokens 128 --dtype float32"  # 200 LIMA, 50 per held-out task
+# 200 LIMA queries and 50 of each held-out task (--max-eval alone would cap LIMA at 50 too)
+E="--max-eval 50 --max-ood 200 --max-new-tokens 128 --dtype float32"
 declare -A FLAGS=(
   [see]="--tau 0.1"                                # SEE(10%)
   [mtl]="--method mtl"                             # MTL
@@ -16,7 +17,8 @@ declare -A FLAGS=(
   [ssr]="--method ssr --tau 0.1"                   # SSR, as many replayed as RandSel(10%) (issue 29)
   [moses]="--method moses"                         # MoSEs (issue 29)
   [seta]="--method seta --tau 0.1"                 # SETA (issue 29)
-  [seta-matched]="--method seta --tau 0.1 --experts 1 --top-k 1"  # SETA, 1 task + 1 shared = MoSEs' 2
+  # SETA with 1 task + 1 shared sub-expert per layer: MoSEs' 2
+  [seta-matched]="--method seta --tau 0.1 --experts 1 --top-k 1"
   [see-adapter]="--tau 0.1 --indicator-lr adapter" # issue 28 item 1a
   [see-general20]="--tau 0.1 --general-negatives 20"  # issue 28 item 1b
 )
