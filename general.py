@@ -31,8 +31,9 @@ MMLU_ENV = "SEE_MMLU_DIR"
 
 def load_mmlu(directory: str | Path, per_subject: int | None) -> list[tuple[str, int]]:
     """(query, index of the right option) for the first `per_subject` questions of each subject
-    in <directory>/test/<subject>_test.csv (hendrycks/test's rows: question, A, B, C, D, answer),
-    put as its evaluation script puts them, zero-shot."""
+    in <directory>/test/<subject>_test.csv (hendrycks/test's rows: question, A, B, C, D, answer;
+    or the Hub export's: a header line, then answers 0-3), put as its evaluation script puts
+    them, zero-shot."""
     files = sorted(Path(directory).glob("test/*_test.csv"))
     if not files:
         raise UserError(f"{directory}: no MMLU test/<subject>_test.csv files")
@@ -40,13 +41,15 @@ def load_mmlu(directory: str | Path, per_subject: int | None) -> list[tuple[str,
     for path in files:
         subject = path.name.removesuffix("_test.csv").replace("_", " ")
         rows = list(csv.reader(io.StringIO(read_text(path))))
-        for n, row in enumerate(rows[:per_subject], 1):
-            if len(row) != 6 or row[5] not in LETTERS:
-                raise UserError(f"{path}:{n}: need question,A,B,C,D,answer (a letter A-D)")
+        header = rows[:1] == [["question", "choice0", "choice1", "choice2", "choice3", "answer"]]
+        answers = "0123" if header else LETTERS
+        for n, row in enumerate(rows[header:header + (per_subject or len(rows))], 1 + header):
+            if len(row) != 6 or len(row[5]) != 1 or row[5] not in answers:
+                raise UserError(f"{path}:{n}: need question,A,B,C,D,answer (one of {answers})")
             options = "".join(f"{k}. {v}\n" for k, v in zip(LETTERS, row[1:5]))
             query = (f"The following are multiple choice questions (with answers) about "
                      f"{subject}.\n\n{row[0]}\n{options}Answer:")
-            items.append((query, LETTERS.index(row[5])))
+            items.append((query, answers.index(row[5])))
     return items
 
 

@@ -37,6 +37,21 @@ def test_mmlu_rows_become_zero_shot_queries_and_a_bad_row_is_named(tmp_path):
         load_mmlu(tmp_path, None)
 
 
+def test_the_hub_exports_header_and_index_answers_read_as_the_letters_do(tmp_path):
+    letters = load_mmlu(write_mmlu(tmp_path / "letters", "ABCDAB"), None)
+    hub = tmp_path / "hub" / "test"
+    hub.mkdir(parents=True)
+    header = "question,choice0,choice1,choice2,choice3,answer\n"
+    (hub / "anatomy_test.csv").write_text(header + "".join(f"{q},{a}\n" for q, a in
+                                                          zip(QUESTIONS[:3], "012")))
+    (hub / "virology_test.csv").write_text(header + "".join(f"{q},{a}\n" for q, a in
+                                                           zip(QUESTIONS[3:], "301")))
+    assert load_mmlu(hub.parent, None) == letters
+    (hub / "virology_test.csv").write_text(header + f"{QUESTIONS[3]},A\n")
+    with pytest.raises(UserError, match="virology_test.csv:2: .*one of 0123"):
+        load_mmlu(hub.parent, None)
+
+
 def test_choices_are_the_likeliest_letter_whatever_the_batch(tiny):
     model, tok = tiny
     prompts = [tok.encode(q) for q in QUESTIONS]
