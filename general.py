@@ -107,7 +107,7 @@ def score_run(run: str | Path | None, items: list[tuple[str, int]], model_name: 
         picks[e.name] = choices(model, tok, [p + ind.pos for p in prompts], batch_size,
                                 f"expert {e.name}")
     routes = sequential_route(model, experts, ind, prompts, len(ind.pos), tok.eos_ids,
-                              batch_size).routes
+                              batch_size, progress=True).routes
     routed = [base[i] if r is BASE else picks[r][i] for i, r in enumerate(routes)]
     result.update(final=accuracy(routed, gold),
                   experts={k: accuracy(v, gold) for k, v in picks.items()},
