@@ -43,7 +43,7 @@ def load_mmlu(directory: str | Path, per_subject: int | None) -> list[tuple[str,
         rows = list(csv.reader(io.StringIO(read_text(path))))
         header = rows[:1] == [["question", "choice0", "choice1", "choice2", "choice3", "answer"]]
         answers = "0123" if header else LETTERS
-        for n, row in enumerate(rows[header:header + (per_subject or len(rows))], 1 + header):
+        for n, row in enumerate(rows[header:][:per_subject], 1 + header):
             if len(row) != 6 or len(row[5]) != 1 or row[5] not in answers:
                 raise UserError(f"{path}:{n}: need question,A,B,C,D,answer (one of {answers})")
             options = "".join(f"{k}. {v}\n" for k, v in zip(LETTERS, row[1:5]))
