@@ -1,7 +1,8 @@
 """What picks a task in MoSEs and SETA: the query's feature from the frozen base model, matched to
 MoSEs' prompt keys or to SETA's unified gate (a cosine classifier, one row per task); and SETA's
 training terms: the gate's loss, the routing regulariser, elastic anchoring and its importance.
-("Router" is the per-token mixer inside a MoSE layer, lora.SubExpertLinear; "gate" is SETA's.)"""
+("Router" is the per-token mixer inside a MoSE layer, lora.SubExpertLinear; "gate" is SETA's.)
+Trained in train.sparse_terms; at inference router.key_route picks the task with match_keys."""
 from __future__ import annotations
 
 import torch
@@ -46,8 +47,8 @@ def gate_logits(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def match_keys(features: torch.Tensor, keys: dict[str, torch.Tensor]) -> list[str]:
-    """The task whose key (MoSEs) or gate row (SETA: the gate's choice) is most cosine-similar to
-    each feature."""
+    """The task picked at inference, MoSEs' and SETA's: the one whose prompt key (MoSEs) or gate
+    row (SETA: the gate's argmax) is most cosine-similar to each feature."""
     if not keys:
         raise UserError("no task keys to match")
     names = list(keys)

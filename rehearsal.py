@@ -1,6 +1,6 @@
 """What a stage rehearses of the earlier tasks (Eq. 4's sampled part): RandSel's random draw, SEE's
 pseudo-negatives and general negatives (LIMA queries), KMeansSel's choice by k-means, and SSR's
-synthetic instances."""
+synthetic instances. The random draw itself (SEE's and RandSel's) is data.rehearsal_sets."""
 from __future__ import annotations
 
 import itertools

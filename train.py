@@ -7,6 +7,8 @@ model, fitted to the reconstructed task D^_i (Eq. 4) with the loss of Eq. 5.
     python train.py --order 1 --method non-rehearsal  # a baseline: one LoRA, each task in turn
     python train.py --order 1 --method seta  # SETA: masked task experts, shared experts, a gate
     torchrun --nproc_per_node 2 train.py --task qa  # data parallel: same result, same global batch
+
+Eq. 5 is eq5_loss (collate masks the query); MoSEs' and SETA's own terms join at sparse_terms.
 """
 from __future__ import annotations
 
