@@ -279,15 +279,13 @@ def make_tiny(out_dir: str | Path | None = None, texts: list[str] | None = None,
         texts = [r["full_prompt"] + "\n" + r["output"]
                  for f in sorted(data_dir().glob("*.train.smp01.jsonl")) for r in read_jsonl(f)]
     sp_model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=sp_model,
-                                   vocab_size=TINY["vocab_size"], unk_id=0, bos_id=1, eos_id=2,
-                                   pad_id=-1, num_threads=1, max_sentence_length=1 << 16,
-                                   minloglevel=2,
-                                   # Llama-2's: text kept as is, digits split, bytes as <0x..>
-                                   model_type="bpe", byte_fallback=True, split_digits=True,
-                                   normalization_rule_name="identity",
-                                   remove_extra_whitespaces=False,
-                                   allow_whitespace_only_pieces=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=sp_model, vocab_size=TINY["vocab_size"],
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, max_sentence_length=1 << 16,
+        minloglevel=2,
+        # Llama-2's: text kept as is, digits split, bytes as <0x..>
+        model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True)
     torch.manual_seed(seed)
     model = Llama(ModelConfig.from_hf(TINY))
     for name, p in model.named_parameters():
@@ -354,9 +352,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def exclusive(out: Path):
-    """Hold the directory of `out` (a result, a run's config.json) for one writer: a second one
-    writing there at once is refused (flock: the OS drops it when the process ends, however it
-    ends, so a crash leaves no stale lock)."""
+    """Hold the directory of `out` (a result, a run's config.json) for one writer, refusing a second
+    (flock: the OS drops it when the process ends, however it ends: no stale lock)."""
     check_writable(out)
     directory = out.parent
     made = [d for d in (directory, *directory.parents) if not d.exists()]

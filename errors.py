@@ -14,8 +14,7 @@ class UserError(ValueError):
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn a UserError, or a full disk or a permission refused, into `error: ...` and exit status
-    2 instead of a traceback."""
+    """Turn a UserError, a full disk or a refused permission into `error: ...` and exit status 2."""
     try:
         yield
     except UserError as e:

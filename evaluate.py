@@ -57,8 +57,7 @@ class Scoring:
 
 def evaluate_task(s: Scoring, experts: list[Expert], examples: list[Example],
                   task: str | None = None, xlingual: bool = False) -> tuple[dict, list[dict]]:
-    """Answer and score every example: its summary (ROUGE-L, counts, speed, routing cost) and one
-    record per example."""
+    """Answer and score every example: a summary (ROUGE-L, speed, routing cost), a record each."""
     model, tok, ind = s.model, s.tok, s.ind
     prompts = s.prompts([ex.query for ex in examples])
     t0 = time.perf_counter()
@@ -122,9 +121,8 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
                  batch_size: int = 16, max_ood: int = OOD_EVAL, data_dir: str | None = None,
                  device="cpu", dtype=torch.float32, progress: bool = False,
                  routing: str = "sequential") -> tuple[dict, list[dict]]:
-    """Score a system written by train.py --sequence: the results and the final stage's predictions.
-    Continual methods give scores[j][i] = a_i after stage j, hence AR and BWT; MTL, STL and SEE
-    with routing "none" (each task by its own expert, o_pos forced) give one row."""
+    """Score a system of train.py --sequence: results and final-stage predictions. Continual methods
+    give scores[j][i] = a_i after stage j (AR, BWT); MTL, STL, SEE with routing "none" one row."""
     run_dir = Path(run_dir)
     system = read_system(run_dir)
     method, tasks = METHODS[system["method"]], system["tasks"]
@@ -152,8 +150,7 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
                   scores=scores, ar=average_rouge(scores),
                   bwt=backward_transfer(scores) if routed or method.continues else None,
                   routing_f1=None, per_task_routing=None, rb_acc=None, ood_routes=None, n_ood=None,
-                  routing_steps=None, routing=routing,
-                  parameters=[e.counts for e in experts])
+                  routing_steps=None, routing=routing, parameters=[e.counts for e in experts])
     if any(Path(t).stem in XLINGUAL for t in tasks):
         result["xlingual_tokenizer"] = XLINGUAL_TOKENS.name
     if method.sparse:
@@ -219,8 +216,7 @@ def add_perplexities(s: Scoring, predictions: list[dict], max_target: int) -> No
 
 def til_metrics(s: Scoring, cells: dict, predictions: list[dict]) -> dict:
     """MoSEs/SETA: the task-incremental (TIL: the task given) scores beside the task-agnostic ones
-    (TaIL: keys or the gate pick the task), and how well it was picked; SETA also by its gate as
-    imprinted (each row at its task's mean query feature), unless its training state was dropped."""
+    (TaIL: keys or the gate pick it), how well it was picked, and by SETA's gate as imprinted."""
     til, _ = score_matrix(s, cells, til=True)
     gold = gold_routes(s, predictions)
     scored = routing_scores([p["route"] for p in predictions], gold)

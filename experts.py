@@ -25,8 +25,7 @@ from tokenizer import Tokenizer
 INDICATORS = {"added": ("<<pos>>", "<<neg>>"), "non-semantic": ("«pos»", "«neg»"),
               "semantic": ("Yes", "No")}
 # How a query is put to every model (experts and base alike): "plain" is the SuperNI prompt and an
-# answer cue; "chat" is one user turn in the checkpoint's own chat template (instruct models answer
-# nothing useful without it); "auto" picks chat when the checkpoint has a template.
+# answer cue; "chat" one user turn in the checkpoint's chat template (instruct models need it).
 PROMPT = "{query}\nOutput:"
 TEMPLATES = ("auto", "chat", "plain")
 # the indicator type of a baseline's adapter: it has none, answers every query and is not routed
@@ -225,9 +224,8 @@ def split_prefix(tensors: dict[str, torch.Tensor],
 @dataclass
 class SubExpert(StoredExpert):
     """A MoSEs/SETA stage: one set of sparse sub-experts holding every task so far. `adapter` is
-    what inference needs (held weights, bit-packed masks), `keys` each task's prompt key (SETA: gate
-    row); `training` (free weights, SETA's importance; None: dropped) and `imprints` (SETA: each
-    task's gate row as imprinted) are what only a next stage needs."""
+    what inference needs, `keys` each task's prompt key (SETA: gate row); `training` (None: dropped)
+    and `imprints` (SETA: each task's gate row as imprinted) are what only a next stage needs."""
     sub: lora.SubExpertConfig
     keys: dict[str, torch.Tensor] = field(default_factory=dict)
     training: dict[str, torch.Tensor] | None = None
@@ -293,8 +291,7 @@ Expert = LoraExpert | SubExpert
 
 
 def load_expert(path: str | Path) -> Expert:
-    """An expert directory, of the kind its expert.json names, every file it needs checked: a
-    missing or malformed one is a UserError naming it."""
+    """An expert directory, of the kind its expert.json names, every file it needs checked."""
     path = Path(path)
     if not (path / EXPERT_FILE).is_file():
         raise UserError(f"{path} is not an expert directory (no {EXPERT_FILE})")
@@ -307,8 +304,7 @@ def load_expert(path: str | Path) -> Expert:
                         f"template {meta['template']!r}, max_source {meta['max_source']} < 1, or a "
                         f"name {meta['name']!r} empty or with a '.'")
     check_digests(path, meta["files"], path / EXPERT_FILE, optional=(TRAINING_FILE,))
-    kind = SubExpert if "sub" in meta else LoraExpert
-    return kind.load(path, meta)
+    return (SubExpert if "sub" in meta else LoraExpert).load(path, meta)
 
 
 def load_system(model_name: str | None, expert_dirs: list[str], device,

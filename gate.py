@@ -16,11 +16,9 @@ from errors import UserError
 @torch.no_grad()
 def query_features(model: nn.Module, prompts: list[list[int]],
                    batch_size: int = 16) -> torch.Tensor:
-    """f(x): the base model's final hidden states averaged over the query's tokens, (n, dim).
-
-    No sub-expert is active, so a query's task never depends on what was learned after its key (as
-    L2P uses the frozen pretrained encoder); averaged, as a decoder has no [CLS] token.
-    """
+    """f(x): the base model's final hidden states averaged over the query's tokens, (n, dim). No
+    sub-expert is active, so a query's task never depends on what was learned after its key (as
+    L2P uses the frozen pretrained encoder); averaged, as a decoder has no [CLS] token."""
     lora.set_task(model, None)  # callers set the task they want afterwards
     device = model.lm_head.weight.device
     feats = []

@@ -1,8 +1,7 @@
 """LoRA written out by hand: a frozen linear layer plus named adapters, saved in PEFT's layout.
 
 y = W x + (alpha / r) * B A dropout(x), with A (r x in) Kaiming-uniform and B (out x r) zero, so a
-fresh adapter leaves the model unchanged. Several adapters can sit on one base; one is active.
-"""
+fresh adapter leaves the model unchanged. Several adapters sit on one base; one is active."""
 from __future__ import annotations
 
 import json
@@ -95,9 +94,8 @@ def add_adapter(model: nn.Module, name: str, cfg: LoraConfig) -> None:
 
 
 def wrap_targets(model: nn.Module, targets: tuple[str, ...], wrap, weights) -> None:
-    """Replace every plain nn.Linear named in `targets` by wrap(linear), in its train/eval mode,
-    unless adapters of weights(linear) fp32 weights each, with their gradients and AdamW moments
-    (16 bytes a weight), exceed the device's memory: refused before an allocator fails on them."""
+    """Replace each nn.Linear named in `targets` by wrap(linear), in its train/eval mode, unless
+    weights(linear) fp32 weights each, with grads and AdamW moments (16 B/weight), exceed memory."""
     found = [(parent, attr) for parent in model.modules() for attr in targets
              if isinstance(getattr(parent, attr, None), nn.Linear)]
     device = model.lm_head.weight.device
@@ -281,8 +279,7 @@ class SubExpertLinear(nn.Module):
             return y
         A, B, R = (getattr(self, k) * self.mask(k) for k in MASKED)
         x = x.to(A.dtype)
-        # (..., E): the router's score of each sub-expert (fp32 under autocast too)
-        logits = (x @ R.T).float()
+        logits = (x @ R.T).float()  # (..., E): each sub-expert's score, fp32 under autocast too
         top = logits.topk(self.sub.top_k, dim=-1)
         weights = torch.zeros_like(logits).scatter(-1, top.indices, top.values.softmax(-1))
         h = torch.einsum("...i,eri->...er", self.dropout(x), A)
@@ -449,8 +446,7 @@ def subexpert_counts(model: nn.Module) -> dict[str, int]:
 
 
 def lora_bytes(model: nn.Module, cfg: LoraConfig, base_model: str) -> int:
-    """Bytes on disk of one rank-cfg.r LoRA adapter on the sub-experts' projections: what a LoRA
-    per task stores per task."""
+    """Bytes on disk of one task's rank-cfg.r LoRA adapter on the sub-experts' projections."""
     state = {f"{PEFT_PREFIX}{path}.lora_{ab}.weight": torch.zeros(shape)
              for path, m in subexpert_layers(model).items() for ab, shape in
              (("A", (cfg.r, m.base.in_features)), ("B", (m.base.out_features, cfg.r)))}

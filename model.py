@@ -2,8 +2,7 @@
 
 Module names mirror Hugging Face's (`model.layers.0.self_attn.q_proj`, ...) so that safetensors
 checkpoints load as they are and LoRA adapters can be saved in the PEFT layout. It imports nothing
-of the project: checkpoint.py loads it, router.py generates with it.
-"""
+of the project: checkpoint.py loads it, router.py generates with it."""
 from __future__ import annotations
 
 import functools
@@ -54,8 +53,7 @@ class ModelConfig:
                              f"{', '.join(sorted(llama3_fields - scaling.keys()))}")
         max_len = cfg.get("max_position_embeddings", 4096)
         if model_type == "mistral" and cfg.get("sliding_window"):
-            # no sliding-window attention here: stay inside it
-            max_len = min(max_len, cfg["sliding_window"])
+            max_len = min(max_len, cfg["sliding_window"])  # no sliding-window attention here
         return cls(
             vocab_size=cfg["vocab_size"],
             dim=cfg["hidden_size"],
@@ -243,11 +241,9 @@ class Llama(nn.Module):
 
     def hidden(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None,
                start_pos: int = 0) -> torch.Tensor:
-        """Final hidden states (B, T, dim), normalised, before the output head.
-
-        pad_mask (B, start_pos+T), True for real tokens, covers every slot so far (left padding);
-        positions then count real tokens only, so a padded row computes what it would alone.
-        """
+        """Final hidden states (B, T, dim), normalised, before the output head. pad_mask (B,
+        start_pos+T), True for real tokens, covers every slot so far (left padding); positions then
+        count real tokens only, so a padded row computes what it would alone."""
         B, T = idx.shape
         slots = torch.arange(start_pos + T, device=idx.device)
         causal = slots[None, :] <= slots[start_pos:, None]  # (T, start_pos + T)
@@ -285,9 +281,8 @@ class Llama(nn.Module):
 
 
 def reads_on(tokens: list[int], prefixes: list[list[int]]) -> bool:
-    """Whether the prefixes rule reads a row on past `tokens`: it stops at the first token that
-    departs from every prefix, or once the row completes a prefix other than the first (SEE:
-    [o_pos, o_neg]; an expert that emits o_neg or neither indicator is not decoded any further)."""
+    """Whether the prefixes rule reads a row on past `tokens`: not past a token that departs from
+    every prefix, nor once it completes a prefix other than the first (SEE: [o_pos, o_neg])."""
     for j, p in enumerate(prefixes):
         if tokens[:len(p)] == p[:len(tokens)]:  # follows p so far
             if j == 0 or len(tokens) < len(p):
@@ -301,13 +296,10 @@ def reads_on(tokens: list[int], prefixes: list[list[int]]) -> bool:
 def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
              prefixes: list[list[int]] | None = None,
              ban: list[int] | None = None) -> list[list[int]]:
-    """Continue each prompt (a list of ids) greedily in one left-padded batch with the KV cache.
-
-    Each row stops at its first EOS (not included in the result) or after max_new_tokens. With
-    `prefixes`, a row also stops where reads_on says (the tokens read are kept): only rows that
-    complete the first prefix decode on. Tokens in `ban` are never generated after the first
-    prefix (SEE's added indicator tokens: routing signals, not response text).
-    """
+    """Continue each prompt greedily in one left-padded batch with the KV cache. A row stops at its
+    first EOS (not kept), after max_new_tokens, or where reads_on says (the tokens read are kept).
+    Tokens in `ban` are never generated after the first prefix (SEE's added indicator tokens:
+    routing signals, not response text)."""
     if not prompts or min(map(len, prompts)) == 0:
         raise ValueError("cannot generate from an empty prompt")
     if max_new_tokens < 1:

@@ -73,15 +73,13 @@ def kmeans_nearest(features: torch.Tensor, n: int, seed: int, clusters: int = 20
 
 def kmeans_rehearsal(model: Llama, tok, cfg: TrainConfig) -> tuple[list[Example], list[str]]:
     """KMeansSel(tau): of each earlier task's training examples, as many as RandSel draws, chosen
-    by kmeans_nearest on the base model's features of their inputs (what follows the definition
-    every query of the task shares; the SSR authors embed inputs alone, with SimCSE)."""
+    by nearest_inputs on their inputs (what follows the definition all the task's queries share)."""
     chosen, sources = [], []
     for task in cfg.previous:
         pool = subsample(load_task(task, "train", cfg.data_dir), cfg.max_train, cfg.seed)
         n = len(rehearsal_sets([task], cfg.tau, cfg.seed, cfg.max_train, cfg.data_dir)[0])
         definition, inputs = split_queries(pool)
-        picked = nearest_inputs(model, tok, inputs, n, cfg)
-        chosen += [pool[i] for i in picked]
+        chosen += [pool[i] for i in nearest_inputs(model, tok, inputs, n, cfg)]
         sources.append(f"{task}: {n} of {len(pool)} nearest k-means centroids")
     return chosen, sources
 
@@ -93,8 +91,7 @@ def split_queries(examples: list[Example]) -> tuple[str, list[str]]:
 
 
 def nearest_inputs(model: Llama, tok, inputs: list[str], n: int, cfg: TrainConfig) -> list[int]:
-    """kmeans_nearest on the base model's features of the inputs (the SSR authors embed inputs
-    alone, with SimCSE)."""
+    """kmeans_nearest on the base model's features of the inputs (the SSR authors use SimCSE's)."""
     ids = [tok.encode(x, bos=True)[:cfg.max_source] for x in inputs]
     return kmeans_nearest(gate.query_features(model, ids, cfg.micro_batch), n, cfg.seed)
 

@@ -1,8 +1,7 @@
 """Sequential routing (paper Sec. 3, Inference): a query visits the experts newest to oldest;
 an expert that emits o_pos answers it, one that emits o_neg passes it to the next older expert,
 and "if an expert fails to produce an indicator, we route the query to the base model M_0", as
-is a query every expert refuses. Beside it, MoSEs' prompt-key routing: the query's feature
-picks a task, whose masks answer.
+is a query every expert refuses. Beside it, MoSEs' prompt-key routing (key_route).
 
     python router.py --run runs/see-tau0.1-qa-qg-sa-sum-trans-smollm2-135m --prompt "Translate ..."
     python router.py --run runs/see-... --task qa --index 3     # an eval query, routed step by step

@@ -58,14 +58,12 @@ class Tokenizer:
         return ids + [self.eos_id] if eos else ids
 
     def decode(self, ids: list[int]) -> str:
-        """Text of ids (the inverse of encode: a leading BOS it added is dropped); added tokens
-        written literally."""
+        """Text of ids (encode's inverse: drops a leading BOS it added), added tokens literal."""
         if ids and self.add_bos and ids[0] == self.bos_id:
             ids = ids[1:]
         literal = {i: t for t, i in self.added.items()}
-        runs = itertools.groupby(ids, key=lambda i: i in literal)
         return "".join("".join(literal[i] for i in run) if added else self._decode(list(run))
-                       for added, run in runs)
+                       for added, run in itertools.groupby(ids, key=lambda i: i in literal))
 
     def chat(self, query: str) -> str:
         """The query as one user turn in the checkpoint's chat template, ready for the answer."""

@@ -8,8 +8,7 @@ model, fitted to the reconstructed task D^_i (Eq. 4) with the loss of Eq. 5.
     python train.py --order 1 --method seta  # SETA: masked task experts, shared experts, a gate
     torchrun --nproc_per_node 2 train.py --task qa  # data parallel: same result, same global batch
 
-Eq. 5 is eq5_loss (collate masks the query); MoSEs' and SETA's own terms join at sparse_terms.
-"""
+Eq. 5 is eq5_loss (collate masks the query); MoSEs' and SETA's own terms join at sparse_terms."""
 from __future__ import annotations
 
 import argparse
@@ -61,22 +60,19 @@ def collate(batch: list[TrainSample], device) -> tuple[torch.Tensor, torch.Tenso
 
 def eq5_loss(model: Llama, hidden, batch: list[TrainSample], n_targets: int, device,
              amp) -> tuple[torch.Tensor, float]:
-    """Eq. 5 on a micro-batch: the NLL of its target tokens (the indicator, and for positives the
-    response and EOS; the query is context, masked by collate), summed and divided by n_targets,
-    the target tokens of the whole global batch: the mean over the global batch, as SFT
+    """Eq. 5 on a micro-batch: the NLL of its target tokens (collate masks the query), summed and
+    divided by n_targets, the whole global batch's: the mean over the global batch, as SFT
     implementations compute it. Returns the loss to backpropagate and the summed NLL (logged)."""
     x, y = collate(batch, device)
     with amp:
-        # only target positions go through the output head
-        logits = model.head(hidden(x)[y != -100])
+        logits = model.head(hidden(x)[y != -100])  # only target positions reach the output head
     nll = F.cross_entropy(logits.float(), y[y != -100], reduction="sum")
     return nll / n_targets, nll.item()
 
 
 def trainable_parameters(model: Llama, adapter: str | None,
                          indicator_rows: bool) -> dict[str, torch.nn.Parameter]:
-    """Freeze the base model; only the adapter (None: the MoSE layers) and the added indicator rows
-    learn, in fp32."""
+    """Freeze all but the adapter (None: MoSE layers) and added indicator rows, made fp32."""
     model.requires_grad_(False)
     learned = lora.lora_parameters(model, adapter) if adapter else lora.subexpert_parameters(model)
     learn = {id(p) for p in learned}
@@ -141,9 +137,8 @@ class Run:
 
 def train(cfg: TrainConfig, on_start: Callable[[], None] = lambda: None) -> Path:
     """Train the expert and write it to <run dir>/expert; returns the run directory. Under torchrun
-    each process takes every world-th micro-batch of each global batch and the gradients are summed
-    before the step: data parallel, the same step as one process's. Only rank 0 writes files,
-    starting with `on_start`, once every check has passed and the model is loaded."""
+    each process takes every world-th micro-batch and the gradients are summed before the step: the
+    same step as one process's. Only rank 0 writes, from `on_start` once every check passed."""
     lcfg, sub = check_config(cfg)
     current, rehearsed, sources = rehearsal.training_data(cfg)
     init = check_init(cfg, lcfg, sub)
@@ -256,15 +251,13 @@ def start_run_dir(run: Run, resumed: bool) -> None:
         print(f"{out}: no checkpoint yet, starting over")
     logged = read_log(out / LOG_FILE, run.step) if resumed else []
     out.mkdir(parents=True, exist_ok=True)
-    # of a process killed mid-write
-    remove_leftovers(out, STATE_FILE, CONFIG_FILE, LOG_FILE, EXPERT_DIR)
+    remove_leftovers(out, STATE_FILE, CONFIG_FILE, LOG_FILE, EXPERT_DIR)  # of a killed process
     write_json(out / CONFIG_FILE, dataclasses.asdict(cfg))
     atomic_write(out / LOG_FILE, lambda p: p.write_text("".join(line + "\n" for line in logged)))
 
 
 def fit(run: Run) -> tuple[float, int]:
-    """The training loop: learning rate, micro-batches, backward, the sum across processes,
-    clipping, the step, the log, a checkpoint. Returns the seconds it took and the tokens it saw."""
+    """The training loop; returns the seconds it took and the tokens it saw."""
     cfg, out = run.cfg, run.cfg.run_dir()
     bar = tqdm(total=run.total, initial=run.step, desc=f"train {cfg.name}", unit="step",
                disable=not run.main)
@@ -278,10 +271,8 @@ def fit(run: Run) -> tuple[float, int]:
             n_targets = sum(len(s.ids) - s.start for s in batch)
             t0 = time.perf_counter()
             loss_sum = backward(run, chosen, n_targets)
-            # the sum of every process's share: the gradient of the whole global batch
             if run.world > 1:
                 loss_sum = all_reduce(run, loss_sum)
-            # MoSEs/SETA: their own loss terms, once the batch's gradients are in
             extra = sparse_terms(run, chosen) if run.method.sparse else {}
             # max_grad_norm 1.0, the HF Trainer default; a diverged run stops here
             norm = torch.nn.utils.clip_grad_norm_(run.trainable.values(), 1.0)
@@ -314,8 +305,7 @@ def global_batch(run: Run) -> tuple[int, list[int]]:
     random.Random(f"{run.cfg.seed}/epoch{epoch}").shuffle(order)
     # the global batch in order of length, so that micro-batches hold similar lengths and
     # little padding; the loss is a sum over its tokens, so the order does not change it
-    chosen = order[k * size:(k + 1) * size]
-    return epoch, sorted(chosen, key=lambda i: len(run.samples[i].ids))
+    return epoch, sorted(order[k * size:(k + 1) * size], key=lambda i: len(run.samples[i].ids))
 
 
 def backward(run: Run, chosen: list[int], n_targets: int) -> float:
@@ -365,9 +355,8 @@ def distributed() -> tuple[int, int]:
 
 
 def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
-    """Continual fine-tuning over `tasks`, a stage each, cfg.method deciding what a stage learns
-    from (runs.plan_sequence, runs.METHODS). The directory holds system.json (method, base model,
-    the experts in order) and a run directory per stage; re-running resumes."""
+    """Continual fine-tuning over `tasks`, a stage each (what each learns from: runs.plan_sequence),
+    in a directory of system.json and a run directory per stage; re-running resumes."""
     root, stages, system = plan_sequence(cfg, tasks)
     for stage in stages:  # every stage's settings and data, before anything is written
         check_config(stage)
@@ -395,8 +384,7 @@ def train_sequence(cfg: TrainConfig, tasks: list[str]) -> Path:
 @dataclass
 class SetaState:
     """SETA's memory (tau of earlier tasks' query features, their gate rows, the gate's outputs on
-    them before this task), the shared experts with importance and anchors, the new row's
-    imprint."""
+    them before this task), shared experts with importance and anchors, the new row's imprint."""
     memory: torch.Tensor | None
     memory_rows: torch.Tensor
     old: torch.Tensor | None
@@ -408,10 +396,9 @@ class SetaState:
 def sparse_setup(model: Llama, tok, cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig,
                  sub: lora.SubExpertConfig, samples: list[TrainSample], template: str,
                  device) -> tuple[dict[str, torch.nn.Parameter], torch.Tensor, SetaState | None]:
-    """MoSEs/SETA's setup: one set of MoSE layers carries every task: the previous stage's, with
-    their masks, and a mask for this task, with what picks the task at inference (MoSEs: a prompt
-    key; SETA: the gate's rows). Returns what trains, f(x) of each sample's query from the frozen
-    base model (what the key is pulled toward, or the gate sees) and SETA's state."""
+    """MoSEs/SETA's setup: one set of MoSE layers carries every task (the previous stage's masks and
+    one for this task) and what picks the task at inference (MoSEs: a prompt key; SETA: gate rows).
+    Returns what trains, each sample's query feature f(x) (for the key or gate), SETA's state."""
     lora.add_subexperts(model, lcfg, sub)
     if init is not None:
         init.use(model)
@@ -444,15 +431,13 @@ def sparse_setup(model: Llama, tok, cfg: TrainConfig, init: Expert | None, lcfg:
     trainable["gate"] = torch.nn.Parameter(torch.stack(rows).float().to(device))
     # elastic anchoring pulls the shared experts back toward these values
     pairs = lora.shared_weights(model)
-    seta = SetaState(memory, memory_rows, old, pairs, [p.detach().clone() for p, _ in pairs],
-                     rows[-1])
-    return trainable, features, seta
+    return trainable, features, SetaState(memory, memory_rows, old, pairs,
+                                          [p.detach().clone() for p, _ in pairs], rows[-1])
 
 
 def sparse_terms(run: Run, chosen: list[int]) -> dict[str, float]:
-    """MoSEs/SETA's own terms of the step, backward, once the batch's gradients are in (penalties on
-    weights every process holds alike, so each adds their gradient itself), and what the log shows
-    of them, with the share of the new mask left to train."""
+    """MoSEs/SETA's own terms of the step, backward once the batch's gradients are in (each process
+    adds them itself: they penalise weights all hold alike); returns what the log shows of them."""
     cfg, trainable, seta, features = run.cfg, run.trainable, run.seta, run.features[chosen]
     if run.method.pull:  # MoSEs: this task's key toward its queries' features, 1 - cos, their mean
         pull = (1 - F.cosine_similarity(trainable["key"][None], features, dim=-1)).mean()
@@ -472,9 +457,8 @@ def sparse_terms(run: Run, chosen: list[int]) -> dict[str, float]:
 
 
 def sparse_finish(run: Run, init: Expert | None) -> tuple[dict, dict]:
-    """After training: this task's mask kept; each task's key (MoSEs: prompt keys; SETA: the gate's
-    rows, all retrained) and SETA's imprinted rows; SETA's importance of the shared experts updated
-    (online EWC: this task's importance joins the earlier tasks')."""
+    """After training: this task's mask kept; each task's key (MoSEs: prompt keys; SETA: gate rows,
+    all retrained), imprinted rows; SETA's importance updated (online EWC: this task's added)."""
     cfg, trainable = run.cfg, run.trainable
     earlier, imprints = (init.keys, init.imprints) if init else ({}, {})
     if run.method.pull:
@@ -493,8 +477,7 @@ def sparse_finish(run: Run, init: Expert | None) -> tuple[dict, dict]:
     lora.finish_task(run.model, cfg.name)
     c = lora.subexpert_counts(run.model)
     new, mask = c["used"] - run.frozen, c[f"mask_{cfg.name}"]
-    # recorded for evaluate and report: the scores, this task's mask, the weights it newly holds
-    # (their share of the mask: what the task could change), all held so far, SETA's shared experts
+    # for evaluate and report; trainable_share: the share of its mask the task could change
     run.counts.update(scores=c["weights"], mask=mask, new=new, trainable_share=new / mask,
                       held=c["used"], shared=c["shared"])
     return keys, imprints

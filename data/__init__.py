@@ -137,8 +137,7 @@ def load_own_task(path: str | Path, split: str) -> list[Example]:
 
 
 def load_task_file(path: str | Path, split: str) -> list[Example]:
-    """Instances of an official SuperNI task file; the query is Definition + blank line + input,
-    as in the SEE data's `full_prompt`."""
+    """Instances of an official SuperNI task file; the query is Definition + blank line + input."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"task file {path} not found")
@@ -182,10 +181,9 @@ def rehearsal(previous: dict[str, list[Example]], tau: float, seed: int,
 
 def rehearsal_sets(tasks: list[str], tau: float, seed: int, max_train: int | None = None,
                    directory: str | Path | None = None) -> tuple[list[Example], list[str]]:
-    """What each earlier task rehearses, and a line per task saying where it came from: on the full
-    training sets, a task's fixed sample file for tau (SAMPLE_SPLITS) where one exists, as the SSR
-    line of work draws RandSel; otherwise tau of its training set (cut to max_train), a set that
-    ships only its samples (qg, sum) counted at the paper's PAPER_TRAIN_SIZE."""
+    """What each earlier task rehearses, and a line per task saying where it came from: its fixed
+    sample file for tau (SAMPLE_SPLITS) on full training sets, as the SSR line of work draws
+    RandSel; else tau of its training set (cut to max_train; qg, sum sized as PAPER_TRAIN_SIZE)."""
     drawn, sources = [], []
     for task in tasks:
         split = SAMPLE_SPLITS.get(tau)
@@ -210,9 +208,8 @@ def rehearsal_sets(tasks: list[str], tau: float, seed: int, max_train: int | Non
 def load_ood(path: str | Path | None = None, directory: str | Path | None = None,
              split: str = "eval") -> list[Example]:
     """Queries of no task: LIMA's instructions (`instruction`, optional `input`), by default the
-    lima.jsonl beside the SuperNI directory. Its first OOD_EVAL ("eval") test how often such
-    queries fall back to the base model (RB-Acc); the rest ("train") may serve as
-    pseudo-negatives (paper Table 3)."""
+    lima.jsonl beside the SuperNI directory. Its first OOD_EVAL ("eval") test how often such queries
+    reach the base model (RB-Acc); the rest ("train") may serve as pseudo-negatives (Table 3)."""
     path = Path(path) if path else data_dir(directory).parent / "lima.jsonl"
     examples = []
     for n, r in _numbered_jsonl(path):
