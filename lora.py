@@ -269,9 +269,8 @@ class SubExpertLinear(nn.Module):
     def mask(self, k: str) -> torch.Tensor:
         if not self.learning:
             return self.masks[self.task][k]
-        # the live top-c%, its gradient passed straight through to the scores
         s = self.scores[k].abs()
-        return top_share(s, self.sub.sparsity) + (s - s.detach())
+        return top_share(s, self.sub.sparsity) + (s - s.detach())  # straight-through estimator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -326,8 +325,7 @@ def finish_task(model: nn.Module, name: str) -> None:
         m.finish_task(name)
 
 
-# a byte's bits, first entry highest (numpy.packbits' order)
-BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1])
+BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1])  # numpy.packbits' order
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:

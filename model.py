@@ -86,8 +86,7 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, with Llama-3.1's long-context rescaling."""
-    # even under torch.device("meta")
-    steps = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device="cpu")
+    steps = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device="cpu")  # even under meta
     inv_freq = 1.0 / cfg.rope_theta ** (steps / cfg.head_dim)
     s = cfg.rope_scaling  # from_hf keeps it only for rope_type llama3
     if s is None:
@@ -220,8 +219,7 @@ class Llama(nn.Module):
         V = self.config.vocab_size  # ids past the extra rows still fail, in the second lookup
         base = self.model.embed_tokens(idx.clamp(max=V - 1))
         extra = F.embedding((idx - V).clamp(min=0), self.extra_embed)
-        # trained rows may be fp32
-        return torch.where((idx >= V).unsqueeze(-1), extra.to(base.dtype), base)
+        return torch.where((idx >= V).unsqueeze(-1), extra.to(base.dtype), base)  # rows may be fp32
 
     def setup_caches(self, batch: int, max_len: int) -> None:
         dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device

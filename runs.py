@@ -375,8 +375,7 @@ def restore(state: dict, trainable: dict[str, torch.nn.Parameter], opt: torch.op
 def check_finished(cfg: TrainConfig) -> None:
     """Refuse a finished stage unless whole: cfg's settings, a complete log, a loading expert."""
     out = cfg.run_dir()
-    # where the stage before lay then: system.json fixes which it was
-    check_same_run(cfg, ignore=("init",))
+    check_same_run(cfg, ignore=("init",))  # the stage before may have moved: system.json fixes it
     last = json.loads((read_log(out / LOG_FILE, None) or ["{}"])[-1])
     if not last or last.get("steps") != last["step"]:
         raise UserError(f"{out / LOG_FILE}: ends at step {last.get('step', 0)} of "

@@ -303,8 +303,7 @@ def global_batch(run: Run) -> tuple[int, list[int]]:
     epoch, k = divmod(run.step, run.total // run.cfg.epochs)
     order = list(range(len(run.samples)))
     random.Random(f"{run.cfg.seed}/epoch{epoch}").shuffle(order)
-    # the global batch in order of length, so that micro-batches hold similar lengths and
-    # little padding; the loss is a sum over its tokens, so the order does not change it
+    # by length, so that micro-batches pad little; the loss sums over tokens, so order is moot
     return epoch, sorted(order[k * size:(k + 1) * size], key=lambda i: len(run.samples[i].ids))
 
 
@@ -429,8 +428,7 @@ def sparse_setup(model: Llama, tok, cfg: TrainConfig, init: Expert | None, lcfg:
     # nearest-mean router; random rows learn too slowly, as all tasks' queries are much alike
     rows = [*earlier.values(), F.normalize(features, dim=-1).mean(0).cpu()]
     trainable["gate"] = torch.nn.Parameter(torch.stack(rows).float().to(device))
-    # elastic anchoring pulls the shared experts back toward these values
-    pairs = lora.shared_weights(model)
+    pairs = lora.shared_weights(model)  # elastically anchored to their values now
     return trainable, features, SetaState(memory, memory_rows, old, pairs,
                                           [p.detach().clone() for p, _ in pairs], rows[-1])
 

@@ -15,8 +15,7 @@ DATA_ENV = "SEE_DATA_DIR"
 # the checkout sits beside shared/ (as in CI), so this is the fallback for tests and CI
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "superni"
 
-# the paper's Table 8
-TASKS = {
+TASKS = {  # the paper's Table 8
     "qa": "task024_cosmosqa_answer_generation",
     "qg": "task074_squad1.1_question_generation",
     "sa": "task1312_amazonreview_polarity_classification",
@@ -28,26 +27,20 @@ TASKS = {
     "pe": "task064_all_elements_except_first_i",
     "pos": "task346_hybridqa_classification",
 }
-# the paper's classification tasks (Fig. 3, Table 4); the others are generation tasks
-CLASSIFICATION = ("sa", "pos")
-# tasks whose references are not English (trans: English to Spanish): SuperNI's xlingual scoring
-XLINGUAL = ("trans",)
-# the paper's Table 5 (orders 1-3 of five tasks) and its 10-task order
-ORDERS = {
+CLASSIFICATION = ("sa", "pos")  # the paper's classification tasks (Fig. 3, Table 4)
+XLINGUAL = ("trans",)  # references not English (trans: to Spanish): SuperNI's xlingual scoring
+ORDERS = {  # the paper's Table 5 (orders 1-3 of five tasks) and its 10-task order
     "1": ["qa", "qg", "sa", "sum", "trans"],
     "2": ["trans", "sa", "qa", "sum", "qg"],
     "3": ["sum", "qg", "trans", "qa", "sa"],
     "10": ["qa", "qg", "sa", "sum", "trans", "dsg", "expl", "para", "pe", "pos"],
 }
 SPLITS = ("train", "eval", "extra", "train.smp01", "train.smp005", "train.smp001")
-# the paper's training set of each task; qg and sum ship only their samples here
-PAPER_TRAIN_SIZE = 2000
+PAPER_TRAIN_SIZE = 2000  # the paper's training set per task; qg and sum ship only their samples
 # the fixed RandSel samples the SSR line of work (which SEE follows) rehearses: 10%, 5%, 1% of train
 SAMPLE_SPLITS = {0.1: "train.smp01", 0.05: "train.smp005", 0.01: "train.smp001"}
-# an official SuperNI task file has no splits: as in the SuperNI benchmark, its first 100 evaluate
-TASK_FILE_EVAL = 100
-# LIMA's first 200 queries test out-of-distribution routing; pseudo-negatives come from the rest
-OOD_EVAL = 200
+TASK_FILE_EVAL = 100  # official task files have no splits: the first 100 evaluate, as SuperNI's
+OOD_EVAL = 200  # LIMA's first 200 queries test OOD routing; pseudo-negatives come from the rest
 
 
 @dataclass
