@@ -232,9 +232,8 @@ def til_metrics(s: Scoring, cells: dict, predictions: list[dict]) -> dict:
 
 
 def routing_metrics(s: Scoring, heldout: dict[str, list[Example]], predictions: list[dict]) -> dict:
-    """Routed SEE: routing P/R/F1 over the sequence's queries; RB-Acc on each out-of-distribution
-    set (one token of answer: only the routing decision matters) with who answered its queries;
-    the routing cost on the sequence's queries ("tasks"), on each such set, and on all together."""
+    """Routed SEE: routing P/R/F1 on the sequence's queries; RB-Acc and who answered on each OOD set
+    (one answer token: only routing matters); the routing cost on "tasks", each such set and all."""
     routes = [None if p["route"] == "base" else p["route"] for p in predictions]
     scored = routing_scores(routes, gold_routes(s, predictions))
     outcomes = {"tasks": [[o for _, o in p["visits"]] for p in predictions]}
@@ -310,10 +309,7 @@ def main() -> None:
         check_args(args)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = resolve_dtype(args.dtype, device)
-        if args.run:
-            evaluate_runs(args, device, dtype)
-        else:
-            evaluate_experts(args, device, dtype)
+        (evaluate_runs if args.run else evaluate_experts)(args, device, dtype)
 
 
 def variant(args: argparse.Namespace) -> str:

@@ -93,8 +93,7 @@ def prompt_ids(tok: Tokenizer, query: str, max_source: int, template: str = "pla
     if len(ids) <= max_source:
         return ids
     # too long: cut the query, keep the tail (encoded alone: sentencepiece may add a leading space)
-    ids = tok.encode(head + query)
-    tail_ids = tok.encode(tail, bos=False)
+    ids, tail_ids = tok.encode(head + query), tok.encode(tail, bos=False)
     if max_source <= len(tail_ids) + 1:
         raise UserError(f"max source length {max_source} leaves no room for the query")
     return ids[:max_source - len(tail_ids)] + tail_ids
@@ -281,8 +280,7 @@ class SubExpert(StoredExpert):
             lora.add_subexperts(model, self.lora, self.sub)
 
     def use(self, model: Llama) -> None:
-        """Make this (attached) stage the one the model runs: its sub-experts and masks (choose the
-        task with lora.set_task or router.key_route), and its free weights if kept."""
+        """Make this (attached) stage the one the model runs; lora.set_task picks the task."""
         lora.load_subexpert_state(model, self.adapter, self.training)
 
 

@@ -430,8 +430,7 @@ def free_share(model: nn.Module) -> float:
 
 
 def subexpert_counts(model: nn.Module) -> dict[str, int]:
-    """Sub-expert weights in all, those some finished task holds (their values are stored), the size
-    of each task's mask, and SETA's shared-expert weights."""
+    """Sub-expert weights in all, held (stored), in each task's mask, and SETA's shared ones."""
     layers = subexpert_layers(model).values()
     counts = dict(weights=sum(getattr(m, k).numel() for m in layers for k in MASKED),
                   used=sum(int(getattr(m, f"used_{k}").sum()) for m in layers for k in MASKED),

@@ -1,7 +1,6 @@
-"""The paper's metrics: ROUGE-L as Super-NaturalInstructions computes it (rouge-score's rougeL
-F-measure with stemming, the best over the references, x100; its xlingual mode for non-English
-references), AR (Eq. 6), BWT (Eq. 7), routing precision/recall/F1, RB-Acc, the routing cost of
-Appendix E, and the perplexity of the references (Fig. 5)."""
+"""The paper's metrics: ROUGE-L as Super-NaturalInstructions computes it (rouge_l), AR (Eq. 6),
+BWT (Eq. 7), routing precision/recall/F1, RB-Acc, the routing cost of Appendix E, and the
+perplexity of the references (Fig. 5)."""
 from __future__ import annotations
 
 import math
@@ -26,8 +25,7 @@ _GPT2_SPLIT = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?[^\s\w]+|\
 class XlingualTokens:
     """SuperNI's tokens for its cross-lingual tasks: GPT-2's byte-level BPE tokens, "Ġ" stripped,
     case kept, no stemming (rouge-score's default keeps only [a-z0-9]: "más" would share nothing).
-    The tokenizer is $SEE_XLINGUAL_TOKENIZER's or the hub's; without either, the pre-tokenizer's
-    words without BPE merges, and `name` says so."""
+    Without $SEE_XLINGUAL_TOKENIZER or the hub, the pre-tokenizer's words, unmerged (see `name`)."""
 
     def __init__(self) -> None:
         self.name, self._bpe = None, None

@@ -20,9 +20,8 @@ from runs import TrainConfig
 
 
 def training_data(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[str]]:
-    """The current task's examples, tau of each earlier task's to rehearse (RandSel, sized as the
-    paper's data gives it) and where they came from; with pseudo-negatives, as many LIMA queries
-    instead of the earlier tasks' (paper Table 3), and --general-negatives' LIMA queries."""
+    """The current task's examples, tau of each earlier task's to rehearse (RandSel) and where they
+    came from; LIMA queries replace them as pseudo-negatives (Table 3), or join as general ones."""
     current = subsample(load_task(cfg.task, "train", cfg.data_dir), cfg.max_train, cfg.seed)
     if not current:
         raise UserError(f"task {cfg.task} has no training examples")
@@ -109,10 +108,9 @@ def parse_synthetic(text: str) -> tuple[str, str] | None:
 
 def ssr_rehearsal(model: Llama, tok, cfg: TrainConfig, template: str) -> tuple[list[Example],
                                                                                list[str]]:
-    """SSR (Huang et al., 2024), per earlier task: the base model writes instances in context
-    (definition, two demonstrations of its 1% real sample, "Input:"), k-means keeps as many as
-    RandSel draws, and the latest model (this stage's adapter as it starts: stage i-1's) writes
-    their outputs. Greedy over every ordered pair of demonstrations, where SSR samples (top-p)."""
+    """SSR (Huang et al., 2024), per earlier task: the base model writes instances in context (the
+    definition, two demonstrations of its 1% real sample, "Input:"), k-means keeps as many as
+    RandSel draws, and the latest model (this adapter as it starts) answers; greedy, not top-p."""
     chosen, sources = [], []
     for task in cfg.previous:
         full = load_task(task, "train", cfg.data_dir)

@@ -31,8 +31,7 @@ BASE = None  # the route of a query answered by the base model
 @dataclass
 class Routed:
     """Per query: its answer (indicator removed), the expert that answered (BASE: the base model),
-    and the experts visited, newest first, with what each emitted first (its indicator tokens, or
-    up to the first token that spells neither)."""
+    and each expert visited, newest first, with the first tokens it emitted (see reads_on)."""
     answers: list[list[int]]
     routes: list[str | None]
     visits: list[list[tuple[str, list[int]]]]

@@ -312,8 +312,7 @@ def run_name(cfg: TrainConfig) -> list[str]:
 
 
 def read_system(root: Path) -> dict:
-    """A sequence's system.json, checked: a known method, its tasks, one expert directory inside
-    `root` per stage, and settings of TrainConfig's types."""
+    """A sequence's system.json, checked: method, tasks, an expert directory per stage, settings."""
     path = root / SYSTEM_FILE
     if not path.is_file():
         raise UserError(f"{root} holds no system (no {SYSTEM_FILE}); train one with train.py "
@@ -437,10 +436,8 @@ def check_config(cfg: TrainConfig) -> tuple[lora.LoraConfig, lora.SubExpertConfi
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch "
                         f"{cfg.micro_batch}")
     lcfg = lora.LoraConfig(cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
-    sub = None
-    if method.sparse:
-        shared = cfg.shared if method.gate else 0
-        sub = lora.SubExpertConfig(cfg.experts, cfg.top_k, cfg.sparsity, shared)
+    sub = lora.SubExpertConfig(cfg.experts, cfg.top_k, cfg.sparsity,
+                               cfg.shared if method.gate else 0) if method.sparse else None
     if method.sparse and not method.rehearses and cfg.previous:
         raise UserError("MoSEs rehearses nothing (no --previous)")
     if method.gate and cfg.shared < 1:

@@ -1,7 +1,6 @@
 """One tokenizer interface over sentencepiece `tokenizer.model` (Llama-2, Mistral, our `tiny`)
 and Hugging Face `tokenizers` `tokenizer.json` (Llama-3, Qwen2.5, SmolLM2; an optional extra).
-Tokens added with `add_tokens` (SEE's `<<pos>>`/`<<neg>>`) get ids after the base vocabulary, are
-matched atomically in text, and decode back to their literal form."""
+Added tokens (SEE's `<<pos>>`/`<<neg>>`) follow the base vocabulary, atomic in text and decoding."""
 from __future__ import annotations
 
 import itertools

@@ -60,9 +60,8 @@ def collate(batch: list[TrainSample], device) -> tuple[torch.Tensor, torch.Tenso
 
 def eq5_loss(model: Llama, hidden, batch: list[TrainSample], n_targets: int, device,
              amp) -> tuple[torch.Tensor, float]:
-    """Eq. 5 on a micro-batch: the NLL of its target tokens (collate masks the query), summed and
-    divided by n_targets, the whole global batch's: the mean over the global batch, as SFT
-    implementations compute it. Returns the loss to backpropagate and the summed NLL (logged)."""
+    """Eq. 5 on a micro-batch: its target tokens' summed NLL over n_targets, the global batch's (its
+    mean, as SFT code does). Returns the loss to backpropagate and the summed NLL (logged)."""
     x, y = collate(batch, device)
     with amp:
         logits = model.head(hidden(x)[y != -100])  # only target positions reach the output head
@@ -86,9 +85,8 @@ def trainable_parameters(model: Llama, adapter: str | None,
 
 def optimizer(cfg: TrainConfig, trainable: dict[str, torch.nn.Parameter],
               cuda: bool) -> tuple[torch.optim.Optimizer, list[float]]:
-    """AdamW and its groups' peak learning rates: what starts from nothing (indicator rows, a prompt
-    key) learns at --indicator-lr; SETA's gate starts imprinted, so learns at the adapter's. No
-    weight decay: MoSEs' held weights get zero gradients, so stay exactly."""
+    """AdamW and its groups' peak rates: what starts from nothing (indicator rows, a prompt key)
+    learns at --indicator-lr, SETA's imprinted gate at --lr. No weight decay: held weights stay."""
     fresh = [p for n, p in trainable.items() if n.startswith("extra_") or n == "key"]
     fresh_lr = cfg.lr if cfg.indicator_lr == "adapter" else cfg.indicator_lr
     rest = [p for p in trainable.values() if all(p is not q for q in fresh)]
@@ -310,8 +308,7 @@ def global_batch(run: Run) -> tuple[int, list[int]]:
 def backward(run: Run, chosen: list[int], n_targets: int) -> float:
     """This process's share of the global batch, a micro-batch at a time: the gradient of Eq. 5
     over the batch's `n_targets` target tokens. Returns the share's summed NLL."""
-    cfg = run.cfg
-    batch = [run.samples[i] for i in chosen]
+    cfg, batch = run.cfg, [run.samples[i] for i in chosen]
     run.opt.zero_grad(set_to_none=True)
     loss_sum = 0.0
     for m in range(run.rank * cfg.micro_batch, len(batch), run.world * cfg.micro_batch):
