@@ -85,8 +85,7 @@ def inside(root: str | Path, relative: str, path: str | Path) -> Path:
 
 
 def digest(value: Path | dict | list | torch.Tensor | object) -> str:
-    """sha256 of a file's bytes, or of a checkpoint's contents (its tensors' bytes and the other
-    values' text, in order): what is recorded when an artifact is written and checked when read."""
+    """sha256 of a file, or of a value (its tensors' bytes, other values' text): checked on read."""
     h = hashlib.sha256()
     if isinstance(value, Path):
         h.update(value.read_bytes())
@@ -104,8 +103,7 @@ def digest(value: Path | dict | list | torch.Tensor | object) -> str:
 
 
 def seal(record: dict) -> dict:
-    """`record` with the sha256 of its contents: a JSON file of ours (expert.json, system.json,
-    eval.json) that read_sealed tells from one damaged or edited since."""
+    """`record` with its contents' sha256, by which read_sealed tells one damaged or edited."""
     return {**record, "sha256": digest(record)}
 
 

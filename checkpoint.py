@@ -266,8 +266,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
 
 def make_tiny(out_dir: str | Path | None = None, texts: list[str] | None = None,
               seed: int = 0) -> Path:
-    """Write a random small Llama with a sentencepiece tokenizer trained on `texts` (default: the
-    SuperNI training samples) to out_dir (default: $SEE_CACHE/tiny), unless it exists already."""
+    """Write a random small Llama, a sentencepiece tokenizer trained on `texts`, to out_dir once."""
     out = Path(out_dir) if out_dir else CACHE_DIR / "tiny"
     if (out / "config.json").is_file():
         return out

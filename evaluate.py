@@ -5,8 +5,7 @@ whole continual runs with the paper's metrics: AR (Eq. 6), BWT (Eq. 7), routing 
     python evaluate.py --task qa --max-eval 100          # the base model alone, for comparison
     python evaluate.py --run runs/see-tau0.1-qa-qg-sa-sum-trans-smollm2-135m \
                        --run runs/non-rehearsal-qa-qg-sa-sum-trans-smollm2-135m
-    python evaluate.py --report runs/see-tau0.1-... runs/non-rehearsal-... --out docs/report.md
-"""
+    python evaluate.py --report runs/see-tau0.1-... runs/non-rehearsal-... --out docs/report.md"""
 from __future__ import annotations
 
 import argparse
@@ -162,8 +161,7 @@ def evaluate_run(run_dir: str | Path, max_eval: int | None = None, max_new_token
 
 def answering(method: Method, experts: list[Expert], T: int,
               routed: bool) -> dict[tuple[int, int], list[Expert]]:
-    """Which adapters answer task i after stage j: routed SEE all experts so far; a continued
-    adapter the stage's; else one row, one adapter for all tasks (MTL) or each task's own."""
+    """Which adapters answer task i after stage j; one row if not continual (MTL, AvgSTL)."""
     if routed:
         return {(j, i): experts[:j + 1] for j in range(T) for i in range(j + 1)}
     if method.continues:
@@ -173,8 +171,7 @@ def answering(method: Method, experts: list[Expert], T: int,
 
 def score_matrix(s: Scoring, cells: dict[tuple[int, int], list[Expert]],
                  til: bool) -> tuple[list[list[float]], list[dict]]:
-    """scores[j][i] = a_i after stage j, and the final stage's predictions; `til`: the task given
-    (MoSEs/SETA's task-incremental setting), not picked by keys or the gate."""
+    """scores[j][i] = a_i after stage j, and the last stage's predictions; `til`: the task given."""
     last = max(j for j, _ in cells)
     scores, predictions = [[] for _ in range(last + 1)], []
     desc = "a_i after stage j" + " (TIL)" * til

@@ -20,8 +20,7 @@ from errors import UserError
 from model import Llama
 from tokenizer import Tokenizer
 
-# Indicator choices (paper Table 4): tokens added to the vocabulary (SEE's default), in-vocabulary
-# strings without meaning (which may span several tokens), or in-vocabulary words with meaning.
+# Indicator choices (paper Table 4); in-vocabulary strings without meaning may span several tokens
 INDICATORS = {"added": ("<<pos>>", "<<neg>>"), "non-semantic": ("«pos»", "«neg»"),
               "semantic": ("Yes", "No")}
 # How a query is put to every model (experts and base alike): "plain" is the SuperNI prompt and an
@@ -154,8 +153,7 @@ class StoredExpert:
 
 @dataclass
 class LoraExpert(StoredExpert):
-    """One SEE expert (or a baseline's adapter): a LoRA adapter (PEFT layout) and, for added
-    indicators, its trained o_pos, o_neg rows ("embed", and "head" if untied)."""
+    """One SEE expert (or a baseline's adapter): a LoRA adapter (PEFT layout) and indicator rows."""
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict = field(default_factory=dict)  # what it trained, recorded by train.py
 
@@ -249,7 +247,6 @@ class SubExpert(StoredExpert):
                 imprints = {f"imprints.{t}": v for t, v in self.imprints.items()}
                 save_file({k: v.contiguous() for k, v in {**self.training, **imprints}.items()},
                           tmp / TRAINING_FILE)
-            # bytes on disk of what inference needs, and of what only a next stage needs
             sizes = {f.name: f.stat().st_size for f in tmp.iterdir()}
             self.counts.update(bytes=sizes[SUBEXPERTS_FILE],
                                training_bytes=sizes.get(TRAINING_FILE, 0))

@@ -16,9 +16,8 @@ from errors import UserError
 @torch.no_grad()
 def query_features(model: nn.Module, prompts: list[list[int]],
                    batch_size: int = 16) -> torch.Tensor:
-    """f(x): the base model's final hidden states averaged over the query's tokens, (n, dim). No
-    sub-expert is active, so a query's task never depends on what was learned after its key (as
-    L2P uses the frozen pretrained encoder); averaged, as a decoder has no [CLS] token."""
+    """f(x), (n, dim): the base model's final hidden states averaged over the query (no [CLS]); no
+    sub-expert is active: later learning never moves a query's task (as L2P's frozen encoder)."""
     lora.set_task(model, None)  # callers set the task they want afterwards
     device = model.lm_head.weight.device
     feats = []
@@ -45,8 +44,7 @@ def gate_logits(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def match_keys(features: torch.Tensor, keys: dict[str, torch.Tensor]) -> list[str]:
-    """The task picked at inference, MoSEs' and SETA's: the one whose prompt key (MoSEs) or gate
-    row (SETA: the gate's argmax) is most cosine-similar to each feature."""
+    """Each feature's task: whose prompt key (MoSEs) or gate row (SETA) is most cosine-similar."""
     if not keys:
         raise UserError("no task keys to match")
     names = list(keys)
@@ -84,9 +82,8 @@ def gate_loss(rows: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) 
 
 
 def importance(model: nn.Module, losses: list) -> list[torch.Tensor]:
-    """Each shared-expert weight's importance to the task just learned: the diagonal empirical
-    Fisher, the mean of the squared loss gradients (`losses`: a callable per sample returning
-    (loss, _)), scaled to mean 1 so that --anchor-weight means the same across models and tasks."""
+    """Shared-expert weights' importance to the task just learned: the diagonal empirical Fisher of
+    `losses` (per-sample callables), scaled to mean 1: --anchor-weight means the same anywhere."""
     pairs = lora.shared_weights(model)
     fisher = [torch.zeros_like(p) for p, _ in pairs]
     for loss in losses:

@@ -188,10 +188,9 @@ def lora_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
             for p in (m.lora_A[name].weight, m.lora_B[name].weight)]
 
 
-# --- MoSEs (Mixtures of SubExperts): low-rank sub-experts behind a sparse router, seen by each
-# task through its own binary mask ("winning subnetworks": the top-c% of each weight tensor by a
-# learned score). Weights an earlier task kept are frozen: earlier tasks compute exactly what they
-# did, while a new task may reuse (but not change) them.
+# --- MoSEs (Mixtures of SubExperts): low-rank sub-experts behind a sparse router, seen by each task
+# through its binary mask ("winning subnetworks": the top-c% of each weight tensor by a learned
+# score). Weights a task kept are frozen (it computes exactly what it did), reusable by later tasks.
 
 @dataclass(frozen=True)
 class SubExpertConfig:
@@ -231,8 +230,7 @@ def kaiming_stack(n: int, r: int, d_in: int, device) -> torch.Tensor:
 
 class SubExpertLinear(nn.Module):
     """A frozen nn.Linear plus E low-rank sub-experts B_e A_e mixed per token by a top-k softmax
-    router, every weight seen through the active task's binary mask. SETA adds S shared experts,
-    always on (as DeepSeekMoE's), that every task trains."""
+    router, seen through the task's mask; SETA adds S always-on shared experts (cf. DeepSeekMoE)."""
 
     def __init__(self, base: nn.Linear, cfg: LoraConfig, sub: SubExpertConfig):
         super().__init__()
@@ -248,16 +246,14 @@ class SubExpertLinear(nn.Module):
         for s in self.scores.values():
             nn.init.kaiming_uniform_(s.view(s.shape[0], -1), a=math.sqrt(5))
         self.dropout = nn.Dropout(cfg.dropout)
-        # weights a finished task's mask holds get a zero gradient: no later task moves them
-        for k in MASKED:
+        for k in MASKED:  # held weights get a zero gradient: no later task moves them
             self.register_buffer(f"used_{k}", torch.zeros_like(getattr(self, k), dtype=torch.bool))
 
             def freeze_held(g, k=k):
                 return g.masked_fill(getattr(self, f"used_{k}"), 0)
             getattr(self, k).register_hook(freeze_held)
-        # SETA: shared experts initialised as LoRA (B = 0), and each weight's importance so far
         self.shared_A = self.shared_B = None
-        if S:
+        if S:  # SETA: shared experts initialised as LoRA (B = 0), each weight's importance so far
             self.shared_A = nn.Parameter(kaiming_stack(S, r, base.in_features, w.device))
             self.shared_B = nn.Parameter(torch.zeros(S, base.out_features, r, device=w.device))
             for k in SHARED:
@@ -407,8 +403,7 @@ def load_subexpert_state(model: nn.Module, state: dict[str, torch.Tensor],
 
 
 def redraw_scores(model: nn.Module, generator: torch.Generator) -> None:
-    """Draw every mask score afresh, so that a new task's live mask starts as a random top-c% of
-    all weights, the free ones included in proportion to their number."""
+    """Redraw every mask score: a new task's live mask starts as a random top-c% of all weights."""
     with torch.no_grad():
         for m in subexpert_layers(model).values():
             for s in m.scores.values():

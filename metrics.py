@@ -1,6 +1,5 @@
-"""The paper's metrics: ROUGE-L as Super-NaturalInstructions computes it (rouge_l), AR (Eq. 6),
-BWT (Eq. 7), routing precision/recall/F1, RB-Acc, the routing cost of Appendix E, and the
-perplexity of the references (Fig. 5)."""
+"""The paper's metrics: SuperNI's ROUGE-L, AR (Eq. 6), BWT (Eq. 7), routing precision/recall/F1,
+RB-Acc, the routing cost of Appendix E, and the perplexity of the references (Fig. 5)."""
 from __future__ import annotations
 
 import math

@@ -67,8 +67,7 @@ class ModelConfig:
             rope_scaling=None if kind in (None, "default") else scaling,
             max_seq_len=max_len,
             tie_embeddings=cfg.get("tie_word_embeddings", False),
-            qkv_bias=model_type == "qwen2" or cfg.get("attention_bias", False),
-        )
+            qkv_bias=model_type == "qwen2" or cfg.get("attention_bias", False))
 
 
 class RMSNorm(nn.Module):
@@ -177,8 +176,7 @@ class Llama(nn.Module):
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(cfg.vocab_size, cfg.dim),
             layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
-            norm=RMSNorm(cfg.dim, cfg.norm_eps),
-        ))
+            norm=RMSNorm(cfg.dim, cfg.norm_eps)))
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
         # rows added by extend_vocab (k, dim), apart so that the base rows stay frozen and exact

@@ -110,8 +110,7 @@ def base_answers(model: Llama, prompts: list[list[int]], pending: list[int],
 def key_route(model: Llama, keys: dict[str, torch.Tensor], prompts: list[list[int]],
               max_new_tokens: int, eos_ids: list[int], batch_size: int = 16,
               task: str | None = None, progress: bool = False) -> tuple[list[list[int]], list[str]]:
-    """Answers and, per query, the task whose masks answered: matched by key (TaIL; SETA: the
-    unified gate's choice, with the shared experts), or `task` for all (TIL)."""
+    """Answers and each query's task: by key or SETA's gate (TaIL), or `task` for all (TIL)."""
     routes = ([task] * len(prompts) if task
               else gate.match_keys(gate.query_features(model, prompts, batch_size), keys))
     answers: list[list[int]] = [[] for _ in prompts]

@@ -74,8 +74,7 @@ METHODS = {
                    run_name=("c{sparsity:g}", "e{experts}k{top_k}s{shared}", "tau{tau:g}",
                              "anchor{anchor_weight:g}", "rr{route_reg_weight:g}")),
 }
-# SEE's negatives: earlier tasks' queries, or as many LIMA queries (pseudo-negatives, paper Table 3)
-NEGATIVES = ("tasks", "lima")
+NEGATIVES = ("tasks", "lima")  # earlier tasks' queries, or LIMA's (pseudo-negatives, paper Table 3)
 
 
 def rate(text: str) -> float | str:
@@ -300,8 +299,7 @@ def read_log(path: Path, steps: int | None) -> list[str]:
 
 
 def run_name(cfg: TrainConfig) -> list[str]:
-    """What sets a sequence's default directory apart beside its method and tasks, e.g. ["tau0.1"]
-    in runs/see-tau0.1-qa-qg-sa-sum-trans-smollm2-135m."""
+    """What names a sequence's default directory beside its method and tasks, e.g. ["tau0.1"]."""
     method = METHODS[cfg.method]
     parts = [part.format(**dataclasses.asdict(cfg)) for part in method.run_name]
     if method.routes:  # SEE's pseudo-negatives and indicator types (Tables 3, 4)

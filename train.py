@@ -306,8 +306,7 @@ def global_batch(run: Run) -> tuple[int, list[int]]:
 
 
 def backward(run: Run, chosen: list[int], n_targets: int) -> float:
-    """This process's share of the global batch, a micro-batch at a time: the gradient of Eq. 5
-    over the batch's `n_targets` target tokens. Returns the share's summed NLL."""
+    """This process's micro-batches of the batch, backward (Eq. 5); returns their summed NLL."""
     cfg, batch = run.cfg, [run.samples[i] for i in chosen]
     run.opt.zero_grad(set_to_none=True)
     loss_sum = 0.0
@@ -392,9 +391,8 @@ class SetaState:
 def sparse_setup(model: Llama, tok, cfg: TrainConfig, init: Expert | None, lcfg: lora.LoraConfig,
                  sub: lora.SubExpertConfig, samples: list[TrainSample], template: str,
                  device) -> tuple[dict[str, torch.nn.Parameter], torch.Tensor, SetaState | None]:
-    """MoSEs/SETA's setup: one set of MoSE layers carries every task (the previous stage's masks and
-    one for this task) and what picks the task at inference (MoSEs: a prompt key; SETA: gate rows).
-    Returns what trains, each sample's query feature f(x) (for the key or gate), SETA's state."""
+    """MoSEs/SETA's setup: the MoSE layers carrying every task, a mask for this one, and what picks
+    the task (MoSEs: a prompt key; SETA: gate rows); returns what trains, f(x), SETA's state."""
     lora.add_subexperts(model, lcfg, sub)
     if init is not None:
         init.use(model)
@@ -420,9 +418,8 @@ def sparse_setup(model: Llama, tok, cfg: TrainConfig, init: Expert | None, lcfg:
     memory_rows = torch.tensor([i for i, _ in remembered], dtype=torch.long, device=device)
     old = (F.softmax(gate.gate_logits(memory, torch.stack([*earlier.values()]).to(device)), -1)
            if prompts else None)  # the gate's outputs on them before this task
-    # the unified gate: one row per task so far, every row trained. The new row is imprinted: it
-    # starts at the mean of its task's normalised query features, so the gate begins as a
-    # nearest-mean router; random rows learn too slowly, as all tasks' queries are much alike
+    # the unified gate, a row per task, all trained; the new row starts at the mean of its task's
+    # normalised features (a nearest-mean router): random rows learn too slowly, queries being alike
     rows = [*earlier.values(), F.normalize(features, dim=-1).mean(0).cpu()]
     trainable["gate"] = torch.nn.Parameter(torch.stack(rows).float().to(device))
     pairs = lora.shared_weights(model)  # elastically anchored to their values now

@@ -200,9 +200,8 @@ def rehearsal_sets(tasks: list[str], tau: float, seed: int, max_train: int | Non
 
 def load_ood(path: str | Path | None = None, directory: str | Path | None = None,
              split: str = "eval") -> list[Example]:
-    """Queries of no task: LIMA's instructions (`instruction`, optional `input`), by default the
-    lima.jsonl beside the SuperNI directory. Its first OOD_EVAL ("eval") test how often such queries
-    reach the base model (RB-Acc); the rest ("train") may serve as pseudo-negatives (Table 3)."""
+    """LIMA's instructions, queries of no task (default: lima.jsonl beside the SuperNI directory):
+    the first OOD_EVAL ("eval") for RB-Acc, the rest ("train") as pseudo-negatives (Table 3)."""
     path = Path(path) if path else data_dir(directory).parent / "lima.jsonl"
     examples = []
     for n, r in _numbered_jsonl(path):
