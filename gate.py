@@ -44,7 +44,8 @@ def gate_logits(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def match_keys(features: torch.Tensor, keys: dict[str, torch.Tensor]) -> list[str]:
-    """Each feature's task: whose prompt key (MoSEs) or gate row (SETA) is most cosine-similar."""
+    """The task picked at inference: whose prompt key (MoSEs) or gate row (SETA's gate's argmax) is
+    most cosine-similar to each feature."""
     if not keys:
         raise UserError("no task keys to match")
     names = list(keys)

@@ -293,7 +293,8 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
              prefixes: list[list[int]] | None = None,
              ban: list[int] | None = None) -> list[list[int]]:
     """Continue each prompt greedily in one left-padded batch with the KV cache. A row stops at its
-    first EOS (not kept), after max_new_tokens, or where reads_on says (the tokens read are kept).
+    first EOS (not kept), after max_new_tokens, or where reads_on says (the tokens read are kept):
+    with `prefixes`, only rows that complete the first prefix decode on.
     Tokens in `ban` are never generated after the first prefix (SEE's added indicator tokens:
     routing signals, not response text)."""
     if not prompts or min(map(len, prompts)) == 0:

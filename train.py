@@ -271,6 +271,7 @@ def fit(run: Run) -> tuple[float, int]:
             loss_sum = backward(run, chosen, n_targets)
             if run.world > 1:
                 loss_sum = all_reduce(run, loss_sum)
+            # MoSEs/SETA's own terms: the one hook where a method's terms join the step
             extra = sparse_terms(run, chosen) if run.method.sparse else {}
             # max_grad_norm 1.0, the HF Trainer default; a diverged run stops here
             norm = torch.nn.utils.clip_grad_norm_(run.trainable.values(), 1.0)
