@@ -11,12 +11,13 @@ import torch.nn.functional as F
 
 import gate
 import lora
+from artifacts import read_json
 from data import Example, load_ood, load_task, rehearsal_sets, subsample
 from errors import UserError
 from experts import base_model, prompt_ids
 from model import Llama
 from router import generate_batched
-from runs import TrainConfig
+from runs import SYSTEM_FILE, TrainConfig, task_name, write_json
 
 
 def training_data(cfg: TrainConfig) -> tuple[list[Example], list[Example], list[str]]:
@@ -106,6 +107,37 @@ def parse_synthetic(text: str) -> tuple[str, str] | None:
     return (x.strip(), y) if found and x.strip() and y else None
 
 
+def ssr_written(model: Llama, tok, cfg: TrainConfig, task: str) -> tuple[str, list[str], str]:
+    """SSR's base-model half for one earlier task: its definition, the written inputs k-means keeps
+    (as many as RandSel draws) and a note. Each stage of a sequence would write the same (a frozen
+    model, greedy), so the first writes <sequence>/ssr-<task>.json and the later ones read it."""
+    root = cfg.run_dir().parent
+    cache = root / f"ssr-{task_name(task)}.json" if (root / SYSTEM_FILE).exists() else None
+    if cache and cache.exists():
+        return tuple(read_json(cache, list))
+    full = load_task(task, "train", cfg.data_dir)
+    pool = subsample(full, cfg.max_train, cfg.seed)
+    n = len(rehearsal_sets([task], cfg.tau, cfg.seed, cfg.max_train, cfg.data_dir)[0])
+    demos = subsample(pool, max(2, len(full) // 100), cfg.seed)
+    definition, inputs = split_queries(demos)
+    texts = [definition + demonstration(a, x.outputs[0]) + demonstration(b, y.outputs[0])
+             for (a, x), (b, y) in itertools.permutations(zip(inputs, demos), 2)]
+    prompts = [ids for ids in (tok.encode(t + "Input:", bos=True) for t in texts)
+               if len(ids) <= cfg.max_source]
+    if not prompts:
+        raise UserError(f"SSR: no two demonstrations of {task} fit --max-source {cfg.max_source}")
+    with base_model(model):
+        written = generate_batched(model, prompts, cfg.max_source // 2, tok.eos_ids,
+                                   cfg.micro_batch, desc=f"SSR: {task} synthesised")
+        parsed = (parse_synthetic(tok.decode(ids)) for ids in written)
+        new = [x for x in dict.fromkeys(p[0] for p in parsed if p) if x not in inputs]
+        picked = [new[i] for i in nearest_inputs(model, tok, new, n, cfg)] if new else []
+    note = f"{len(picked)} of {len(new)} instances synthesised from {len(demos)} demonstrations"
+    if cache:
+        write_json(cache, [definition, picked, note])
+    return definition, picked, note
+
+
 def ssr_rehearsal(model: Llama, tok, cfg: TrainConfig, template: str) -> tuple[list[Example],
                                                                                list[str]]:
     """SSR (Huang et al., 2024), per earlier task: the base model writes instances in context (the
@@ -113,24 +145,7 @@ def ssr_rehearsal(model: Llama, tok, cfg: TrainConfig, template: str) -> tuple[l
     RandSel draws, and the latest model (this adapter as it starts) answers; greedy, not top-p."""
     chosen, sources = [], []
     for task in cfg.previous:
-        full = load_task(task, "train", cfg.data_dir)
-        pool = subsample(full, cfg.max_train, cfg.seed)
-        n = len(rehearsal_sets([task], cfg.tau, cfg.seed, cfg.max_train, cfg.data_dir)[0])
-        demos = subsample(pool, max(2, len(full) // 100), cfg.seed)
-        definition, inputs = split_queries(demos)
-        texts = [definition + demonstration(a, x.outputs[0]) + demonstration(b, y.outputs[0])
-                 for (a, x), (b, y) in itertools.permutations(zip(inputs, demos), 2)]
-        prompts = [ids for ids in (tok.encode(t + "Input:", bos=True) for t in texts)
-                   if len(ids) <= cfg.max_source]
-        if not prompts:
-            raise UserError(f"SSR: no two demonstrations of {task} fit --max-source "
-                            f"{cfg.max_source}")
-        with base_model(model):
-            written = generate_batched(model, prompts, cfg.max_source // 2, tok.eos_ids,
-                                       cfg.micro_batch, desc=f"SSR: {task} synthesised")
-            parsed = (parse_synthetic(tok.decode(ids)) for ids in written)
-            new = [x for x in dict.fromkeys(p[0] for p in parsed if p) if x not in inputs]
-            picked = [new[i] for i in nearest_inputs(model, tok, new, n, cfg)] if new else []
+        definition, picked, note = ssr_written(model, tok, cfg, task)
         lora.set_adapter(model, cfg.name)
         queries = [definition + x for x in picked]
         answers = generate_batched(model, [prompt_ids(tok, q, cfg.max_source, template)
@@ -138,6 +153,5 @@ def ssr_rehearsal(model: Llama, tok, cfg: TrainConfig, template: str) -> tuple[l
                                    cfg.micro_batch, desc=f"SSR: {task} refined")
         chosen += [Example(f"ssr-{task}-{i}", q, [tok.decode(a).strip()])
                    for i, (q, a) in enumerate(zip(queries, answers)) if tok.decode(a).strip()]
-        sources.append(f"{task}: {len(picked)} of {len(new)} instances synthesised from "
-                       f"{len(demos)} demonstrations")
+        sources.append(f"{task}: {note}")
     return chosen, sources

@@ -540,6 +540,31 @@ def test_ssr_writes_with_the_base_model_and_answers_with_the_latest(tiny, tmp_pa
     assert sources == [f"sa: {n} of 3 instances synthesised from {demos} demonstrations"]
 
 
+def test_ssr_writes_each_earlier_task_once_per_sequence(tiny, tmp_path, monkeypatch):
+    import lora
+    import rehearsal
+    model, tok = tiny
+    (tmp_path / "seq").mkdir()
+    (tmp_path / "seq" / "system.json").write_text("{}")
+    written = []
+
+    def fake_generate(model, prompts, max_new_tokens, eos_ids, batch_size, desc):
+        written.append(desc)
+        return [tok.encode(f" input {i}\nOutput: x", bos=False) for i in range(len(prompts))]
+    monkeypatch.setattr(rehearsal, "generate_batched", fake_generate)
+    stages = []
+    for stage, task in (("2-qa", "qa"), ("3-pe", "pe")):
+        cfg = replace(small(tmp_path, tmp_path / "seq" / stage, method="ssr"), task=task,
+                      previous=["sa"], max_source=512)
+        lora.add_adapter(model, cfg.name, lora.LoraConfig(r=2, alpha=4.0, dropout=0.0,
+                                                          targets=("q_proj",)))
+        stages.append(rehearsal.ssr_rehearsal(model, tok, cfg, "plain"))
+    assert written == ["SSR: sa synthesised", "SSR: sa refined", "SSR: sa refined"]
+    assert [ex.query for ex in stages[0][0]] == [ex.query for ex in stages[1][0]]
+    assert stages[0][1] == stages[1][1]
+    assert (tmp_path / "seq" / "ssr-sa.json").exists()
+
+
 def test_ssr_trains_on_its_synthetic_instances(tiny_dir, tmp_path, capsys):
     train(replace(small(tiny_dir, tmp_path / "s", method="ssr"), max_source=256))
     assert "instances synthesised from" in capsys.readouterr().out
