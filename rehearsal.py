@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import gate
 import lora
 from artifacts import read_json
-from data import Example, load_ood, load_task, rehearsal_sets, subsample
+from data import Example, load_ood, load_task, paper_size, rehearsal_sets, subsample
 from errors import UserError
 from experts import base_model, prompt_ids
 from model import Llama
@@ -118,7 +118,8 @@ def ssr_written(model: Llama, tok, cfg: TrainConfig, task: str) -> tuple[str, li
     full = load_task(task, "train", cfg.data_dir)
     pool = subsample(full, cfg.max_train, cfg.seed)
     n = len(rehearsal_sets([task], cfg.tau, cfg.seed, cfg.max_train, cfg.data_dir)[0])
-    demos = subsample(pool, max(2, len(full) // 100), cfg.seed)
+    # SSR's 1% sample: 20 of 2,000 (qg and sum ship only their 200-example samples)
+    demos = subsample(pool, max(2, paper_size(task, len(full), cfg.data_dir) // 100), cfg.seed)
     definition, inputs = split_queries(demos)
     texts = [definition + demonstration(a, x.outputs[0]) + demonstration(b, y.outputs[0])
              for (a, x), (b, y) in itertools.permutations(zip(inputs, demos), 2)]

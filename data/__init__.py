@@ -172,6 +172,13 @@ def rehearsal(previous: dict[str, list[Example]], tau: float, seed: int,
     return drawn
 
 
+def paper_size(task: str, shipped: int, directory: str | Path | None = None) -> int:
+    """A training set's size: the paper's (PAPER_TRAIN_SIZE) where a task of it ships only samples,
+    else the `shipped` examples."""
+    samples_only = task in TASKS and not (data_dir(directory) / f"{task}.train.jsonl").is_file()
+    return PAPER_TRAIN_SIZE if samples_only else shipped
+
+
 def rehearsal_sets(tasks: list[str], tau: float, seed: int, max_train: int | None = None,
                    directory: str | Path | None = None) -> tuple[list[Example], list[str]]:
     """What each earlier task rehearses, and a line per task saying where it came from: its fixed
@@ -186,10 +193,8 @@ def rehearsal_sets(tasks: list[str], tau: float, seed: int, max_train: int | Non
             sources.append(f"{task}: {len(chosen)} from {task}.{split}.jsonl")
         else:
             examples = subsample(load_task(task, "train", directory), max_train, seed)
-            full_file = data_dir(directory) / f"{task}.train.jsonl"
-            samples_only = task in TASKS and not full_file.is_file()
-            size = min(PAPER_TRAIN_SIZE,
-                       max_train or PAPER_TRAIN_SIZE) if samples_only else len(examples)
+            size = paper_size(task, len(examples), directory)
+            size = min(size, max_train) if max_train else size
             chosen = rehearsal({task: examples}, tau, seed, {task: size})
             asked = max(1, round(tau * size)) if tau else 0
             short = f" ({asked} asked, only {len(examples)} ship)" if asked > len(examples) else ""

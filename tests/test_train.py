@@ -540,6 +540,21 @@ def test_ssr_writes_with_the_base_model_and_answers_with_the_latest(tiny, tmp_pa
     assert sources == [f"sa: {n} of 3 instances synthesised from {demos} demonstrations"]
 
 
+def test_ssr_demonstrates_one_percent_of_the_papers_set_where_only_samples_ship(tiny, tmp_path,
+                                                                               monkeypatch):
+    import lora
+    import rehearsal
+    model, tok = tiny
+    monkeypatch.setattr(rehearsal, "generate_batched", lambda model, prompts, *a, **kw: [
+        tok.encode(f" input {i}\nOutput: x", bos=False) for i in range(len(prompts))])
+    cfg = replace(small(tmp_path, tmp_path / "r", method="ssr"), task="qa", previous=["qg"],
+                  max_train=None, max_source=4096)  # qg ships 200 of the paper's 2,000 examples
+    lora.add_adapter(model, cfg.name, lora.LoraConfig(r=2, alpha=4.0, dropout=0.0,
+                                                      targets=("q_proj",)))
+    _, sources = rehearsal.ssr_rehearsal(model, tok, cfg, "plain")
+    assert sources[0].endswith("synthesised from 20 demonstrations"), sources
+
+
 def test_ssr_writes_each_earlier_task_once_per_sequence(tiny, tmp_path, monkeypatch):
     import lora
     import rehearsal
